@@ -1,0 +1,9 @@
+"""fastflow: fast FLUX.1 and Stable Diffusion 3/3.5 inference."""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402  (registers the fastflow:: custom ops)
+from .loading import inspect_checkpoint, load_transformer  # noqa: E402
+from .models.configs import list_models  # noqa: E402
+
+__all__ = ["__version__", "inspect_checkpoint", "list_models", "load_transformer", "ops"]

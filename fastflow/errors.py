@@ -1,0 +1,118 @@
+"""Every error fastflow raises on bad user input, in one place.
+
+Each error names the file (where there is one) and says what to do. All derive from
+:class:`FastflowError`; checkpoint problems derive from :class:`CheckpointError` (also a
+``ValueError``), so ``except ValueError`` keeps working for callers that do not know our types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class FastflowError(Exception):
+    """Base class of every fastflow error."""
+
+
+class CheckpointError(FastflowError, ValueError):
+    """A checkpoint file or folder cannot be used. ``path`` is the offending file or folder."""
+
+    def __init__(self, path: str | Path | None, problem: str, fix: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        self.fix = fix
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{problem}. {fix}")
+
+
+class TruncatedFileError(CheckpointError):
+    """The file is shorter than its header says (an interrupted download or copy)."""
+
+
+class HeaderError(CheckpointError):
+    """The safetensors header is not valid JSON, too large, or malformed."""
+
+
+class TensorLayoutError(CheckpointError):
+    """Tensor data offsets overlap, leave gaps, run past the end, or disagree with shape/dtype."""
+
+
+class UnsupportedDtypeError(CheckpointError):
+    """A tensor's dtype is not one fastflow can read."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle-based checkpoint (.ckpt/.pt/.pth/.bin): never loaded, it can run arbitrary code."""
+
+
+class UnsafePathError(CheckpointError):
+    """An index entry or a symlink points outside the model folder."""
+
+
+class LfsPointerError(CheckpointError):
+    """The file is a Git LFS pointer, not the weights."""
+
+
+class FamilyMismatchError(CheckpointError):
+    """The checkpoint belongs to another model family (or is not a transformer at all)."""
+
+
+class AmbiguousVariantError(CheckpointError):
+    """The keys fit several variants (e.g. FLUX.1-dev and Kontext-dev); ``variant=`` is needed."""
+
+
+class UnknownConfigError(CheckpointError):
+    """The tensor shapes fit no registered config."""
+
+
+class VariantMismatchError(CheckpointError):
+    """The requested ``variant=`` does not fit the checkpoint's tensors."""
+
+
+def _listing(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    more = len(names) - limit
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+class MissingKeysError(CheckpointError):
+    """Tensors the model needs are absent (never silently left at random init)."""
+
+    def __init__(self, path, missing: Iterable[str], fix: str):
+        self.missing = sorted(missing)
+        super().__init__(path, f"{len(self.missing)} tensor(s) missing: {_listing(self.missing)}", fix)
+
+
+class UnexpectedKeysError(CheckpointError):
+    """Tensors that belong to no known component."""
+
+    def __init__(self, path, unexpected: Iterable[str], fix: str):
+        self.unexpected = sorted(unexpected)
+        super().__init__(
+            path, f"{len(self.unexpected)} unexpected tensor(s): {_listing(self.unexpected)}", fix
+        )
+
+
+class ShapeMismatchError(CheckpointError):
+    """A tensor's shape differs from what the config needs."""
+
+    def __init__(self, path, mismatches: dict[str, tuple[tuple, tuple]], fix: str):
+        self.mismatches = dict(sorted(mismatches.items()))
+        items = [
+            f"{k}: file {list(got)} vs expected {list(want)}" for k, (got, want) in self.mismatches.items()
+        ]
+        shown = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
+        super().__init__(path, f"{len(items)} tensor shape(s) do not match the config: {shown}", fix)
+
+
+class InputError(FastflowError, ValueError):
+    """A bad argument to a model, op or pipeline call (shape, size, dtype)."""
+
+
+class UnknownModelError(FastflowError, KeyError):
+    """A config or variant name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])

@@ -1,0 +1,195 @@
+"""What a checkpoint is: family and layout from tensor names, the architecture from shapes, and
+the variant from the registry, ``variant=``, or metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import AmbiguousVariantError, MissingKeysError, UnknownConfigError, VariantMismatchError
+from ..models import configs as registry
+from .keymaps import OTHER_COMPONENT_PREFIXES, TRANSFORMER_PREFIXES
+from .sources import CheckpointSource
+
+FAMILY_NAMES = {
+    "flux": "a FLUX.1 transformer",
+    "sd3": "an SD3/SD3.5 MMDiT transformer",
+    "vae": "a VAE (autoencoder)",
+    "text_encoder": "a text encoder (CLIP or T5)",
+    "unknown": "no model fastflow knows",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    family: str  # flux | sd3 | vae | text_encoder | unknown
+    naming: str | None  # "official" (BFL/SAI names) or "diffusers"
+    prefix: str  # stripped from transformer keys ("" or "model.diffusion_model.")
+    keys: tuple[str, ...]  # transformer keys with the prefix stripped
+    other_keys: tuple[str, ...]  # keys of other components (left for their loaders)
+    foreign_keys: tuple[str, ...]  # keys that belong to nothing known
+
+
+def _is_other_component(key: str) -> bool:
+    return key.startswith(OTHER_COMPONENT_PREFIXES)
+
+
+def detect_layout(keys) -> Layout:
+    keys = list(keys)
+    prefix = next((p for p in TRANSFORMER_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    mine, other, foreign = [], [], []
+    for k in keys:
+        if prefix and k.startswith(prefix):
+            mine.append(k[len(prefix) :])
+        elif _is_other_component(k):
+            other.append(k)
+        elif prefix:
+            foreign.append(k)
+        else:
+            mine.append(k)
+    family, naming = _family(mine) if mine else _family(other)
+    return Layout(family, naming, prefix, tuple(mine), tuple(other), tuple(foreign))
+
+
+def _family(keys: list[str]) -> tuple[str, str | None]:
+    def has(pattern: str) -> bool:
+        return any(re.match(pattern, k) for k in keys)
+
+    if has(r"(double|single)_blocks\.\d+\."):
+        return "flux", "official"
+    if has(r"single_transformer_blocks\.\d+\."):
+        return "flux", "diffusers"
+    if has(r"joint_blocks\.\d+\."):
+        return "sd3", "official"
+    if has(r"transformer_blocks\.\d+\.") and has(r"pos_embed\.proj\."):
+        return "sd3", "diffusers"
+    if has(r"(first_stage_model\.|vae\.)?(decoder|encoder)\.conv_in\."):
+        return "vae", None
+    if has(r"(text_encoders?\.\w*\.?)?(transformer\.)?(text_model\.|encoder\.block\.|shared\.weight)"):
+        return "text_encoder", None
+    return "unknown", None
+
+
+# Representative tensors that reveal the FLUX architecture, per naming.
+_FLUX_PROBES = {
+    "official": {
+        "img_in": "img_in.weight",
+        "txt_in": "txt_in.weight",
+        "vec_in": "vector_in.in_layer.weight",
+        "q_norm": "double_blocks.0.img_attn.norm.query_norm.scale",
+        "mlp": "double_blocks.0.img_mlp.0.weight",
+        "out": "final_layer.linear.weight",
+        "guidance": "guidance_in.in_layer.weight",
+        "double": r"double_blocks\.(\d+)\.",
+        "single": r"single_blocks\.(\d+)\.",
+    },
+    "diffusers": {
+        "img_in": "x_embedder.weight",
+        "txt_in": "context_embedder.weight",
+        "vec_in": "time_text_embed.text_embedder.linear_1.weight",
+        "q_norm": "transformer_blocks.0.attn.norm_q.weight",
+        "mlp": "transformer_blocks.0.ff.net.0.proj.weight",
+        "out": "proj_out.weight",
+        "guidance": "time_text_embed.guidance_embedder.linear_1.weight",
+        "double": r"transformer_blocks\.(\d+)\.",
+        "single": r"single_transformer_blocks\.(\d+)\.",
+    },
+}
+
+_ARCH_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "vec_in_dim",
+    "context_in_dim",
+    "hidden_size",
+    "mlp_hidden",
+    "num_heads",
+    "depth",
+    "depth_single_blocks",
+    "guidance_embed",
+)
+
+
+def flux_arch(source: CheckpointSource, layout: Layout) -> tuple:
+    """The FLUX architecture tuple (FluxConfig.arch() order) read off the tensor shapes."""
+    probes = _FLUX_PROBES[layout.naming]
+    shapes = {k: source.entry(layout.prefix + k).shape for k in layout.keys}
+    needed = [probes[n] for n in ("img_in", "txt_in", "vec_in", "q_norm", "mlp", "out")]
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        raise MissingKeysError(
+            source.path, [layout.prefix + k for k in missing], "the checkpoint is incomplete: re-download it"
+        )
+
+    def count(pattern):
+        return len({m[1] for k in layout.keys if (m := re.match(pattern, k))})
+
+    hidden, in_ch = shapes[probes["img_in"]]
+    return (
+        in_ch,
+        shapes[probes["out"]][0],
+        shapes[probes["vec_in"]][1],
+        shapes[probes["txt_in"]][1],
+        hidden,
+        shapes[probes["mlp"]][0],
+        hidden // shapes[probes["q_norm"]][0],
+        count(probes["double"]),
+        count(probes["single"]),
+        probes["guidance"] in shapes,
+    )
+
+
+def describe_arch(arch: tuple) -> str:
+    return ", ".join(f"{f}={v}" for f, v in zip(_ARCH_FIELDS, arch, strict=True))
+
+
+def _metadata_hint(source: CheckpointSource, candidates: list) -> list:
+    named = source.metadata.get("fastflow.variant")
+    if named:
+        return [c for c in candidates if c.name == named]
+    text = " ".join(
+        str(v) for k, v in source.metadata.items() if k.startswith("modelspec.") or k in ("name", "model")
+    ).lower()
+    if source.pipeline_class:
+        text += " " + source.pipeline_class.lower()
+    if "kontext" in text:
+        return [c for c in candidates if getattr(c, "kontext", False)]
+    if source.pipeline_class:  # a plain FluxPipeline folder is not Kontext
+        return [c for c in candidates if not getattr(c, "kontext", False)]
+    return []
+
+
+def resolve_config(family: str, arch: tuple, source: CheckpointSource, variant: str | None, config=None):
+    """Pick the config: ``config=`` or ``variant=`` if given (checked against the weights), else the
+    only registered config with this architecture, else the one the metadata names."""
+    if config is not None or variant is not None:
+        cfg = config if config is not None else registry.from_name(variant)
+        if cfg.family != family or cfg.arch() != arch:
+            raise VariantMismatchError(
+                source.path,
+                f"{cfg.name} does not fit this checkpoint's tensors ({FAMILY_NAMES[family]} with "
+                f"{describe_arch(arch)})",
+                "pass the variant that matches the file, or leave variant= unset to detect it",
+            )
+        return cfg
+    candidates = [c for c in registry.configs_of(family) if c.arch() == arch]
+    if not candidates:
+        raise UnknownConfigError(
+            source.path,
+            f"{FAMILY_NAMES[family]} with {describe_arch(arch)} fits no registered config "
+            f"(known: {', '.join(registry.list_models(family, include_tiny=True))})",
+            "pass config=FluxConfig(...) describing it, or use an official checkpoint",
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    hinted = _metadata_hint(source, candidates)
+    if len(hinted) == 1:
+        return hinted[0]
+    names = " or ".join(repr(c.name) for c in candidates)
+    raise AmbiguousVariantError(
+        source.path,
+        f"its tensors fit {names} equally (these variants have identical keys and shapes) and the "
+        "file's metadata does not say which",
+        f"pass variant= explicitly, e.g. variant={candidates[0].name!r}",
+    )

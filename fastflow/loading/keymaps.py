@@ -1,0 +1,92 @@
+"""Key maps: how each tensor of our (official) layout is assembled from a checkpoint's tensors.
+
+A target tensor is a concatenation along dim 0 of row ranges of source tensors (``Segment``):
+fused q/k/v(/mlp) are several whole sources, a swapped adaLN is two halves of one source.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Segment:
+    key: str
+    half: int | None = None  # None: all rows; 0 / 1: first / second half of dim 0
+
+
+Plan = dict[str, list[Segment]]
+
+# Prefixes of checkpoints that bundle several components (ComfyUI / SAI single files).
+TRANSFORMER_PREFIXES = ("model.diffusion_model.",)
+# Components of all-in-one files that belong to other loaders (VAE, text encoders): not errors.
+OTHER_COMPONENT_PREFIXES = (
+    "first_stage_model.",
+    "vae.",
+    "text_encoders.",
+    "text_encoder.",
+    "text_encoder_2.",
+    "text_encoder_3.",
+    "cond_stage_model.",
+    "conditioner.",
+    "model.diffusion_model_ema.",
+)
+
+
+def swap_halves(key: str) -> list[Segment]:
+    """diffusers AdaLayerNormContinuous chunks (scale, shift); the official order is (shift, scale)."""
+    return [Segment(key, 1), Segment(key, 0)]
+
+
+def flux_from_diffusers(bfl_key: str) -> list[Segment]:
+    """Sources, in diffusers FluxTransformer2DModel names, of one official FLUX tensor."""
+    name, _, param = bfl_key.rpartition(".")
+    simple = {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+        "final_layer.linear": "proj_out",
+    }
+    if name in simple:
+        return [Segment(f"{simple[name]}.{param}")]
+    if name == "final_layer.adaLN_modulation.1":
+        return swap_halves(f"norm_out.linear.{param}")
+    m = re.fullmatch(
+        r"double_blocks\.(\d+)\.(img|txt)_(mod\.lin|attn\.qkv|attn\.norm\.(query|key)_norm|"
+        r"attn\.proj|mlp\.0|mlp\.2)",
+        name,
+    )
+    if m:
+        block, stream, part = f"transformer_blocks.{m[1]}", m[2], m[3]
+        img = stream == "img"
+        if part == "mod.lin":
+            return [Segment(f"{block}.{'norm1' if img else 'norm1_context'}.linear.{param}")]
+        if part == "attn.qkv":
+            names = ("to_q", "to_k", "to_v") if img else ("add_q_proj", "add_k_proj", "add_v_proj")
+            return [Segment(f"{block}.attn.{n}.{param}") for n in names]
+        if part.startswith("attn.norm"):
+            norm = ("norm_" if img else "norm_added_") + m[4][0]  # query -> q, key -> k
+            return [Segment(f"{block}.attn.{norm}.weight")]
+        if part == "attn.proj":
+            return [Segment(f"{block}.attn.{'to_out.0' if img else 'to_add_out'}.{param}")]
+        ff = "ff" if img else "ff_context"
+        return [Segment(f"{block}.{ff}.{'net.0.proj' if part == 'mlp.0' else 'net.2'}.{param}")]
+    m = re.fullmatch(r"single_blocks\.(\d+)\.(modulation\.lin|linear1|linear2|norm\.(query|key)_norm)", name)
+    if m:
+        block = f"single_transformer_blocks.{m[1]}"
+        if m[2] == "modulation.lin":
+            return [Segment(f"{block}.norm.linear.{param}")]
+        if m[2] == "linear1":
+            return [Segment(f"{block}.attn.{n}.{param}") for n in ("to_q", "to_k", "to_v")] + [
+                Segment(f"{block}.proj_mlp.{param}")
+            ]
+        if m[2] == "linear2":
+            return [Segment(f"{block}.proj_out.{param}")]
+        return [Segment(f"{block}.attn.norm_{m[3][0]}.weight")]
+    raise KeyError(f"no diffusers source known for FLUX tensor {bfl_key!r}")

@@ -1,0 +1,199 @@
+"""Turn a user's path into a set of validated safetensors files and a key -> file map.
+
+Accepted: a single ``.safetensors`` file; a diffusers model folder (``diffusion_pytorch_model
+.safetensors`` or a sharded ``*.safetensors.index.json``, plus ``config.json``); or a diffusers
+pipeline folder, from which the ``transformer/`` subfolder is taken. Every file an index or a
+symlink names must resolve inside the model folder (the Hugging Face cache's ``blobs/`` folder of
+the same repository is accepted too, since its snapshots are symlinks into it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CheckpointError, HeaderError, PickleRefusedError, UnsafePathError
+from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorEntry, refuse_unsafe_file
+
+
+@dataclass
+class CheckpointSource:
+    """All tensors of one checkpoint, possibly spread over shards."""
+
+    path: Path  # what the user gave
+    files: list[SafetensorsFile]
+    key_file: dict[str, SafetensorsFile]
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__ of all shards
+    folder_config: dict = field(default_factory=dict)  # config.json of a diffusers model folder
+    pipeline_class: str | None = None  # model_index.json _class_name, when there is one
+
+    def entry(self, key: str) -> TensorEntry:
+        return self.key_file[key].entries[key]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: f.entries[k].shape for k, f in self.key_file.items()}
+
+    def file_of(self, key: str) -> Path:
+        return self.key_file[key].path
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for f in self.files for e in f.entries.values())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    root = Path(os.path.realpath(folder))
+    roots = [root]
+    # Hugging Face cache: <repo>/snapshots/<revision>/... are symlinks into <repo>/blobs/.
+    for parent in [folder, *folder.parents]:
+        if parent.parent.name == "snapshots":
+            roots.append(Path(os.path.realpath(parent.parent.parent / "blobs")))
+            break
+    return roots
+
+
+def _inside(folder: Path, candidate: Path, what: str) -> Path:
+    real = Path(os.path.realpath(candidate))
+    if not any(real == r or r in real.parents for r in _allowed_roots(folder)):
+        raise UnsafePathError(
+            candidate,
+            f"{what} resolves to {real}, outside the model folder {folder}",
+            "refusing to read files outside the model folder: copy the weights into the folder "
+            "or load the file directly by its own path",
+        )
+    return real
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeaderError(path, f"{what} is not valid JSON ({e})", "re-download the file") from None
+    if not isinstance(data, dict):
+        raise HeaderError(path, f"{what} is not a JSON object", "re-download the file")
+    return data
+
+
+def _model_folder(folder: Path, component: str) -> tuple[Path, str | None]:
+    """The folder holding the weights, and the pipeline class if ``folder`` is a pipeline folder."""
+    index = folder / "model_index.json"
+    if index.is_file():
+        pipeline_class = _read_json(index, "model_index.json").get("_class_name")
+        sub = folder / component
+        if not sub.is_dir():
+            raise CheckpointError(
+                folder,
+                f"this diffusers pipeline folder has no '{component}/' subfolder "
+                f"(found: {', '.join(sorted(p.name for p in folder.iterdir()))})",
+                f"pass the folder that contains '{component}/', or the weights file itself",
+            )
+        _inside(folder, sub, f"'{component}/'")
+        return sub, pipeline_class
+    if (folder / component).is_dir() and not list(folder.glob("*.safetensors*")):
+        return folder / component, None
+    return folder, None
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(
+            folder,
+            f"several index files: {[p.name for p in indexes]}",
+            "keep one *.safetensors.index.json per model folder",
+        )
+    if indexes:
+        index = _read_json(indexes[0], indexes[0].name)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HeaderError(indexes[0], "index has no 'weight_map'", "re-download the index file")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise UnsafePathError(
+                    indexes[0],
+                    f"weight_map entry {name!r} leads outside the model folder",
+                    "refusing to follow it: fix or re-download the index file",
+                )
+        files = [_inside(folder, folder / name, f"index entry {name!r}") for name in names]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise CheckpointError(
+                indexes[0],
+                f"shards named by the index are missing: {missing}",
+                "download the missing shards into the folder",
+            )
+        return files, weight_map
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise PickleRefusedError(
+                folder,
+                f"only pickle weights found ({', '.join(pickles)})",
+                "fastflow never loads pickles: get the .safetensors version of the model",
+            )
+        raise CheckpointError(
+            folder,
+            "no .safetensors weights in this folder",
+            "pass a .safetensors file or a diffusers folder with safetensors weights",
+        )
+    return [_inside(folder, p, f"'{p.name}'") for p in files], None
+
+
+def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> CheckpointSource:
+    """Open and validate every file of a checkpoint (headers only: no tensor data is read)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder", "check the path")
+    folder_config: dict = {}
+    pipeline_class = None
+    if path.is_dir():
+        folder, pipeline_class = _model_folder(path, component)
+        paths, weight_map = _folder_files(folder)
+        if (folder / "config.json").is_file():
+            folder_config = _read_json(folder / "config.json", "config.json")
+    else:
+        paths, weight_map = [path], None
+    files = [SafetensorsFile(p) for p in paths]
+    key_file: dict[str, SafetensorsFile] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        metadata.update(f.metadata)
+        for key in f.entries:
+            if key in key_file:
+                raise CheckpointError(
+                    f.path,
+                    f"tensor {key!r} also appears in {key_file[key].path.name}",
+                    "the shards overlap: re-download the model",
+                )
+            key_file[key] = f
+    if weight_map is not None:
+        wrong = [
+            k
+            for k, name in weight_map.items()
+            if k not in key_file or key_file[k].path.name != Path(name).name
+        ]
+        if wrong:
+            raise CheckpointError(
+                path,
+                f"the index names {len(wrong)} tensor(s) not found in the shard it "
+                f"points to (e.g. {sorted(wrong)[:3]})",
+                "re-download the index and its shards",
+            )
+    return CheckpointSource(path, files, key_file, metadata, folder_config, pipeline_class)
+
+
+__all__ = ["CheckpointSource", "open_checkpoint", "refuse_unsafe_file"]

@@ -1,0 +1,127 @@
+"""Model configs: frozen dataclasses in one registry, looked up by name (gpt-fast ModelArgs style).
+
+Values for the full-size models are REFERENCE.md section 1. The tiny configs mirror the paired
+diffusers/official test models of REFERENCE.md section 5.5 and are used by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import UnknownModelError
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    name: str
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+    # Sampling facts that are not visible in the weights (REFERENCE.md section 4.2).
+    shift_schedule: bool = True
+    t5_max_length: int = 512
+    kontext: bool = False
+
+    family = "flux"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def arch(self) -> tuple:
+        """The fields that the weights determine: configs with equal arch() share checkpoints."""
+        return (
+            self.in_channels,
+            self.out_channels,
+            self.vec_in_dim,
+            self.context_in_dim,
+            self.hidden_size,
+            self.mlp_hidden,
+            self.num_heads,
+            self.depth,
+            self.depth_single_blocks,
+            self.guidance_embed,
+        )
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not divisible by num_heads")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"{self.name}: sum(axes_dim)={sum(self.axes_dim)} != head_dim {self.head_dim}")
+
+    def replace(self, **changes) -> FluxConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_REGISTRY: dict[str, object] = {}
+
+
+def register(config) -> None:
+    if config.name in _REGISTRY:
+        raise ValueError(f"config {config.name!r} is already registered")
+    _REGISTRY[config.name] = config
+
+
+def from_name(name: str):
+    """The registered config called ``name`` (see :func:`list_models`)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def list_models(family: str | None = None, include_tiny: bool = False) -> list[str]:
+    """Names of the registered configs, optionally of one family ("flux", "sd3")."""
+    return sorted(
+        name
+        for name, cfg in _REGISTRY.items()
+        if (family is None or cfg.family == family) and (include_tiny or "tiny" not in name)
+    )
+
+
+def configs_of(family: str) -> list:
+    return [cfg for cfg in _REGISTRY.values() if cfg.family == family]
+
+
+_FLUX_DEV = FluxConfig(name="flux-dev")
+register(_FLUX_DEV)
+register(
+    _FLUX_DEV.replace(name="flux-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256)
+)
+register(_FLUX_DEV.replace(name="flux-kontext-dev", kontext=True))
+
+# Tiny configs (REFERENCE.md 5.5): hidden 64, 2 heads of 32, axes (8, 12, 12).
+_FLUX_TINY = FluxConfig(
+    name="flux-tiny-dev",
+    vec_in_dim=32,
+    context_in_dim=48,
+    hidden_size=64,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=(8, 12, 12),
+)
+register(_FLUX_TINY)
+register(
+    _FLUX_TINY.replace(
+        name="flux-tiny-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256
+    )
+)
+register(_FLUX_TINY.replace(name="flux-tiny-kontext", kontext=True))

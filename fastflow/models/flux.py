@@ -1,0 +1,323 @@
+"""FLUX.1 transformer (dev, schnell, Kontext-dev) in the official BFL layout.
+
+Module and parameter names follow black-forest-labs/flux ``model.py``/``layers.py`` one to one, so
+official checkpoints load without renaming; hot expressions go through ``fastflow.ops``.
+Math: REFERENCE.md section 2.1-2.6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..errors import InputError
+from .configs import FluxConfig
+
+_FP16_MAX = 65504.0
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of an already scaled t [B] -> [B, dim], in t's dtype.
+
+    The sinusoid is evaluated in fp32 from t as given (bf16 rounding of t happens before, see
+    :meth:`Flux.forward`).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # [B, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class EmbedND(nn.Module):
+    """RoPE tables from integer-valued position ids: ids [L, n_axes] -> cos, sin [L, head_dim/2] fp32.
+
+    Frequencies are built in fp64 (as diffusers does) and the tables returned in fp32, so positions
+    stay exact at any resolution (diffusers' bf16 ids are exact only up to 256).
+    """
+
+    def __init__(self, dim: int, theta: int, axes_dim: tuple[int, ...]):
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+        self.axes_dim = tuple(axes_dim)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids.ndim == 3:  # [B, L, n]: the batch shares one grid (BFL/diffusers convention)
+            ids = ids[0]
+        if ids.ndim != 2 or ids.shape[-1] != len(self.axes_dim):
+            raise InputError(f"position ids must be [L, {len(self.axes_dim)}], got {list(ids.shape)}")
+        pos = ids.to(torch.float64)
+        angles = []
+        for axis, d in enumerate(self.axes_dim):
+            omega = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
+            angles.append(pos[:, axis, None] * omega[None])  # [L, d/2]
+        angle = torch.cat(angles, dim=-1)  # [L, D/2]
+        return torch.cos(angle).float(), torch.sin(angle).float()
+
+
+class RMSNorm(nn.Module):
+    """Holds the learnable ``scale`` of a QK RMSNorm; the math runs inside ops.qk_norm_rope."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h [B, L, C] -> q, k, v [B, H, L, D], q/k normalised and rotated."""
+        return qk_norm_rope(self.qkv(h), self.norm, cos, sin, self.num_heads)
+
+
+def qk_norm_rope(qkv, norm: QKNorm, cos, sin, num_heads):
+    return ops.qk_norm_rope(qkv, norm.query_norm.scale, norm.key_norm.scale, cos, sin, num_heads, 1e-6)
+
+
+class GELUTanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gelu_tanh(x)
+
+
+class Modulation(nn.Module):
+    """SiLU(vec) -> Linear -> chunks (shift, scale, gate[, shift2, scale2, gate2]), each [B, C]."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.lin(F.silu(vec)).chunk(self.multiplier, dim=-1)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, seq, d = x.shape
+    return x.transpose(1, 2).reshape(b, seq, h * d)  # [B, H, L, D] -> [B, L, H*D]
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    # FLUX activations overflow fp16 (diffusers PR #9097 clamps at the same places).
+    return x.clamp(-_FP16_MAX, _FP16_MAX) if x.dtype == torch.float16 else x
+
+
+def _mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
+    # Indices 0 and 2 match the official names img_mlp.0 / img_mlp.2.
+    return nn.Sequential(nn.Linear(hidden, mlp_hidden), GELUTanh(), nn.Linear(mlp_hidden, hidden))
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.img_mod = Modulation(hidden, double=True)
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.img_mlp = _mlp(hidden, mlp_hidden)
+        self.txt_mod = Modulation(hidden, double=True)
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.txt_mlp = _mlp(hidden, mlp_hidden)
+
+    def forward(self, img, txt, vec, pe):
+        """img [B, N, C], txt [B, T, C], vec [B, C]; pe = (cos, sin) [T + N, D/2] in [txt | img] order."""
+        cos, sin = pe
+        n_txt = txt.shape[1]
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            ops.layernorm_modulate(img, i_shift1, i_scale1), cos[n_txt:], sin[n_txt:]
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            ops.layernorm_modulate(txt, t_shift1, t_scale1), cos[:n_txt], sin[:n_txt]
+        )
+        attn = ops.attention(
+            torch.cat((txt_q, img_q), dim=2),
+            torch.cat((txt_k, img_k), dim=2),
+            torch.cat((txt_v, img_v), dim=2),
+        )  # [B, H, T + N, D]
+        attn = _merge_heads(attn)  # [B, T + N, C]
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+
+        img = ops.gated_residual(img, i_gate1, self.img_attn.proj(img_attn))
+        img = ops.gated_residual(img, i_gate2, self.img_mlp(ops.layernorm_modulate(img, i_shift2, i_scale2)))
+        txt = ops.gated_residual(txt, t_gate1, self.txt_attn.proj(txt_attn))
+        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(ops.layernorm_modulate(txt, t_shift2, t_scale2)))
+        return img, _clamp_fp16(txt)
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.num_heads = num_heads
+        self.mlp_hidden = mlp_hidden
+        self.linear1 = nn.Linear(hidden, hidden * 3 + mlp_hidden)  # [qkv | mlp]
+        self.linear2 = nn.Linear(hidden + mlp_hidden, hidden)  # input [attn | gelu(mlp)]
+        self.norm = QKNorm(hidden // num_heads)
+        self.modulation = Modulation(hidden, double=False)
+
+    def forward(self, x, vec, pe):
+        """x [B, T + N, C] (txt first), vec [B, C], pe = (cos, sin) [T + N, D/2]."""
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = torch.split(
+            self.linear1(ops.layernorm_modulate(x, shift, scale)), [3 * self.hidden, self.mlp_hidden], dim=-1
+        )
+        q, k, v = qk_norm_rope(qkv, self.norm, pe[0], pe[1], self.num_heads)
+        attn = _merge_heads(ops.attention(q, k, v))
+        out = self.linear2(torch.cat((attn, ops.gelu_tanh(mlp)), dim=-1))
+        return _clamp_fp16(ops.gated_residual(x, gate, out))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=True))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)  # official order: shift first
+        return self.linear(ops.layernorm_modulate(x, shift, scale))
+
+
+class Flux(nn.Module):
+    """The FLUX.1 transformer on packed latents: img [B, N, 64] -> velocity [B, N, 64]."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.pe_embedder = EmbedND(c.head_dim, c.theta, c.axes_dim)
+        self.img_in = nn.Linear(c.in_channels, c.hidden_size, bias=True)
+        self.time_in = MLPEmbedder(256, c.hidden_size)
+        self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
+        self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
+        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.qkv_bias) for _ in range(c.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden) for _ in range(c.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(c.hidden_size, c.out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def conditioning(self, timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None):
+        """vec [B, C] from t in [0, 1] [B], pooled CLIP y [B, vec_in] and guidance g [B].
+
+        t and g are rounded to the model dtype before x1000, as both references do (REFERENCE.md 7.2).
+        """
+        dtype = self.dtype
+        vec = self.time_in(timestep_embedding(timesteps.to(dtype) * 1000))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise InputError(
+                    f"{self.config.name} is guidance-distilled: pass guidance (e.g. 3.5) per sample"
+                )
+            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype) * 1000))
+        return vec + self.vector_in(y.to(dtype))
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        y: torch.Tensor,
+        timesteps: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        img_cond: torch.Tensor | None = None,
+        img_cond_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the velocity of the target image tokens.
+
+        img [B, N, in] packed latents; txt [B, T, context_in] T5 states; y [B, vec_in] pooled CLIP;
+        timesteps [B] sigma in [0, 1]; img_ids [N, 3]; txt_ids [T, 3] (default zeros);
+        guidance [B] (dev/Kontext); img_cond [B, M, in] with img_cond_ids [M, 3] (Kontext context
+        image, ids with axis 0 = 1) is appended after the target tokens and sliced off the output.
+        """
+        dtype = self.dtype
+        b, n_img, _ = img.shape
+        if txt.ndim != 3 or txt.shape[0] != b or img.ndim != 3:
+            raise InputError(
+                f"img must be [B, N, C] and txt [B, T, C]; got {list(img.shape)} and {list(txt.shape)}"
+            )
+        n_txt = txt.shape[1]
+        if txt_ids is None:
+            txt_ids = torch.zeros(n_txt, 3, device=img.device)
+        if img_cond is not None:
+            if img_cond_ids is None:
+                raise InputError("img_cond needs img_cond_ids (ids with index 1 on axis 0)")
+            img = torch.cat((img, img_cond.to(img.dtype)), dim=1)
+            img_ids = torch.cat(
+                (img_ids.reshape(-1, 3), img_cond_ids.reshape(-1, 3).to(img_ids.dtype)), dim=0
+            )
+        pe = self.pe_embedder(
+            torch.cat((txt_ids.reshape(-1, 3).to(img_ids.dtype), img_ids.reshape(-1, 3)), dim=0)
+        )
+
+        vec = self.conditioning(timesteps, y, guidance)
+        img = self.img_in(img.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        x = x[:, n_txt : n_txt + n_img]
+        return self.final_layer(x, vec)
+
+
+def make_img_ids(h_tokens: int, w_tokens: int, index: int = 0, device=None) -> torch.Tensor:
+    """Position ids (index, row, col) of a packed h x w token grid, row-major: [h*w, 3] fp32."""
+    ids = torch.zeros(h_tokens, w_tokens, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h_tokens, device=device)[:, None]
+    ids[..., 2] = torch.arange(w_tokens, device=device)[None, :]
+    return ids.reshape(h_tokens * w_tokens, 3)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), C*4], feature index c*4 + ph*2 + pw (REFERENCE.md 3.1)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise InputError(f"latent height and width must be even, got {h}x{w}")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`; h, w are the latent (not token) sizes."""
+    b, n, f = x.shape
+    c = f // 4
+    x = x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)

@@ -1,0 +1,83 @@
+"""Plain-torch references for every fastflow op: the oracle for kernels and the CPU path.
+
+Convention: math in fp32, one cast back to the input (model) dtype at the end, which is what the
+fused kernels do. Shapes: B batch, L tokens, C channels, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layernorm_modulate_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """(1 + scale) * LN(x) + shift. x [B, L, C]; shift, scale [B, C]; LN without affine."""
+    xf = x.float()  # [B, L, C]
+    y = F.layer_norm(xf, (xf.shape[-1],), eps=eps)
+    y = y * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return y.to(x.dtype)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, returned in fp32."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) by the angle whose cos/sin are given, in fp32.
+
+    x [B, H, L, D] (fp32); cos, sin [L, D/2] fp32.
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, L, D/2] each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, H, L, D/2, 2]
+    return out.flatten(-2)
+
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int):
+    b, seq, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    # (K H D) layout: all of q, then k, then v; [B, L, 3HD] -> 3 x [B, H, L, D]
+    return qkv.reshape(b, seq, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def qk_norm_rope_ref(
+    qkv: torch.Tensor,
+    q_scale: torch.Tensor,
+    k_scale: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm (learnable scale) on q and k, then FLUX interleaved-pair RoPE in fp32.
+
+    qkv [B, L, 3*H*D] -> q, k, v each [B, H, L, D] contiguous, in qkv's dtype.
+    """
+    q, k, v = _split_qkv(qkv, num_heads)
+    q = rope_ref(rms_norm_ref(q, q_scale, eps), cos, sin)
+    k = rope_ref(rms_norm_ref(k, k_scale, eps), cos, sin)
+    return (
+        q.to(qkv.dtype).contiguous(),
+        k.to(qkv.dtype).contiguous(),
+        v.clone(memory_format=torch.contiguous_format),
+    )
+
+
+def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y. x, y [B, L, C]; gate [B, C] broadcast over tokens."""
+    return (x.float() + gate.float()[:, None, :] * y.float()).to(x.dtype)
+
+
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, computed in fp32."""
+    return F.gelu(x.float(), approximate="tanh").to(x.dtype)
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v on [B, H, L, D]; scale defaults to 1/sqrt(D). No mask, no dropout."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

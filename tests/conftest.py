@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight FLUX models built with diffusers' own class (the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastflow.models.configs import from_name
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    is_sm90 = has_cuda and torch.cuda.get_device_capability() >= (9, 0)
+    for item in items:
+        if "requires_cuda" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "requires_sm90" in item.keywords and not is_sm90:
+            item.add_marker(pytest.mark.skip(reason="needs an sm_90 GPU"))
+
+
+def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0):
+    """diffusers FluxTransformer2DModel of a tiny registered config, every weight random.
+
+    Norm scales are drawn around 1 and everything else around 0, so that no parameter keeps its
+    default init (a swapped or dropped tensor must change the output).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    cfg = from_name(variant)
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim,
+        pooled_projection_dim=cfg.vec_in_dim,
+        guidance_embeds=cfg.guidance_embed,
+        axes_dims_rope=cfg.axes_dim,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(
+                ("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")
+            ):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def diffusers_flux_dirs(tmp_path_factory):
+    """{variant: (diffusers model, folder it was saved to)} for the tiny dev and schnell configs."""
+    out = {}
+    for variant in ("flux-tiny-dev", "flux-tiny-schnell"):
+        model = tiny_diffusers_flux(variant)
+        folder = tmp_path_factory.mktemp(variant)
+        model.save_pretrained(folder)
+        out[variant] = (model, folder)
+    return out
