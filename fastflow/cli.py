@@ -53,8 +53,10 @@ def _cmd_smoke(args) -> int:
         t_fwd = time.perf_counter() - t0
         ref = model(img, txt, y, torch.full((1,), 0.5), make_img_ids(h, w), guidance=guidance)
     err = ((out - ref).abs().max() / ref.abs().max()).item()
-    print(f"load {t_load * 1e3:.1f} ms, forward on {h * w} image tokens {t_fwd * 1e3:.1f} ms, "
-          f"loaded-vs-original max relative difference {err:.1e}")
+    print(
+        f"load {t_load * 1e3:.1f} ms, forward on {h * w} image tokens {t_fwd * 1e3:.1f} ms, "
+        f"loaded-vs-original max relative difference {err:.1e}"
+    )
     if err != 0.0:
         print("smoke test FAILED: the loaded model differs from the saved one", file=sys.stderr)
         return 1

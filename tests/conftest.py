@@ -49,15 +49,3 @@ def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0):
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     return model
-
-
-@pytest.fixture(scope="session")
-def diffusers_flux_dirs(tmp_path_factory):
-    """{variant: (diffusers model, folder it was saved to)} for the tiny dev and schnell configs."""
-    out = {}
-    for variant in ("flux-tiny-dev", "flux-tiny-schnell"):
-        model = tiny_diffusers_flux(variant)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (model, folder)
-    return out
