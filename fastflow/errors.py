@@ -90,9 +90,7 @@ class UnexpectedKeysError(CheckpointError):
 
     def __init__(self, path, unexpected: Iterable[str], fix: str):
         self.unexpected = sorted(unexpected)
-        super().__init__(
-            path, f"{len(self.unexpected)} unexpected tensor(s): {_listing(self.unexpected)}", fix
-        )
+        super().__init__(path, f"{len(self.unexpected)} unexpected tensor(s): {_listing(self.unexpected)}", fix)
 
 
 class ShapeMismatchError(CheckpointError):
@@ -100,9 +98,7 @@ class ShapeMismatchError(CheckpointError):
 
     def __init__(self, path, mismatches: dict[str, tuple[tuple, tuple]], fix: str):
         self.mismatches = dict(sorted(mismatches.items()))
-        items = [
-            f"{k}: file {list(got)} vs expected {list(want)}" for k, (got, want) in self.mismatches.items()
-        ]
+        items = [f"{k}: file {list(got)} vs expected {list(want)}" for k, (got, want) in self.mismatches.items()]
         shown = "; ".join(items[:8]) + (f"; ... ({len(items) - 8} more)" if len(items) > 8 else "")
         super().__init__(path, f"{len(items)} tensor shape(s) do not match the config: {shown}", fix)
 

@@ -42,10 +42,38 @@ def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0):
     ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(
-                ("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")
-            ):
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_diffusers_sd3(variant: str = "sd3-tiny-medium", seed: int = 0):
+    """diffusers SD3Transformer2DModel of a tiny registered MMDiT config, every weight random,
+    including the stored pos_embed (so that loading it, not recomputing it, is what is tested)."""
+    from diffusers import SD3Transformer2DModel
+
+    cfg = from_name(variant)
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=2 * cfg.pos_embed_max_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim,
+        caption_projection_dim=cfg.hidden_size,
+        pooled_projection_dim=cfg.adm_in_dim,
+        out_channels=cfg.out_channels,
+        pos_embed_max_size=cfg.pos_embed_max_size,
+        dual_attention_layers=cfg.dual_attention_layers,
+        qk_norm="rms_norm" if cfg.qk_norm else None,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = ".norm_" in name and name.endswith(".weight") and p.ndim == 1
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_norm_scale else 0.1 * torch.randn_like(p))
+        model.pos_embed.pos_embed.copy_(torch.randn_like(model.pos_embed.pos_embed))
     return model

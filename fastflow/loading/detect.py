@@ -114,16 +114,10 @@ _ARCH_FIELDS = (
 def flux_arch(source: CheckpointSource, layout: Layout) -> tuple:
     """The FLUX architecture tuple (FluxConfig.arch() order) read off the tensor shapes."""
     probes = _FLUX_PROBES[layout.naming]
-    shapes = {k: source.entry(layout.prefix + k).shape for k in layout.keys}
-    needed = [probes[n] for n in ("img_in", "txt_in", "vec_in", "q_norm", "mlp", "out")]
-    missing = [k for k in needed if k not in shapes]
-    if missing:
-        raise MissingKeysError(
-            source.path, [layout.prefix + k for k in missing], "the checkpoint is incomplete: re-download it"
-        )
+    shapes = _shapes_with(source, layout, probes, ("img_in", "txt_in", "vec_in", "q_norm", "mlp", "out"))
 
     def count(pattern):
-        return len({m[1] for k in layout.keys if (m := re.match(pattern, k))})
+        return len(_indices(layout, pattern))
 
     hidden, in_ch = shapes[probes["img_in"]]
     return (
@@ -140,8 +134,87 @@ def flux_arch(source: CheckpointSource, layout: Layout) -> tuple:
     )
 
 
+_SD3_PROBES = {
+    "official": {
+        "patch": "x_embedder.proj.weight",
+        "pos": "pos_embed",
+        "adm": "y_embedder.mlp.0.weight",
+        "ctx": "context_embedder.weight",
+        "out": "final_layer.linear.weight",
+        "mlp": "joint_blocks.0.x_block.mlp.fc1.weight",
+        "q_norm": "joint_blocks.0.x_block.attn.ln_q.weight",
+        "block": r"joint_blocks\.(\d+)\.",
+        "dual": r"joint_blocks\.(\d+)\.x_block\.attn2\.",
+    },
+    "diffusers": {
+        "patch": "pos_embed.proj.weight",
+        "pos": "pos_embed.pos_embed",
+        "adm": "time_text_embed.text_embedder.linear_1.weight",
+        "ctx": "context_embedder.weight",
+        "out": "proj_out.weight",
+        "mlp": "transformer_blocks.0.ff.net.0.proj.weight",
+        "q_norm": "transformer_blocks.0.attn.norm_q.weight",
+        "block": r"transformer_blocks\.(\d+)\.",
+        "dual": r"transformer_blocks\.(\d+)\.attn2\.",
+    },
+}
+_SD3_FIELDS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "mlp_hidden",
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "context_in_dim",
+    "adm_in_dim",
+    "pos_embed_max_size",
+    "qk_norm",
+    "dual_attention_layers",
+)
+
+
+def _shapes_with(source: CheckpointSource, layout: Layout, probes: dict, needed) -> dict:
+    shapes = {k: source.entry(layout.prefix + k).shape for k in layout.keys}
+    missing = [probes[n] for n in needed if probes[n] not in shapes]
+    if missing:
+        raise MissingKeysError(
+            source.path, [layout.prefix + k for k in missing], "the checkpoint is incomplete: re-download it"
+        )
+    return shapes
+
+
+def _indices(layout: Layout, pattern: str) -> list[int]:
+    return sorted({int(m[1]) for k in layout.keys if (m := re.match(pattern, k))})
+
+
+def sd3_arch(source: CheckpointSource, layout: Layout) -> tuple:
+    """The MMDiT architecture tuple (MMDiTConfig.arch() order) read off the tensor shapes."""
+    probes = _SD3_PROBES[layout.naming]
+    shapes = _shapes_with(source, layout, probes, ("patch", "pos", "adm", "ctx", "out", "mlp"))
+    hidden, in_ch, patch, _ = shapes[probes["patch"]]
+    qk_norm = probes["q_norm"] in shapes
+    # head_dim is 64 in every SD3 model (SAI: hidden = 64 * depth); ln_q shows it where present
+    head_dim = shapes[probes["q_norm"]][0] if qk_norm else 64
+    return (
+        len(_indices(layout, probes["block"])),
+        hidden,
+        hidden // head_dim,
+        shapes[probes["mlp"]][0],
+        patch,
+        in_ch,
+        shapes[probes["out"]][0] // (patch * patch),
+        shapes[probes["ctx"]][1],
+        shapes[probes["adm"]][1],
+        round(shapes[probes["pos"]][1] ** 0.5),
+        qk_norm,
+        tuple(_indices(layout, probes["dual"])),
+    )
+
+
 def describe_arch(arch: tuple) -> str:
-    return ", ".join(f"{f}={v}" for f, v in zip(_ARCH_FIELDS, arch, strict=True))
+    fields = _ARCH_FIELDS if len(arch) == len(_ARCH_FIELDS) else _SD3_FIELDS
+    return ", ".join(f"{f}={v}" for f, v in zip(fields, arch, strict=True))
 
 
 def _metadata_hint(source: CheckpointSource, candidates: list) -> list:
@@ -153,10 +226,18 @@ def _metadata_hint(source: CheckpointSource, candidates: list) -> list:
     ).lower()
     if source.pipeline_class:
         text += " " + source.pipeline_class.lower()
-    if "kontext" in text:
-        return [c for c in candidates if getattr(c, "kontext", False)]
-    if source.pipeline_class:  # a plain FluxPipeline folder is not Kontext
-        return [c for c in candidates if not getattr(c, "kontext", False)]
+    text += " " + str(source.folder_config.get("_name_or_path", "")).lower()
+    named = bool(text.strip())  # something names the model...
+    if any(hasattr(c, "kontext") for c in candidates):
+        if "kontext" in text:
+            return [c for c in candidates if c.kontext]
+        if named:  # ...and not as Kontext (FluxPipeline, "FLUX.1-dev")
+            return [c for c in candidates if not c.kontext]
+    if any(hasattr(c, "turbo") for c in candidates):
+        if "turbo" in text:
+            return [c for c in candidates if c.turbo]
+        if any(k.startswith("modelspec.") for k in source.metadata):  # the file names itself, not as turbo
+            return [c for c in candidates if not c.turbo]
     return []
 
 
@@ -179,7 +260,8 @@ def resolve_config(family: str, arch: tuple, source: CheckpointSource, variant: 
             source.path,
             f"{FAMILY_NAMES[family]} with {describe_arch(arch)} fits no registered config "
             f"(known: {', '.join(registry.list_models(family, include_tiny=True))})",
-            "pass config=FluxConfig(...) describing it, or use an official checkpoint",
+            f"pass config={type(registry.configs_of(family)[0]).__name__}(...) describing it, "
+            "or use an official checkpoint",
         )
     if len(candidates) == 1:
         return candidates[0]

@@ -39,7 +39,7 @@ def swap_halves(key: str) -> list[Segment]:
     return [Segment(key, 1), Segment(key, 0)]
 
 
-def flux_from_diffusers(bfl_key: str) -> list[Segment]:
+def flux_from_diffusers(bfl_key: str, config=None) -> list[Segment]:
     """Sources, in diffusers FluxTransformer2DModel names, of one official FLUX tensor."""
     name, _, param = bfl_key.rpartition(".")
     simple = {
@@ -90,3 +90,47 @@ def flux_from_diffusers(bfl_key: str) -> list[Segment]:
             return [Segment(f"{block}.proj_out.{param}")]
         return [Segment(f"{block}.attn.norm_{m[3][0]}.weight")]
     raise KeyError(f"no diffusers source known for FLUX tensor {bfl_key!r}")
+
+
+def sd3_from_diffusers(key: str, config) -> list[Segment]:
+    """Sources, in diffusers SD3Transformer2DModel names, of one official (SAI) MMDiT tensor."""
+    name, _, param = key.rpartition(".")
+    simple = {
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+        "context_embedder": "context_embedder",
+        "final_layer.linear": "proj_out",
+    }
+    if key == "pos_embed":
+        return [Segment("pos_embed.pos_embed")]
+    if name in simple:
+        return [Segment(f"{simple[name]}.{param}")]
+    if name == "final_layer.adaLN_modulation.1":
+        return swap_halves(f"norm_out.linear.{param}")
+    m = re.fullmatch(r"joint_blocks\.(\d+)\.(x|context)_block\.(.+)", name)
+    if not m:
+        raise KeyError(f"no diffusers source known for SD3 tensor {key!r}")
+    block, x, part = f"transformer_blocks.{m[1]}", m[2] == "x", m[3]
+    if part == "adaLN_modulation.1":
+        if x:
+            return [Segment(f"{block}.norm1.linear.{param}")]
+        if int(m[1]) == config.depth - 1:  # pre-only context block: AdaLayerNormContinuous order
+            return swap_halves(f"{block}.norm1_context.linear.{param}")
+        return [Segment(f"{block}.norm1_context.linear.{param}")]
+    attn = re.fullmatch(r"(attn2?)\.(qkv|proj|ln_q|ln_k)", part)
+    if attn:
+        which, piece = attn[1], attn[2]
+        if piece == "qkv":
+            names = ("to_q", "to_k", "to_v") if x else ("add_q_proj", "add_k_proj", "add_v_proj")
+            return [Segment(f"{block}.{which}.{n}.{param}") for n in names]
+        if piece == "proj":
+            return [Segment(f"{block}.{which}.{'to_out.0' if x else 'to_add_out'}.{param}")]
+        norm = ("norm_" if x else "norm_added_") + piece[-1]
+        return [Segment(f"{block}.{which}.{norm}.{param}")]
+    ff = "ff" if x else "ff_context"
+    if part in ("mlp.fc1", "mlp.fc2"):
+        return [Segment(f"{block}.{ff}.{'net.0.proj' if part == 'mlp.fc1' else 'net.2'}.{param}")]
+    raise KeyError(f"no diffusers source known for SD3 tensor {key!r}")

@@ -21,19 +21,26 @@ from ..errors import (
     UnexpectedKeysError,
     UnsupportedDtypeError,
 )
+from ..models import configs as registry
 from ..models.flux import Flux
-from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config
-from .keymaps import Plan, Segment, flux_from_diffusers
+from ..models.mmdit import MMDiT
+from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch
+from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers
 from .safetensors_io import DTYPE_NAMES
 from .sources import CheckpointSource, open_checkpoint
 
-_SUPPORTED = {"flux": (Flux, flux_arch, flux_from_diffusers)}
+# family -> (module class, architecture from shapes, diffusers source of an official tensor)
+_SUPPORTED = {
+    "flux": (Flux, flux_arch, flux_from_diffusers),
+    "sd3": (MMDiT, sd3_arch, sd3_from_diffusers),
+}
 
 
 def _check_family(source: CheckpointSource, layout: Layout, family: str) -> None:
     if layout.family != family:
         hint = {
-            "sd3": "load it as an SD3/SD3.5 model",
+            "flux": "load it as a FLUX.1 model (leave family= unset to detect it)",
+            "sd3": "load it as an SD3/SD3.5 model (leave family= unset to detect it)",
             "vae": "pass it as the VAE (vae=...), not as the transformer",
             "text_encoder": "pass it as a text encoder, not as the transformer",
         }.get(layout.family, "check that the path points to the transformer weights")
@@ -42,9 +49,9 @@ def _check_family(source: CheckpointSource, layout: Layout, family: str) -> None
         )
 
 
-def build_plan(model_keys, layout: Layout, source_of) -> Plan:
+def build_plan(model_keys, layout: Layout, source_of, config) -> Plan:
     if layout.naming == "diffusers":
-        return {k: [Segment(layout.prefix + s.key, s.half) for s in source_of(k)] for k in model_keys}
+        return {k: [Segment(layout.prefix + s.key, s.half) for s in source_of(k, config)] for k in model_keys}
     return {k: [Segment(layout.prefix + k)] for k in model_keys}
 
 
@@ -75,8 +82,7 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
             if not source.entry(s.key).dtype.is_floating_point:
                 raise UnsupportedDtypeError(
                     source.file_of(s.key),
-                    f"weight {s.key!r} is {DTYPE_NAMES[source.entry(s.key).dtype]}, "
-                    "not a floating-point type",
+                    f"weight {s.key!r} is {DTYPE_NAMES[source.entry(s.key).dtype]}, not a floating-point type",
                     "use a float checkpoint (quantized files load via fastflow.quant)",
                 )
     if mismatches:
@@ -87,9 +93,7 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
         )
 
 
-def materialize(
-    source: CheckpointSource, plan: Plan, expected: dict, dtype, device
-) -> dict[str, torch.Tensor]:
+def materialize(source: CheckpointSource, plan: Plan, expected: dict, dtype, device) -> dict[str, torch.Tensor]:
     """Build each target tensor from its sources, casting on the copy; release pages as we go."""
     state = {}
     for key, segs in plan.items():
@@ -114,24 +118,30 @@ def load_transformer(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     config=None,
-    family: str = "flux",
+    family: str | None = None,
 ) -> torch.nn.Module:
     """Load a transformer from a local safetensors file or diffusers folder.
 
-    Accepts official (BFL) names, ComfyUI ``model.diffusion_model.`` prefixed files and diffusers
-    folders (single or sharded). ``variant`` names a registered config (needed where the keys cannot
-    tell, e.g. ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size.
+    ``family`` ("flux" or "sd3") is detected from the tensor names unless given; a checkpoint of
+    another family than the one asked for is refused. Accepts official (BFL / SAI) names, ComfyUI
+    ``model.diffusion_model.`` prefixed files and diffusers folders (single or sharded).
+    ``variant`` names a registered config (needed where the keys cannot tell, e.g.
+    ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size.
     Returns the model in eval mode with grads off, weights in ``dtype`` on ``device``.
     """
-    model_cls, arch_of, source_of = _SUPPORTED[family]
     with open_checkpoint(path) as source:
         layout = detect_layout(source.key_file)
+        if family is None and (config is not None or variant is not None):
+            family = (config if config is not None else registry.from_name(variant)).family
+        if family is None:
+            family = layout.family if layout.family in _SUPPORTED else "flux"
         _check_family(source, layout, family)
+        model_cls, arch_of, source_of = _SUPPORTED[family]
         cfg = resolve_config(family, arch_of(source, layout), source, variant, config)
         with torch.device("meta"):
             model = model_cls(cfg)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        plan = build_plan(expected, layout, source_of)
+        plan = build_plan(expected, layout, source_of, cfg)
         validate(source, layout, plan, expected)
         state = materialize(source, plan, expected, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
@@ -171,8 +181,6 @@ def _human(n: int) -> str:
 
 def inspect_checkpoint(path: str | os.PathLike, variant: str | None = None) -> CheckpointInfo:
     """Describe a checkpoint from its headers alone (no weights are read)."""
-    from ..models import configs as registry
-
     with open_checkpoint(path) as source:
         layout = detect_layout(source.key_file)
         resolved, candidates = None, ()

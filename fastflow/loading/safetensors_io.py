@@ -218,9 +218,7 @@ class SafetensorsFile:
         e = self.entries[name]
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
-        flat = torch.frombuffer(
-            self._map(), dtype=torch.uint8, count=e.nbytes, offset=self.data_offset + e.begin
-        )
+        flat = torch.frombuffer(self._map(), dtype=torch.uint8, count=e.nbytes, offset=self.data_offset + e.begin)
         return flat.view(e.dtype).view(e.shape)
 
     def release(self, name: str) -> None:

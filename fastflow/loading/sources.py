@@ -181,11 +181,7 @@ def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> 
                 )
             key_file[key] = f
     if weight_map is not None:
-        wrong = [
-            k
-            for k, name in weight_map.items()
-            if k not in key_file or key_file[k].path.name != Path(name).name
-        ]
+        wrong = [k for k, name in weight_map.items() if k not in key_file or key_file[k].path.name != Path(name).name]
         if wrong:
             raise CheckpointError(
                 path,

@@ -1,6 +1,7 @@
 """Model modules (official layouts) and their configs."""
 
-from .configs import FluxConfig, from_name, list_models
+from .configs import FluxConfig, MMDiTConfig, from_name, list_models
 from .flux import Flux
+from .mmdit import MMDiT
 
-__all__ = ["Flux", "FluxConfig", "from_name", "list_models"]
+__all__ = ["MMDiT", "MMDiTConfig", "Flux", "FluxConfig", "from_name", "list_models"]

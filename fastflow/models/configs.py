@@ -68,6 +68,65 @@ class FluxConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """SD3 / SD3.5 MMDiT(-X). SAI's rule hidden = 64 * depth, heads = depth holds for every
+    official model; the fields are kept independent for tiny test models."""
+
+    name: str
+    depth: int = 24
+    hidden_size: int = 1536
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    context_in_dim: int = 4096
+    adm_in_dim: int = 2048
+    pos_embed_max_size: int = 192
+    qk_norm: bool = False  # RMSNorm ln_q / ln_k (SD3.5)
+    dual_attention_layers: tuple[int, ...] = ()  # MMDiT-X attn2 layers (SD3.5-medium)
+    qkv_bias: bool = True
+    # Sampling facts not visible in the weights (REFERENCE.md section 4.3).
+    shift: float = 3.0
+    turbo: bool = False
+
+    family = "sd3"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def arch(self) -> tuple:
+        return (
+            self.depth,
+            self.hidden_size,
+            self.num_heads,
+            self.mlp_hidden,
+            self.patch_size,
+            self.in_channels,
+            self.out_channels,
+            self.context_in_dim,
+            self.adm_in_dim,
+            self.pos_embed_max_size,
+            self.qk_norm,
+            tuple(self.dual_attention_layers),
+        )
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not divisible by num_heads")
+        if any(not 0 <= i < self.depth for i in self.dual_attention_layers):
+            raise ValueError(f"{self.name}: dual_attention_layers must be block indices < depth")
+
+    def replace(self, **changes) -> MMDiTConfig:
+        return dataclasses.replace(self, **changes)
+
+
 _REGISTRY: dict[str, object] = {}
 
 
@@ -82,9 +141,7 @@ def from_name(name: str):
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownModelError(
-            f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise UnknownModelError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_models(family: str | None = None, include_tiny: bool = False) -> list[str]:
@@ -102,9 +159,7 @@ def configs_of(family: str) -> list:
 
 _FLUX_DEV = FluxConfig(name="flux-dev")
 register(_FLUX_DEV)
-register(
-    _FLUX_DEV.replace(name="flux-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256)
-)
+register(_FLUX_DEV.replace(name="flux-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256))
 register(_FLUX_DEV.replace(name="flux-kontext-dev", kontext=True))
 
 # Tiny configs (REFERENCE.md 5.5): hidden 64, 2 heads of 32, axes (8, 12, 12).
@@ -119,9 +174,31 @@ _FLUX_TINY = FluxConfig(
     axes_dim=(8, 12, 12),
 )
 register(_FLUX_TINY)
+register(_FLUX_TINY.replace(name="flux-tiny-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256))
+register(_FLUX_TINY.replace(name="flux-tiny-kontext", kontext=True))
+
+_SD3_MEDIUM = MMDiTConfig(name="sd3-medium")
+register(_SD3_MEDIUM)
+_SD35_LARGE = MMDiTConfig(name="sd3.5-large", depth=38, hidden_size=2432, num_heads=38, qk_norm=True)
+register(_SD35_LARGE)
+register(_SD35_LARGE.replace(name="sd3.5-large-turbo", turbo=True))
 register(
-    _FLUX_TINY.replace(
-        name="flux-tiny-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256
+    _SD3_MEDIUM.replace(
+        name="sd3.5-medium", pos_embed_max_size=384, qk_norm=True, dual_attention_layers=tuple(range(13))
     )
 )
-register(_FLUX_TINY.replace(name="flux-tiny-kontext", kontext=True))
+
+# Tiny configs (REFERENCE.md 5.5): depth 2, hidden 128, 2 heads of 64, crop limit 8 patches.
+_SD3_TINY = MMDiTConfig(
+    name="sd3-tiny-medium",
+    depth=2,
+    hidden_size=128,
+    num_heads=2,
+    context_in_dim=48,
+    adm_in_dim=32,
+    pos_embed_max_size=8,
+)
+register(_SD3_TINY)
+register(_SD3_TINY.replace(name="sd3.5-tiny-large", qk_norm=True))
+register(_SD3_TINY.replace(name="sd3.5-tiny-large-turbo", qk_norm=True, turbo=True))
+register(_SD3_TINY.replace(name="sd3.5-tiny-medium", qk_norm=True, dual_attention_layers=(0,)))

@@ -7,8 +7,6 @@ Math: REFERENCE.md section 2.1-2.6.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,20 +14,9 @@ from torch import nn
 from .. import ops
 from ..errors import InputError
 from .configs import FluxConfig
+from .layers import GELUTanh, merge_heads, timestep_embedding
 
 _FP16_MAX = 65504.0
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000) -> torch.Tensor:
-    """Sinusoidal embedding [cos | sin] of an already scaled t [B] -> [B, dim], in t's dtype.
-
-    The sinusoid is evaluated in fp32 from t as given (bf16 rounding of t happens before, see
-    :meth:`Flux.forward`).
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # [B, half]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -101,11 +88,6 @@ def qk_norm_rope(qkv, norm: QKNorm, cos, sin, num_heads):
     return ops.qk_norm_rope(qkv, norm.query_norm.scale, norm.key_norm.scale, cos, sin, num_heads, 1e-6)
 
 
-class GELUTanh(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gelu_tanh(x)
-
-
 class Modulation(nn.Module):
     """SiLU(vec) -> Linear -> chunks (shift, scale, gate[, shift2, scale2, gate2]), each [B, C]."""
 
@@ -116,11 +98,6 @@ class Modulation(nn.Module):
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.lin(F.silu(vec)).chunk(self.multiplier, dim=-1)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    b, h, seq, d = x.shape
-    return x.transpose(1, 2).reshape(b, seq, h * d)  # [B, H, L, D] -> [B, L, H*D]
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +139,7 @@ class DoubleStreamBlock(nn.Module):
             torch.cat((txt_k, img_k), dim=2),
             torch.cat((txt_v, img_v), dim=2),
         )  # [B, H, T + N, D]
-        attn = _merge_heads(attn)  # [B, T + N, C]
+        attn = merge_heads(attn)  # [B, T + N, C]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
         img = ops.gated_residual(img, i_gate1, self.img_attn.proj(img_attn))
@@ -190,7 +167,7 @@ class SingleStreamBlock(nn.Module):
             self.linear1(ops.layernorm_modulate(x, shift, scale)), [3 * self.hidden, self.mlp_hidden], dim=-1
         )
         q, k, v = qk_norm_rope(qkv, self.norm, pe[0], pe[1], self.num_heads)
-        attn = _merge_heads(ops.attention(q, k, v))
+        attn = merge_heads(ops.attention(q, k, v))
         out = self.linear2(torch.cat((attn, ops.gelu_tanh(mlp)), dim=-1))
         return _clamp_fp16(ops.gated_residual(x, gate, out))
 
@@ -240,9 +217,7 @@ class Flux(nn.Module):
         vec = self.time_in(timestep_embedding(timesteps.to(dtype) * 1000))
         if self.guidance_in is not None:
             if guidance is None:
-                raise InputError(
-                    f"{self.config.name} is guidance-distilled: pass guidance (e.g. 3.5) per sample"
-                )
+                raise InputError(f"{self.config.name} is guidance-distilled: pass guidance (e.g. 3.5) per sample")
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype) * 1000))
         return vec + self.vector_in(y.to(dtype))
 
@@ -268,9 +243,7 @@ class Flux(nn.Module):
         dtype = self.dtype
         b, n_img, _ = img.shape
         if txt.ndim != 3 or txt.shape[0] != b or img.ndim != 3:
-            raise InputError(
-                f"img must be [B, N, C] and txt [B, T, C]; got {list(img.shape)} and {list(txt.shape)}"
-            )
+            raise InputError(f"img must be [B, N, C] and txt [B, T, C]; got {list(img.shape)} and {list(txt.shape)}")
         n_txt = txt.shape[1]
         if txt_ids is None:
             txt_ids = torch.zeros(n_txt, 3, device=img.device)
@@ -278,12 +251,8 @@ class Flux(nn.Module):
             if img_cond_ids is None:
                 raise InputError("img_cond needs img_cond_ids (ids with index 1 on axis 0)")
             img = torch.cat((img, img_cond.to(img.dtype)), dim=1)
-            img_ids = torch.cat(
-                (img_ids.reshape(-1, 3), img_cond_ids.reshape(-1, 3).to(img_ids.dtype)), dim=0
-            )
-        pe = self.pe_embedder(
-            torch.cat((txt_ids.reshape(-1, 3).to(img_ids.dtype), img_ids.reshape(-1, 3)), dim=0)
-        )
+            img_ids = torch.cat((img_ids.reshape(-1, 3), img_cond_ids.reshape(-1, 3).to(img_ids.dtype)), dim=0)
+        pe = self.pe_embedder(torch.cat((txt_ids.reshape(-1, 3).to(img_ids.dtype), img_ids.reshape(-1, 3)), dim=0))
 
         vec = self.conditioning(timesteps, y, guidance)
         img = self.img_in(img.to(dtype))

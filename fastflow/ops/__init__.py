@@ -10,6 +10,7 @@ from .attention import attention
 from .gated_residual import gated_residual
 from .gelu_tanh import gelu_tanh
 from .layernorm_modulate import layernorm_modulate
+from .qk_norm import qk_norm
 from .qk_norm_rope import qk_norm_rope
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "gelu_tanh",
     "get_backend",
     "layernorm_modulate",
+    "qk_norm",
     "qk_norm_rope",
     "set_backend",
     "use_backend",

@@ -9,9 +9,7 @@ from .reference import layernorm_modulate_ref
 
 
 @torch.library.custom_op("fastflow::layernorm_modulate", mutates_args=())
-def _layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> torch.Tensor:
+def _layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return layernorm_modulate_ref(x, shift, scale, eps)
 
 
@@ -20,9 +18,7 @@ def _(x, shift, scale, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(1 + scale) * LN(x) + shift. x [B, L, C]; shift, scale [B, C]; returns [B, L, C] in x.dtype."""
     if use_reference(x, shift, scale):
         return layernorm_modulate_ref(x, shift, scale, eps)

@@ -66,6 +66,25 @@ def qk_norm_rope_ref(
     )
 
 
+def qk_norm_ref(
+    qkv: torch.Tensor,
+    q_scale: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split fused qkv [B, L, 3*H*D] into q, k, v [B, H, L, D]; RMSNorm q and k (SD3.5 ln_q/ln_k)
+    where their scales are given, in fp32. Without scales (SD3-medium) q and k are only split."""
+    q, k, v = _split_qkv(qkv, num_heads)
+
+    def norm(x, scale):  # a new contiguous tensor in every case: op outputs may not alias qkv
+        if scale is None:
+            return x.clone(memory_format=torch.contiguous_format)
+        return rms_norm_ref(x, scale, eps).to(qkv.dtype).contiguous()
+
+    return norm(q, q_scale), norm(k, k_scale), norm(v, None)
+
+
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y. x, y [B, L, C]; gate [B, C] broadcast over tokens."""
     return (x.float() + gate.float()[:, None, :] * y.float()).to(x.dtype)
@@ -76,8 +95,6 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)
 
 
-def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v on [B, H, L, D]; scale defaults to 1/sqrt(D). No mask, no dropout."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)

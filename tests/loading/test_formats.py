@@ -46,9 +46,7 @@ def test_bfl_comfyui_and_sharded_diffusers_load_identically(tmp_path, sharded_de
     }
     save_file({**{f"model.diffusion_model.{k}": v for k, v in bfl_state.items()}, **extras}, str(comfy))
     for path in (bfl, comfy):
-        _assert_same(
-            fastflow.load_transformer(path, variant="flux-tiny-dev", dtype=torch.float32), bfl_state, out
-        )
+        _assert_same(fastflow.load_transformer(path, variant="flux-tiny-dev", dtype=torch.float32), bfl_state, out)
 
 
 def test_loads_in_the_requested_dtype(bfl_file, bfl_state):

@@ -13,9 +13,7 @@ from ._checks import assert_op_contract
 def test_matches_softmax_formula(shape):
     q, k, v = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
     expected = torch.softmax(q @ k.transpose(-1, -2) / shape[-1] ** 0.5, dim=-1) @ v
-    torch.testing.assert_close(
-        attention_ref(q.float(), k.float(), v.float()).double(), expected, rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(attention_ref(q.float(), k.float(), v.float()).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_explicit_scale():

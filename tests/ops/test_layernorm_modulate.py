@@ -27,9 +27,7 @@ def test_matches_layernorm_formula(shape, dtype):
 
 def test_op_contract():
     x, shift, scale = torch.randn(2, 5, 96), torch.randn(2, 96), torch.randn(2, 96)
-    assert_op_contract(
-        ops.layernorm_modulate, torch.ops.fastflow.layernorm_modulate.default, (x, shift, scale, 1e-6)
-    )
+    assert_op_contract(ops.layernorm_modulate, torch.ops.fastflow.layernorm_modulate.default, (x, shift, scale, 1e-6))
 
 
 def test_non_contiguous_input():

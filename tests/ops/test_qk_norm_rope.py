@@ -32,12 +32,8 @@ def test_matches_complex_rotation(heads, head_dim, seq):
     def rms(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
 
-    torch.testing.assert_close(
-        q.double(), _rotate_complex(rms(parts[0], q_scale), angles), rtol=1e-5, atol=1e-5
-    )
-    torch.testing.assert_close(
-        k.double(), _rotate_complex(rms(parts[1], k_scale), angles), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(q.double(), _rotate_complex(rms(parts[0], q_scale), angles), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k.double(), _rotate_complex(rms(parts[1], k_scale), angles), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, parts[2].float())
     assert q.shape == (b, heads, seq, head_dim) and v.is_contiguous()
 

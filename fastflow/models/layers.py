@@ -1,0 +1,32 @@
+"""Pieces shared by the FLUX and SD3 transformers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of an already scaled t [B] -> [B, dim], in t's dtype.
+
+    The sinusoid is evaluated in fp32 from t as given; FLUX rounds t to bf16 before (see
+    ``Flux.conditioning``), SD3 feeds fp32 sigma * 1000.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # [B, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
+
+
+class GELUTanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gelu_tanh(x)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, seq, d = x.shape
+    return x.transpose(1, 2).reshape(b, seq, h * d)  # [B, H, L, D] -> [B, L, H*D]
