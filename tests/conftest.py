@@ -77,3 +77,36 @@ def tiny_diffusers_sd3(variant: str = "sd3-tiny-medium", seed: int = 0):
             p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_norm_scale else 0.1 * torch.randn_like(p))
         model.pos_embed.pos_embed.copy_(torch.randn_like(model.pos_embed.pos_embed))
     return model
+
+
+def tiny_diffusers_vae(variant: str = "vae-tiny-flux", seed: int = 0):
+    """diffusers AutoencoderKL of a tiny registered VAE config (REFERENCE.md 5.5), random weights."""
+    from diffusers import AutoencoderKL
+
+    cfg = from_name(variant)
+    torch.manual_seed(seed)
+    n = len(cfg.ch_mult)
+    model = AutoencoderKL(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
+        layers_per_block=cfg.num_res_blocks,
+        latent_channels=cfg.z_channels,
+        norm_num_groups=32,
+        scaling_factor=cfg.scale_factor,
+        shift_factor=cfg.shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = "norm" in name and p.ndim == 1
+            if is_norm and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif not is_norm:
+                p.mul_(1.0 + 0.2 * torch.randn_like(p))  # keep diffusers' init scale, perturbed
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import AmbiguousVariantError, MissingKeysError, UnknownConfigError, VariantMismatchError
 from ..models import configs as registry
-from .keymaps import OTHER_COMPONENT_PREFIXES, TRANSFORMER_PREFIXES
+from .keymaps import COMPONENT_PREFIXES, OTHER_COMPONENT_PREFIXES
 from .sources import CheckpointSource
 
 FAMILY_NAMES = {
@@ -25,8 +25,8 @@ FAMILY_NAMES = {
 class Layout:
     family: str  # flux | sd3 | vae | text_encoder | unknown
     naming: str | None  # "official" (BFL/SAI names) or "diffusers"
-    prefix: str  # stripped from transformer keys ("" or "model.diffusion_model.")
-    keys: tuple[str, ...]  # transformer keys with the prefix stripped
+    prefix: str  # stripped from the component's keys ("", "model.diffusion_model.", "first_stage_model.")
+    keys: tuple[str, ...]  # the component's keys with the prefix stripped
     other_keys: tuple[str, ...]  # keys of other components (left for their loaders)
     foreign_keys: tuple[str, ...]  # keys that belong to nothing known
 
@@ -35,9 +35,12 @@ def _is_other_component(key: str) -> bool:
     return key.startswith(OTHER_COMPONENT_PREFIXES)
 
 
-def detect_layout(keys) -> Layout:
+def detect_layout(keys, component: str = "transformer") -> Layout:
+    """Split a checkpoint's keys into the component's own (prefix stripped), other known
+    components' (all-in-one files) and foreign ones; name the family and naming of the rest."""
     keys = list(keys)
-    prefix = next((p for p in TRANSFORMER_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    own = COMPONENT_PREFIXES[component]
+    prefix = next((p for p in own if any(k.startswith(p) for k in keys)), "")
     mine, other, foreign = [], [], []
     for k in keys:
         if prefix and k.startswith(prefix):
@@ -65,7 +68,9 @@ def _family(keys: list[str]) -> tuple[str, str | None]:
     if has(r"transformer_blocks\.\d+\.") and has(r"pos_embed\.proj\."):
         return "sd3", "diffusers"
     if has(r"(first_stage_model\.|vae\.)?(decoder|encoder)\.conv_in\."):
-        return "vae", None
+        return "vae", "diffusers" if has(
+            r"(first_stage_model\.|vae\.)?(de|en)coder\.(up|down)_blocks\."
+        ) else "official"
     if has(r"(text_encoders?\.\w*\.?)?(transformer\.)?(text_model\.|encoder\.block\.|shared\.weight)"):
         return "text_encoder", None
     return "unknown", None
@@ -212,15 +217,59 @@ def sd3_arch(source: CheckpointSource, layout: Layout) -> tuple:
     )
 
 
+_VAE_PROBES = {
+    "official": {"level": r"encoder\.down\.(\d+)\.", "block": "encoder.down.{i}.block.{j}.conv1.weight"},
+    "diffusers": {
+        "level": r"encoder\.down_blocks\.(\d+)\.",
+        "block": "encoder.down_blocks.{i}.resnets.{j}.conv1.weight",
+    },
+}
+_VAE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_channels")
+
+
+def vae_arch(source: CheckpointSource, layout: Layout) -> tuple:
+    """The VAE architecture tuple (VAEConfig.arch() order) read off the tensor shapes."""
+    probes = {
+        "conv_in": "encoder.conv_in.weight",
+        "z": "decoder.conv_in.weight",
+        "out": "decoder.conv_out.weight",
+        "first": _VAE_PROBES[layout.naming]["block"].format(i=0, j=0),
+    }
+    shapes = _shapes_with(source, layout, probes, tuple(probes))
+    ch, in_ch = shapes[probes["conv_in"]][:2]
+    levels = _indices(layout, _VAE_PROBES[layout.naming]["level"])
+    block = _VAE_PROBES[layout.naming]["block"]
+    ch_mult = tuple(shapes[block.format(i=i, j=0)][0] // ch for i in levels if block.format(i=i, j=0) in shapes)
+    n_blocks = sum(1 for j in range(64) if block.format(i=0, j=j) in shapes)
+    return (ch, ch_mult, n_blocks, shapes[probes["z"]][1], in_ch, shapes[probes["out"]][0])
+
+
 def describe_arch(arch: tuple) -> str:
-    fields = _ARCH_FIELDS if len(arch) == len(_ARCH_FIELDS) else _SD3_FIELDS
+    fields = {len(f): f for f in (_ARCH_FIELDS, _SD3_FIELDS, _VAE_FIELDS)}[len(arch)]
     return ", ".join(f"{f}={v}" for f, v in zip(fields, arch, strict=True))
 
 
-def _metadata_hint(source: CheckpointSource, candidates: list) -> list:
+def _vae_hint(source: CheckpointSource, layout: Layout | None, candidates: list) -> list:
+    """FLUX and SD3 VAEs share tensors: a diffusers config.json gives the latent scale and shift;
+    an SAI single file (``first_stage_model.``) holds the SD3 VAE."""
+    cfg = source.folder_config
+    if "scaling_factor" in cfg:
+        scale, shift = float(cfg["scaling_factor"]), float(cfg.get("shift_factor") or 0.0)
+        same = [c for c in candidates if abs(c.scale_factor - scale) < 1e-6 and abs(c.shift_factor - shift) < 1e-6]
+        return same or [
+            candidates[0].replace(name=f"{candidates[0].name}-custom", scale_factor=scale, shift_factor=shift)
+        ]
+    if layout is not None and layout.prefix == "first_stage_model.":
+        return [c for c in candidates if abs(c.scale_factor - 1.5305) < 1e-6]
+    return []
+
+
+def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | None = None) -> list:
     named = source.metadata.get("fastflow.variant")
     if named:
         return [c for c in candidates if c.name == named]
+    if candidates[0].family == "vae":
+        return _vae_hint(source, layout, candidates)
     text = " ".join(
         str(v) for k, v in source.metadata.items() if k.startswith("modelspec.") or k in ("name", "model")
     ).lower()
@@ -241,7 +290,9 @@ def _metadata_hint(source: CheckpointSource, candidates: list) -> list:
     return []
 
 
-def resolve_config(family: str, arch: tuple, source: CheckpointSource, variant: str | None, config=None):
+def resolve_config(
+    family: str, arch: tuple, source: CheckpointSource, variant: str | None, config=None, layout: Layout | None = None
+):
     """Pick the config: ``config=`` or ``variant=`` if given (checked against the weights), else the
     only registered config with this architecture, else the one the metadata names."""
     if config is not None or variant is not None:
@@ -265,7 +316,7 @@ def resolve_config(family: str, arch: tuple, source: CheckpointSource, variant: 
         )
     if len(candidates) == 1:
         return candidates[0]
-    hinted = _metadata_hint(source, candidates)
+    hinted = _metadata_hint(source, candidates, layout)
     if len(hinted) == 1:
         return hinted[0]
     names = " or ".join(repr(c.name) for c in candidates)

@@ -14,14 +14,31 @@ from dataclasses import dataclass
 class Segment:
     key: str
     half: int | None = None  # None: all rows; 0 / 1: first / second half of dim 0
+    unsqueeze: int = 0  # trailing singleton dims to add (diffusers squeezes 1x1 conv weights)
+
+    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of this piece, given its source tensor's shape."""
+        rows = source_shape[0] // 2 if self.half is not None else source_shape[0]
+        return (rows, *source_shape[1:], *(1,) * self.unsqueeze) if source_shape else ()
+
+    def take(self, src):
+        """This piece of the source tensor (a view)."""
+        if self.half is not None:
+            n = src.shape[0] // 2
+            src = src[self.half * n : (self.half + 1) * n]
+        return src.reshape(*src.shape, *(1,) * self.unsqueeze) if self.unsqueeze else src
 
 
 Plan = dict[str, list[Segment]]
 
-# Prefixes of checkpoints that bundle several components (ComfyUI / SAI single files).
-TRANSFORMER_PREFIXES = ("model.diffusion_model.",)
-# Components of all-in-one files that belong to other loaders (VAE, text encoders): not errors.
+# Prefixes under which all-in-one files (ComfyUI / SAI single files) hold each component.
+COMPONENT_PREFIXES = {
+    "transformer": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.", "vae."),
+}
+# Every prefix of a component some loader knows: in an all-in-one file, not errors.
 OTHER_COMPONENT_PREFIXES = (
+    "model.diffusion_model.",
     "first_stage_model.",
     "vae.",
     "text_encoders.",
@@ -134,3 +151,32 @@ def sd3_from_diffusers(key: str, config) -> list[Segment]:
     if part in ("mlp.fc1", "mlp.fc2"):
         return [Segment(f"{block}.{ff}.{'net.0.proj' if part == 'mlp.fc1' else 'net.2'}.{param}")]
     raise KeyError(f"no diffusers source known for SD3 tensor {key!r}")
+
+
+def vae_from_diffusers(key: str, config) -> list[Segment]:
+    """Sources, in diffusers AutoencoderKL names, of one official (BFL ``ae``) VAE tensor."""
+    part, rest = key.split(".", 1)  # encoder | decoder
+    top = len(config.ch_mult) - 1
+
+    def resnet(tail):
+        return tail.replace("nin_shortcut", "conv_shortcut")
+
+    if rest.startswith("norm_out."):
+        return [Segment(f"{part}.conv_norm_out.{rest[len('norm_out.') :]}")]
+    if rest.startswith(("conv_in.", "conv_out.")):
+        return [Segment(key)]
+    if m := re.fullmatch(r"down\.(\d+)\.block\.(\d+)\.(.+)", rest):
+        return [Segment(f"{part}.down_blocks.{m[1]}.resnets.{m[2]}.{resnet(m[3])}")]
+    if m := re.fullmatch(r"down\.(\d+)\.downsample\.conv\.(\w+)", rest):
+        return [Segment(f"{part}.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}")]
+    if m := re.fullmatch(r"up\.(\d+)\.block\.(\d+)\.(.+)", rest):  # up blocks are numbered in reverse
+        return [Segment(f"{part}.up_blocks.{top - int(m[1])}.resnets.{m[2]}.{resnet(m[3])}")]
+    if m := re.fullmatch(r"up\.(\d+)\.upsample\.conv\.(\w+)", rest):
+        return [Segment(f"{part}.up_blocks.{top - int(m[1])}.upsamplers.0.conv.{m[2]}")]
+    if m := re.fullmatch(r"mid\.block_([12])\.(.+)", rest):
+        return [Segment(f"{part}.mid_block.resnets.{int(m[1]) - 1}.{resnet(m[2])}")]
+    if m := re.fullmatch(r"mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", rest):
+        name = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[m[1]]
+        squeezed = m[1] != "norm" and m[2] == "weight"  # 1x1 conv weights stored as Linear [C, C]
+        return [Segment(f"{part}.mid_block.attentions.0.{name}.{m[2]}", unsqueeze=2 if squeezed else 0)]
+    raise KeyError(f"no diffusers source known for VAE tensor {key!r}")

@@ -8,6 +8,7 @@ one tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from math import prod
@@ -24,8 +25,9 @@ from ..errors import (
 from ..models import configs as registry
 from ..models.flux import Flux
 from ..models.mmdit import MMDiT
-from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch
-from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers
+from ..models.vae import AutoEncoder
+from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, vae_arch
+from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers, vae_from_diffusers
 from .safetensors_io import DTYPE_NAMES
 from .sources import CheckpointSource, open_checkpoint
 
@@ -33,7 +35,9 @@ from .sources import CheckpointSource, open_checkpoint
 _SUPPORTED = {
     "flux": (Flux, flux_arch, flux_from_diffusers),
     "sd3": (MMDiT, sd3_arch, sd3_from_diffusers),
+    "vae": (AutoEncoder, vae_arch, vae_from_diffusers),
 }
+_COMPONENT = {"flux": "transformer", "sd3": "transformer", "vae": "vae"}
 
 
 def _check_family(source: CheckpointSource, layout: Layout, family: str) -> None:
@@ -51,7 +55,9 @@ def _check_family(source: CheckpointSource, layout: Layout, family: str) -> None
 
 def build_plan(model_keys, layout: Layout, source_of, config) -> Plan:
     if layout.naming == "diffusers":
-        return {k: [Segment(layout.prefix + s.key, s.half) for s in source_of(k, config)] for k in model_keys}
+        return {
+            k: [dataclasses.replace(s, key=layout.prefix + s.key) for s in source_of(k, config)] for k in model_keys
+        }
     return {k: [Segment(layout.prefix + k)] for k in model_keys}
 
 
@@ -73,10 +79,9 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
         )
     mismatches = {}
     for key, segs in plan.items():
-        shapes = [source.entry(s.key).shape for s in segs]
-        rows = sum((sh[0] // 2 if s.half is not None else sh[0]) for s, sh in zip(segs, shapes, strict=True))
-        got = (rows, *shapes[0][1:]) if shapes[0] else ()
-        if any(sh[1:] != shapes[0][1:] for sh in shapes) or tuple(got) != tuple(expected[key]):
+        pieces = [s.shape(source.entry(s.key).shape) for s in segs]
+        got = (sum(p[0] for p in pieces), *pieces[0][1:]) if pieces[0] else ()
+        if any(p[1:] != pieces[0][1:] for p in pieces) or tuple(got) != tuple(expected[key]):
             mismatches[key] = (tuple(got), tuple(expected[key]))
         for s in segs:
             if not source.entry(s.key).dtype.is_floating_point:
@@ -100,16 +105,34 @@ def materialize(source: CheckpointSource, plan: Plan, expected: dict, dtype, dev
         out = torch.empty(expected[key], dtype=dtype, device=device)
         row = 0
         for s in segs:
-            src = source.key_file[s.key].tensor(s.key)
-            if s.half is not None:
-                n = src.shape[0] // 2
-                src = src[s.half * n : (s.half + 1) * n]
+            src = s.take(source.key_file[s.key].tensor(s.key))
             out[row : row + src.shape[0]].copy_(src)
             row += src.shape[0]
         for s in segs:
             source.key_file[s.key].release(s.key)
         state[key] = out
     return state
+
+
+def _load(path, component: str, family: str | None, variant, dtype, device, config) -> torch.nn.Module:
+    with open_checkpoint(path, component) as source:
+        layout = detect_layout(source.key_file, component)
+        if family is None and (config is not None or variant is not None):
+            family = (config if config is not None else registry.from_name(variant)).family
+        if family is None:  # auto: the detected family if this component has it, else the first
+            families = [f for f, c in _COMPONENT.items() if c == component]
+            family = layout.family if layout.family in families else families[0]
+        _check_family(source, layout, family)
+        model_cls, arch_of, source_of = _SUPPORTED[family]
+        cfg = resolve_config(family, arch_of(source, layout), source, variant, config, layout)
+        with torch.device("meta"):
+            model = model_cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        plan = build_plan(expected, layout, source_of, cfg)
+        validate(source, layout, plan, expected)
+        state = materialize(source, plan, expected, dtype, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def load_transformer(
@@ -129,23 +152,26 @@ def load_transformer(
     ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size.
     Returns the model in eval mode with grads off, weights in ``dtype`` on ``device``.
     """
-    with open_checkpoint(path) as source:
-        layout = detect_layout(source.key_file)
-        if family is None and (config is not None or variant is not None):
-            family = (config if config is not None else registry.from_name(variant)).family
-        if family is None:
-            family = layout.family if layout.family in _SUPPORTED else "flux"
-        _check_family(source, layout, family)
-        model_cls, arch_of, source_of = _SUPPORTED[family]
-        cfg = resolve_config(family, arch_of(source, layout), source, variant, config)
-        with torch.device("meta"):
-            model = model_cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        plan = build_plan(expected, layout, source_of, cfg)
-        validate(source, layout, plan, expected)
-        state = materialize(source, plan, expected, dtype, device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    if family == "vae":
+        raise ValueError("use fastflow.loading.load_vae for VAEs")
+    return _load(path, "transformer", family, variant, dtype, device, config)
+
+
+def load_vae(
+    path: str | os.PathLike,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    config=None,
+) -> torch.nn.Module:
+    """Load the 16-channel AutoencoderKL from the official ``ae.safetensors``, an SD3 single file
+    (``first_stage_model.``), or a diffusers ``AutoencoderKL`` folder (or a pipeline's ``vae/``).
+
+    FLUX and SD3 VAEs have identical tensors and differ in latent scale/shift: a diffusers
+    ``config.json`` or an SD3 single file tells which; otherwise pass ``variant="flux-vae"`` or
+    ``"sd3-vae"``.
+    """
+    return _load(path, "vae", "vae", variant, dtype, device, config)
 
 
 @dataclass(frozen=True)
@@ -189,7 +215,7 @@ def inspect_checkpoint(path: str | os.PathLike, variant: str | None = None) -> C
             arch = arch_of(source, layout)
             candidates = tuple(c.name for c in registry.configs_of(layout.family) if c.arch() == arch)
             try:
-                resolved = resolve_config(layout.family, arch, source, variant).name
+                resolved = resolve_config(layout.family, arch, source, variant, layout=layout).name
             except ValueError:
                 resolved = None
         dtypes: dict[str, int] = {}

@@ -1,7 +1,8 @@
 """Model modules (official layouts) and their configs."""
 
-from .configs import FluxConfig, MMDiTConfig, from_name, list_models
+from .configs import FluxConfig, MMDiTConfig, VAEConfig, from_name, list_models
 from .flux import Flux
 from .mmdit import MMDiT
+from .vae import AutoEncoder
 
-__all__ = ["MMDiT", "MMDiTConfig", "Flux", "FluxConfig", "from_name", "list_models"]
+__all__ = ["AutoEncoder", "VAEConfig", "MMDiT", "MMDiTConfig", "Flux", "FluxConfig", "from_name", "list_models"]

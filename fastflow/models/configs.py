@@ -127,6 +127,29 @@ class MMDiTConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (FLUX ae / SD3 VAE share the architecture; scale and shift differ)."""
+
+    name: str
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    in_channels: int = 3
+    out_channels: int = 3
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    family = "vae"
+
+    def arch(self) -> tuple:
+        return (self.ch, tuple(self.ch_mult), self.num_res_blocks, self.z_channels, self.in_channels, self.out_channels)
+
+    def replace(self, **changes) -> VAEConfig:
+        return dataclasses.replace(self, **changes)
+
+
 _REGISTRY: dict[str, object] = {}
 
 
@@ -202,3 +225,14 @@ register(_SD3_TINY)
 register(_SD3_TINY.replace(name="sd3.5-tiny-large", qk_norm=True))
 register(_SD3_TINY.replace(name="sd3.5-tiny-large-turbo", qk_norm=True, turbo=True))
 register(_SD3_TINY.replace(name="sd3.5-tiny-medium", qk_norm=True, dual_attention_layers=(0,)))
+
+# VAEs (REFERENCE.md 3.2-3.3): identical tensors, different latent scale / shift.
+_FLUX_VAE = VAEConfig(name="flux-vae")
+register(_FLUX_VAE)
+register(_FLUX_VAE.replace(name="sd3-vae", scale_factor=1.5305, shift_factor=0.0609))
+register(_FLUX_VAE.replace(name="vae-tiny-flux", ch=32, ch_mult=(1, 2), num_res_blocks=1))
+register(
+    _FLUX_VAE.replace(
+        name="vae-tiny-sd3", ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=1.5305, shift_factor=0.0609
+    )
+)

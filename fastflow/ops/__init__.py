@@ -9,6 +9,7 @@ from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .attention import attention
 from .gated_residual import gated_residual
 from .gelu_tanh import gelu_tanh
+from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
 from .qk_norm import qk_norm
 from .qk_norm_rope import qk_norm_rope
@@ -19,6 +20,7 @@ __all__ = [
     "gated_residual",
     "gelu_tanh",
     "get_backend",
+    "groupnorm_silu",
     "layernorm_modulate",
     "qk_norm",
     "qk_norm_rope",

@@ -98,3 +98,12 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v on [B, H, L, D]; scale defaults to 1/sqrt(D). No mask, no dropout."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def groupnorm_silu_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32, eps: float = 1e-6
+) -> torch.Tensor:
+    """SiLU(GroupNorm(x)) with affine weight/bias [C], fp32 statistics. x [B, C, *spatial], any
+    memory format (NCHW or channels-last); returns x.dtype in x's memory format."""
+    y = F.silu(F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps))
+    return y.to(x.dtype)
