@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (registers the fastflow:: custom ops)
-from .loading import inspect_checkpoint, load_transformer  # noqa: E402
+from .api import load  # noqa: E402
+from .loading import inspect_checkpoint, load_transformer, load_vae  # noqa: E402
 from .models.configs import list_models  # noqa: E402
 
-__all__ = ["__version__", "inspect_checkpoint", "list_models", "load_transformer", "ops"]
+__all__ = ["__version__", "inspect_checkpoint", "list_models", "load", "load_transformer", "load_vae", "ops"]

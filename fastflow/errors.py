@@ -112,3 +112,21 @@ class UnknownModelError(FastflowError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
+
+
+class MissingComponentError(FastflowError, ValueError):
+    """A model folder lacks a component the pipeline needs (a VAE, a text encoder, ...)."""
+
+
+class NumericalError(FastflowError, FloatingPointError):
+    """NaN or Inf appeared during generation (typically fp16 overflow): never a silent black image."""
+
+
+class GenerationInterrupted(FastflowError):
+    """Generation was interrupted (``pipeline.interrupt()`` or a callback); ``latents`` holds the
+    state after the last finished step."""
+
+    def __init__(self, message: str, latents=None, step: int | None = None):
+        super().__init__(message)
+        self.latents = latents
+        self.step = step

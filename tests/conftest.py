@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from fastflow.models.configs import from_name
 
@@ -110,3 +121,95 @@ def tiny_diffusers_vae(variant: str = "vae-tiny-flux", seed: int = 0):
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     return model
+
+
+# -- tiny text encoders and tokenizers (word-level, CLIP- and T5-style special tokens) --------------
+
+WORDS = ["a", "handwritten", "seven", "the", "digit", "3", "number", "nine", "cat", "on", "mat"]
+
+
+def clip_tokenizer(pad_zero: bool):
+    """CLIP-style: <|startoftext|> ... <|endoftext|>; CLIP-L pads with EOS, CLIP-G with id 0 ("!")."""
+    vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="!" if pad_zero else "<|endoftext|>",
+    )
+
+
+def t5_tokenizer():
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_clip(width, projection, seed, projection_dim=None):
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim or width + 8,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def tiny_t5(d_model, seed):
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=len(WORDS) + 3,
+        d_model=48,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval()
+
+
+def tiny_pipeline_folder(root, variant: str, seed: int = 0):
+    """A diffusers-layout pipeline folder of a tiny registered transformer variant, with a tiny VAE,
+    text encoders and tokenizers, all random. Returns the folder."""
+    cfg = from_name(variant)
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg.family == "flux":
+        tiny_diffusers_flux(variant, seed).save_pretrained(root / "transformer")
+        tiny_diffusers_vae("vae-tiny-flux", seed + 1).save_pretrained(root / "vae")
+        parts = {
+            "text_encoder": (tiny_clip(cfg.vec_in_dim, False, seed + 2), clip_tokenizer(False)),
+            "text_encoder_2": (tiny_t5(cfg.context_in_dim, seed + 3), t5_tokenizer()),
+        }
+        pipeline_class = "FluxKontextPipeline" if cfg.kontext else "FluxPipeline"
+    else:
+        tiny_diffusers_sd3(variant, seed).save_pretrained(root / "transformer")
+        tiny_diffusers_vae("vae-tiny-sd3", seed + 1).save_pretrained(root / "vae")
+        l_proj = cfg.adm_in_dim // 2
+        parts = {
+            "text_encoder": (tiny_clip(16, True, seed + 2, l_proj), clip_tokenizer(False)),
+            "text_encoder_2": (tiny_clip(24, True, seed + 3, cfg.adm_in_dim - l_proj), clip_tokenizer(True)),
+            "text_encoder_3": (tiny_t5(cfg.context_in_dim, seed + 4), t5_tokenizer()),
+        }
+        pipeline_class = "StableDiffusion3Pipeline"
+    for i, (name, (model, tok)) in enumerate(parts.items()):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    return root

@@ -249,7 +249,10 @@ def describe_arch(arch: tuple) -> str:
     return ", ".join(f"{f}={v}" for f, v in zip(fields, arch, strict=True))
 
 
-def _vae_hint(source: CheckpointSource, layout: Layout | None, candidates: list) -> list:
+_VAE_SCALES = {"flux": 0.3611, "sd3": 1.5305}
+
+
+def _vae_hint(source: CheckpointSource, layout: Layout | None, candidates: list, prefer: str | None) -> list:
     """FLUX and SD3 VAEs share tensors: a diffusers config.json gives the latent scale and shift;
     an SAI single file (``first_stage_model.``) holds the SD3 VAE."""
     cfg = source.folder_config
@@ -260,16 +263,18 @@ def _vae_hint(source: CheckpointSource, layout: Layout | None, candidates: list)
             candidates[0].replace(name=f"{candidates[0].name}-custom", scale_factor=scale, shift_factor=shift)
         ]
     if layout is not None and layout.prefix == "first_stage_model.":
-        return [c for c in candidates if abs(c.scale_factor - 1.5305) < 1e-6]
+        prefer = "sd3"
+    if prefer in _VAE_SCALES:
+        return [c for c in candidates if abs(c.scale_factor - _VAE_SCALES[prefer]) < 1e-6]
     return []
 
 
-def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | None = None) -> list:
+def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | None = None, prefer=None) -> list:
     named = source.metadata.get("fastflow.variant")
     if named:
         return [c for c in candidates if c.name == named]
     if candidates[0].family == "vae":
-        return _vae_hint(source, layout, candidates)
+        return _vae_hint(source, layout, candidates, prefer)
     text = " ".join(
         str(v) for k, v in source.metadata.items() if k.startswith("modelspec.") or k in ("name", "model")
     ).lower()
@@ -291,7 +296,13 @@ def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | 
 
 
 def resolve_config(
-    family: str, arch: tuple, source: CheckpointSource, variant: str | None, config=None, layout: Layout | None = None
+    family: str,
+    arch: tuple,
+    source: CheckpointSource,
+    variant: str | None,
+    config=None,
+    layout: Layout | None = None,
+    prefer: str | None = None,
 ):
     """Pick the config: ``config=`` or ``variant=`` if given (checked against the weights), else the
     only registered config with this architecture, else the one the metadata names."""
@@ -316,7 +327,7 @@ def resolve_config(
         )
     if len(candidates) == 1:
         return candidates[0]
-    hinted = _metadata_hint(source, candidates, layout)
+    hinted = _metadata_hint(source, candidates, layout, prefer)
     if len(hinted) == 1:
         return hinted[0]
     names = " or ".join(repr(c.name) for c in candidates)

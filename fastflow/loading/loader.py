@@ -114,7 +114,7 @@ def materialize(source: CheckpointSource, plan: Plan, expected: dict, dtype, dev
     return state
 
 
-def _load(path, component: str, family: str | None, variant, dtype, device, config) -> torch.nn.Module:
+def _load(path, component: str, family: str | None, variant, dtype, device, config, prefer=None) -> torch.nn.Module:
     with open_checkpoint(path, component) as source:
         layout = detect_layout(source.key_file, component)
         if family is None and (config is not None or variant is not None):
@@ -124,7 +124,7 @@ def _load(path, component: str, family: str | None, variant, dtype, device, conf
             family = layout.family if layout.family in families else families[0]
         _check_family(source, layout, family)
         model_cls, arch_of, source_of = _SUPPORTED[family]
-        cfg = resolve_config(family, arch_of(source, layout), source, variant, config, layout)
+        cfg = resolve_config(family, arch_of(source, layout), source, variant, config, layout, prefer)
         with torch.device("meta"):
             model = model_cls(cfg)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -163,15 +163,16 @@ def load_vae(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     config=None,
+    prefer: str | None = None,
 ) -> torch.nn.Module:
     """Load the 16-channel AutoencoderKL from the official ``ae.safetensors``, an SD3 single file
     (``first_stage_model.``), or a diffusers ``AutoencoderKL`` folder (or a pipeline's ``vae/``).
 
     FLUX and SD3 VAEs have identical tensors and differ in latent scale/shift: a diffusers
     ``config.json`` or an SD3 single file tells which; otherwise pass ``variant="flux-vae"`` or
-    ``"sd3-vae"``.
+    ``"sd3-vae"``; ``prefer="flux"`` / ``"sd3"`` settles it for a pipeline that knows its family.
     """
-    return _load(path, "vae", "vae", variant, dtype, device, config)
+    return _load(path, "vae", "vae", variant, dtype, device, config, prefer)
 
 
 @dataclass(frozen=True)

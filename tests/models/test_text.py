@@ -3,87 +3,21 @@ tokenizer files written by the test (word-level, CLIP-style and T5-style special
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
-)
 
 from fastflow import errors
 from fastflow.models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
 
-WORDS = ["a", "handwritten", "seven", "the", "digit", "3", "number", "nine", "cat", "on", "mat"]
-
-
-def _clip_tokenizer(pad_zero: bool):
-    """CLIP-style: <|startoftext|> ... <|endoftext|>; CLIP-L pads with EOS, CLIP-G with id 0 ("!")."""
-    vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="!" if pad_zero else "<|endoftext|>",
-    )
-
-
-def _t5_tokenizer():
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-
-
-def _clip(width, projection, seed):
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        vocab_size=len(WORDS) + 4,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=width + 8,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
-
-
-def _t5(seed):
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=len(WORDS) + 3,
-        d_model=48,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(cfg).eval()
+from ..conftest import clip_tokenizer, t5_tokenizer, tiny_clip, tiny_t5
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     parts = {
-        "clip_l": (_clip(16, False, 1), _clip_tokenizer(False)),
-        "clip_l_proj": (_clip(16, True, 1), _clip_tokenizer(False)),
-        "clip_g": (_clip(24, True, 2), _clip_tokenizer(True)),
-        "t5": (_t5(3), _t5_tokenizer()),
+        "clip_l": (tiny_clip(16, False, 1), clip_tokenizer(False)),
+        "clip_l_proj": (tiny_clip(16, True, 1), clip_tokenizer(False)),
+        "clip_g": (tiny_clip(24, True, 2), clip_tokenizer(True)),
+        "t5": (tiny_t5(48, 3), t5_tokenizer()),
     }
     for name, (model, tok) in parts.items():
         model.save_pretrained(root / name)

@@ -1,0 +1,165 @@
+"""What every pipeline shares: sizes, seeds and noise, the denoising loop, outputs, checks."""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import GenerationInterrupted, InputError, NumericalError
+from ..samplers import get_solver
+from .images import to_pil, to_uint8
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    """images (per ``output_type``), the seed of each image (None when a generator was given),
+    the settings actually used and per-stage wall times in seconds."""
+
+    images: object
+    seeds: list[int | None]
+    settings: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+    def done(self) -> dict[str, float]:
+        self.timings["total"] = time.perf_counter() - self._start
+        return self.timings
+
+
+def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
+    if prompt is None:
+        raise InputError(f"pass a {what} (or precomputed embeddings)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{what} must be a string or a non-empty list of strings")
+    if any(not p.strip() for p in prompts) and what == "prompt":
+        warnings.warn("empty prompt: the image will be unconditioned on text", UserWarning, stacklevel=3)
+    return prompts
+
+
+def resolve_size(height, width, default: tuple[int, int], multiple: int, max_side: int) -> tuple[int, int]:
+    """Round height/width down to ``multiple`` (with a warning, as the references do)."""
+    height, width = height or default[0], width or default[1]
+    if not isinstance(height, int) or not isinstance(width, int):
+        raise InputError(f"height and width must be integers, got {height!r} x {width!r}")
+    h, w = height // multiple * multiple, width // multiple * multiple
+    if (h, w) != (height, width):
+        warnings.warn(f"{height}x{width} is not a multiple of {multiple}; using {h}x{w}", UserWarning, stacklevel=3)
+    if h < multiple or w < multiple:
+        raise InputError(f"height and width must be at least {multiple}, got {height}x{width}")
+    if max(h, w) > max_side:
+        raise InputError(f"{h}x{w} exceeds this model's limit of {max_side} px per side")
+    return h, w
+
+
+def check_steps(steps) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def draw_noise(n: int, shape: tuple[int, ...], seed, generator) -> tuple[torch.Tensor, list[int | None]]:
+    """n noise tensors of ``shape`` on the CPU in fp32, one seed each (seed, seed + 1, ...; random
+    seeds when none is given), so an image depends on its seed only, not on batch size or device."""
+    if generator is not None:
+        gens = generator if isinstance(generator, list) else [generator] * n
+        if len(gens) != n:
+            raise InputError(f"got {len(gens)} generators for {n} images")
+        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]), [None] * n
+    if seed is None:
+        base = [random.randrange(2**63) for _ in range(n)]
+    elif isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise InputError(f"got {len(seed)} seeds for {n} images")
+        base = [int(s) for s in seed]
+    else:
+        base = [int(seed) + i for i in range(n)]
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in base]
+    return torch.stack(noise), base
+
+
+class DenoiseLoop:
+    """Runs a solver with a progress bar, a user callback, interruption and a NaN/Inf check."""
+
+    def __init__(self, pipeline, sampler: str, steps: int, dtype: torch.dtype, callback, progress: bool):
+        self.pipeline, self.solver, self.steps = pipeline, get_solver(sampler), steps
+        self.dtype, self.callback, self.progress = dtype, callback, progress
+
+    def run(self, velocity, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.steps, disable=not self.progress, desc="denoising", leave=False)
+
+        def step_done(i, x, sigma):
+            bar.update(1)
+            if not torch.isfinite(x).all():
+                raise NumericalError(
+                    f"NaN/Inf in the latents after step {i + 1} while running in {self.dtype}: "
+                    + (
+                        "float16 overflows for this model; use torch.bfloat16 (or float32)"
+                        if self.dtype == torch.float16
+                        else "check the weights and inputs"
+                    )
+                )
+            if self.callback is not None:
+                self.callback(i, self.steps, x)
+            if self.pipeline._interrupted:
+                raise GenerationInterrupted(f"interrupted after step {i + 1} of {self.steps}", latents=x, step=i)
+
+        self.pipeline._interrupted = False
+        try:
+            return self.solver(velocity, x, sigmas, callback=step_done)
+        finally:
+            bar.close()
+
+
+class BasePipeline:
+    """Common state: modules, device/dtype, progress bar switch, interruption."""
+
+    progress_bar = True
+
+    def __init__(self):
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        """Stop the running generation after its current step (raises GenerationInterrupted)."""
+        self._interrupted = True
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress_bar = not disable
+
+    @staticmethod
+    def check_output_type(output_type: str) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+    @staticmethod
+    def format_images(images: torch.Tensor, output_type: str):
+        if output_type == "pil":
+            return to_pil(images)
+        if output_type == "np":
+            return to_uint8(images)
+        return (images.float() / 2 + 0.5).clamp(0, 1)  # "pt": [B, 3, H, W] in [0, 1]

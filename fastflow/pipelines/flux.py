@@ -1,0 +1,200 @@
+"""FLUX.1 text-to-image (dev, schnell) and Kontext image editing."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import InputError, MissingComponentError
+from ..models.flux import make_img_ids, pack_latents, unpack_latents
+from ..samplers import flux_schedule
+from .base import (
+    BasePipeline,
+    DenoiseLoop,
+    PipelineOutput,
+    Timer,
+    as_prompt_list,
+    check_steps,
+    draw_noise,
+    resolve_size,
+)
+from .images import kontext_size, load_image, to_tensor
+
+
+def flux_defaults(config) -> dict:
+    """Per-variant defaults (REFERENCE.md 4.2): dev 28 steps g 3.5; schnell 4 steps, no guidance,
+    T5 256; Kontext 28 steps g 2.5. Euler throughout (the references' sampler)."""
+    if config.kontext:
+        return {"steps": 28, "guidance": 2.5, "sampler": "euler"}
+    if not config.guidance_embed:
+        return {"steps": 4, "guidance": None, "sampler": "euler"}
+    return {"steps": 28, "guidance": 3.5, "sampler": "euler"}
+
+
+class FluxPipeline(BasePipeline):
+    """prompt -> images with a FLUX.1 transformer, the 16-channel VAE and CLIP-L + T5.
+
+    ``text_encoder`` may be None when every call passes ``prompt_embeds`` and ``pooled_prompt_embeds``.
+    """
+
+    def __init__(
+        self, transformer, vae, text_encoder=None, default_size: tuple[int, int] = (1024, 1024), max_side: int = 4096
+    ):
+        super().__init__()
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.config = transformer.config
+        self.defaults = flux_defaults(self.config)
+        self.default_size, self.max_side = default_size, max_side
+        self._last_image = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.img_in.weight.device
+
+    @property
+    def multiple(self) -> int:
+        return 2 * self.vae.downscale  # VAE downscale x 2x2 packing (16 for the real VAE)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None:
+            raise MissingComponentError(
+                "this pipeline has no text encoders: pass prompt_embeds and "
+                "pooled_prompt_embeds, or load the model with its text encoders"
+            )
+        return self.text_encoder(prompts)
+
+    def _context_image(self, image, auto_resize: bool):
+        """Kontext: the input image, resized, VAE-encoded (mean), packed; its ids have index 1."""
+        if not self.config.kontext:
+            raise InputError(f"{self.config.name} does not take an input image; load a Kontext model for editing")
+        pil = load_image(image)
+        if auto_resize:
+            width, height = kontext_size(*pil.size, self.multiple)
+        else:
+            width, height = (s // self.multiple * self.multiple for s in pil.size)
+        pixels = to_tensor(pil, width, height).to(self.device)
+        with torch.no_grad():
+            latent = self.vae.encode(pixels).float()  # [1, 16, h, w]
+        tokens = pack_latents(latent)
+        ids = make_img_ids(latent.shape[-2] // 2, latent.shape[-1] // 2, index=1, device=self.device)
+        return tokens, ids, (height, width)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        image=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        seed=None,
+        generator=None,
+        sampler: str | None = None,
+        output_type: str = "pil",
+        callback=None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        auto_resize: bool = True,
+        progress: bool | None = None,
+    ) -> PipelineOutput:
+        """Generate images. ``image`` (Kontext): the image to edit; the output size defaults to its
+        (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise."""
+        timer, cfg = Timer(), self.config
+        self.check_output_type(output_type)
+        steps = check_steps(num_inference_steps or self.defaults["steps"])
+        sampler = sampler or self.defaults["sampler"]
+        if negative_prompt is not None:
+            warnings.warn(
+                "FLUX.1 is guidance-distilled and uses no negative prompt; ignored", UserWarning, stacklevel=2
+            )
+        guidance = self.defaults["guidance"] if guidance_scale is None else guidance_scale
+        if not cfg.guidance_embed:
+            if guidance_scale not in (None, 0, 0.0):
+                warnings.warn(
+                    f"{cfg.name} has no guidance embedding; guidance_scale={guidance_scale} is ignored",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            guidance = None
+
+        cond_tokens = cond_ids = None
+        default_size = self.default_size
+        if image is not None:
+            with timer.stage("encode_image"):
+                cond_tokens, cond_ids, default_size = self._context_image(image, auto_resize)
+        height, width = resolve_size(height, width, default_size, self.multiple, self.max_side)
+
+        with timer.stage("encode_prompt"):
+            if prompt_embeds is None:
+                prompts = as_prompt_list(prompt)
+                txt, y = self.encode_prompt(prompts)
+            else:
+                if pooled_prompt_embeds is None:
+                    raise InputError("prompt_embeds needs pooled_prompt_embeds too")
+                txt, y = prompt_embeds, pooled_prompt_embeds
+        n = txt.shape[0] * num_images_per_prompt
+        txt = txt.repeat_interleave(num_images_per_prompt, 0).to(self.device)
+        y = y.repeat_interleave(num_images_per_prompt, 0).to(self.device)
+
+        f = self.vae.downscale
+        h_lat, w_lat = height // f, width // f
+        if latents is None:
+            noise, seeds = draw_noise(n, (self.vae.config.z_channels, h_lat, w_lat), seed, generator)
+        else:
+            if tuple(latents.shape) != (n, self.vae.config.z_channels, h_lat, w_lat):
+                raise InputError(
+                    f"latents must be [{n}, {self.vae.config.z_channels}, {h_lat}, {w_lat}], got {list(latents.shape)}"
+                )
+            noise, seeds = latents.float().cpu(), [None] * n
+        x = pack_latents(noise).to(self.device)  # [B, N, 64], fp32 state
+        img_ids = make_img_ids(h_lat // 2, w_lat // 2, device=self.device)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=self.device)
+        g = None if guidance is None else torch.full((n,), float(guidance), device=self.device)
+        if cond_tokens is not None:
+            cond_tokens = cond_tokens.expand(n, -1, -1)
+        # mu from the target tokens only (Kontext context tokens excluded, as both references do)
+        sigmas = flux_schedule(steps, x.shape[1], shift=cfg.shift_schedule)
+
+        def velocity(x, sigma):
+            t = torch.full((n,), sigma, device=self.device)
+            return self.transformer(x, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
+
+        loop = DenoiseLoop(
+            self, sampler, steps, self.transformer.dtype, callback, self.progress_bar if progress is None else progress
+        )
+        with timer.stage("denoise"):
+            x = loop.run(velocity, x, sigmas)
+        latent = unpack_latents(x, h_lat, w_lat)
+        settings = {
+            "model": cfg.name,
+            "height": height,
+            "width": width,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "sampler": sampler,
+            "dtype": str(self.transformer.dtype).removeprefix("torch."),
+            "edit": image is not None,
+        }
+        if output_type == "latent":
+            return PipelineOutput(latent, seeds, settings, timer.done())
+        with timer.stage("decode"):
+            pixels = self.vae.decode(latent)
+        images = self.format_images(pixels, output_type)
+        if output_type == "pil":
+            self._last_image = images[-1]
+        return PipelineOutput(images, seeds, settings, timer.done())
+
+    def edit(self, prompt, image=None, **kwargs) -> PipelineOutput:
+        """Kontext multi-turn editing: edit ``image``, or the last image this pipeline made."""
+        image = image if image is not None else self._last_image
+        if image is None:
+            raise InputError("edit() needs an image the first time (no previous output to edit)")
+        kwargs.setdefault("output_type", "pil")
+        if kwargs["output_type"] != "pil":
+            raise InputError("edit() returns PIL images so that edits can be chained")
+        return self(prompt, image=image, **kwargs)
