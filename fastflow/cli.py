@@ -1,7 +1,6 @@
-"""The ``fastflow`` command: ``info <checkpoint>``, ``smoke`` and ``doctor``.
+"""The ``fastflow`` command: ``generate``, ``info <checkpoint>``, ``doctor`` and ``smoke``.
 
-Errors from bad input print one line and exit with status 2; ``generate`` arrives with the
-pipelines.
+Errors from bad input print one line and exit with status 2; an interrupted run exits 130.
 """
 
 from __future__ import annotations
@@ -15,7 +14,77 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import FastflowError
+from .errors import FastflowError, InputError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "fastflow-tiny-digits"
+
+
+def free_path(path: Path) -> Path:
+    """``path`` if it does not exist, else the first free ``stem-N.suffix`` (never overwrite)."""
+    if not path.exists():
+        return path
+    n = 1
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
+
+
+def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
+    """Write a PNG with the prompt, seed and settings as text chunks; returns the path used."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("seed", "" if seed is None else str(seed))
+    info.add_text("settings", json.dumps(settings, sort_keys=True))
+    info.add_text("software", f"fastflow {__version__}")
+    path = free_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def _cmd_generate(args) -> int:
+    from .api import load
+
+    prompt = args.prompt_opt if args.prompt_opt is not None else args.prompt
+    if prompt is None:
+        raise InputError('no prompt: fastflow generate "a handwritten seven" (or -p TEXT)')
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    if not args.model and not model.is_dir():
+        raise InputError("no default model is installed with this build: pass --model <folder or file>")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    pipe = load(model, variant=args.variant, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    kwargs = {
+        "height": args.height,
+        "width": args.width,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "num_images_per_prompt": args.num_images,
+        "seed": args.seed,
+        "sampler": args.sampler,
+    }
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    if args.image is not None:
+        kwargs["image"] = args.image
+    out = pipe(prompt, **kwargs)
+    settings = dict(out.settings, model_path=str(model))
+    for image, seed in zip(out.images, out.seeds, strict=True):
+        if args.upscale > 1:
+            from PIL import Image
+
+            image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
+        path = save_png(image, Path(args.output), prompt, seed, dict(settings, upscale=args.upscale))
+        print(f"wrote {path} (seed {seed})")
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
+    print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}")
+    return 0
 
 
 def _cmd_info(args) -> int:
@@ -83,13 +152,41 @@ def _cmd_doctor(args) -> int:
     else:
         print("CUDA: no GPU visible; every op runs its plain-torch reference")
     print(f"op backend: {ops.get_backend()}")
+    for name in sorted(n for n in ops.__all__ if callable(getattr(ops, n)) and n not in NON_OPS):
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastflow::{name}", "CUDA")
+        where = "GPU kernel" if has_cuda and torch.cuda.is_available() else "reference (torch)"
+        print(f"  {name:<20} {where}")
     return 0
+
+
+NON_OPS = {"get_backend", "set_backend", "use_backend"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastflow", description="Fast FLUX.1 / SD3 inference")
     parser.add_argument("--version", action="version", version=f"fastflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="make images from a prompt (Kontext: edit --image)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p)")
+    p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
+    p.add_argument("-o", "--output", default="fastflow.png", help="PNG path; never overwritten (numbered instead)")
+    p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
+    p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
+    p.add_argument("-H", "--height", type=int, default=None)
+    p.add_argument("-W", "--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
+    p.add_argument("--negative-prompt", default=None, help="SD3 only")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each)")
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--image", default=None, help="input image to edit (Kontext)")
+    p.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale of the saved PNG, for viewing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("info", help="describe a checkpoint (family, variant, dtype, size) from its header")
     p.add_argument("path", help="a .safetensors file or a diffusers folder")
@@ -113,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FastflowError as e:
-        print(f"fastflow: error: {e}", file=sys.stderr)
+        print("fastflow: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fastflow: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

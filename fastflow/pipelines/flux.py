@@ -106,7 +106,7 @@ class FluxPipeline(BasePipeline):
         (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise."""
         timer, cfg = Timer(), self.config
         self.check_output_type(output_type)
-        steps = check_steps(num_inference_steps or self.defaults["steps"])
+        steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
         sampler = sampler or self.defaults["sampler"]
         if negative_prompt is not None:
             warnings.warn(

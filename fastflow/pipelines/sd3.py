@@ -95,7 +95,7 @@ class SD3Pipeline(BasePipeline):
             raise InputError("SD3 pipelines do not take an input image")
         timer, mcfg = Timer(), self.config
         self.check_output_type(output_type)
-        steps = check_steps(num_inference_steps or self.defaults["steps"])
+        steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
         sampler = sampler or self.defaults["sampler"]
         guidance = float(self.defaults["guidance"] if guidance_scale is None else guidance_scale)
         do_cfg = guidance > 1.0
