@@ -118,4 +118,5 @@ def load(
     pipeline_cls = FluxPipeline if family == "flux" else SD3Pipeline
     pipeline = pipeline_cls(transformer, autoencoder, text, **kwargs)
     pipeline.defaults.update(settings.get("defaults", {}))
+    pipeline.view_upscale = int(settings.get("view_upscale", 1))  # the CLI's default PNG upscale
     return pipeline

@@ -75,12 +75,13 @@ def _cmd_generate(args) -> int:
         kwargs["image"] = args.image
     out = pipe(prompt, **kwargs)
     settings = dict(out.settings, model_path=str(model))
+    upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
     for image, seed in zip(out.images, out.seeds, strict=True):
-        if args.upscale > 1:
+        if upscale > 1:
             from PIL import Image
 
-            image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.NEAREST)
-        path = save_png(image, Path(args.output), prompt, seed, dict(settings, upscale=args.upscale))
+            image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+        path = save_png(image, Path(args.output), prompt, seed, dict(settings, upscale=upscale))
         print(f"wrote {path} (seed {seed})")
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
     print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}")
@@ -184,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale of the saved PNG, for viewing")
+    p.add_argument(
+        "--upscale",
+        type=int,
+        default=None,
+        help="nearest-neighbour upscale of the saved PNG, for viewing (default: the model's, usually 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

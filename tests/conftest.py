@@ -6,17 +6,16 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
 )
 
 from fastflow.models.configs import from_name
+from fastflow.models.text import word_level_tokenizer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -130,27 +129,11 @@ WORDS = ["a", "handwritten", "seven", "the", "digit", "3", "number", "nine", "ca
 
 def clip_tokenizer(pad_zero: bool):
     """CLIP-style: <|startoftext|> ... <|endoftext|>; CLIP-L pads with EOS, CLIP-G with id 0 ("!")."""
-    vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="!" if pad_zero else "<|endoftext|>",
-    )
+    return word_level_tokenizer(WORDS, "clip", pad_zero)
 
 
 def t5_tokenizer():
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return word_level_tokenizer(WORDS, "t5")
 
 
 def tiny_clip(width, projection, seed, projection_dim=None):

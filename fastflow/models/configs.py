@@ -236,3 +236,34 @@ register(
         name="vae-tiny-sd3", ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=1.5305, shift_factor=0.0609
     )
 )
+
+# The embedded default model (tools/train_tiny.py, fastflow/assets/fastflow-tiny-digits): 16x16
+# digits, a 4-channel latent at 8x8 (4x4 tokens), no guidance embedding (true CFG instead).
+register(
+    FluxConfig(
+        name="fastflow-tiny-digits",
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=64,
+        context_in_dim=64,
+        hidden_size=96,
+        num_heads=3,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(8, 12, 12),
+        guidance_embed=False,
+        shift_schedule=False,
+        t5_max_length=8,
+    )
+)
+register(
+    VAEConfig(
+        name="fastflow-tiny-digits-vae",
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        z_channels=4,
+        scale_factor=1.0,
+        shift_factor=0.0,
+    )
+)

@@ -72,8 +72,10 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int, what: str) -> torc
 class CLIPEncoder:
     """CLIP text encoder + tokenizer. ``with_projection``: CLIPTextModelWithProjection (SD3)."""
 
-    def __init__(self, model, tokenizer, max_length: int = CLIP_MAX_LENGTH):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+    def __init__(self, model, tokenizer, max_length: int | None = None):
+        # 77 for every real CLIP; a tokenizer may ask for fewer (tiny models)
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length = max_length or min(CLIP_MAX_LENGTH, tokenizer.model_max_length)
 
     @classmethod
     def from_folder(
@@ -168,3 +170,41 @@ class SD3TextEncoder:
         else:
             t5 = clip.new_zeros(clip.shape[0], self.t5_max_length, self.context_width)
         return torch.cat((clip, t5), dim=-2), torch.cat((l_pooled, g_pooled), dim=-1)
+
+
+def word_level_tokenizer(words, style: str, pad_zero: bool = False, max_length: int | None = None):
+    """A lower-casing word-level tokenizer (``tokenizers`` library) with CLIP-style
+    (``<|startoftext|> ... <|endoftext|>``, pad = EOS, or id 0 with ``pad_zero``) or T5-style
+    (``... </s>``, pad ``<pad>`` = 0) special tokens: for tiny models and tests."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if style == "clip":
+        specials = ["!", "<|startoftext|>", "<|endoftext|>", "<unk>"]
+    elif style == "t5":
+        specials = ["<pad>", "</s>", "<unk>"]
+    else:
+        raise ValueError(f"style must be 'clip' or 't5', got {style!r}")
+    vocab = {w: i for i, w in enumerate([*specials, *dict.fromkeys(w.lower() for w in words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if style == "clip":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<unk>",
+            pad_token="!" if pad_zero else "<|endoftext|>",
+        )
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        **({"model_max_length": max_length} if max_length else {}),
+    )

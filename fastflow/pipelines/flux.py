@@ -8,6 +8,7 @@ import torch
 
 from ..errors import InputError, MissingComponentError
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
+from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
 from .base import (
     BasePipeline,
@@ -101,16 +102,24 @@ class FluxPipeline(BasePipeline):
         latents: torch.Tensor | None = None,
         auto_resize: bool = True,
         progress: bool | None = None,
+        true_cfg_scale: float | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> PipelineOutput:
         """Generate images. ``image`` (Kontext): the image to edit; the output size defaults to its
-        (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise."""
+        (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
+        ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
+        as diffusers' option of the same name; off by default except for models trained for it."""
         timer, cfg = Timer(), self.config
         self.check_output_type(output_type)
         steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
         sampler = sampler or self.defaults["sampler"]
-        if negative_prompt is not None:
+        true_cfg = float(self.defaults.get("true_cfg", 1.0) if true_cfg_scale is None else true_cfg_scale)
+        if negative_prompt is not None and true_cfg <= 1.0:
             warnings.warn(
-                "FLUX.1 is guidance-distilled and uses no negative prompt; ignored", UserWarning, stacklevel=2
+                "negative_prompt needs true_cfg_scale > 1 (FLUX.1 is guidance-distilled); ignored",
+                UserWarning,
+                stacklevel=2,
             )
         guidance = self.defaults["guidance"] if guidance_scale is None else guidance_scale
         if not cfg.guidance_embed:
@@ -137,7 +146,15 @@ class FluxPipeline(BasePipeline):
                 if pooled_prompt_embeds is None:
                     raise InputError("prompt_embeds needs pooled_prompt_embeds too")
                 txt, y = prompt_embeds, pooled_prompt_embeds
-        n = txt.shape[0] * num_images_per_prompt
+            if true_cfg > 1.0:
+                if negative_prompt_embeds is not None:
+                    neg_txt, neg_y = negative_prompt_embeds, negative_pooled_prompt_embeds
+                else:
+                    negative = negative_prompt if negative_prompt is not None else ""
+                    negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
+                    neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
+                txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
+        n = (txt.shape[0] // (2 if true_cfg > 1.0 else 1)) * num_images_per_prompt
         txt = txt.repeat_interleave(num_images_per_prompt, 0).to(self.device)
         y = y.repeat_interleave(num_images_per_prompt, 0).to(self.device)
 
@@ -154,15 +171,18 @@ class FluxPipeline(BasePipeline):
         x = pack_latents(noise).to(self.device)  # [B, N, 64], fp32 state
         img_ids = make_img_ids(h_lat // 2, w_lat // 2, device=self.device)
         txt_ids = torch.zeros(txt.shape[1], 3, device=self.device)
-        g = None if guidance is None else torch.full((n,), float(guidance), device=self.device)
+        batch = 2 * n if true_cfg > 1.0 else n
+        g = None if guidance is None else torch.full((batch,), float(guidance), device=self.device)
         if cond_tokens is not None:
-            cond_tokens = cond_tokens.expand(n, -1, -1)
+            cond_tokens = cond_tokens.expand(batch, -1, -1)
         # mu from the target tokens only (Kontext context tokens excluded, as both references do)
         sigmas = flux_schedule(steps, x.shape[1], shift=cfg.shift_schedule)
 
         def velocity(x, sigma):
-            t = torch.full((n,), sigma, device=self.device)
-            return self.transformer(x, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
+            t = torch.full((batch,), sigma, device=self.device)
+            xs = torch.cat((x, x)) if true_cfg > 1.0 else x
+            v = self.transformer(xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
+            return cfg_combine(*v.chunk(2), true_cfg) if true_cfg > 1.0 else v
 
         loop = DenoiseLoop(
             self, sampler, steps, self.transformer.dtype, callback, self.progress_bar if progress is None else progress
@@ -179,6 +199,7 @@ class FluxPipeline(BasePipeline):
             "sampler": sampler,
             "dtype": str(self.transformer.dtype).removeprefix("torch."),
             "edit": image is not None,
+            "true_cfg_scale": true_cfg if true_cfg > 1.0 else None,
         }
         if output_type == "latent":
             return PipelineOutput(latent, seeds, settings, timer.done())
