@@ -1,10 +1,19 @@
-"""Shared fixtures: tiny random-weight FLUX models built with diffusers' own class (the reference)."""
+"""Shared fixtures: tiny random-weight models built with diffusers' own classes (the reference).
+
+TRITON_INTERPRET is set first, before anything imports triton (its @jit decorators read it once):
+the kernel tests run Triton kernels on CPU tensors under the interpreter. On a GPU machine run
+``TRITON_INTERPRET=0 pytest`` to test the compiled kernels instead.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
 import torch
 from transformers import (
     CLIPTextConfig,
@@ -196,3 +205,19 @@ def tiny_pipeline_folder(root, variant: str, seed: int = 0):
         tok.save_pretrained(root / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"))
     (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
     return root
+
+
+def diffusers_flux_scheduler(dynamic: bool = True):
+    """diffusers' FLUX scheduler config: dev / Kontext (dynamic shift) or schnell (none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not dynamic:
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift=3.0,
+    )

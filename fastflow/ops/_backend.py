@@ -2,7 +2,9 @@
 
 "kernels" (default): call the ``fastflow::`` custom op, which runs the registered GPU kernel where
 one exists for the tensors' device and the reference body everywhere else. "reference": call the
-plain-torch reference directly (tests, benchmarks, debugging).
+plain-torch reference directly (tests, benchmarks, debugging). "triton": call the Triton launcher
+directly on any device (GPU A/B runs; on CPU tensors under TRITON_INTERPRET=1, the kernel tests);
+ops without a Triton kernel fall back to their reference.
 
 Autograd: the kernels are inference-only, so whenever grad is enabled and an input requires it,
 the wrapper takes the reference path, which differentiates like any torch code.
@@ -14,7 +16,7 @@ import contextlib
 
 import torch
 
-BACKENDS = ("reference", "kernels")
+BACKENDS = ("reference", "kernels", "triton")
 _backend = "kernels"
 
 
@@ -45,3 +47,7 @@ def use_reference(*tensors: torch.Tensor) -> bool:
     if _backend == "reference":
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def use_triton() -> bool:
+    return _backend == "triton"

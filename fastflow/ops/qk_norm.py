@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ._backend import use_reference
+from ._backend import use_reference, use_triton
 from .reference import qk_norm_ref
 
 
@@ -21,6 +21,15 @@ def _(qkv, q_scale, k_scale, num_heads, eps):
     b, seq, width = qkv.shape
     shape = (b, num_heads, seq, width // (3 * num_heads))
     return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+def _triton(qkv, q_scale, k_scale, num_heads, eps):
+    from fastflow.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    return qk_norm_rope_fwd(qkv, q_scale, k_scale, None, None, num_heads, eps)
+
+
+_qk_norm.register_kernel("cuda")(_triton)
 
 
 def qk_norm(
@@ -40,4 +49,6 @@ def qk_norm(
     tensors = [t for t in (qkv, q_scale, k_scale) if t is not None]
     if use_reference(*tensors):
         return qk_norm_ref(qkv, q_scale, k_scale, num_heads, eps)
+    if use_triton():
+        return _triton(qkv, q_scale, k_scale, num_heads, eps)
     return _qk_norm(qkv, q_scale, k_scale, num_heads, eps)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ._backend import use_reference
+from ._backend import use_reference, use_triton
 from .reference import qk_norm_rope_ref
 
 
@@ -32,6 +32,15 @@ def _(qkv, q_scale, k_scale, cos, sin, num_heads, eps):
     head_dim = width // (3 * num_heads)
     shape = (b, num_heads, seq, head_dim)
     return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+def _triton(qkv, q_scale, k_scale, cos, sin, num_heads, eps):
+    from fastflow.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    return qk_norm_rope_fwd(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
+
+
+_qk_norm_rope.register_kernel("cuda")(_triton)
 
 
 def qk_norm_rope(
@@ -59,4 +68,6 @@ def qk_norm_rope(
         )
     if use_reference(qkv, q_scale, k_scale):
         return qk_norm_rope_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
+    if use_triton():
+        return _triton(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
     return _qk_norm_rope(qkv, q_scale, k_scale, cos, sin, num_heads, eps)

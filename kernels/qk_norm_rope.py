@@ -1,0 +1,76 @@
+"""From the fused qkv GEMM output: RMSNorm q and k per head, FLUX interleaved RoPE, write q, k, v
+in [B, H, L, D] for attention. One program per (token row, head); RoPE tables in fp32.
+
+ROPE = False gives the SD3 variant (RMS qk-norm only); HAS_NORM = False only splits (SD3-medium).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(
+    qkv_ptr,  # [B, L, 3*H*D], last dim contiguous
+    q_scale_ptr,  # [D]
+    k_scale_ptr,  # [D]
+    cos_ptr,  # [L, D/2] fp32
+    sin_ptr,  # [L, D/2] fp32
+    q_ptr,  # [B, H, L, D] contiguous
+    k_ptr,
+    v_ptr,
+    stride_qkv_b,
+    stride_qkv_l,
+    L,
+    H,
+    eps,
+    D: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # b * L + l
+    h = tl.program_id(1).to(tl.int64)
+    b = row // L
+    t = row % L
+    HALF: tl.constexpr = D // 2
+    j = tl.arange(0, HALF)
+    src = qkv_ptr + b * stride_qkv_b + t * stride_qkv_l + h * D
+    dst = ((b * H + h) * L + t) * D
+    if ROPE:
+        cos = tl.load(cos_ptr + t * HALF + j)
+        sin = tl.load(sin_ptr + t * HALF + j)
+    for part in tl.static_range(2):  # 0: q, 1: k
+        scale_ptr = q_scale_ptr if part == 0 else k_scale_ptr
+        out_ptr = q_ptr if part == 0 else k_ptr
+        even = tl.load(src + part * H * D + 2 * j).to(tl.float32)
+        odd = tl.load(src + part * H * D + 2 * j + 1).to(tl.float32)
+        if HAS_NORM:
+            rstd = 1.0 / tl.sqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / D + eps)
+            even = even * rstd * tl.load(scale_ptr + 2 * j).to(tl.float32)
+            odd = odd * rstd * tl.load(scale_ptr + 2 * j + 1).to(tl.float32)
+        if ROPE:
+            even, odd = even * cos - odd * sin, even * sin + odd * cos
+        tl.store(out_ptr + dst + 2 * j, even.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + dst + 2 * j + 1, odd.to(out_ptr.dtype.element_ty))
+    d = tl.arange(0, D)
+    tl.store(v_ptr + dst + d, tl.load(src + 2 * H * D + d))
+
+
+def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float):
+    """q_scale / k_scale None: no norm; cos / sin None: no RoPE."""
+    b, seq, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q, k, v = (torch.empty((b, num_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    has_norm, rope = q_scale is not None, cos is not None
+    dummy = qkv.new_empty(1, dtype=torch.float32)
+    _qk_norm_rope_fwd_kernel[(b * seq, num_heads)](
+        qkv, q_scale if has_norm else dummy, k_scale if has_norm else dummy,
+        cos.contiguous() if rope else dummy, sin.contiguous() if rope else dummy, q, k, v,
+        qkv.stride(0), qkv.stride(1), seq, num_heads, eps,
+        D=head_dim, HAS_NORM=has_norm, ROPE=rope, num_warps=1 if head_dim <= 64 else 2,
+    )  # fmt: skip
+    return q, k, v
