@@ -1,0 +1,35 @@
+"""gated_residual (x + gate * y) at FLUX.1 / SD3.5 block-boundary shapes. See bench/_ops_common.py."""
+
+import argparse
+
+import torch
+from _ops_common import Case, run, write_json
+
+from fastflow.ops import gated_residual
+from fastflow.ops.reference import gated_residual_ref
+
+SHAPES = {"flux joint 4608x3072": (4608, 3072), "sd3.5-large 4429x2432": (4429, 2432)}
+
+
+def case(name, tokens, width, e=2):
+    n = tokens * width
+    # eager: gate * y (R y, W t), x + t (R x, R t, W out); fused: R x, R y, W out
+    return Case(
+        name,
+        lambda dev, dt: (
+            torch.randn(1, tokens, width, device=dev, dtype=dt),
+            torch.randn(1, width, device=dev, dtype=dt),
+            torch.randn(1, tokens, width, device=dev, dtype=dt),
+        ),
+        fused_bytes=3 * n * e,
+        unfused_bytes=5 * n * e,
+        unfused_kernels=2,
+        flops=2 * n,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    rows = run("gated_residual", gated_residual, gated_residual_ref, [case(k, *v) for k, v in SHAPES.items()])
+    write_json(rows, parser.parse_args().json)

@@ -1,0 +1,32 @@
+"""gelu_tanh on the MLP hidden activations (FLUX 4608x12288, single-block mlp part). Eager
+F.gelu is already one kernel: the standalone kernel saves nothing; the saving comes when GELU moves
+into the up-projection's epilogue (DESIGN.md 3b, item 3). See bench/_ops_common.py."""
+
+import argparse
+
+import torch
+from _ops_common import Case, run, write_json
+
+from fastflow.ops import gelu_tanh
+from fastflow.ops.reference import gelu_tanh_ref
+
+SHAPES = {"flux mlp 4608x12288": (4608, 12288), "sd3.5-large mlp 4429x9728": (4429, 9728)}
+
+
+def case(name, tokens, width, e=2):
+    n = tokens * width
+    return Case(
+        name,
+        lambda dev, dt: (torch.randn(1, tokens, width, device=dev, dtype=dt),),
+        fused_bytes=2 * n * e,
+        unfused_bytes=2 * n * e,
+        unfused_kernels=1,
+        flops=10 * n,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    rows = run("gelu_tanh", gelu_tanh, gelu_tanh_ref, [case(k, *v) for k, v in SHAPES.items()])
+    write_json(rows, parser.parse_args().json)

@@ -1,0 +1,43 @@
+"""groupnorm_silu at the VAE decoder's 1024x1024 shapes (REFERENCE.md 3.3). The kernel reads its
+group three times (mean, centred variance, output) and writes once; eager GroupNorm reads twice and
+writes once, then SiLU reads and writes again. See bench/_ops_common.py."""
+
+import argparse
+
+import torch
+from _ops_common import Case, run, write_json
+
+from fastflow.ops import groupnorm_silu
+from fastflow.ops.reference import groupnorm_silu_ref
+
+SHAPES = {
+    "vae 512ch 128x128": (512, 128),
+    "vae 512ch 256x256": (512, 256),
+    "vae 256ch 512x512": (256, 512),
+    "vae 128ch 1024x1024": (128, 1024),
+}
+
+
+def case(name, channels, side, e=2):
+    n = channels * side * side
+    return Case(
+        name,
+        lambda dev, dt: (
+            torch.randn(1, channels, side, side, device=dev, dtype=dt),
+            torch.ones(channels, device=dev, dtype=dt),
+            torch.zeros(channels, device=dev, dtype=dt),
+            32,
+            1e-6,
+        ),
+        fused_bytes=4 * n * e,
+        unfused_bytes=5 * n * e,
+        unfused_kernels=2,
+        flops=10 * n,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    rows = run("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, [case(k, *v) for k, v in SHAPES.items()])
+    write_json(rows, parser.parse_args().json)

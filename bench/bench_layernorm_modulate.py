@@ -1,0 +1,43 @@
+"""layernorm_modulate at the real shapes: FLUX.1 1024x1024 (4096 image + 512 text tokens, D 3072),
+SD3.5-large (4429 tokens incl. 333 text, D 2432), SD3.5-medium (D 1536). See bench/_ops_common.py."""
+
+import argparse
+
+import torch
+from _ops_common import Case, run, write_json
+
+from fastflow.ops import layernorm_modulate
+from fastflow.ops.reference import layernorm_modulate_ref
+
+SHAPES = {
+    "flux img 4096x3072": (4096, 3072),
+    "flux txt 512x3072": (512, 3072),
+    "sd3.5-large 4429x2432": (4429, 2432),
+    "sd3.5-medium 4429x1536": (4429, 1536),
+}
+
+
+def case(name, tokens, width, e=2):
+    n = tokens * width
+    # eager: LayerNorm (R x, W) -> (1 + scale) * (R, W) -> + shift (R, W); fused: R x, W out
+    return Case(
+        name,
+        lambda dev, dt: (
+            torch.randn(1, tokens, width, device=dev, dtype=dt),
+            torch.randn(1, width, device=dev, dtype=dt),
+            torch.randn(1, width, device=dev, dtype=dt),
+        ),
+        fused_bytes=2 * n * e,
+        unfused_bytes=6 * n * e,
+        unfused_kernels=3,
+        flops=8 * n,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    rows = run(
+        "layernorm_modulate", layernorm_modulate, layernorm_modulate_ref, [case(k, *v) for k, v in SHAPES.items()]
+    )
+    write_json(rows, parser.parse_args().json)
