@@ -34,6 +34,7 @@ def gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> 
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     block = row_block(c)
-    _gated_residual_fwd_kernel[(b * seq,)](x, gate.contiguous(), y, out, seq, c, BLOCK_C=block,
-                                           num_warps=row_warps(block))
+    _gated_residual_fwd_kernel[(b * seq,)](
+        x, gate.contiguous(), y, out, seq, c, BLOCK_C=block, num_warps=row_warps(block)
+    )
     return out

@@ -61,8 +61,9 @@ def _groupnorm_silu_fwd_kernel(
         tl.store(out_ptr + offs, (y * tl.sigmoid(y)).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def groupnorm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                       eps: float) -> torch.Tensor:
+def groupnorm_silu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float
+) -> torch.Tensor:
     b, c = x.shape[:2]
     hw = x[0, 0].numel()
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -26,44 +26,114 @@ DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def shipped_configs():
     """(label, kernel, signature, constexprs, options) for every configuration the launchers use
     at the real FLUX.1 / SD3.5 / VAE shapes."""
-    from fastflow.kernels import gated_residual, gelu_tanh, groupnorm_silu, layernorm_modulate, qk_norm_rope
+    from fastflow.kernels import (
+        gated_residual,
+        gelu_tanh,
+        groupnorm_silu,
+        layernorm_modulate,
+        qk_norm_rope,
+    )
     from fastflow.kernels._common import row_block, row_warps
 
     out = []
     for dt, p in DTYPES.items():
         for width in (3072, 2432, 1536):  # FLUX, SD3.5-large, SD3.5-medium hidden sizes
             block = row_block(width)
-            out.append((f"layernorm_modulate C={width} {dt}", layernorm_modulate._layernorm_modulate_fwd_kernel,
-                        {"x_ptr": p, "shift_ptr": p, "scale_ptr": p, "out_ptr": p, "stride_xb": "i64",
-                         "stride_xl": "i64", "L": "i32", "C": "i32", "eps": "fp32"},
-                        {"BLOCK_C": block}, {"num_warps": row_warps(block)}))
-            out.append((f"gated_residual C={width} {dt}", gated_residual._gated_residual_fwd_kernel,
-                        {"x_ptr": p, "gate_ptr": p, "y_ptr": p, "out_ptr": p, "L": "i32", "C": "i32"},
-                        {"BLOCK_C": block}, {"num_warps": row_warps(block)}))
-        out.append((f"gelu_tanh {dt}", gelu_tanh._gelu_tanh_fwd_kernel, {"x_ptr": p, "out_ptr": p, "N": "i32"},
-                    {"BLOCK": gelu_tanh.BLOCK}, {"num_warps": 4}))
+            out.append(
+                (
+                    f"layernorm_modulate C={width} {dt}",
+                    layernorm_modulate._layernorm_modulate_fwd_kernel,
+                    {
+                        "x_ptr": p,
+                        "shift_ptr": p,
+                        "scale_ptr": p,
+                        "out_ptr": p,
+                        "stride_xb": "i64",
+                        "stride_xl": "i64",
+                        "L": "i32",
+                        "C": "i32",
+                        "eps": "fp32",
+                    },
+                    {"BLOCK_C": block},
+                    {"num_warps": row_warps(block)},
+                )
+            )
+            out.append(
+                (
+                    f"gated_residual C={width} {dt}",
+                    gated_residual._gated_residual_fwd_kernel,
+                    {"x_ptr": p, "gate_ptr": p, "y_ptr": p, "out_ptr": p, "L": "i32", "C": "i32"},
+                    {"BLOCK_C": block},
+                    {"num_warps": row_warps(block)},
+                )
+            )
+        out.append(
+            (
+                f"gelu_tanh {dt}",
+                gelu_tanh._gelu_tanh_fwd_kernel,
+                {"x_ptr": p, "out_ptr": p, "N": "i32"},
+                {"BLOCK": gelu_tanh.BLOCK},
+                {"num_warps": 4},
+            )
+        )
         for channels in (128, 256, 512):  # VAE decoder widths, 32 groups
             cg = channels // 32
             block_hw = max(16, 2048 // cg)
-            out.append((f"groupnorm_silu C={channels} {dt}", groupnorm_silu._groupnorm_silu_fwd_kernel,
-                        {"x_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": p, "stride_xb": "i64", "stride_c": "i64",
-                         "stride_hw": "i64", "C": "i32", "HW": "i32", "num_groups": "i32", "eps": "fp32"},
-                        {"CG": cg, "BLOCK_CG": cg, "BLOCK_HW": block_hw}, {"num_warps": 4}))
+            out.append(
+                (
+                    f"groupnorm_silu C={channels} {dt}",
+                    groupnorm_silu._groupnorm_silu_fwd_kernel,
+                    {
+                        "x_ptr": p,
+                        "w_ptr": p,
+                        "b_ptr": p,
+                        "out_ptr": p,
+                        "stride_xb": "i64",
+                        "stride_c": "i64",
+                        "stride_hw": "i64",
+                        "C": "i32",
+                        "HW": "i32",
+                        "num_groups": "i32",
+                        "eps": "fp32",
+                    },
+                    {"CG": cg, "BLOCK_CG": cg, "BLOCK_HW": block_hw},
+                    {"num_warps": 4},
+                )
+            )
         for head_dim, norm, rope in ((128, True, True), (64, True, False), (64, False, False)):
-            out.append((f"qk_norm_rope D={head_dim} norm={norm} rope={rope} {dt}",
-                        qk_norm_rope._qk_norm_rope_fwd_kernel,
-                        {"qkv_ptr": p, "q_scale_ptr": p, "k_scale_ptr": p, "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-                         "q_ptr": p, "k_ptr": p, "v_ptr": p, "stride_qkv_b": "i64", "stride_qkv_l": "i64",
-                         "L": "i32", "H": "i32", "eps": "fp32"},
-                        {"D": head_dim, "HAS_NORM": norm, "ROPE": rope},
-                        {"num_warps": 1 if head_dim <= 64 else 2}))
+            out.append(
+                (
+                    f"qk_norm_rope D={head_dim} norm={norm} rope={rope} {dt}",
+                    qk_norm_rope._qk_norm_rope_fwd_kernel,
+                    {
+                        "qkv_ptr": p,
+                        "q_scale_ptr": p,
+                        "k_scale_ptr": p,
+                        "cos_ptr": "*fp32",
+                        "sin_ptr": "*fp32",
+                        "q_ptr": p,
+                        "k_ptr": p,
+                        "v_ptr": p,
+                        "stride_qkv_b": "i64",
+                        "stride_qkv_l": "i64",
+                        "L": "i32",
+                        "H": "i32",
+                        "eps": "fp32",
+                    },
+                    {"D": head_dim, "HAS_NORM": norm, "ROPE": rope},
+                    {"num_warps": 1 if head_dim <= 64 else 2},
+                )
+            )
     return out
 
 
 def _ptxas(log: str) -> dict:
     found = {}
-    for key, pattern in (("regs", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
-                         ("spill_loads", r"(\d+) bytes spill loads")):
+    for key, pattern in (
+        ("regs", r"Used (\d+) registers"),
+        ("spill_stores", r"(\d+) bytes spill stores"),
+        ("spill_loads", r"(\d+) bytes spill loads"),
+    ):
         values = re.findall(pattern, log)
         if values:
             found[key] = max(int(v) for v in values)
@@ -82,8 +152,11 @@ def compile_config(kernel, signature, constexprs, options, arch: int) -> dict:
     log, t0 = io.StringIO(), time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, sig, dict(constexprs), attrs),
-                                      target=GPUTarget("cuda", arch, 32), options=dict(options))
+            compiled = triton.compile(
+                ASTSource(kernel, sig, dict(constexprs), attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(options),
+            )
     except Exception as e:  # a compile failure is a row of the report, not a crash
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"}
     res = _ptxas(log.getvalue())
@@ -115,8 +188,11 @@ def main(argv=None) -> int:
             failed += not r["ok"]
             if "smem" in r:
                 notes = ",".join(k for k in ("wgmma", "tma") if r.get(k)) + ("" if r["ok"] else " FAIL " + r["error"])
-                print(f"{label:48s} sm_{arch:<3} {r.get('regs', '?'):>5} {r['spills']:>7} "
-                      f"{r['smem']:>6}/{SMEM_LIMIT[arch]:<7} {notes}", flush=True)
+                print(
+                    f"{label:48s} sm_{arch:<3} {r.get('regs', '?'):>5} {r['spills']:>7} "
+                    f"{r['smem']:>6}/{SMEM_LIMIT[arch]:<7} {notes}",
+                    flush=True,
+                )
             else:
                 print(f"{label:48s} sm_{arch:<3} FAIL {r['error']}", flush=True)
     if args.json:

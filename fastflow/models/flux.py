@@ -142,10 +142,15 @@ class DoubleStreamBlock(nn.Module):
         attn = merge_heads(attn)  # [B, T + N, C]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-        img = ops.gated_residual(img, i_gate1, self.img_attn.proj(img_attn))
-        img = ops.gated_residual(img, i_gate2, self.img_mlp(ops.layernorm_modulate(img, i_shift2, i_scale2)))
-        txt = ops.gated_residual(txt, t_gate1, self.txt_attn.proj(txt_attn))
-        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(ops.layernorm_modulate(txt, t_shift2, t_scale2)))
+        # attention residual and the MLP's modulated LN in one op (the sub-block boundary)
+        img, img_h = ops.gated_residual_layernorm_modulate(
+            img, i_gate1, self.img_attn.proj(img_attn), i_shift2, i_scale2
+        )
+        img = ops.gated_residual(img, i_gate2, self.img_mlp(img_h))
+        txt, txt_h = ops.gated_residual_layernorm_modulate(
+            txt, t_gate1, self.txt_attn.proj(txt_attn), t_shift2, t_scale2
+        )
+        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(txt_h))
         return img, _clamp_fp16(txt)
 
 

@@ -94,10 +94,12 @@ class DismantledBlock(nn.Module):
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, attn2: torch.Tensor | None, mod) -> torch.Tensor:
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        x = ops.gated_residual(x, gate_msa, self.attn.proj(attn))
-        if attn2 is not None:
-            x = ops.gated_residual(x, mod[8], self.attn2.proj(attn2))
-        return ops.gated_residual(x, gate_mlp, self.mlp(ops.layernorm_modulate(x, shift_mlp, scale_mlp)))
+        if attn2 is None:
+            x, h = ops.gated_residual_layernorm_modulate(x, gate_msa, self.attn.proj(attn), shift_mlp, scale_mlp)
+        else:
+            x = ops.gated_residual(x, gate_msa, self.attn.proj(attn))
+            x, h = ops.gated_residual_layernorm_modulate(x, mod[8], self.attn2.proj(attn2), shift_mlp, scale_mlp)
+        return ops.gated_residual(x, gate_mlp, self.mlp(h))
 
 
 class JointBlock(nn.Module):

@@ -8,6 +8,7 @@ any device, passes opcheck and traces under torch.compile); GPU kernels register
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .attention import attention
 from .gated_residual import gated_residual
+from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .gelu_tanh import gelu_tanh
 from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
@@ -18,6 +19,7 @@ __all__ = [
     "BACKENDS",
     "attention",
     "gated_residual",
+    "gated_residual_layernorm_modulate",
     "gelu_tanh",
     "get_backend",
     "groupnorm_silu",

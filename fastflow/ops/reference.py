@@ -90,6 +90,23 @@ def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> 
     return (x.float() + gate.float()[:, None, :] * y.float()).to(x.dtype)
 
 
+def gated_residual_layernorm_modulate_ref(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block-boundary pair: r = x + gate * y, then h = (1 + scale) * LN(r) + shift.
+
+    Returns (r, h), both in x.dtype; h is computed from r as stored (rounded to x.dtype), exactly as
+    the two separate ops would.
+    """
+    r = gated_residual_ref(x, gate, y)
+    return r, layernorm_modulate_ref(r, shift, scale, eps)
+
+
 def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, computed in fp32."""
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)

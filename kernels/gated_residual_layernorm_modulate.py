@@ -1,0 +1,57 @@
+"""r = x + gate * y and h = (1 + scale) * LayerNorm(r) + shift in one pass over a token row.
+
+r is rounded to the storage dtype before the statistics, so h equals what the two separate kernels
+would give; one read of x and y, two writes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import row_block, row_warps
+
+
+@triton.jit
+def _gated_residual_layernorm_modulate_fwd_kernel(
+    x_ptr,  # [B, L, C], contiguous
+    gate_ptr,  # [B, C]
+    y_ptr,  # [B, L, C], contiguous
+    shift_ptr,  # [B, C]
+    scale_ptr,  # [B, C]
+    r_ptr,  # [B, L, C] out: the residual stream
+    h_ptr,  # [B, L, C] out: the modulated LayerNorm of r
+    L,
+    C,
+    eps,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    r = (x + gate * y).to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * C + cols, r, mask=mask)
+    r = r.to(tl.float32)
+    mean = tl.sum(r, axis=0) / C
+    diff = tl.where(mask, r - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
+    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row * C + cols, (diff * rstd * (1.0 + scale) + shift).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_residual_layernorm_modulate_fwd(x, gate, y, shift, scale, eps: float):
+    b, seq, c = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    r, h = torch.empty_like(x), torch.empty_like(x)
+    block = row_block(c)
+    _gated_residual_layernorm_modulate_fwd_kernel[(b * seq,)](
+        x, gate.contiguous(), y, shift.contiguous(), scale.contiguous(), r, h, seq, c, eps,
+        BLOCK_C=block, num_warps=row_warps(block),
+    )  # fmt: skip
+    return r, h
