@@ -28,6 +28,7 @@ def shipped_configs():
     at the real FLUX.1 / SD3.5 / VAE shapes."""
     from fastflow.kernels import (
         gated_residual,
+        gated_residual_layernorm_modulate,
         gelu_tanh,
         groupnorm_silu,
         layernorm_modulate,
@@ -50,6 +51,26 @@ def shipped_configs():
                         "out_ptr": p,
                         "stride_xb": "i64",
                         "stride_xl": "i64",
+                        "L": "i32",
+                        "C": "i32",
+                        "eps": "fp32",
+                    },
+                    {"BLOCK_C": block},
+                    {"num_warps": row_warps(block)},
+                )
+            )
+            out.append(
+                (
+                    f"gated_residual_layernorm_modulate C={width} {dt}",
+                    gated_residual_layernorm_modulate._gated_residual_layernorm_modulate_fwd_kernel,
+                    {
+                        "x_ptr": p,
+                        "gate_ptr": p,
+                        "y_ptr": p,
+                        "shift_ptr": p,
+                        "scale_ptr": p,
+                        "r_ptr": p,
+                        "h_ptr": p,
                         "L": "i32",
                         "C": "i32",
                         "eps": "fp32",
