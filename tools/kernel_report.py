@@ -21,12 +21,14 @@ import time
 
 SMEM_LIMIT = {80: 166912, 89: 101376, 90: 232448, 100: 232448}  # max dynamic shared memory per block
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+ARCHS_OF_MAJOR = {8: (80, 89), 9: (90, 100)}  # which configs of a per-major table each arch runs
 
 
 def shipped_configs():
-    """(label, kernel, signature, constexprs, options) for every configuration the launchers use
-    at the real FLUX.1 / SD3.5 / VAE shapes."""
+    """(label, kernel, signature, constexprs, options[, archs]) for every configuration the launchers
+    use at the real FLUX.1 / SD3.5 / VAE shapes; archs limits per-architecture configs."""
     from fastflow.kernels import (
+        attention,
         gated_residual,
         gated_residual_layernorm_modulate,
         gelu_tanh,
@@ -37,6 +39,30 @@ def shipped_configs():
     from fastflow.kernels._common import row_block, row_warps
 
     out = []
+    for (major, head_dim), (block_m, block_n, warps, stages) in attention.CONFIGS.items():
+        for dt in ("bf16", "fp16"):
+            p = DTYPES[dt]
+            strides = {f"stride_{t}{a}": "i64" for t in "qkv" for a in ("b", "h", "mn"[t != "q"])}
+            out.append(
+                (
+                    f"attention D={head_dim} {block_m}x{block_n} w{warps} s{stages} {dt}",
+                    attention._attention_fwd_kernel,
+                    {
+                        "q_ptr": p,
+                        "k_ptr": p,
+                        "v_ptr": p,
+                        "o_ptr": p,
+                        **strides,
+                        "H": "i32",
+                        "M": "i32",
+                        "N": "i32",
+                        "qk_scale": "fp32",
+                    },
+                    {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "IEEE": False},
+                    {"num_warps": warps, "num_stages": stages},
+                    ARCHS_OF_MAJOR[major],
+                )
+            )
     for dt, p in DTYPES.items():
         for width in (3072, 2432, 1536):  # FLUX, SD3.5-large, SD3.5-medium hidden sizes
             block = row_block(width)
@@ -202,8 +228,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows, failed = [], 0
     print(f"{'kernel configuration':48s} {'arch':>6} {'regs':>5} {'spills':>7} {'smem':>14} {'notes'}")
-    for label, kernel, sig, constexprs, options in shipped_configs():
-        for arch in args.archs:
+    for label, kernel, sig, constexprs, options, *only in shipped_configs():
+        for arch in (a for a in args.archs if not only or a in only[0]):
             r = compile_config(kernel, sig, constexprs, options, arch)
             rows.append({"config": label, "arch": arch, **r})
             failed += not r["ok"]

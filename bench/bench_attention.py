@@ -1,0 +1,34 @@
+"""attention (flash forward) at FLUX.1 1024x1024 (L 4608, H 24, D 128) and SD3.5-large (L 4429,
+H 38, D 64). Eager SDPA on a GPU is already a fused flash kernel, so the unfused baseline here is
+the math path that materialises the L x L scores (what SDPA falls back to when no fused kernel
+applies). Target on an H100: >= 550 TFLOP/s bf16 at D 128, L 4608. See bench/_ops_common.py."""
+
+import argparse
+
+import torch
+from _ops_common import Case, run, write_json
+
+from fastflow.ops import attention
+from fastflow.ops.reference import attention_ref
+
+SHAPES = {"flux 4608 tok H24 D128": (4608, 24, 128), "sd3.5-large 4429 tok H38 D64": (4429, 38, 64)}
+
+
+def case(name, seq, heads, dim, e=2):
+    qkvo = 4 * seq * heads * dim * e
+    scores = seq * seq * heads * e  # one L x L matrix per head, written and read by each step
+    return Case(
+        name,
+        lambda dev, dt: tuple(torch.randn(1, heads, seq, dim, device=dev, dtype=dt) for _ in range(3)),
+        fused_bytes=qkvo,
+        unfused_bytes=qkvo + 2 * 3 * scores,
+        unfused_kernels=3,
+        flops=4 * seq * seq * heads * dim,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    rows = run("attention", attention, attention_ref, [case(k, *v) for k, v in SHAPES.items()])
+    write_json(rows, parser.parse_args().json)
