@@ -1,4 +1,5 @@
-"""GELU (tanh approximation), elementwise, fp32 math. tanh(u) = 2 sigmoid(2u) - 1 avoids libdevice."""
+"""GELU (tanh approximation), elementwise, fp32 math, optionally after a bias add (the MLP's bias-free
+up-projection). tanh(u) = 2 sigmoid(2u) - 1 avoids libdevice."""
 
 from __future__ import annotations
 
@@ -12,22 +13,39 @@ BLOCK = 1024
 @triton.jit
 def _gelu_tanh_fwd_kernel(
     x_ptr,  # [N], contiguous
+    bias_ptr,  # [WIDTH] (read only when HAS_BIAS)
     out_ptr,  # [N], contiguous
     N,
+    WIDTH,  # bias length: x is [N / WIDTH, WIDTH]
     BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + offs % WIDTH, mask=mask, other=0.0).to(tl.float32)
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) (x + 0.044715 x^3)
     y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 0.5 x (1 + tanh u)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gelu_tanh_fwd(x: torch.Tensor) -> torch.Tensor:
+def _launch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        _gelu_tanh_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, out, n, BLOCK=BLOCK, num_warps=4)
+        width = x.shape[-1]
+        _gelu_tanh_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+            x, x if bias is None else bias.contiguous(), out, n, width, BLOCK=BLOCK, HAS_BIAS=bias is not None,
+            num_warps=4,
+        )  # fmt: skip
     return out
+
+
+def gelu_tanh_fwd(x: torch.Tensor) -> torch.Tensor:
+    return _launch(x, None)
+
+
+def bias_gelu_tanh_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _launch(x, bias)

@@ -14,7 +14,7 @@ def _readme_commands():
 def test_ci_runs_the_readme_test_command():
     commands = _readme_commands()
     main_job, tests = commands[0], commands[1]
-    assert main_job.endswith("fastflow smoke")
+    assert main_job.endswith('fastflow generate "a handwritten seven" -o seven.png')
     ci = (ROOT / ".ci" / "run").read_text()
     for step in tests.split(" && "):
         assert step in ci, f"README test step {step!r} is not in .ci/run"

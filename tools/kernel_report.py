@@ -118,8 +118,17 @@ def shipped_configs():
             (
                 f"gelu_tanh {dt}",
                 gelu_tanh._gelu_tanh_fwd_kernel,
-                {"x_ptr": p, "out_ptr": p, "N": "i32"},
-                {"BLOCK": gelu_tanh.BLOCK},
+                {"x_ptr": p, "bias_ptr": p, "out_ptr": p, "N": "i32", "WIDTH": "i32"},
+                {"BLOCK": gelu_tanh.BLOCK, "HAS_BIAS": False},
+                {"num_warps": 4},
+            )
+        )
+        out.append(
+            (
+                f"bias_gelu_tanh {dt}",
+                gelu_tanh._gelu_tanh_fwd_kernel,
+                {"x_ptr": p, "bias_ptr": p, "out_ptr": p, "N": "i32", "WIDTH": "i32"},
+                {"BLOCK": gelu_tanh.BLOCK, "HAS_BIAS": True},
                 {"num_warps": 4},
             )
         )

@@ -12,8 +12,29 @@ from dataclasses import dataclass
 from ..errors import UnknownModelError
 
 
+class _Config:
+    """What every config shares: ``replace`` and, for transformers, head / MLP widths."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+class _TransformerConfig(_Config):
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def check_heads(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not divisible by num_heads")
+
+
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(_TransformerConfig):
     name: str
     in_channels: int = 64
     out_channels: int = 64
@@ -35,14 +56,6 @@ class FluxConfig:
 
     family = "flux"
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
     def arch(self) -> tuple:
         """The fields that the weights determine: configs with equal arch() share checkpoints."""
         return (
@@ -59,17 +72,13 @@ class FluxConfig:
         )
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not divisible by num_heads")
+        self.check_heads()
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"{self.name}: sum(axes_dim)={sum(self.axes_dim)} != head_dim {self.head_dim}")
 
-    def replace(self, **changes) -> FluxConfig:
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(_TransformerConfig):
     """SD3 / SD3.5 MMDiT(-X). SAI's rule hidden = 64 * depth, heads = depth holds for every
     official model; the fields are kept independent for tiny test models."""
 
@@ -93,14 +102,6 @@ class MMDiTConfig:
 
     family = "sd3"
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
     def arch(self) -> tuple:
         return (
             self.depth,
@@ -118,17 +119,13 @@ class MMDiTConfig:
         )
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} not divisible by num_heads")
+        self.check_heads()
         if any(not 0 <= i < self.depth for i in self.dual_attention_layers):
             raise ValueError(f"{self.name}: dual_attention_layers must be block indices < depth")
 
-    def replace(self, **changes) -> MMDiTConfig:
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(_Config):
     """AutoencoderKL (FLUX ae / SD3 VAE share the architecture; scale and shift differ)."""
 
     name: str
@@ -145,9 +142,6 @@ class VAEConfig:
 
     def arch(self) -> tuple:
         return (self.ch, tuple(self.ch_mult), self.num_res_blocks, self.z_channels, self.in_channels, self.out_channels)
-
-    def replace(self, **changes) -> VAEConfig:
-        return dataclasses.replace(self, **changes)
 
 
 _REGISTRY: dict[str, object] = {}

@@ -14,7 +14,7 @@ from torch import nn
 from .. import ops
 from ..errors import InputError
 from .configs import FluxConfig
-from .layers import GELUTanh, merge_heads, timestep_embedding
+from .layers import GELUTanh, bias_gelu_linear, merge_heads, timestep_embedding
 
 _FP16_MAX = 65504.0
 
@@ -105,9 +105,16 @@ def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-_FP16_MAX, _FP16_MAX) if x.dtype == torch.float16 else x
 
 
-def _mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
-    # Indices 0 and 2 match the official names img_mlp.0 / img_mlp.2.
-    return nn.Sequential(nn.Linear(hidden, mlp_hidden), GELUTanh(), nn.Linear(mlp_hidden, hidden))
+class MLP(nn.Sequential):
+    """Linear -> GELU(tanh) -> Linear; indices 0 and 2 match the official img_mlp.0 / img_mlp.2.
+    The first bias is added inside the GELU op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[2](bias_gelu_linear(self[0], x))
+
+
+def _mlp(hidden: int, mlp_hidden: int) -> MLP:
+    return MLP(nn.Linear(hidden, mlp_hidden), GELUTanh(), nn.Linear(mlp_hidden, hidden))
 
 
 class DoubleStreamBlock(nn.Module):

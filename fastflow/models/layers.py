@@ -22,6 +22,15 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
+def bias_gelu_linear(up: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(up(x)). Where a kernel runs (CUDA tensors, or the "triton" backend) the bias is
+    added inside the activation kernel, one pass fewer; elsewhere (CPU, training) the plain
+    Linear + GELU, so CPU numerics and the embedded model's training stay those of the reference."""
+    if x.is_cuda or ops.get_backend() == "triton":
+        return ops.bias_gelu_tanh(torch.nn.functional.linear(x, up.weight), up.bias)
+    return ops.gelu_tanh(up(x))
+
+
 class GELUTanh(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.gelu_tanh(x)

@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from ..errors import InputError
 from .configs import MMDiTConfig
-from .layers import GELUTanh, merge_heads, timestep_embedding
+from .layers import GELUTanh, bias_gelu_linear, merge_heads, timestep_embedding
 
 
 class PatchEmbed(nn.Module):
@@ -67,7 +67,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(bias_gelu_linear(self.fc1, x))  # fc1's bias is added inside the GELU op
 
 
 class DismantledBlock(nn.Module):

@@ -193,18 +193,16 @@ def word_level_tokenizer(words, style: str, pad_zero: bool = False, max_length: 
         tok.post_processor = processors.TemplateProcessing(
             single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
         )
-        return PreTrainedTokenizerFast(
+        out = PreTrainedTokenizerFast(
             tokenizer_object=tok,
             bos_token="<|startoftext|>",
             eos_token="<|endoftext|>",
             unk_token="<unk>",
             pad_token="!" if pad_zero else "<|endoftext|>",
         )
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        **({"model_max_length": max_length} if max_length else {}),
-    )
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    if max_length:
+        out.model_max_length = max_length  # saved in tokenizer_config.json
+    return out

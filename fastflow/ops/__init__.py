@@ -7,6 +7,7 @@ any device, passes opcheck and traces under torch.compile); GPU kernels register
 
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .attention import attention
+from .bias_gelu_tanh import bias_gelu_tanh
 from .gated_residual import gated_residual
 from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .gelu_tanh import gelu_tanh
@@ -18,6 +19,7 @@ from .qk_norm_rope import qk_norm_rope
 __all__ = [
     "BACKENDS",
     "attention",
+    "bias_gelu_tanh",
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "gelu_tanh",

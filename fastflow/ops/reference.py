@@ -112,6 +112,11 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)
 
 
+def bias_gelu_tanh_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(x + bias) in fp32, for a GEMM output x [..., N] computed without its bias [N]."""
+    return F.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v on [B, H, L, D]; scale defaults to 1/sqrt(D). No mask, no dropout."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)

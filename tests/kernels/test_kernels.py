@@ -187,3 +187,12 @@ def test_attention_strided_inputs():
 
     q, k, v = (rand(1, 40, 2, 64, dtype=torch.bfloat16, seed=s).transpose(1, 2) for s in range(3))
     check(attention_fwd(q, k, v, 0.1), ref.attention_ref, (q, k, v, 0.1), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 12288), (5, 769)], ids=lambda s: "x".join(map(str, s)))
+def test_bias_gelu_tanh(shape, dtype):
+    from fastflow.kernels.gelu_tanh import bias_gelu_tanh_fwd
+
+    x, bias = rand(*shape, dtype=dtype, scale=3.0), rand(shape[-1], dtype=dtype, seed=1)
+    check(bias_gelu_tanh_fwd(x, bias), ref.bias_gelu_tanh_ref, (x, bias), dtype)

@@ -23,3 +23,11 @@ def test_keeps_dtype_and_shape():
 def test_op_contract():
     x = torch.randn(2, 7, 40)
     assert_op_contract(ops.gelu_tanh, torch.ops.fastflow.gelu_tanh.default, (x,))
+
+
+def test_bias_gelu_matches_formula_and_contract():
+    from fastflow.ops.reference import bias_gelu_tanh_ref
+
+    x, bias = torch.randn(2, 5, 48), torch.randn(48)
+    torch.testing.assert_close(bias_gelu_tanh_ref(x, bias), gelu_tanh_ref(x + bias))
+    assert_op_contract(ops.bias_gelu_tanh, torch.ops.fastflow.bias_gelu_tanh.default, (x, bias))

@@ -18,19 +18,10 @@ from PIL import Image
 
 from fastflow.models.flux import pack_latents, unpack_latents
 
+from ..conftest import diffusers_flux_scheduler
+
 H, W = 24, 40  # the tiny VAE downsamples 2x: a 12x20 latent, 6x10 tokens
 SD3_W = 32  # the tiny MMDiT's stored pos_embed is 8x8 patches: at most 32 px per side
-
-
-def _flux_scheduler():
-    return FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        shift=3.0,
-    )
 
 
 def _modules(folder, transformer_cls):
@@ -54,7 +45,7 @@ def test_flux(pipeline_folders, load, variant, guidance):
     txt, y = pipe.text_encoder(["a handwritten seven", "the digit 3"])
     noise = torch.randn(2, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
     ref = DiffusersFlux(
-        scheduler=_flux_scheduler() if guidance else FlowMatchEulerDiscreteScheduler(shift=1.0),
+        scheduler=diffusers_flux_scheduler(dynamic=bool(guidance)),
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,
@@ -84,7 +75,7 @@ def test_flux_kontext(pipeline_folders, load):
     image = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # 48 wide, 32 high
     noise = torch.randn(1, 16, 16, 24, generator=torch.Generator().manual_seed(1))
     ref = FluxKontextPipeline(
-        scheduler=_flux_scheduler(),
+        scheduler=diffusers_flux_scheduler(),
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,
@@ -180,7 +171,7 @@ def test_flux_true_cfg(pipeline_folders, load):
     neg_txt, neg_y = pipe.text_encoder([""])
     noise = torch.randn(1, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(4))
     ref = DiffusersFlux(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        scheduler=diffusers_flux_scheduler(dynamic=False),
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,

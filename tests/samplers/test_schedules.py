@@ -9,19 +9,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from fastflow.errors import InputError
 from fastflow.samplers import flux_mu, flux_schedule, sd3_schedule
 
+from ..conftest import diffusers_flux_scheduler
+
 
 def _diffusers_flux(steps, seq_len, dynamic=True):
-    if dynamic:
-        sched = FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            shift=3.0,
-        )
-    else:
-        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
+    sched = diffusers_flux_scheduler(dynamic)
     mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     return sched.sigmas.float()
