@@ -127,3 +127,12 @@ def write_json(rows: list[dict], path: str | None) -> None:
         with open(path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+
+
+def main(op_name: str, fastflow_fn, reference_fn, cases: list[Case]) -> None:
+    """The command line of every bench_<op>.py: run the cases, optionally append JSON rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"{op_name} benchmark (GPU timing, or a projection without one)")
+    parser.add_argument("--json", default=None, help="append result rows to this JSON-lines file")
+    write_json(run(op_name, fastflow_fn, reference_fn, cases), parser.parse_args().json)

@@ -3,10 +3,8 @@ H 38, D 64). Eager SDPA on a GPU is already a fused flash kernel, so the unfused
 the math path that materialises the L x L scores (what SDPA falls back to when no fused kernel
 applies). Target on an H100: >= 550 TFLOP/s bf16 at D 128, L 4608. See bench/_ops_common.py."""
 
-import argparse
-
 import torch
-from _ops_common import Case, run, write_json
+from _ops_common import Case, main
 
 from fastflow.ops import attention
 from fastflow.ops.reference import attention_ref
@@ -28,7 +26,4 @@ def case(name, seq, heads, dim, e=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    rows = run("attention", attention, attention_ref, [case(k, *v) for k, v in SHAPES.items()])
-    write_json(rows, parser.parse_args().json)
+    main("attention", attention, attention_ref, [case(k, *v) for k, v in SHAPES.items()])

@@ -1,9 +1,7 @@
 """gated_residual (x + gate * y) at FLUX.1 / SD3.5 block-boundary shapes. See bench/_ops_common.py."""
 
-import argparse
-
 import torch
-from _ops_common import Case, run, write_json
+from _ops_common import Case, main
 
 from fastflow.ops import gated_residual
 from fastflow.ops.reference import gated_residual_ref
@@ -29,7 +27,4 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    rows = run("gated_residual", gated_residual, gated_residual_ref, [case(k, *v) for k, v in SHAPES.items()])
-    write_json(rows, parser.parse_args().json)
+    main("gated_residual", gated_residual, gated_residual_ref, [case(k, *v) for k, v in SHAPES.items()])

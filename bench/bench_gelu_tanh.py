@@ -2,10 +2,8 @@
 F.gelu is already one kernel: the standalone kernel saves nothing; the saving comes when GELU moves
 into the up-projection's epilogue (DESIGN.md 3b, item 3). See bench/_ops_common.py."""
 
-import argparse
-
 import torch
-from _ops_common import Case, run, write_json
+from _ops_common import Case, main
 
 from fastflow.ops import gelu_tanh
 from fastflow.ops.reference import gelu_tanh_ref
@@ -26,7 +24,4 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    rows = run("gelu_tanh", gelu_tanh, gelu_tanh_ref, [case(k, *v) for k, v in SHAPES.items()])
-    write_json(rows, parser.parse_args().json)
+    main("gelu_tanh", gelu_tanh, gelu_tanh_ref, [case(k, *v) for k, v in SHAPES.items()])

@@ -2,10 +2,8 @@
 group three times (mean, centred variance, output) and writes once; eager GroupNorm reads twice and
 writes once, then SiLU reads and writes again. See bench/_ops_common.py."""
 
-import argparse
-
 import torch
-from _ops_common import Case, run, write_json
+from _ops_common import Case, main
 
 from fastflow.ops import groupnorm_silu
 from fastflow.ops.reference import groupnorm_silu_ref
@@ -37,7 +35,4 @@ def case(name, channels, side, e=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    rows = run("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, [case(k, *v) for k, v in SHAPES.items()])
-    write_json(rows, parser.parse_args().json)
+    main("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, [case(k, *v) for k, v in SHAPES.items()])

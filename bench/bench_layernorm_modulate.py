@@ -1,10 +1,8 @@
 """layernorm_modulate at the real shapes: FLUX.1 1024x1024 (4096 image + 512 text tokens, D 3072),
 SD3.5-large (4429 tokens incl. 333 text, D 2432), SD3.5-medium (D 1536). See bench/_ops_common.py."""
 
-import argparse
-
 import torch
-from _ops_common import Case, run, write_json
+from _ops_common import Case, main
 
 from fastflow.ops import layernorm_modulate
 from fastflow.ops.reference import layernorm_modulate_ref
@@ -35,9 +33,4 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    rows = run(
-        "layernorm_modulate", layernorm_modulate, layernorm_modulate_ref, [case(k, *v) for k, v in SHAPES.items()]
-    )
-    write_json(rows, parser.parse_args().json)
+    main("layernorm_modulate", layernorm_modulate, layernorm_modulate_ref, [case(k, *v) for k, v in SHAPES.items()])

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _ops_common import git_sha
 
 from fastflow.models.configs import FluxConfig
 
@@ -110,19 +111,6 @@ def child(path: str, dtype_name: str, cfg_json: str) -> None:
     )
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=2.2, help="checkpoint size in GB (1e9 bytes), bf16")
@@ -156,7 +144,7 @@ def main() -> int:
             )
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row.update(
-                git=_git_sha(),
+                git=git_sha(),
                 torch=torch.__version__,
                 python=platform.python_version(),
                 cpu_count=os.cpu_count(),

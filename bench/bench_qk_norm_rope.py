@@ -4,10 +4,8 @@ pow, mean, rsqrt-mul, downcast, weight mul (RMSNorm), then upcast, rotate (unbin
 cos, mul sin, add, downcast (RoPE), plus the [B, L, H, D] -> [B, H, L, D] transposes and the
 txt/img cat of q, k and v (DESIGN.md 3b). See bench/_ops_common.py."""
 
-import argparse
-
 import torch
-from _ops_common import Case, run, write_json
+from _ops_common import Case, main
 
 from fastflow.ops import qk_norm_rope
 from fastflow.ops.reference import qk_norm_rope_ref
@@ -46,7 +44,4 @@ def case(name, tokens, e=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    rows = run("qk_norm_rope", qk_norm_rope, qk_norm_rope_ref, [case(k, v) for k, v in SHAPES.items()])
-    write_json(rows, parser.parse_args().json)
+    main("qk_norm_rope", qk_norm_rope, qk_norm_rope_ref, [case(k, v) for k, v in SHAPES.items()])
