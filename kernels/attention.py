@@ -1,9 +1,10 @@
 """Flash-attention forward (no mask, no dropout): softmax(q k^T * scale) v, online softmax in fp32.
 
 One program per (BLOCK_M query rows, batch x head); K/V streamed in BLOCK_N tiles; exp2 with the
-log2(e) factor folded into the scale. Head dim 64 or 128, any sequence lengths (masked tails).
-fp32 inputs use IEEE dots (the GPU default would be tf32). Loads use plain pointer tensors, which
-compile on Triton 3.8 and 3.9 alike; configs are chosen per architecture (tools/kernel_report.py).
+log2(e) factor folded into the scale. Head dim 64 or 128, any sequence lengths: tiles are read
+and written through 4-D tensor descriptors whose bounds are per (batch, head), so ragged tails
+read zeros and are not written (TMA on sm_90). fp32 inputs use IEEE dots (the GPU default would
+be tf32). Configs are chosen per architecture (tools/kernel_report.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ DEFAULT = (64, 32, 4, 1)  # interpreter / unknown devices
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr,  # [B, H, M, D], last dim contiguous
-    k_ptr,  # [B, H, N, D], last dim contiguous
-    v_ptr,  # [B, H, N, D], last dim contiguous
+    q_ptr,  # [B, H, M, D], last dim contiguous, other strides 16-byte aligned
+    k_ptr,  # [B, H, N, D]
+    v_ptr,  # [B, H, N, D]
     o_ptr,  # [B, H, M, D], contiguous
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    B,
     H,
     M,
     N,
@@ -43,45 +45,59 @@ def _attention_fwd_kernel(
     IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=offs_m[:, None] < M,
-        other=0.0,
+    # 4-D tensor descriptors: bounds are per (batch, head), so tails read zeros (TMA on sm_90)
+    q_desc = tl.make_tensor_descriptor(
+        q_ptr,
+        shape=[B, H, M, HEAD_DIM],
+        strides=[stride_qb, stride_qh, stride_qm, 1],
+        block_shape=[1, 1, BLOCK_M, HEAD_DIM],
     )
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_desc = tl.make_tensor_descriptor(
+        k_ptr,
+        shape=[B, H, N, HEAD_DIM],
+        strides=[stride_kb, stride_kh, stride_kn, 1],
+        block_shape=[1, 1, BLOCK_N, HEAD_DIM],
+    )
+    v_desc = tl.make_tensor_descriptor(
+        v_ptr,
+        shape=[B, H, N, HEAD_DIM],
+        strides=[stride_vb, stride_vh, stride_vn, 1],
+        block_shape=[1, 1, BLOCK_N, HEAD_DIM],
+    )
+    o_desc = tl.make_tensor_descriptor(
+        o_ptr,
+        shape=[B, H, M, HEAD_DIM],
+        strides=[H * M * HEAD_DIM, M * HEAD_DIM, HEAD_DIM, 1],
+        block_shape=[1, 1, BLOCK_M, HEAD_DIM],
+    )
+    start_m = pid_m * BLOCK_M
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < N, other=0.0)
+        k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
+            s = tl.dot(q, k.T, input_precision="ieee")
         else:
-            s = tl.dot(q, k)
-        s = tl.where(cols[None, :] < N, s * qk_scale, float("-inf"))
+            s = tl.dot(q, k.T)
+        s = tl.where((start + offs_n)[None, :] < N, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < N, other=0.0)
+        v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    o_rows = bh * M + offs_m
-    tl.store(
-        o_ptr + o_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < M
-    )
+    o_desc.store([b, h, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 def config_for(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
@@ -96,6 +112,17 @@ def supported(q: torch.Tensor) -> bool:
     return q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16)
 
 
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory for the TMA descriptors."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     b, h, m, d = q.shape
     n = k.shape[2]
@@ -104,9 +131,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     block_m, block_n, warps, stages = config_for(q.device, d)
     sm_scale = scale if scale is not None else d**-0.5
     grid = (triton.cdiv(m, block_m), b * h)
+    _ensure_allocator()
     _attention_fwd_kernel[grid](
         q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), h, m, n, sm_scale * 1.4426950408889634,
+        v.stride(0), v.stride(1), v.stride(2), b, h, m, n, sm_scale * 1.4426950408889634,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

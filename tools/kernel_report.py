@@ -53,6 +53,7 @@ def shipped_configs():
                         "v_ptr": p,
                         "o_ptr": p,
                         **strides,
+                        "B": "i32",
                         "H": "i32",
                         "M": "i32",
                         "N": "i32",
