@@ -15,9 +15,9 @@ import torch
 
 from . import __version__
 from .errors import FastflowError, InputError
+from .loading.components import DEFAULT_MODEL
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "fastflow-tiny-digits"
 
 
 def free_path(path: Path) -> Path:
@@ -152,15 +152,14 @@ def _cmd_doctor(args) -> int:
             print(f"cuda:{i} {torch.cuda.get_device_name(i)} sm_{cap[0]}{cap[1]}")
     else:
         print("CUDA: no GPU visible; every op runs its plain-torch reference")
-    print(f"op backend: {ops.get_backend()}")
-    for name in sorted(n for n in ops.__all__ if callable(getattr(ops, n)) and n not in NON_OPS):
-        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastflow::{name}", "CUDA")
-        where = "GPU kernel" if has_cuda and torch.cuda.is_available() else "reference (torch)"
-        print(f"  {name:<20} {where}")
+    gpu = torch.cuda.is_available()
+    print(f"op backend: {ops.get_backend()} (kernel backends: {', '.join(ops.KERNEL_BACKENDS)})")
+    for name, opdef in sorted(ops.OPS.items()):
+        backend = opdef.device_backend("cuda")
+        where = f"{backend} kernel" if backend and gpu else "reference (torch)"
+        have = ", ".join(opdef.impls) or "none"
+        print(f"  {name:<34} {where:<20} kernels: {have}")
     return 0
-
-
-NON_OPS = {"get_backend", "set_backend", "use_backend"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,15 +1,95 @@
-"""Launch heuristics shared by the row kernels (next power of two, a warps table)."""
+"""What the kernel modules share: the planned launch, shipped-shape helpers, row-kernel heuristics.
+
+Every module plans its launch as a :class:`Launch` (kernel, grid, arguments, meta-parameters, the
+tensors it reads and writes) and runs it; its ``shipped(arch)`` returns the launches planned for
+the real FLUX.1 / SD3.5 / VAE shapes on meta tensors. ``tools/kernel_report.py`` compiles exactly
+those (with Triton's own run-time argument specialization) and the benches count their bytes, so
+no signature, constant or shape is copied by hand.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch
 import triton
+
+from fastflow.errors import InputError
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_ROW = 65536  # widest row a single-program row kernel holds (FLUX/SD3 rows are at most 21504)
+
+
+@dataclass
+class Launch:
+    """One planned kernel launch; calling it runs the kernel (if the grid is not empty) and returns
+    the outputs."""
+
+    kernel: object  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict  # constexpr meta-parameters and launch options (num_warps, num_stages)
+    outputs: object
+    reads: tuple = field(default_factory=tuple)  # tensors read, once per pass the kernel makes over them
+    writes: tuple = field(default_factory=tuple)
+
+    def __call__(self):
+        if all(self.grid):
+            self.kernel[self.grid](*self.args, **self.meta)
+        return self.outputs
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes the kernel moves: every read (a tensor read in k passes is listed k times) and write."""
+        return sum(t.numel() * t.element_size() for t in (*self.reads, *self.writes))
+
+
+def specialize(launch: Launch, arch: int):
+    """(signature, constexprs, attrs, options) exactly as the Triton runtime derives them from the
+    launch's arguments on ``arch`` (e.g. 90), through Triton's own binder: no driver or GPU needed.
+    Integers become i32 / i64, ``== 1`` a constant and multiples of 16 get the divisibility
+    attribute, as at run time; pointers of meta tensors count as 16-byte aligned."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def meta(*shape: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """A tensor without storage, for planning launches at full-size shapes."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 def row_block(n: int) -> int:
-    """Block covering a whole row of n elements (rows up to 32768 here: FLUX/SD3 widths and MLPs)."""
+    """Block covering a whole row of n elements."""
+    if n > MAX_ROW:
+        raise InputError(
+            f"rows of {n} elements are wider than the row kernels' limit of {MAX_ROW}; "
+            'use fastflow.ops.set_backend("reference") for this model'
+        )
     return max(16, triton.next_power_of_2(n))
 
 
 def row_warps(block: int) -> int:
     """Warps for a row block: about 8 elements per thread for wide rows, at least one warp."""
     return max(1, min(16, block // 256))
+
+
+# Token rows x widths of the row ops at 1024x1024: FLUX.1 (4096 image + 512 text tokens, 3072),
+# SD3.5-large (4096 + 333 tokens, 2432), SD3.5-medium (1536).
+ROW_SHAPES = {
+    "flux img": (4096, 3072),
+    "flux txt": (512, 3072),
+    "sd3.5-large": (4429, 2432),
+    "sd3.5-medium": (4429, 1536),
+}

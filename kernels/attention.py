@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import Launch, meta, short
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (compute-capability major, head_dim), checked by
 # tools/kernel_report.py for spills and shared memory on sm_80 / sm_89 / sm_90.
 # 128x64 tiles at head dim 128 use 255 registers and spill on sm_89 / sm_90, hence 128x32 there.
@@ -100,11 +102,13 @@ def _attention_fwd_kernel(
     o_desc.store([b, h, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
-def config_for(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
-    if device.type != "cuda":
-        return DEFAULT
-    major = torch.cuda.get_device_capability(device)[0]
-    return CONFIGS.get((min(major, 9), head_dim), DEFAULT)
+def config_for(device: torch.device, head_dim: int, arch: int | None = None) -> tuple[int, int, int, int]:
+    """The tile config for ``arch`` (e.g. 90), or the device's; DEFAULT off CUDA."""
+    if arch is None:
+        if device.type != "cuda":
+            return DEFAULT
+        arch = torch.cuda.get_device_capability(device)[0] * 10
+    return CONFIGS.get((min(arch // 10, 9), head_dim), DEFAULT)
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -123,19 +127,51 @@ def _ensure_allocator() -> None:
         _ALLOCATOR_SET = True
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """The op's Triton implementation: the kernel for its shipped head dims / dtypes, torch SDPA
+    (flash / mem-efficient) otherwise (e.g. the VAE's head dim 512)."""
+    if supported(q):
+        return attention_fwd(q, k, v, scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, arch: int | None = None) -> Launch:
     b, h, m, d = q.shape
     n = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
-    block_m, block_n, warps, stages = config_for(q.device, d)
+    block_m, block_n, warps, stages = config_for(q.device, d, arch)
     sm_scale = scale if scale is not None else d**-0.5
-    grid = (triton.cdiv(m, block_m), b * h)
-    _ensure_allocator()
-    _attention_fwd_kernel[grid](
-        q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), b, h, m, n, sm_scale * 1.4426950408889634,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+    return Launch(
+        _attention_fwd_kernel,
+        (triton.cdiv(m, block_m), b * h),
+        (q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+         v.stride(0), v.stride(1), v.stride(2), b, h, m, n, sm_scale * 1.4426950408889634),
+        {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "IEEE": q.dtype == torch.float32,
+         "num_warps": warps, "num_stages": stages},
+        out,
+        reads=(q, k, v),
+        writes=(out,),
     )  # fmt: skip
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    launch = plan(q, k, v, scale)
+    _ensure_allocator()
+    return launch()
+
+
+# (heads, head dim, tokens) at 1024x1024: FLUX.1 joint attention, SD3.5-large, SD3.5-medium attn2
+ATTENTION_SHAPES = {"flux": (24, 128, 4608), "sd3.5-large": (38, 64, 4429), "sd3.5-medium attn2": (24, 64, 4096)}
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    out = []
+    for name, (heads, d, tokens) in ATTENTION_SHAPES.items():
+        for dt in (torch.bfloat16, torch.float16):
+            # q, k, v as qk_norm_rope / qk_norm write them and torch.cat joins them: contiguous [B, H, L, D]
+            q = meta(1, heads, tokens, d, dtype=dt)
+            launch = plan(q, q, q, None, arch)
+            bm, bn, w, s = (launch.meta[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            out.append((f"attention {name} D={d} {bm}x{bn} w{w} s{s} {short(dt)}", launch))
     return out

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_block, row_warps
+from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
 
 
 @triton.jit
@@ -29,12 +29,32 @@ def _gated_residual_fwd_kernel(
     tl.store(out_ptr + row * C + cols, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def plan(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Launch:
     b, seq, c = x.shape
-    x, y = x.contiguous(), y.contiguous()
+    x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
     out = torch.empty_like(x)
     block = row_block(c)
-    _gated_residual_fwd_kernel[(b * seq,)](
-        x, gate.contiguous(), y, out, seq, c, BLOCK_C=block, num_warps=row_warps(block)
+    return Launch(
+        _gated_residual_fwd_kernel,
+        (b * seq,),
+        (x, gate, y, out, seq, c),
+        {"BLOCK_C": block, "num_warps": row_warps(block)},
+        out,
+        reads=(x, gate, y),
+        writes=(out,),
     )
-    return out
+
+
+def gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return plan(x, gate, y)()
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    return [
+        (
+            f"gated_residual {name} {short(dt)}",
+            plan(meta(1, rows, c, dtype=dt), meta(1, c, dtype=dt), meta(1, rows, c, dtype=dt)),
+        )
+        for name, (rows, c) in ROW_SHAPES.items()
+        for dt in DTYPES
+    ]

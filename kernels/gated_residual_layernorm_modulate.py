@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_block, row_warps
+from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
 
 
 @triton.jit
@@ -45,13 +45,31 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     tl.store(h_ptr + row * C + cols, (diff * rstd * (1.0 + scale) + shift).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def gated_residual_layernorm_modulate_fwd(x, gate, y, shift, scale, eps: float):
+def plan(x, gate, y, shift, scale, eps: float) -> Launch:
     b, seq, c = x.shape
     x, y = x.contiguous(), y.contiguous()
+    gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
     r, h = torch.empty_like(x), torch.empty_like(x)
     block = row_block(c)
-    _gated_residual_layernorm_modulate_fwd_kernel[(b * seq,)](
-        x, gate.contiguous(), y, shift.contiguous(), scale.contiguous(), r, h, seq, c, eps,
-        BLOCK_C=block, num_warps=row_warps(block),
-    )  # fmt: skip
-    return r, h
+    return Launch(
+        _gated_residual_layernorm_modulate_fwd_kernel,
+        (b * seq,),
+        (x, gate, y, shift, scale, r, h, seq, c, eps),
+        {"BLOCK_C": block, "num_warps": row_warps(block)},
+        (r, h),
+        reads=(x, gate, y, shift, scale),
+        writes=(r, h),
+    )
+
+
+def gated_residual_layernorm_modulate_fwd(x, gate, y, shift, scale, eps: float):
+    return plan(x, gate, y, shift, scale, eps)()
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    out = []
+    for name, (rows, c) in ROW_SHAPES.items():
+        for dt in DTYPES:
+            x, vec = meta(1, rows, c, dtype=dt), meta(1, c, dtype=dt)
+            out.append((f"gated_residual_layernorm_modulate {name} {short(dt)}", plan(x, vec, x, vec, vec, 1e-6)))
+    return out

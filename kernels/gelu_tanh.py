@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, Launch, meta, short
+
 BLOCK = 1024
 
 
@@ -30,22 +32,39 @@ def _gelu_tanh_fwd_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def plan(x: torch.Tensor, bias: torch.Tensor | None) -> Launch:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
-    if n:
-        width = x.shape[-1]
-        _gelu_tanh_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            x, x if bias is None else bias.contiguous(), out, n, width, BLOCK=BLOCK, HAS_BIAS=bias is not None,
-            num_warps=4,
-        )  # fmt: skip
-    return out
+    bias = None if bias is None else bias.contiguous()
+    return Launch(
+        _gelu_tanh_fwd_kernel,
+        (triton.cdiv(n, BLOCK),),
+        (x, x if bias is None else bias, out, n, x.shape[-1] if x.ndim else 1),
+        {"BLOCK": BLOCK, "HAS_BIAS": bias is not None, "num_warps": 4},
+        out,
+        reads=(x,) if bias is None else (x, bias),
+        writes=(out,),
+    )
 
 
 def gelu_tanh_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _launch(x, None)
+    return plan(x, None)()
 
 
 def bias_gelu_tanh_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return _launch(x, bias)
+    return plan(x, bias)()
+
+
+# FLUX.1 / SD3.5-large MLP activations at 1024x1024: tokens x mlp_hidden
+MLP_SHAPES = {"flux mlp": (4096, 12288), "flux single mlp": (4608, 12288), "sd3.5-large mlp": (4429, 9728)}
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    out = []
+    for name, (rows, width) in MLP_SHAPES.items():
+        for dt in DTYPES:
+            x = meta(1, rows, width, dtype=dt)
+            out.append((f"gelu_tanh {name} {short(dt)}", plan(x, None)))
+            out.append((f"bias_gelu_tanh {name} {short(dt)}", plan(x, meta(width, dtype=dt))))
+    return out

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, Launch, meta, short
+
 
 @triton.jit
 def _groupnorm_silu_fwd_kernel(
@@ -61,9 +63,7 @@ def _groupnorm_silu_fwd_kernel(
         tl.store(out_ptr + offs, (y * tl.sigmoid(y)).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def groupnorm_silu_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float
-) -> torch.Tensor:
+def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float) -> Launch:
     b, c = x.shape[:2]
     hw = x[0, 0].numel()
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -74,8 +74,39 @@ def groupnorm_silu_fwd(
     cg = c // num_groups
     block_cg = triton.next_power_of_2(cg)
     block_hw = max(16, min(triton.next_power_of_2(hw), max(16, 2048 // block_cg)))
-    _groupnorm_silu_fwd_kernel[(b * num_groups,)](
-        x3, weight.contiguous(), bias.contiguous(), out, x3.stride(0), x3.stride(1), x3.stride(2), c, hw,
-        num_groups, eps, CG=cg, BLOCK_CG=block_cg, BLOCK_HW=block_hw, num_warps=4,
-    )  # fmt: skip
+    weight, bias = weight.contiguous(), bias.contiguous()
+    return Launch(
+        _groupnorm_silu_fwd_kernel,
+        (b * num_groups,),
+        (x3, weight, bias, out, x3.stride(0), x3.stride(1), x3.stride(2), c, hw, num_groups, eps),
+        {"CG": cg, "BLOCK_CG": block_cg, "BLOCK_HW": block_hw, "num_warps": 4},
+        out,
+        reads=(x, x, x, weight, bias),  # three passes over each group: mean, centred variance, output
+        writes=(out,),
+    )
+
+
+def groupnorm_silu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float
+) -> torch.Tensor:
+    return plan(x, weight, bias, num_groups, eps)()
+
+
+# VAE decoder GroupNorm inputs for a 1024x1024 image: channels x spatial side
+VAE_SHAPES = {
+    "vae mid 512x128": (512, 128),
+    "vae up 512x256": (512, 256),
+    "vae up 256x512": (256, 512),
+    "vae up 128x1024": (128, 1024),
+}
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    out = []
+    for name, (c, side) in VAE_SHAPES.items():
+        for dt in DTYPES:
+            w = meta(c, dtype=dt)
+            for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+                x = meta(1, c, side, side, dtype=dt).contiguous(memory_format=fmt)
+                out.append((f"groupnorm_silu {name} {layout} {short(dt)}", plan(x, w, w, 32, 1e-6)))
     return out

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_block, row_warps
+from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
 
 
 @triton.jit
@@ -37,14 +37,34 @@ def _layernorm_modulate_fwd_kernel(
     tl.store(out_ptr + row * C + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def plan(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> Launch:
     b, seq, c = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
+    shift, scale = shift.contiguous(), scale.contiguous()
     out = torch.empty((b, seq, c), dtype=x.dtype, device=x.device)
     block = row_block(c)
-    _layernorm_modulate_fwd_kernel[(b * seq,)](
-        x, shift.contiguous(), scale.contiguous(), out, x.stride(0), x.stride(1), seq, c, eps,
-        BLOCK_C=block, num_warps=row_warps(block),
-    )  # fmt: skip
-    return out
+    return Launch(
+        _layernorm_modulate_fwd_kernel,
+        (b * seq,),
+        (x, shift, scale, out, x.stride(0), x.stride(1), seq, c, eps),
+        {"BLOCK_C": block, "num_warps": row_warps(block)},
+        out,
+        reads=(x, shift, scale),
+        writes=(out,),
+    )
+
+
+def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return plan(x, shift, scale, eps)()
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    return [
+        (
+            f"layernorm_modulate {name} {short(dt)}",
+            plan(meta(1, rows, c, dtype=dt), meta(1, c, dtype=dt), meta(1, c, dtype=dt), 1e-6),
+        )
+        for name, (rows, c) in ROW_SHAPES.items()
+        for dt in DTYPES
+    ]

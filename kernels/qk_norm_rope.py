@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, Launch, meta, short
+
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
@@ -58,7 +60,7 @@ def _qk_norm_rope_fwd_kernel(
     tl.store(v_ptr + dst + d, tl.load(src + 2 * H * D + d))
 
 
-def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float):
+def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float) -> Launch:
     """q_scale / k_scale None: no norm; cos / sin None: no RoPE."""
     b, seq, width = qkv.shape
     head_dim = width // (3 * num_heads)
@@ -67,10 +69,55 @@ def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: i
     q, k, v = (torch.empty((b, num_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
     has_norm, rope = q_scale is not None, cos is not None
     dummy = qkv.new_empty(1, dtype=torch.float32)
-    _qk_norm_rope_fwd_kernel[(b * seq, num_heads)](
-        qkv, q_scale if has_norm else dummy, k_scale if has_norm else dummy,
-        cos.contiguous() if rope else dummy, sin.contiguous() if rope else dummy, q, k, v,
-        qkv.stride(0), qkv.stride(1), seq, num_heads, eps,
-        D=head_dim, HAS_NORM=has_norm, ROPE=rope, num_warps=1 if head_dim <= 64 else 2,
-    )  # fmt: skip
-    return q, k, v
+    scales = (q_scale, k_scale) if has_norm else (dummy, dummy)
+    tables = (cos.contiguous(), sin.contiguous()) if rope else (dummy, dummy)
+    return Launch(
+        _qk_norm_rope_fwd_kernel,
+        (b * seq, num_heads),
+        (qkv, *scales, *tables, q, k, v, qkv.stride(0), qkv.stride(1), seq, num_heads, eps),
+        {"D": head_dim, "HAS_NORM": has_norm, "ROPE": rope, "num_warps": 1 if head_dim <= 64 else 2},
+        (q, k, v),
+        reads=(qkv, *(scales if has_norm else ()), *(tables if rope else ())),
+        writes=(q, k, v),
+    )
+
+
+def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float):
+    return plan(qkv, q_scale, k_scale, cos, sin, num_heads, eps)()
+
+
+def qk_norm_fwd(qkv: torch.Tensor, q_scale, k_scale, num_heads: int, eps: float):
+    """SD3 form: RMS qk-norm (or only the split, without scales), no RoPE."""
+    return plan(qkv, q_scale, k_scale, None, None, num_heads, eps)()
+
+
+def shipped(arch: int) -> list[tuple[str, Launch]]:
+    out = []
+    for dt in DTYPES:
+        s128, s64 = meta(128, dtype=dt), meta(64, dtype=dt)
+        for name, tokens in (("flux img", 4096), ("flux txt", 512)):
+            cos = meta(tokens, 64, dtype=torch.float32)
+            out.append(
+                (
+                    f"qk_norm_rope {name} {short(dt)}",
+                    plan(meta(1, tokens, 9216, dtype=dt), s128, s128, cos, cos, 24, 1e-6),
+                )
+            )
+        # FLUX single blocks hand over the qkv slice of linear1's output [qkv | mlp] (row stride 21504)
+        fused = meta(1, 4608, 9216 + 12288, dtype=dt)[..., :9216]
+        cos = meta(4608, 64, dtype=torch.float32)
+        out.append((f"qk_norm_rope flux single {short(dt)}", plan(fused, s128, s128, cos, cos, 24, 1e-6)))
+        for name, tokens in (("sd3.5-large x", 4096), ("sd3.5-large ctx", 333)):
+            out.append(
+                (
+                    f"qk_norm {name} {short(dt)}",
+                    plan(meta(1, tokens, 3 * 2432, dtype=dt), s64, s64, None, None, 38, 1e-6),
+                )
+            )
+        out.append(
+            (
+                f"qk_norm split sd3-medium {short(dt)}",
+                plan(meta(1, 4096, 3 * 1536, dtype=dt), None, None, None, None, 24, 1e-6),
+            )
+        )
+    return out

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import fastflow
-from fastflow.cli import DEFAULT_MODEL
+from fastflow.loading.components import DEFAULT_MODEL
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -191,7 +191,7 @@ def weights_hash(modules) -> str:
     return h.hexdigest()
 
 
-def save(out: Path, vae, scale: float, shift: float, flux, clip, t5, clip_tok, t5_tok, defaults: dict) -> None:
+def save(out: Path, vae, scale: float, shift: float, flux, clip, t5, clip_tok, t5_tok) -> None:
     from safetensors.torch import save_file
 
     if out.exists():
@@ -216,8 +216,8 @@ def save(out: Path, vae, scale: float, shift: float, flux, clip, t5, clip_tok, t
     (out / "model_index.json").write_text(
         json.dumps({"_class_name": "FluxPipeline", "_fastflow": "fastflow-tiny-digits"})
     )
-    settings = {"default_size": [IMAGE_SIZE, IMAGE_SIZE], "view_upscale": 16, "defaults": defaults}
-    (out / "fastflow_pipeline.json").write_text(json.dumps(settings, indent=1))
+    # sampling defaults (16 steps, true CFG 1.5, 16 px, view upscale 16) live in the model's config
+    # ("fastflow-tiny-digits" in fastflow/models/configs.py), measured with bench/quality.py
 
 
 def main(argv=None) -> int:
@@ -230,8 +230,6 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6000, help="flow-matching steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--default-steps", type=int, default=16, help="sampling steps stored as the default")
-    parser.add_argument("--default-cfg", type=float, default=1.5, help="true CFG scale stored as the default")
     parser.add_argument("--log-every", type=int, default=500)
     args = parser.parse_args(argv)
 
@@ -246,11 +244,10 @@ def main(argv=None) -> int:
     clip_tok = word_level_tokenizer(vocabulary(), "clip", max_length=TEXT_TOKENS)
     t5_tok = word_level_tokenizer(vocabulary(), "t5", max_length=TEXT_TOKENS)
     flux, clip, t5 = train_flow(latents, labels, clip_tok, t5_tok, args.steps, args.batch, args.lr, args.log_every)
-    defaults = {"steps": args.default_steps, "true_cfg": args.default_cfg, "sampler": "euler", "guidance": None}
     # round to the stored precision first, so that the hash describes the shipped weights
     stored = [m.half().float() for m in (vae, flux, clip, t5)]
     digest = weights_hash(stored)
-    save(Path(args.out), vae, scale, shift, flux, clip, t5, clip_tok, t5_tok, defaults)
+    save(Path(args.out), vae, scale, shift, flux, clip, t5, clip_tok, t5_tok)
     print(f"saved {args.out} in {time.perf_counter() - t0:.0f} s; weights sha256 {digest}")
     return 0
 

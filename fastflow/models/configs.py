@@ -12,6 +12,35 @@ from dataclasses import dataclass
 from ..errors import UnknownModelError
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a model is sampled when the caller does not say: facts of the model that are not visible
+    in its weights (REFERENCE.md 4.2-4.3). ``guidance``: the distilled-guidance or CFG scale
+    (None: the model takes none); ``true_cfg``: FLUX true-CFG scale for models trained for it;
+    ``size``: (height, width) in pixels; ``view_upscale``: the CLI's nearest-neighbour upscale of
+    saved PNGs (tiny models)."""
+
+    steps: int
+    guidance: float | None
+    sampler: str = "euler"
+    true_cfg: float | None = None
+    size: tuple[int, int] = (1024, 1024)
+    view_upscale: int = 1
+
+    def as_dict(self) -> dict:
+        """The pipeline's ``defaults`` dict: steps, guidance, sampler (and true_cfg where set)."""
+        out = {"steps": self.steps, "guidance": self.guidance, "sampler": self.sampler}
+        return out if self.true_cfg is None else {**out, "true_cfg": self.true_cfg}
+
+
+FLUX_DEV_SAMPLING = SamplingDefaults(steps=28, guidance=3.5)
+FLUX_SCHNELL_SAMPLING = SamplingDefaults(steps=4, guidance=None)
+FLUX_KONTEXT_SAMPLING = SamplingDefaults(steps=28, guidance=2.5)
+SD3_MEDIUM_SAMPLING = SamplingDefaults(steps=28, guidance=7.0)  # diffusers' SD3-medium defaults
+SD35_SAMPLING = SamplingDefaults(steps=40, guidance=4.5, sampler="dpmpp_2m")  # SAI's sampler
+SD35_TURBO_SAMPLING = SamplingDefaults(steps=4, guidance=0.0)
+
+
 class _Config:
     """What every config shares: ``replace`` and, for transformers, head / MLP widths."""
 
@@ -53,6 +82,7 @@ class FluxConfig(_TransformerConfig):
     shift_schedule: bool = True
     t5_max_length: int = 512
     kontext: bool = False
+    sampling: SamplingDefaults = FLUX_DEV_SAMPLING
 
     family = "flux"
 
@@ -99,6 +129,7 @@ class MMDiTConfig(_TransformerConfig):
     # Sampling facts not visible in the weights (REFERENCE.md section 4.3).
     shift: float = 3.0
     turbo: bool = False
+    sampling: SamplingDefaults = SD3_MEDIUM_SAMPLING
 
     family = "sd3"
 
@@ -176,8 +207,16 @@ def configs_of(family: str) -> list:
 
 _FLUX_DEV = FluxConfig(name="flux-dev")
 register(_FLUX_DEV)
-register(_FLUX_DEV.replace(name="flux-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256))
-register(_FLUX_DEV.replace(name="flux-kontext-dev", kontext=True))
+register(
+    _FLUX_DEV.replace(
+        name="flux-schnell",
+        guidance_embed=False,
+        shift_schedule=False,
+        t5_max_length=256,
+        sampling=FLUX_SCHNELL_SAMPLING,
+    )
+)
+register(_FLUX_DEV.replace(name="flux-kontext-dev", kontext=True, sampling=FLUX_KONTEXT_SAMPLING))
 
 # Tiny configs (REFERENCE.md 5.5): hidden 64, 2 heads of 32, axes (8, 12, 12).
 _FLUX_TINY = FluxConfig(
@@ -191,17 +230,31 @@ _FLUX_TINY = FluxConfig(
     axes_dim=(8, 12, 12),
 )
 register(_FLUX_TINY)
-register(_FLUX_TINY.replace(name="flux-tiny-schnell", guidance_embed=False, shift_schedule=False, t5_max_length=256))
-register(_FLUX_TINY.replace(name="flux-tiny-kontext", kontext=True))
+register(
+    _FLUX_TINY.replace(
+        name="flux-tiny-schnell",
+        guidance_embed=False,
+        shift_schedule=False,
+        t5_max_length=256,
+        sampling=FLUX_SCHNELL_SAMPLING,
+    )
+)
+register(_FLUX_TINY.replace(name="flux-tiny-kontext", kontext=True, sampling=FLUX_KONTEXT_SAMPLING))
 
 _SD3_MEDIUM = MMDiTConfig(name="sd3-medium")
 register(_SD3_MEDIUM)
-_SD35_LARGE = MMDiTConfig(name="sd3.5-large", depth=38, hidden_size=2432, num_heads=38, qk_norm=True)
+_SD35_LARGE = MMDiTConfig(
+    name="sd3.5-large", depth=38, hidden_size=2432, num_heads=38, qk_norm=True, sampling=SD35_SAMPLING
+)
 register(_SD35_LARGE)
-register(_SD35_LARGE.replace(name="sd3.5-large-turbo", turbo=True))
+register(_SD35_LARGE.replace(name="sd3.5-large-turbo", turbo=True, sampling=SD35_TURBO_SAMPLING))
 register(
     _SD3_MEDIUM.replace(
-        name="sd3.5-medium", pos_embed_max_size=384, qk_norm=True, dual_attention_layers=tuple(range(13))
+        name="sd3.5-medium",
+        pos_embed_max_size=384,
+        qk_norm=True,
+        dual_attention_layers=tuple(range(13)),
+        sampling=SD35_SAMPLING,
     )
 )
 
@@ -216,9 +269,9 @@ _SD3_TINY = MMDiTConfig(
     pos_embed_max_size=8,
 )
 register(_SD3_TINY)
-register(_SD3_TINY.replace(name="sd3.5-tiny-large", qk_norm=True))
-register(_SD3_TINY.replace(name="sd3.5-tiny-large-turbo", qk_norm=True, turbo=True))
-register(_SD3_TINY.replace(name="sd3.5-tiny-medium", qk_norm=True, dual_attention_layers=(0,)))
+register(_SD3_TINY.replace(name="sd3.5-tiny-large", qk_norm=True, sampling=SD35_SAMPLING))
+register(_SD3_TINY.replace(name="sd3.5-tiny-large-turbo", qk_norm=True, turbo=True, sampling=SD35_TURBO_SAMPLING))
+register(_SD3_TINY.replace(name="sd3.5-tiny-medium", qk_norm=True, dual_attention_layers=(0,), sampling=SD35_SAMPLING))
 
 # VAEs (REFERENCE.md 3.2-3.3): identical tensors, different latent scale / shift.
 _FLUX_VAE = VAEConfig(name="flux-vae")
@@ -248,6 +301,8 @@ register(
         guidance_embed=False,
         shift_schedule=False,
         t5_max_length=8,
+        # 16x16 digits, trained without a guidance embedding: true CFG 1.5 (bench/quality.py)
+        sampling=SamplingDefaults(steps=16, guidance=None, true_cfg=1.5, size=(16, 16), view_upscale=16),
     )
 )
 register(

@@ -7,6 +7,8 @@ Math: REFERENCE.md section 2.1-2.6.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..errors import InputError
 from .configs import FluxConfig
-from .layers import GELUTanh, bias_gelu_linear, merge_heads, timestep_embedding
+from .layers import GELUTanh, batch_shared_ids, merge_heads, timestep_embedding
 
 _FP16_MAX = 65504.0
 
@@ -43,10 +45,7 @@ class EmbedND(nn.Module):
         self.axes_dim = tuple(axes_dim)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if ids.ndim == 3:  # [B, L, n]: the batch shares one grid (BFL/diffusers convention)
-            ids = ids[0]
-        if ids.ndim != 2 or ids.shape[-1] != len(self.axes_dim):
-            raise InputError(f"position ids must be [L, {len(self.axes_dim)}], got {list(ids.shape)}")
+        ids = batch_shared_ids(ids, len(self.axes_dim), "position ids")
         pos = ids.to(torch.float64)
         angles = []
         for axis, d in enumerate(self.axes_dim):
@@ -81,7 +80,7 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h [B, L, C] -> q, k, v [B, H, L, D], q/k normalised and rotated."""
-        return qk_norm_rope(self.qkv(h), self.norm, cos, sin, self.num_heads)
+        return qk_norm_rope(ops.linear(h, self.qkv), self.norm, cos, sin, self.num_heads)
 
 
 def qk_norm_rope(qkv, norm: QKNorm, cos, sin, num_heads):
@@ -107,10 +106,10 @@ def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 
 class MLP(nn.Sequential):
     """Linear -> GELU(tanh) -> Linear; indices 0 and 2 match the official img_mlp.0 / img_mlp.2.
-    The first bias is added inside the GELU op."""
+    The GELU is the first linear's epilogue (its bias added inside the activation where a kernel runs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[2](bias_gelu_linear(self[0], x))
+        return ops.linear(ops.linear(x, self[0], "gelu_tanh"), self[2])
 
 
 def _mlp(hidden: int, mlp_hidden: int) -> MLP:
@@ -141,7 +140,7 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
             ops.layernorm_modulate(txt, t_shift1, t_scale1), cos[:n_txt], sin[:n_txt]
         )
-        attn = ops.attention(
+        attn = self.attention(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),
             torch.cat((txt_v, img_v), dim=2),
@@ -151,14 +150,19 @@ class DoubleStreamBlock(nn.Module):
 
         # attention residual and the MLP's modulated LN in one op (the sub-block boundary)
         img, img_h = ops.gated_residual_layernorm_modulate(
-            img, i_gate1, self.img_attn.proj(img_attn), i_shift2, i_scale2
+            img, i_gate1, ops.linear(img_attn, self.img_attn.proj), i_shift2, i_scale2
         )
         img = ops.gated_residual(img, i_gate2, self.img_mlp(img_h))
         txt, txt_h = ops.gated_residual_layernorm_modulate(
-            txt, t_gate1, self.txt_attn.proj(txt_attn), t_shift2, t_scale2
+            txt, t_gate1, ops.linear(txt_attn, self.txt_attn.proj), t_shift2, t_scale2
         )
         txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(txt_h))
         return img, _clamp_fp16(txt)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Joint attention over [txt | img] tokens, [B, H, L, D]; one method so a context-parallel
+        wrapper can replace it."""
+        return ops.attention(q, k, v)
 
 
 class SingleStreamBlock(nn.Module):
@@ -176,12 +180,17 @@ class SingleStreamBlock(nn.Module):
         """x [B, T + N, C] (txt first), vec [B, C], pe = (cos, sin) [T + N, D/2]."""
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = torch.split(
-            self.linear1(ops.layernorm_modulate(x, shift, scale)), [3 * self.hidden, self.mlp_hidden], dim=-1
+            ops.linear(ops.layernorm_modulate(x, shift, scale), self.linear1),
+            [3 * self.hidden, self.mlp_hidden],
+            dim=-1,
         )
         q, k, v = qk_norm_rope(qkv, self.norm, pe[0], pe[1], self.num_heads)
-        attn = merge_heads(ops.attention(q, k, v))
-        out = self.linear2(torch.cat((attn, ops.gelu_tanh(mlp)), dim=-1))
+        attn = merge_heads(self.attention(q, k, v))
+        out = ops.linear(torch.cat((attn, ops.gelu_tanh(mlp)), dim=-1), self.linear2)
         return _clamp_fp16(ops.gated_residual(x, gate, out))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ops.attention(q, k, v)
 
 
 class LastLayer(nn.Module):
@@ -192,7 +201,30 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)  # official order: shift first
-        return self.linear(ops.layernorm_modulate(x, shift, scale))
+        return ops.linear(ops.layernorm_modulate(x, shift, scale), self.linear)
+
+
+@dataclass
+class FluxState:
+    """What the block loop carries: the streams, the conditioning and the token bookkeeping.
+
+    Before the single blocks ``img`` [B, N (+ M Kontext context tokens), C] and ``txt`` [B, T, C]
+    are separate; after the last double block they are joined into ``x`` [B, T + N (+ M), C].
+    """
+
+    img: torch.Tensor | None
+    txt: torch.Tensor | None
+    vec: torch.Tensor  # [B, C]
+    pe: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T + N (+ M), D/2] fp32
+    n_txt: int
+    n_img: int  # target image tokens (the output)
+    x: torch.Tensor | None = None
+
+    def joined(self) -> torch.Tensor:
+        """The joint stream [B, T + N (+ M), C] (joins img and txt on first use)."""
+        if self.x is None:
+            self.x, self.img, self.txt = torch.cat((self.txt, self.img), dim=1), None, None
+        return self.x
 
 
 class Flux(nn.Module):
@@ -233,6 +265,61 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype) * 1000))
         return vec + self.vector_in(y.to(dtype))
 
+    @property
+    def num_blocks(self) -> int:
+        """Double blocks then single blocks, indexed 0 .. depth + depth_single_blocks - 1."""
+        return len(self.double_blocks) + len(self.single_blocks)
+
+    def embed(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        y: torch.Tensor,
+        timesteps: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        img_cond: torch.Tensor | None = None,
+        img_cond_ids: torch.Tensor | None = None,
+    ) -> FluxState:
+        """Inputs as :meth:`forward` -> the state before the first block (embedded streams, vec, RoPE)."""
+        dtype = self.dtype
+        if txt.ndim != 3 or img.ndim != 3 or txt.shape[0] != img.shape[0]:
+            raise InputError(f"img must be [B, N, C] and txt [B, T, C]; got {list(img.shape)} and {list(txt.shape)}")
+        n_img, n_txt = img.shape[1], txt.shape[1]
+        img_ids = batch_shared_ids(img_ids, 3, "img_ids")
+        txt_ids = (
+            torch.zeros(n_txt, 3, device=img.device) if txt_ids is None else batch_shared_ids(txt_ids, 3, "txt_ids")
+        )
+        if img_cond is not None:
+            if img_cond_ids is None:
+                raise InputError("img_cond needs img_cond_ids (ids with index 1 on axis 0)")
+            img = torch.cat((img, img_cond.to(img.dtype)), dim=1)
+            img_ids = torch.cat((img_ids, batch_shared_ids(img_cond_ids, 3, "img_cond_ids").to(img_ids.dtype)), dim=0)
+        if img_ids.shape[0] != img.shape[1] or txt_ids.shape[0] != n_txt:
+            raise InputError(
+                f"position ids do not match the tokens: img_ids {list(img_ids.shape)} for {img.shape[1]} image "
+                f"tokens, txt_ids {list(txt_ids.shape)} for {n_txt} text tokens"
+            )
+        pe = self.pe_embedder(torch.cat((txt_ids.to(img_ids.dtype), img_ids), dim=0))
+        vec = self.conditioning(timesteps, y, guidance)
+        return FluxState(self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype)), vec, pe, n_txt, n_img)
+
+    def blocks(self, state: FluxState, start: int = 0, end: int | None = None) -> FluxState:
+        """Run blocks ``start`` .. ``end - 1`` (see :attr:`num_blocks`) on ``state``, in place."""
+        depth = len(self.double_blocks)
+        for i in range(start, self.num_blocks if end is None else end):
+            if i < depth:
+                state.img, state.txt = self.double_blocks[i](state.img, state.txt, state.vec, state.pe)
+            else:
+                state.x = self.single_blocks[i - depth](state.joined(), state.vec, state.pe)
+        return state
+
+    def final(self, state: FluxState) -> torch.Tensor:
+        """The velocity of the target image tokens [B, N, out] from the state after the last block."""
+        x = state.joined()[:, state.n_txt : state.n_txt + state.n_img]
+        return self.final_layer(x, state.vec)
+
     def forward(
         self,
         img: torch.Tensor,
@@ -248,34 +335,13 @@ class Flux(nn.Module):
         """Predict the velocity of the target image tokens.
 
         img [B, N, in] packed latents; txt [B, T, context_in] T5 states; y [B, vec_in] pooled CLIP;
-        timesteps [B] sigma in [0, 1]; img_ids [N, 3]; txt_ids [T, 3] (default zeros);
-        guidance [B] (dev/Kontext); img_cond [B, M, in] with img_cond_ids [M, 3] (Kontext context
-        image, ids with axis 0 = 1) is appended after the target tokens and sliced off the output.
+        timesteps [B] sigma in [0, 1]; img_ids [N, 3] (or [B, N, 3], one grid for the batch);
+        txt_ids [T, 3] (default zeros); guidance [B] (dev/Kontext); img_cond [B, M, in] with
+        img_cond_ids [M, 3] (Kontext context image, ids with axis 0 = 1) is appended after the
+        target tokens and sliced off the output. Same as ``final(blocks(embed(...)))``.
         """
-        dtype = self.dtype
-        b, n_img, _ = img.shape
-        if txt.ndim != 3 or txt.shape[0] != b or img.ndim != 3:
-            raise InputError(f"img must be [B, N, C] and txt [B, T, C]; got {list(img.shape)} and {list(txt.shape)}")
-        n_txt = txt.shape[1]
-        if txt_ids is None:
-            txt_ids = torch.zeros(n_txt, 3, device=img.device)
-        if img_cond is not None:
-            if img_cond_ids is None:
-                raise InputError("img_cond needs img_cond_ids (ids with index 1 on axis 0)")
-            img = torch.cat((img, img_cond.to(img.dtype)), dim=1)
-            img_ids = torch.cat((img_ids.reshape(-1, 3), img_cond_ids.reshape(-1, 3).to(img_ids.dtype)), dim=0)
-        pe = self.pe_embedder(torch.cat((txt_ids.reshape(-1, 3).to(img_ids.dtype), img_ids.reshape(-1, 3)), dim=0))
-
-        vec = self.conditioning(timesteps, y, guidance)
-        img = self.img_in(img.to(dtype))
-        txt = self.txt_in(txt.to(dtype))
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
-        x = x[:, n_txt : n_txt + n_img]
-        return self.final_layer(x, vec)
+        state = self.embed(img, txt, y, timesteps, img_ids, txt_ids, guidance, img_cond, img_cond_ids)
+        return self.final(self.blocks(state))
 
 
 def make_img_ids(h_tokens: int, w_tokens: int, index: int = 0, device=None) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..errors import InputError
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000) -> torch.Tensor:
@@ -22,18 +23,23 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
-def bias_gelu_linear(up: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """GELU_tanh(up(x)). Where a kernel runs (CUDA tensors, or the "triton" backend) the bias is
-    added inside the activation kernel, one pass fewer; elsewhere (CPU, training) the plain
-    Linear + GELU, so CPU numerics and the embedded model's training stay those of the reference."""
-    if x.is_cuda or ops.get_backend() == "triton":
-        return ops.bias_gelu_tanh(torch.nn.functional.linear(x, up.weight), up.bias)
-    return ops.gelu_tanh(up(x))
-
-
 class GELUTanh(nn.Module):
+    """Kept for the official module layout (``img_mlp.1``); the MLPs run GELU as ``ops.linear``'s epilogue."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.gelu_tanh(x)
+
+
+def batch_shared_ids(ids: torch.Tensor, n_axes: int, what: str) -> torch.Tensor:
+    """Position ids [L, n] or BFL/diffusers-style batched [B, L, n] (one grid shared by the batch)
+    -> [L, n]."""
+    if ids.ndim == 3:
+        if not torch.compiler.is_compiling() and ids.shape[0] > 1 and not bool((ids == ids[:1]).all()):
+            raise InputError(f"{what} differ between samples; fastflow shares one position grid across the batch")
+        ids = ids[0]
+    if ids.ndim != 2 or ids.shape[-1] != n_axes:
+        raise InputError(f"{what} must be [L, {n_axes}] or [B, L, {n_axes}], got {list(ids.shape)}")
+    return ids
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,15 @@ expressions go through ``fastflow.ops``; the SAI reference's class names are kep
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .. import ops
 from ..errors import InputError
 from .configs import MMDiTConfig
-from .layers import GELUTanh, bias_gelu_linear, merge_heads, timestep_embedding
+from .layers import GELUTanh, merge_heads, timestep_embedding
 
 
 class PatchEmbed(nn.Module):
@@ -56,7 +58,7 @@ class SelfAttention(nn.Module):
         """h [B, L, C] -> q, k, v [B, H, L, D]."""
         scale_q = self.ln_q.weight if self.ln_q is not None else None
         scale_k = self.ln_k.weight if self.ln_k is not None else None
-        return ops.qk_norm(self.qkv(h), scale_q, scale_k, self.num_heads, 1e-6)
+        return ops.qk_norm(ops.linear(h, self.qkv), scale_q, scale_k, self.num_heads, 1e-6)
 
 
 class Mlp(nn.Module):
@@ -67,7 +69,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(bias_gelu_linear(self.fc1, x))  # fc1's bias is added inside the GELU op
+        return ops.linear(ops.linear(x, self.fc1, "gelu_tanh"), self.fc2)
 
 
 class DismantledBlock(nn.Module):
@@ -95,10 +97,12 @@ class DismantledBlock(nn.Module):
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, attn2: torch.Tensor | None, mod) -> torch.Tensor:
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         if attn2 is None:
-            x, h = ops.gated_residual_layernorm_modulate(x, gate_msa, self.attn.proj(attn), shift_mlp, scale_mlp)
+            proj = ops.linear(attn, self.attn.proj)
+            x, h = ops.gated_residual_layernorm_modulate(x, gate_msa, proj, shift_mlp, scale_mlp)
         else:
-            x = ops.gated_residual(x, gate_msa, self.attn.proj(attn))
-            x, h = ops.gated_residual_layernorm_modulate(x, mod[8], self.attn2.proj(attn2), shift_mlp, scale_mlp)
+            x = ops.gated_residual(x, gate_msa, ops.linear(attn, self.attn.proj))
+            proj2 = ops.linear(attn2, self.attn2.proj)
+            x, h = ops.gated_residual_layernorm_modulate(x, mod[8], proj2, shift_mlp, scale_mlp)
         return ops.gated_residual(x, gate_mlp, self.mlp(h))
 
 
@@ -113,12 +117,17 @@ class JointBlock(nn.Module):
         ctx_qkv, _, ctx_mod = self.context_block.pre_attention(context, c)
         x_qkv, x_qkv2, x_mod = self.x_block.pre_attention(x, c)
         # joint attention over [context ; x], no RoPE
-        attn = merge_heads(ops.attention(*(torch.cat((a, b), dim=2) for a, b in zip(ctx_qkv, x_qkv, strict=True))))
-        attn2 = merge_heads(ops.attention(*x_qkv2)) if x_qkv2 is not None else None
+        attn = merge_heads(self.attention(*(torch.cat((a, b), dim=2) for a, b in zip(ctx_qkv, x_qkv, strict=True))))
+        attn2 = merge_heads(self.attention(*x_qkv2)) if x_qkv2 is not None else None
         x = self.x_block.post_attention(x, attn[:, n_ctx:], attn2, x_mod)
         if self.context_block.pre_only:
             return None, x
         return self.context_block.post_attention(context, attn[:, :n_ctx], None, ctx_mod), x
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, H, L, D] attention (joint, and MMDiT-X's image-only attn2); one method so a
+        context-parallel wrapper can replace it."""
+        return ops.attention(q, k, v)
 
 
 class FinalLayer(nn.Module):
@@ -129,7 +138,19 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # official order: shift first
-        return self.linear(ops.layernorm_modulate(x, shift, scale))
+        return ops.linear(ops.layernorm_modulate(x, shift, scale), self.linear)
+
+
+@dataclass
+class MMDiTState:
+    """What the block loop carries: x [B, h_p*w_p, C], context [B, L, C] (None after the last,
+    pre-only, context block), c [B, C] and the patch grid."""
+
+    x: torch.Tensor
+    context: torch.Tensor | None
+    c: torch.Tensor
+    h_p: int
+    w_p: int
 
 
 class MMDiT(nn.Module):
@@ -178,16 +199,12 @@ class MMDiT(nn.Module):
         x = x.reshape(x.shape[0], h_p, w_p, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h_p * p, w_p * p)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor,
-        y: torch.Tensor,
-        skip_layers: tuple[int, ...] | list[int] = (),
-    ) -> torch.Tensor:
-        """x [B, 16, h, w]; timesteps [B] = sigma * 1000 (fp32); context [B, L, 4096]; y [B, 2048]
-        pooled; ``skip_layers``: joint blocks to skip entirely (skip-layer guidance)."""
+    @property
+    def num_blocks(self) -> int:
+        return len(self.joint_blocks)
+
+    def embed(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> MMDiTState:
+        """Inputs as :meth:`forward` -> the state before the first joint block."""
         if x.ndim != 4 or context.ndim != 3 or y.ndim != 2:
             raise InputError(
                 f"x must be [B, C, h, w], context [B, L, C], y [B, C]; got {list(x.shape)}, "
@@ -200,9 +217,29 @@ class MMDiT(nn.Module):
         dtype = self.dtype
         x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h_p, w_p).to(dtype)
         c = self.t_embedder(timestep_embedding(timesteps.float()).to(dtype)) + self.y_embedder(y.to(dtype))
-        context = self.context_embedder(context.to(dtype))
-        skip = set(skip_layers)
-        for i, block in enumerate(self.joint_blocks):
+        return MMDiTState(x, self.context_embedder(context.to(dtype)), c, h_p, w_p)
+
+    def blocks(self, state: MMDiTState, start: int = 0, end: int | None = None, skip_layers=None) -> MMDiTState:
+        """Run joint blocks ``start`` .. ``end - 1`` on ``state`` in place, leaving out ``skip_layers``."""
+        skip = set(skip_layers or ())
+        for i in range(start, self.num_blocks if end is None else end):
             if i not in skip:
-                context, x = block(context, x, c)
-        return self.unpatchify(self.final_layer(x, c), h_p, w_p)
+                state.context, state.x = self.joint_blocks[i](state.context, state.x, state.c)
+        return state
+
+    def final(self, state: MMDiTState) -> torch.Tensor:
+        """Velocity [B, 16, h, w] from the state after the last block."""
+        return self.unpatchify(self.final_layer(state.x, state.c), state.h_p, state.w_p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor,
+        skip_layers: tuple[int, ...] | list[int] | None = None,
+    ) -> torch.Tensor:
+        """x [B, 16, h, w]; timesteps [B] = sigma * 1000 (fp32); context [B, L, 4096]; y [B, 2048]
+        pooled; ``skip_layers``: joint blocks to skip entirely (skip-layer guidance).
+        Same as ``final(blocks(embed(...), skip_layers=...))``."""
+        return self.final(self.blocks(self.embed(x, timesteps, context, y), skip_layers=skip_layers))

@@ -1,4 +1,5 @@
-"""Text encoders: thin wrappers over transformers' CLIP and T5 encoders, from local folders only.
+"""Text encoders: thin wrappers over transformers' CLIP and T5 encoders (built from local folders
+by :mod:`fastflow.loading.components`).
 
 What each family feeds its transformer (REFERENCE.md section 6):
 
@@ -13,46 +14,12 @@ What each family feeds its transformer (REFERENCE.md section 6):
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 
 CLIP_MAX_LENGTH = 77
-
-
-def _local_folder(path, what: str) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(path, f"{what} folder not found", f"pass the local folder holding the {what}")
-    if not list(path.glob("*.safetensors")) and not list(path.glob("*.safetensors.index.json")):
-        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise CheckpointError(
-            path,
-            f"no .safetensors weights for the {what} (found: {found})",
-            "fastflow loads text encoders from safetensors only (never pickle .bin files)",
-        )
-    return path
-
-
-def _load_model(cls, folder, what: str, dtype, device):
-    folder = _local_folder(folder, what)
-    model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
-    return model.to(device).eval().requires_grad_(False)
-
-
-def _load_tokenizer(folder, what: str):
-    from transformers import AutoTokenizer
-
-    folder = Path(folder).expanduser()
-    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(
-            folder,
-            f"no tokenizer files for the {what}",
-            "pass the local tokenizer folder (tokenizer.json / tokenizer_config.json)",
-        )
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _tokenize(tokenizer, prompts: list[str], max_length: int, what: str) -> torch.Tensor:
@@ -81,11 +48,10 @@ class CLIPEncoder:
     def from_folder(
         cls, model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"
     ) -> CLIPEncoder:
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        """Delegates to :func:`fastflow.loading.components.load_clip` (kept for convenience)."""
+        from ..loading.components import load_clip
 
-        model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        model = _load_model(model_cls, model_folder, "CLIP text encoder", dtype, device)
-        return cls(model, _load_tokenizer(tokenizer_folder or model_folder, "CLIP text encoder"))
+        return load_clip(model_folder, tokenizer_folder, with_projection=with_projection, dtype=dtype, device=device)
 
     def tokenize(self, prompts) -> torch.Tensor:
         return _tokenize(self.tokenizer, prompts, self.max_length, "CLIP text encoder")
@@ -110,13 +76,10 @@ class T5Encoder:
 
     @classmethod
     def from_folder(cls, model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="cpu") -> T5Encoder:
-        from transformers import T5EncoderModel
+        """Delegates to :func:`fastflow.loading.components.load_t5` (kept for convenience)."""
+        from ..loading.components import load_t5
 
-        if dtype == torch.float16:
-            warnings.warn("T5 overflows in float16; loading it in bfloat16 instead", UserWarning, stacklevel=2)
-            dtype = torch.bfloat16
-        model = _load_model(T5EncoderModel, model_folder, "T5 encoder", dtype, device)
-        return cls(model, _load_tokenizer(tokenizer_folder or model_folder, "T5 encoder"))
+        return load_t5(model_folder, tokenizer_folder, dtype=dtype, device=device)
 
     @property
     def width(self) -> int:

@@ -1,23 +1,25 @@
 """fastflow ops: the only place that talks to torch.library.
 
-Every op is a ``fastflow::<name>`` custom op whose body is the plain-torch reference (so it runs on
-any device, passes opcheck and traces under torch.compile); GPU kernels register themselves for
-"cuda" on top. The wrappers below read the backend switch at call time.
+Every op is declared once in :mod:`fastflow.ops._registry` (:data:`OPS`): a ``fastflow::<name>``
+custom op whose body is the plain-torch reference (so it runs on any device, passes opcheck and
+traces under torch.compile), with GPU kernels registered for "cuda" on top and a wrapper that reads
+the backend switch at call time. :func:`linear` runs linear layers, dispatched on their type.
 """
 
-from ._backend import BACKENDS, get_backend, set_backend, use_backend
+from ._registry import BACKENDS, KERNEL_BACKENDS, OPS, get_backend, kernel_would_run, set_backend, use_backend
 from .attention import attention
-from .bias_gelu_tanh import bias_gelu_tanh
 from .gated_residual import gated_residual
 from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
-from .gelu_tanh import gelu_tanh
+from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
-from .qk_norm import qk_norm
-from .qk_norm_rope import qk_norm_rope
+from .linear import linear, register_linear
+from .qk_norm_rope import qk_norm, qk_norm_rope
 
 __all__ = [
     "BACKENDS",
+    "KERNEL_BACKENDS",
+    "OPS",
     "attention",
     "bias_gelu_tanh",
     "gated_residual",
@@ -25,9 +27,12 @@ __all__ = [
     "gelu_tanh",
     "get_backend",
     "groupnorm_silu",
+    "kernel_would_run",
     "layernorm_modulate",
+    "linear",
     "qk_norm",
     "qk_norm_rope",
+    "register_linear",
     "set_backend",
     "use_backend",
 ]

@@ -1,36 +1,21 @@
-"""fastflow::gelu_tanh: GELU, tanh approximation (every FLUX/SD3 transformer MLP)."""
-
-from __future__ import annotations
+"""fastflow::gelu_tanh and fastflow::bias_gelu_tanh: GELU (tanh approximation), the latter after a
+bias add, so the MLP's bias-free up-projection pays one pass for bias + activation instead of two."""
 
 import torch
 
-from ._backend import use_reference, use_triton
-from .reference import gelu_tanh_ref
+from ._registry import defop
+from .reference import bias_gelu_tanh_ref, gelu_tanh_ref
 
 
-@torch.library.custom_op("fastflow::gelu_tanh", mutates_args=())
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return gelu_tanh_ref(x)
-
-
-@_gelu_tanh.register_fake
-def _(x):
+def _fake(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _triton(x):
-    from fastflow.kernels.gelu_tanh import gelu_tanh_fwd
-
-    return gelu_tanh_fwd(x)
+def _fake_bias(x, bias):
+    return _fake(x)
 
 
-_gelu_tanh.register_kernel("cuda")(_triton)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))), math in fp32; any shape, returns x.dtype."""
-    if use_reference(x):
-        return gelu_tanh_ref(x)
-    if use_triton():
-        return _triton(x)
-    return _gelu_tanh(x)
+gelu_tanh = defop("gelu_tanh", gelu_tanh_ref, _fake, impls={"triton": "fastflow.kernels.gelu_tanh:gelu_tanh_fwd"})
+bias_gelu_tanh = defop(
+    "bias_gelu_tanh", bias_gelu_tanh_ref, _fake_bias, impls={"triton": "fastflow.kernels.gelu_tanh:bias_gelu_tanh_fwd"}
+)

@@ -1,16 +1,26 @@
-"""What every pipeline shares: sizes, seeds and noise, the denoising loop, outputs, checks."""
+"""What every pipeline shares: the prepare -> denoise -> decode template, sizes, seeds and noise,
+the denoising loop, outputs, checks.
+
+A pipeline's ``__call__`` gathers its arguments and calls :meth:`BasePipeline.generate`, which runs
+the subclass's ``prepare`` (text / image conditioning, noise, schedule, and the velocity function
+of a :class:`~fastflow.samplers.Step`), then the solver loop, then the VAE decode. The transformer
+is called only through :meth:`BasePipeline.predict`, with the step identity, so caching policies
+have one place to plug in.
+"""
 
 from __future__ import annotations
 
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
 from ..errors import GenerationInterrupted, InputError, NumericalError
-from ..samplers import get_solver
+from ..samplers import Step, get_solver
 from .images import to_pil, to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -25,6 +35,21 @@ class PipelineOutput:
     seeds: list[int | None]
     settings: dict
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What ``prepare`` hands the denoising loop: the initial state [B, ...] (fp32, on the device),
+    the schedule, the solver, the velocity function of (x, Step), and how the final state becomes
+    the VAE latent."""
+
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    sampler: str
+    velocity: Callable[[torch.Tensor, Step], torch.Tensor]
+    seeds: list
+    settings: dict
+    to_latent: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
 
 
 class Timer:
@@ -137,11 +162,18 @@ class DenoiseLoop:
 
 
 class BasePipeline:
-    """Common state: modules, device/dtype, progress bar switch, interruption."""
+    """Common state (modules, defaults from the model config, progress bar, interruption) and the
+    prepare -> denoise -> decode template."""
 
     progress_bar = True
 
-    def __init__(self):
+    def __init__(self, transformer, vae, text_encoder=None, default_size: tuple[int, int] | None = None):
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.config = transformer.config
+        sampling = self.config.sampling
+        self.defaults = sampling.as_dict()  # per-pipeline copy: callers may adjust it
+        self.default_size = tuple(default_size or sampling.size)
+        self.view_upscale = sampling.view_upscale  # the CLI's default PNG upscale
         self._interrupted = False
 
     def interrupt(self) -> None:
@@ -150,6 +182,59 @@ class BasePipeline:
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
+
+    def predict(self, step: Step, *args, **kwargs) -> torch.Tensor:
+        """The transformer's output for one evaluation of the denoising loop; ``step`` (with its
+        branch set) says which. The one place where pipelines call the transformer."""
+        return self.transformer(*args, **kwargs)
+
+    def sampling(self, num_inference_steps, sampler) -> tuple[int, str]:
+        steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
+        return steps, sampler or self.defaults["sampler"]
+
+    def initial_noise(self, n: int, shape: tuple[int, ...], seed, generator, latents) -> tuple[torch.Tensor, list]:
+        """[n, *shape] fp32 noise on the device from seeds / generators, or the given ``latents``."""
+        if latents is None:
+            noise, seeds = draw_noise(n, shape, seed, generator)
+        else:
+            if tuple(latents.shape) != (n, *shape):
+                raise InputError(f"latents must be {[n, *shape]}, got {list(latents.shape)}")
+            noise, seeds = latents.float().cpu(), [None] * n
+        return noise.to(self.device), seeds
+
+    def generate(self, output_type: str, callback, progress, **request) -> PipelineOutput:
+        """The template: ``prepare`` (subclass) -> denoise -> decode -> format."""
+        timer = Timer()
+        self.check_output_type(output_type)
+        plan = self.prepare(timer, SimpleNamespace(**request))
+        show = self.progress_bar if progress is None else progress
+        loop = DenoiseLoop(self, plan.sampler, len(plan.sigmas) - 1, self.transformer.dtype, callback, show)
+        with timer.stage("denoise"):
+            latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
+        if output_type == "latent":
+            return PipelineOutput(latent, plan.seeds, plan.settings, timer.done())
+        with timer.stage("decode"):
+            pixels = self.vae.decode(latent)
+        images = self.format_images(pixels, output_type)
+        self.on_images(images, output_type)
+        return PipelineOutput(images, plan.seeds, plan.settings, timer.done())
+
+    def prepare(self, timer: Timer, request: SimpleNamespace) -> Plan:
+        raise NotImplementedError
+
+    def on_images(self, images, output_type: str) -> None:
+        """Called with the formatted images of each generation (FLUX Kontext keeps the last one)."""
+
+    def base_settings(self, height: int, width: int, steps: int, guidance, sampler: str) -> dict:
+        return {
+            "model": self.config.name,
+            "height": height,
+            "width": width,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "sampler": sampler,
+            "dtype": str(self.transformer.dtype).removeprefix("torch."),
+        }
 
     @staticmethod
     def check_output_type(output_type: str) -> None:

@@ -10,43 +10,20 @@ from ..errors import InputError, MissingComponentError
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .base import (
-    BasePipeline,
-    DenoiseLoop,
-    PipelineOutput,
-    Timer,
-    as_prompt_list,
-    check_steps,
-    draw_noise,
-    resolve_size,
-)
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, resolve_size
 from .images import kontext_size, load_image, to_tensor
-
-
-def flux_defaults(config) -> dict:
-    """Per-variant defaults (REFERENCE.md 4.2): dev 28 steps g 3.5; schnell 4 steps, no guidance,
-    T5 256; Kontext 28 steps g 2.5. Euler throughout (the references' sampler)."""
-    if config.kontext:
-        return {"steps": 28, "guidance": 2.5, "sampler": "euler"}
-    if not config.guidance_embed:
-        return {"steps": 4, "guidance": None, "sampler": "euler"}
-    return {"steps": 28, "guidance": 3.5, "sampler": "euler"}
 
 
 class FluxPipeline(BasePipeline):
     """prompt -> images with a FLUX.1 transformer, the 16-channel VAE and CLIP-L + T5.
 
     ``text_encoder`` may be None when every call passes ``prompt_embeds`` and ``pooled_prompt_embeds``.
+    Sampling defaults come from the model config (``config.sampling``).
     """
 
-    def __init__(
-        self, transformer, vae, text_encoder=None, default_size: tuple[int, int] = (1024, 1024), max_side: int = 4096
-    ):
-        super().__init__()
-        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.config = transformer.config
-        self.defaults = flux_defaults(self.config)
-        self.default_size, self.max_side = default_size, max_side
+    def __init__(self, transformer, vae, text_encoder=None, default_size=None, max_side: int = 4096):
+        super().__init__(transformer, vae, text_encoder, default_size)
+        self.max_side = max_side
         self._last_image = None
 
     @property
@@ -110,105 +87,87 @@ class FluxPipeline(BasePipeline):
         (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
         as diffusers' option of the same name; off by default except for models trained for it."""
-        timer, cfg = Timer(), self.config
-        self.check_output_type(output_type)
-        steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
-        sampler = sampler or self.defaults["sampler"]
+        request = dict(locals())
+        del request["self"]
+        return self.generate(**request)
+
+    def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
+        """(distilled guidance or None, true-CFG scale) with the references' warnings."""
         true_cfg = float(self.defaults.get("true_cfg", 1.0) if true_cfg_scale is None else true_cfg_scale)
         if negative_prompt is not None and true_cfg <= 1.0:
             warnings.warn(
                 "negative_prompt needs true_cfg_scale > 1 (FLUX.1 is guidance-distilled); ignored",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
-        guidance = self.defaults["guidance"] if guidance_scale is None else guidance_scale
-        if not cfg.guidance_embed:
-            if guidance_scale not in (None, 0, 0.0):
-                warnings.warn(
-                    f"{cfg.name} has no guidance embedding; guidance_scale={guidance_scale} is ignored",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            guidance = None
+        if self.config.guidance_embed:
+            return (self.defaults["guidance"] if guidance_scale is None else guidance_scale), true_cfg
+        if guidance_scale not in (None, 0, 0.0):
+            warnings.warn(
+                f"{self.config.name} has no guidance embedding; guidance_scale={guidance_scale} is ignored",
+                UserWarning,
+                stacklevel=4,
+            )
+        return None, true_cfg
 
+    def _text(self, r, true_cfg: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(txt, y) on the device, repeated per image, [cond ; uncond] with true CFG; and n images."""
+        if r.prompt_embeds is None:
+            txt, y = self.encode_prompt(as_prompt_list(r.prompt))
+        elif r.pooled_prompt_embeds is None:
+            raise InputError("prompt_embeds needs pooled_prompt_embeds too")
+        else:
+            txt, y = r.prompt_embeds, r.pooled_prompt_embeds
+        n = txt.shape[0] * r.num_images_per_prompt
+        if true_cfg > 1.0:
+            if r.negative_prompt_embeds is not None:
+                neg_txt, neg_y = r.negative_prompt_embeds, r.negative_pooled_prompt_embeds
+            else:
+                negative = r.negative_prompt if r.negative_prompt is not None else ""
+                negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
+                neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
+            txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
+        k = r.num_images_per_prompt
+        return txt.repeat_interleave(k, 0).to(self.device), y.repeat_interleave(k, 0).to(self.device), n
+
+    def prepare(self, timer, r) -> Plan:
+        steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
+        guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
         cond_tokens = cond_ids = None
         default_size = self.default_size
-        if image is not None:
+        if r.image is not None:
             with timer.stage("encode_image"):
-                cond_tokens, cond_ids, default_size = self._context_image(image, auto_resize)
-        height, width = resolve_size(height, width, default_size, self.multiple, self.max_side)
-
+                cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
+        height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         with timer.stage("encode_prompt"):
-            if prompt_embeds is None:
-                prompts = as_prompt_list(prompt)
-                txt, y = self.encode_prompt(prompts)
-            else:
-                if pooled_prompt_embeds is None:
-                    raise InputError("prompt_embeds needs pooled_prompt_embeds too")
-                txt, y = prompt_embeds, pooled_prompt_embeds
-            if true_cfg > 1.0:
-                if negative_prompt_embeds is not None:
-                    neg_txt, neg_y = negative_prompt_embeds, negative_pooled_prompt_embeds
-                else:
-                    negative = negative_prompt if negative_prompt is not None else ""
-                    negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
-                    neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
-                txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
-        n = (txt.shape[0] // (2 if true_cfg > 1.0 else 1)) * num_images_per_prompt
-        txt = txt.repeat_interleave(num_images_per_prompt, 0).to(self.device)
-        y = y.repeat_interleave(num_images_per_prompt, 0).to(self.device)
-
+            txt, y, n = self._text(r, true_cfg)
         f = self.vae.downscale
         h_lat, w_lat = height // f, width // f
-        if latents is None:
-            noise, seeds = draw_noise(n, (self.vae.config.z_channels, h_lat, w_lat), seed, generator)
-        else:
-            if tuple(latents.shape) != (n, self.vae.config.z_channels, h_lat, w_lat):
-                raise InputError(
-                    f"latents must be [{n}, {self.vae.config.z_channels}, {h_lat}, {w_lat}], got {list(latents.shape)}"
-                )
-            noise, seeds = latents.float().cpu(), [None] * n
-        x = pack_latents(noise).to(self.device)  # [B, N, 64], fp32 state
+        noise, seeds = self.initial_noise(n, (self.vae.config.z_channels, h_lat, w_lat), r.seed, r.generator, r.latents)
+        x = pack_latents(noise)  # [B, N, 64], fp32 state
         img_ids = make_img_ids(h_lat // 2, w_lat // 2, device=self.device)
         txt_ids = torch.zeros(txt.shape[1], 3, device=self.device)
         batch = 2 * n if true_cfg > 1.0 else n
         g = None if guidance is None else torch.full((batch,), float(guidance), device=self.device)
         if cond_tokens is not None:
             cond_tokens = cond_tokens.expand(batch, -1, -1)
-        # mu from the target tokens only (Kontext context tokens excluded, as both references do)
-        sigmas = flux_schedule(steps, x.shape[1], shift=cfg.shift_schedule)
 
-        def velocity(x, sigma):
-            t = torch.full((batch,), sigma, device=self.device)
+        def velocity(x, step):
+            t = torch.full((batch,), float(step), device=self.device)
+            step = step.with_branch("cfg" if true_cfg > 1.0 else "cond")
             xs = torch.cat((x, x)) if true_cfg > 1.0 else x
-            v = self.transformer(xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
+            v = self.predict(step, xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
             return cfg_combine(*v.chunk(2), true_cfg) if true_cfg > 1.0 else v
 
-        loop = DenoiseLoop(
-            self, sampler, steps, self.transformer.dtype, callback, self.progress_bar if progress is None else progress
-        )
-        with timer.stage("denoise"):
-            x = loop.run(velocity, x, sigmas)
-        latent = unpack_latents(x, h_lat, w_lat)
-        settings = {
-            "model": cfg.name,
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "sampler": sampler,
-            "dtype": str(self.transformer.dtype).removeprefix("torch."),
-            "edit": image is not None,
-            "true_cfg_scale": true_cfg if true_cfg > 1.0 else None,
-        }
-        if output_type == "latent":
-            return PipelineOutput(latent, seeds, settings, timer.done())
-        with timer.stage("decode"):
-            pixels = self.vae.decode(latent)
-        images = self.format_images(pixels, output_type)
+        settings = self.base_settings(height, width, steps, guidance, sampler)
+        settings.update(edit=r.image is not None, true_cfg_scale=true_cfg if true_cfg > 1.0 else None)
+        # mu from the target tokens only (Kontext context tokens excluded, as both references do)
+        sigmas = flux_schedule(steps, x.shape[1], shift=self.config.shift_schedule)
+        return Plan(x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat))
+
+    def on_images(self, images, output_type: str) -> None:
         if output_type == "pil":
             self._last_image = images[-1]
-        return PipelineOutput(images, seeds, settings, timer.done())
 
     def edit(self, prompt, image=None, **kwargs) -> PipelineOutput:
         """Kontext multi-turn editing: edit ``image``, or the last image this pipeline made."""

@@ -7,37 +7,12 @@ import torch
 from ..errors import InputError, MissingComponentError
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import (
-    BasePipeline,
-    DenoiseLoop,
-    PipelineOutput,
-    Timer,
-    as_prompt_list,
-    check_steps,
-    draw_noise,
-    resolve_size,
-)
-
-
-def sd3_defaults(config) -> dict:
-    """Per-variant defaults (REFERENCE.md 4.3): turbo 4 steps Euler without CFG; SD3.5 large and
-    medium 40 steps, CFG 4.5, DPM++(2M) (SAI's sampler); SD3-medium diffusers' 28 steps, CFG 7, Euler."""
-    if config.turbo:
-        return {"steps": 4, "guidance": 0.0, "sampler": "euler"}
-    if config.qk_norm:
-        return {"steps": 40, "guidance": 4.5, "sampler": "dpmpp_2m"}
-    return {"steps": 28, "guidance": 7.0, "sampler": "euler"}
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, resolve_size
 
 
 class SD3Pipeline(BasePipeline):
-    """prompt -> images with an MMDiT, the 16-channel VAE and CLIP-L + CLIP-G (+ T5)."""
-
-    def __init__(self, transformer, vae, text_encoder=None, default_size: tuple[int, int] | None = None):
-        super().__init__()
-        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.config = transformer.config
-        self.defaults = sd3_defaults(self.config)
-        self.default_size = default_size or (1024, 1024)
+    """prompt -> images with an MMDiT, the 16-channel VAE and CLIP-L + CLIP-G (+ T5). Sampling
+    defaults come from the model config (``config.sampling``)."""
 
     @property
     def device(self) -> torch.device:
@@ -93,77 +68,59 @@ class SD3Pipeline(BasePipeline):
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance."""
         if image is not None:
             raise InputError("SD3 pipelines do not take an input image")
-        timer, mcfg = Timer(), self.config
-        self.check_output_type(output_type)
-        steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
-        sampler = sampler or self.defaults["sampler"]
-        guidance = float(self.defaults["guidance"] if guidance_scale is None else guidance_scale)
+        request = dict(locals())
+        del request["self"], request["image"]
+        return self.generate(**request)
+
+    def _text(self, r, do_cfg: bool):
+        """(context, pooled) on the device, repeated per image; with CFG also the [uncond ; cond] pair."""
+        k = r.num_images_per_prompt
+
+        def per_image(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat_interleave(k, 0).to(self.device)
+
+        ctx, pooled = map(per_image, self._embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt"))
+        if not do_cfg:
+            return ctx, pooled, None
+        negative = r.negative_prompt
+        if r.negative_prompt_embeds is None and negative is None:
+            negative = [""] * (ctx.shape[0] // k)  # the references encode "", not zeros
+        elif isinstance(negative, str):
+            negative = [negative] * (ctx.shape[0] // k)
+        neg_ctx, neg_pooled = map(
+            per_image,
+            self._embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt"),
+        )
+        return ctx, pooled, (torch.cat((neg_ctx, ctx)), torch.cat((neg_pooled, pooled)))
+
+    def prepare(self, timer, r) -> Plan:
+        mcfg = self.config
+        steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
+        guidance = float(self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale)
         do_cfg = guidance > 1.0
-        height, width = resolve_size(height, width, self.default_size, self.multiple, self.max_side)
-        skip = tuple(skip_guidance_layers or ())
+        height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, self.max_side)
+        skip = tuple(r.skip_guidance_layers or ())
         if any(not 0 <= i < mcfg.depth for i in skip):
             raise InputError(f"skip_guidance_layers must be block indices below {mcfg.depth}, got {list(skip)}")
-
         with timer.stage("encode_prompt"):
-            ctx, pooled = self._embeds(prompt, prompt_embeds, pooled_prompt_embeds, "prompt")
-            if do_cfg:
-                if negative_prompt_embeds is None and negative_prompt is None:
-                    negative_prompt = [""] * ctx.shape[0]  # the references encode "", not zeros
-                elif isinstance(negative_prompt, str):
-                    negative_prompt = [negative_prompt] * ctx.shape[0]
-                neg_ctx, neg_pooled = self._embeds(
-                    negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_prompt"
-                )
-        n = ctx.shape[0] * num_images_per_prompt
-        ctx, pooled = (t.repeat_interleave(num_images_per_prompt, 0).to(self.device) for t in (ctx, pooled))
-        if do_cfg:
-            neg_ctx, neg_pooled = (
-                t.repeat_interleave(num_images_per_prompt, 0).to(self.device) for t in (neg_ctx, neg_pooled)
-            )
-            both_ctx, both_pooled = torch.cat((neg_ctx, ctx)), torch.cat((neg_pooled, pooled))  # [uncond ; cond]
+            ctx, pooled, both = self._text(r, do_cfg)
+        n, f = ctx.shape[0], self.vae.downscale
+        x, seeds = self.initial_noise(
+            n, (self.vae.config.z_channels, height // f, width // f), r.seed, r.generator, r.latents
+        )
+        start, stop, slg_scale = r.skip_layer_guidance_start, r.skip_layer_guidance_stop, r.skip_layer_guidance_scale
 
-        f = self.vae.downscale
-        shape = (self.vae.config.z_channels, height // f, width // f)
-        if latents is None:
-            x, seeds = draw_noise(n, shape, seed, generator)
-        else:
-            if tuple(latents.shape) != (n, *shape):
-                raise InputError(f"latents must be {[n, *shape]}, got {list(latents.shape)}")
-            x, seeds = latents.float().cpu(), [None] * n
-        x = x.to(self.device)
-        sigmas = sd3_schedule(steps, mcfg.shift)
-        step_of = {float(s): i for i, s in enumerate(sigmas.tolist())}
-
-        def velocity(x, sigma):
-            t = torch.full((n,), sigma * 1000.0, device=self.device)
+        def velocity(x, step):
+            t = torch.full((n,), float(step) * 1000.0, device=self.device)
             if not do_cfg:
-                return self.transformer(x, t, ctx, pooled)
-            uncond, cond = self.transformer(torch.cat((x, x)), torch.cat((t, t)), both_ctx, both_pooled).chunk(2)
+                return self.predict(step.with_branch("cond"), x, t, ctx, pooled)
+            uncond, cond = self.predict(step.with_branch("cfg"), torch.cat((x, x)), torch.cat((t, t)), *both).chunk(2)
             v = cfg_combine(cond, uncond, guidance)
-            if skip and slg_active(
-                step_of.get(float(sigma), steps), steps, skip_layer_guidance_start, skip_layer_guidance_stop
-            ):
-                v_skip = self.transformer(x, t, ctx, pooled, skip_layers=skip)
-                v = skip_layer_guidance(v, cond, v_skip, skip_layer_guidance_scale)
+            if skip and slg_active(step.index, step.steps, start, stop):
+                v_skip = self.predict(step.with_branch("slg"), x, t, ctx, pooled, skip_layers=skip)
+                v = skip_layer_guidance(v, cond, v_skip, slg_scale)
             return v
 
-        loop = DenoiseLoop(
-            self, sampler, steps, self.transformer.dtype, callback, self.progress_bar if progress is None else progress
-        )
-        with timer.stage("denoise"):
-            x = loop.run(velocity, x, sigmas)
-        settings = {
-            "model": mcfg.name,
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "sampler": sampler,
-            "dtype": str(self.transformer.dtype).removeprefix("torch."),
-            "skip_guidance_layers": list(skip) or None,
-        }
-        if output_type == "latent":
-            return PipelineOutput(x, seeds, settings, timer.done())
-        with timer.stage("decode"):
-            pixels = self.vae.decode(x)
-        return PipelineOutput(self.format_images(pixels, output_type), seeds, settings, timer.done())
+        settings = self.base_settings(height, width, steps, guidance, sampler)
+        settings["skip_guidance_layers"] = list(skip) or None
+        return Plan(x, sd3_schedule(steps, mcfg.shift), sampler, velocity, seeds, settings)

@@ -2,10 +2,11 @@
 
 from .guidance import cfg, cfg_batched, skip_layer_guidance, slg_active
 from .schedules import flux_mu, flux_schedule, sd3_schedule
-from .solvers import SOLVERS, dpmpp_2m, euler, euler_step, get_solver, heun
+from .solvers import SOLVERS, Step, dpmpp_2m, euler, euler_step, get_solver, heun
 
 __all__ = [
     "SOLVERS",
+    "Step",
     "cfg",
     "cfg_batched",
     "dpmpp_2m",

@@ -1,9 +1,11 @@
 """Flow-matching ODE solvers: x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0.
 
-A solver takes ``velocity(x, sigma) -> v`` (a plain function: solvers never see a model), the
-initial noise and a sigma schedule ending in 0, and returns x at the last sigma. The state is kept
-in fp32 whatever the velocity's dtype; ``callback(i, x, sigma)`` runs after each step and may
-raise to interrupt.
+A solver takes ``velocity(x, step) -> v`` (a plain function: solvers never see a model), the
+initial noise and a sigma schedule ending in 0, and returns x at the last sigma. ``step`` is a
+:class:`Step`: the sigma of the evaluation (it *is* that float, so functions written as
+``velocity(x, sigma)`` keep working) carrying which solver step and stage it belongs to. The state
+is kept in fp32 whatever the velocity's dtype; ``callback(i, x, sigma_next)`` runs after each step
+and may raise to interrupt.
 """
 
 from __future__ import annotations
@@ -15,7 +17,39 @@ import torch
 
 from ..errors import InputError
 
-Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+
+class Step(float):
+    """One velocity evaluation: the float value is the sigma at which it happens.
+
+    ``index``: the solver step (0 .. steps - 1) going from sigmas[index] to ``sigma_next``;
+    ``steps``: their number; ``stage``: 0 for the step's first evaluation, 1 for a second one in
+    the same step (Heun's corrector, evaluated at sigma_next); ``branch``: set by pipelines for the
+    guidance pass it runs ("cond", "cfg" for a batched cond + uncond pass, "slg" for SD3.5's
+    skip-layer pass). Caching policies key their state on (branch, index, stage).
+    """
+
+    __slots__ = ("index", "steps", "sigma_next", "stage", "branch")
+
+    def __new__(cls, sigma: float, index: int, sigma_next: float, steps: int, stage: int = 0, branch=None):
+        self = super().__new__(cls, sigma)
+        self.index, self.steps, self.sigma_next, self.stage, self.branch = index, steps, sigma_next, stage, branch
+        return self
+
+    @property
+    def sigma(self) -> float:
+        return float(self)
+
+    def with_branch(self, branch: str) -> Step:
+        return Step(float(self), self.index, self.sigma_next, self.steps, self.stage, branch)
+
+    def __repr__(self) -> str:
+        return (
+            f"Step(sigma={float(self)!r}, index={self.index}, sigma_next={self.sigma_next!r}, steps={self.steps}, "
+            f"stage={self.stage}, branch={self.branch!r})"
+        )
+
+
+Velocity = Callable[[torch.Tensor, Step], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, float], None] | None
 
 
@@ -33,8 +67,9 @@ def _sigmas(sigmas) -> list[float]:
 def euler(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None) -> torch.Tensor:
     """First-order: x += (sigma_next - sigma) v. Exact for a constant velocity field."""
     s, x = _sigmas(sigmas), x.float()
-    for i in range(len(s) - 1):
-        x = euler_step(x, velocity(x, s[i]), s[i], s[i + 1])
+    n = len(s) - 1
+    for i in range(n):
+        x = euler_step(x, velocity(x, Step(s[i], i, s[i + 1], n)), s[i], s[i + 1])
         if callback:
             callback(i, x, s[i + 1])
     return x
@@ -44,11 +79,13 @@ def heun(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None)
     """Second-order Heun (trapezoid with an Euler predictor); an Euler step into sigma = 0, where
     the velocity is not evaluated. Two velocity calls per step."""
     s, x = _sigmas(sigmas), x.float()
-    for i in range(len(s) - 1):
-        v = velocity(x, s[i]).float()
+    n = len(s) - 1
+    for i in range(n):
+        v = velocity(x, Step(s[i], i, s[i + 1], n)).float()
         x_pred = euler_step(x, v, s[i], s[i + 1])
-        if s[i + 1] > 0:
-            x = x + (s[i + 1] - s[i]) * 0.5 * (v + velocity(x_pred, s[i + 1]).float())
+        if s[i + 1] > 0:  # the corrector: same step index, stage 1, evaluated at sigma_next
+            v_next = velocity(x_pred, Step(s[i + 1], i, s[i + 1], n, stage=1)).float()
+            x = x + (s[i + 1] - s[i]) * 0.5 * (v + v_next)
         else:
             x = x_pred
         if callback:
@@ -62,9 +99,10 @@ def dpmpp_2m(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = N
     correction of D (first order on the first step and into sigma = 0)."""
     s, x = _sigmas(sigmas), x.float()
     old_denoised, h_last = None, None
-    for i in range(len(s) - 1):
+    n = len(s) - 1
+    for i in range(n):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = x - sigma * velocity(x, sigma).float()
+        denoised = x - sigma * velocity(x, Step(sigma, i, sigma_next, n)).float()
         if sigma_next == 0:
             x = denoised
         else:

@@ -1,0 +1,172 @@
+"""Finding and building every pipeline component from local files: the transformer and VAE
+(through :mod:`fastflow.loading.loader`), the CLIP / T5 text encoders and their tokenizers, from a
+diffusers pipeline folder or from single files and folders given one by one. ``fastflow.load()``
+only composes what this module returns.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, MissingComponentError
+from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
+from .loader import load_transformer, load_vae
+
+# The embedded default model (tools/train_tiny.py): what `fastflow generate` runs without --model.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "fastflow-tiny-digits"
+
+# diffusers pipeline-folder text components per family: (subfolder, tokenizer subfolder, role)
+TEXT_LAYOUT = {
+    "flux": [("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "t5")],
+    "sd3": [
+        ("text_encoder", "tokenizer", "clip_l"),
+        ("text_encoder_2", "tokenizer_2", "clip_g"),
+        ("text_encoder_3", "tokenizer_3", "t5"),
+    ],
+}
+OPTIONAL_TEXT = {"sd3": {"t5"}}  # SD3 runs without T5 (zeros in its place)
+
+
+@dataclass
+class Components:
+    """What a pipeline is built from. ``text`` is None when text encoders were declined."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text: object | None
+
+    @property
+    def family(self) -> str:
+        return self.transformer.config.family
+
+
+def _found(folder: Path) -> str:
+    return ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+
+
+def _local_folder(path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(path, f"{what} folder not found", f"pass the local folder holding the {what}")
+    if not list(path.glob("*.safetensors")) and not list(path.glob("*.safetensors.index.json")):
+        raise CheckpointError(
+            path,
+            f"no .safetensors weights for the {what} (found: {_found(path)})",
+            "fastflow loads text encoders from safetensors only (never pickle .bin files)",
+        )
+    return path
+
+
+def _load_model(cls, folder, what: str, dtype, device):
+    folder = _local_folder(folder, what)
+    model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_tokenizer(folder, what: str):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder).expanduser()
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(
+            folder,
+            f"no tokenizer files for the {what}",
+            "pass the local tokenizer folder (tokenizer.json / tokenizer_config.json)",
+        )
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):
+    """A :class:`CLIPEncoder` from a local folder (CLIPTextModelWithProjection for SD3)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    model = _load_model(model_cls, model_folder, "CLIP text encoder", dtype, device)
+    return CLIPEncoder(model, _load_tokenizer(tokenizer_folder or model_folder, "CLIP text encoder"))
+
+
+def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="cpu") -> T5Encoder:
+    """A :class:`T5Encoder` from a local folder; never in fp16 (bf16 instead, with a warning)."""
+    from transformers import T5EncoderModel
+
+    if dtype == torch.float16:
+        warnings.warn("T5 overflows in float16; loading it in bfloat16 instead", UserWarning, stacklevel=3)
+        dtype = torch.bfloat16
+    model = _load_model(T5EncoderModel, model_folder, "T5 encoder", dtype, device)
+    return T5Encoder(model, _load_tokenizer(tokenizer_folder or model_folder, "T5 encoder"))
+
+
+def text_sources(path: Path, family: str, text_encoders) -> dict[str, tuple[Path, Path]]:
+    """role -> (model folder, tokenizer folder), from ``text_encoders=`` or the pipeline folder."""
+    if text_encoders is not None:
+        sources = {}
+        for role, value in dict(text_encoders).items():
+            model, tok = (value, value) if isinstance(value, (str, os.PathLike)) else value
+            sources[role] = (Path(model), Path(tok))
+        return sources
+    if not path.is_dir():
+        return {}
+    return {role: (path / sub, path / tok) for sub, tok, role in TEXT_LAYOUT[family] if (path / sub).is_dir()}
+
+
+def require_text(sources: dict, family: str, where: Path) -> None:
+    needed = [role for _, _, role in TEXT_LAYOUT[family] if role not in OPTIONAL_TEXT.get(family, set())]
+    missing = [r for r in needed if r not in sources]
+    if missing:
+        found = _found(where) if where.is_dir() else f"a single file ({where.name})"
+        subfolders = {role: sub for sub, _, role in TEXT_LAYOUT[family]}
+        raise MissingComponentError(
+            f"{where}: text encoder(s) {', '.join(missing)} not found (found: {found}). Needed: "
+            + ", ".join(f"{r} ({subfolders[r]}/ in a diffusers folder)" for r in needed)
+            + ". Pass text_encoders={'clip_l': folder, ...}, or text_encoders=False to use prompt embeddings only"
+        )
+
+
+def load_text_encoders(family: str, sources: dict, dtype, device, t5_max_length: int):
+    """The family's text encoder (FluxTextEncoder or SD3TextEncoder) from ``sources``."""
+
+    def clip(role, projection):
+        model, tok = sources[role]
+        return load_clip(model, tok, with_projection=projection, dtype=dtype, device=device)
+
+    t5 = None
+    if "t5" in sources:
+        model, tok = sources["t5"]
+        t5 = load_t5(model, tok, dtype=torch.bfloat16 if dtype == torch.float16 else dtype, device=device)
+    if family == "flux":
+        return FluxTextEncoder(clip("clip_l", False), t5, max_length=t5_max_length)
+    if t5 is None:
+        warnings.warn(
+            "no T5 encoder: SD3 will run on CLIP features only (zeros in T5's place)", UserWarning, stacklevel=3
+        )
+    return SD3TextEncoder(clip("clip_l", True), clip("clip_g", True), t5, context_width=4096 if t5 is None else None)
+
+
+def load_components(
+    path: Path,
+    variant: str | None,
+    device,
+    dtype: torch.dtype,
+    vae=None,
+    text_encoders=None,
+    t5_max_length: int | None = None,
+) -> Components:
+    """Transformer, VAE and text encoders for the model at ``path`` (see ``fastflow.load``)."""
+    transformer = load_transformer(path, variant=variant, dtype=dtype, device=device)
+    family = transformer.config.family
+    if vae is None and not path.is_dir() and family == "flux":
+        raise MissingComponentError(f"{path} is a single transformer file: pass vae=<ae.safetensors or VAE folder>")
+    # a pipeline folder's vae/ (or an SD3 single file's first_stage_model.*) unless vae= is given
+    autoencoder = load_vae(vae if vae is not None else path, dtype=dtype, device=device, prefer=family)
+    text = None
+    if text_encoders is not False:
+        sources = text_sources(path, family, text_encoders)
+        require_text(sources, family, path)
+        max_length = t5_max_length or getattr(transformer.config, "t5_max_length", 256)
+        text = load_text_encoders(family, sources, dtype, device, max_length)
+    return Components(transformer, autoencoder, text)

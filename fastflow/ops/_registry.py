@@ -1,0 +1,196 @@
+"""One table of fastflow ops: each op is declared once with :func:`defop`, which creates the
+``fastflow::<name>`` custom op (body = the plain-torch reference), registers its fake and its GPU
+kernel, and returns the call-time wrapper that models use.
+
+Backends, read at call time (:func:`set_backend` / :func:`use_backend`):
+
+* ``"kernels"`` (default): call the custom op; the PyTorch dispatcher runs the registered GPU
+  kernel for CUDA tensors (the first available of :data:`KERNEL_BACKENDS` that the op has) and the
+  reference body everywhere else.
+* ``"reference"``: call the plain-torch reference directly (tests, benchmarks, debugging).
+* a named kernel backend (``"triton"``, later ``"cuda_cpp"``): call that implementation directly on
+  any device (GPU A/B runs; CPU tensors under ``TRITON_INTERPRET=1`` in the kernel tests); ops
+  without an implementation for it run their reference.
+
+Autograd: kernels are inference-only, so whenever grad is enabled and an input requires it the
+wrapper takes the reference path, which differentiates like any torch code.
+
+:data:`OPS` is what ``fastflow doctor``, the benches and ``tools/kernel_report.py`` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+KERNEL_BACKENDS = ("triton", "cuda_cpp")  # in order of preference for the "kernels" backend on CUDA
+BACKENDS = ("reference", "kernels", *KERNEL_BACKENDS)
+_DEVICE_OF_BACKEND = {"triton": "cuda", "cuda_cpp": "cuda"}  # where the dispatcher runs each kind
+
+
+def _available(backend: str) -> bool:
+    """Whether a kernel backend can run in this installation (not whether a GPU is present)."""
+    if backend == "triton":
+        return importlib.util.find_spec("triton") is not None
+    if backend == "cuda_cpp":
+        return importlib.util.find_spec("fastflow._C") is not None
+    return False
+
+
+@dataclass
+class OpDef:
+    """One fastflow op. ``impls`` maps a kernel backend to ``"module:function"`` (imported on first
+    use, so importing fastflow never needs triton) or to a function; the modules named there export
+    the ``SHIPPED`` launches that the kernel report compiles and the benches measure."""
+
+    name: str
+    reference: Callable
+    fake: Callable
+    impls: dict[str, str | Callable] = field(default_factory=dict)
+    check: Callable | None = None
+    op: object = None  # the torch.library CustomOpDef
+    call: Callable | None = None  # the public wrapper
+    _resolved: dict[str, Callable] = field(default_factory=dict, repr=False)
+
+    @property
+    def qualname(self) -> str:
+        return f"fastflow::{self.name}"
+
+    def impl(self, backend: str) -> Callable:
+        """The implementation for ``backend``, imported on first use."""
+        if backend not in self._resolved:
+            spec = self.impls[backend]
+            if callable(spec):
+                self._resolved[backend] = spec
+            else:
+                module, _, attr = spec.partition(":")
+                self._resolved[backend] = getattr(importlib.import_module(module), attr)
+        return self._resolved[backend]
+
+    def kernel_modules(self) -> list[str]:
+        return sorted({spec.partition(":")[0] for spec in self.impls.values() if isinstance(spec, str)})
+
+    def device_backend(self, device_type: str = "cuda") -> str | None:
+        """The kernel backend the dispatcher runs for this op on ``device_type`` here, if any."""
+        for backend in KERNEL_BACKENDS:
+            if backend in self.impls and _DEVICE_OF_BACKEND[backend] == device_type and _available(backend):
+                return backend
+        return None
+
+
+OPS: dict[str, OpDef] = {}
+_backend = "kernels"
+
+
+def set_backend(name: str) -> None:
+    """Select the backend of every fastflow op from now on (see the module docstring)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastflow op backend {name!r}; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily select a backend: ``with fastflow.ops.use_backend("reference"): ...``."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def kernel_would_run(name: str, *tensors: torch.Tensor) -> bool:
+    """Whether op ``name`` would run a kernel (not its reference) for these inputs now. For ops
+    that compose others (``ops.linear``) and must pick the same path the kernels would."""
+    opdef = OPS[name]
+    if _backend == "reference" or _needs_grad(tensors):
+        return False
+    if _backend == "kernels":
+        return any(opdef.device_backend(t.device.type) is not None for t in tensors)
+    return _backend in opdef.impls
+
+
+def defop(
+    name: str,
+    reference: Callable,
+    fake: Callable,
+    impls: dict[str, str] | None = None,
+    check: Callable | None = None,
+) -> Callable:
+    """Declare ``fastflow::<name>``: the custom op (schema from ``reference``'s annotations), its
+    fake, a CUDA kernel registration that runs the best available backend, and the wrapper.
+
+    The wrapper has ``reference``'s signature and docstring; ``check(*args)`` validates inputs on
+    every backend. Returns the wrapper.
+    """
+    if name in OPS:
+        raise ValueError(f"fastflow op {name!r} is already defined")
+    opdef = OpDef(name, reference, fake, dict(impls or {}), check)
+    unknown = set(opdef.impls) - set(KERNEL_BACKENDS)
+    if unknown:
+        raise ValueError(f"{name}: unknown kernel backends {sorted(unknown)}; known: {KERNEL_BACKENDS}")
+    signature = inspect.signature(reference)
+    names = list(signature.parameters)
+    defaults = {n: p.default for n, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+    def positional(args: tuple, kwargs: dict) -> tuple:
+        """args as the reference's full positional list (keywords and defaults filled in)."""
+        if kwargs or len(args) < len(names):
+            try:
+                args = args + tuple(kwargs.pop(n) if n in kwargs else defaults[n] for n in names[len(args) :])
+            except KeyError as e:
+                raise TypeError(f"{name}() missing argument {e.args[0]!r}") from None
+            if kwargs:
+                raise TypeError(f"{name}() got unexpected arguments {sorted(kwargs)}")
+        return args
+
+    op = torch.library.custom_op(opdef.qualname, reference, mutates_args=())
+    op.register_fake(lambda *args, **kwargs: fake(*positional(args, dict(kwargs))))
+
+    def device_kernel(device: str):
+        def run(*args, **kwargs):
+            backend = opdef.device_backend(device)
+            args = positional(args, dict(kwargs))
+            return opdef.impl(backend)(*args) if backend else reference(*args)
+
+        return run
+
+    for device in sorted({_DEVICE_OF_BACKEND[b] for b in opdef.impls}):
+        op.register_kernel(device)(device_kernel(device))
+    opdef.op = op
+
+    def call(*args, **kwargs):
+        args = positional(args, kwargs)
+        if check is not None:
+            check(*args)
+        if _backend == "reference" or _needs_grad(args):
+            return reference(*args)
+        if _backend == "kernels":
+            return op(*args)
+        return opdef.impl(_backend)(*args) if _backend in opdef.impls else reference(*args)
+
+    # a code object of its own per op: torch.compile caches (and counts recompiles) per code object
+    call.__code__ = call.__code__.replace(co_name=name)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = reference.__doc__
+    call.__signature__ = signature
+    call.__module__ = "fastflow.ops"
+    opdef.call = call
+    OPS[name] = opdef
+    return call

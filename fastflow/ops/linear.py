@@ -1,0 +1,69 @@
+"""``ops.linear(x, layer, epilogue)``: the one way models run a linear layer (with an optional fused
+epilogue), dispatched on the layer's type.
+
+Layer types register their implementation with :func:`register_linear` (FP8 and LoRA layers plug
+in here). A layer whose class overrides ``forward`` without registering, or that carries forward
+hooks, runs through its own ``forward`` followed by the epilogue op: a swapped layer is honoured on
+every device and backend, never bypassed by a fused path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from ._registry import kernel_would_run
+from .gelu_tanh import bias_gelu_tanh, gelu_tanh
+
+EPILOGUES: dict[str | None, Callable | None] = {None: None, "gelu_tanh": gelu_tanh}
+_IMPLS: dict[type, Callable] = {}
+
+
+def register_linear(cls: type):
+    """Decorator: ``fn(x, layer, epilogue) -> Tensor`` runs layers of type ``cls`` (and subclasses
+    that do not override ``forward``)."""
+
+    def register(fn):
+        _IMPLS[cls] = fn
+        return fn
+
+    return register
+
+
+def _apply_epilogue(y: torch.Tensor, epilogue: str | None) -> torch.Tensor:
+    return y if epilogue is None else EPILOGUES[epilogue](y)
+
+
+def _via_forward(x: torch.Tensor, layer: nn.Module, epilogue: str | None) -> torch.Tensor:
+    return _apply_epilogue(layer(x), epilogue)
+
+
+def implementation(layer: nn.Module) -> Callable:
+    """The function :func:`linear` runs for ``layer``."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return _via_forward
+    cls = type(layer)
+    for base in cls.__mro__:
+        if base in _IMPLS:
+            return _IMPLS[base] if cls.forward is base.forward else _via_forward
+    return _via_forward
+
+
+def linear(x: torch.Tensor, layer: nn.Module, epilogue: str | None = None) -> torch.Tensor:
+    """epilogue(layer(x)). x [..., in]; epilogue None or "gelu_tanh"; returns [..., out]."""
+    if epilogue not in EPILOGUES:
+        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
+    return implementation(layer)(x, layer, epilogue)
+
+
+@register_linear(nn.Linear)
+def _nn_linear(x: torch.Tensor, layer: nn.Linear, epilogue: str | None) -> torch.Tensor:
+    # Where the activation kernel runs, the bias is added inside it (one pass fewer); elsewhere
+    # (CPU, the reference backend, training) the plain Linear + GELU of the references.
+    if epilogue == "gelu_tanh" and layer.bias is not None and kernel_would_run("bias_gelu_tanh", x):
+        return bias_gelu_tanh(F.linear(x, layer.weight), layer.bias)
+    return _apply_epilogue(F.linear(x, layer.weight, layer.bias), epilogue)
