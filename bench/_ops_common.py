@@ -26,10 +26,18 @@ class Case:
 
     name: str
     make: object  # (device, dtype) -> tuple of args
-    fused_bytes: int
-    unfused_bytes: int
+    unfused_bytes: int  # a model of the eager sequence the op replaces (diffusers' ops), per bench
     unfused_kernels: int
     flops: int = 0
+    fused_bytes: int = 0  # filled in from the kernel's own planned launch (see with_plan)
+
+
+def with_plan(cases: list[Case], plan, dtype=torch.bfloat16) -> list[Case]:
+    """Set each case's fused bytes to what the kernel module's ``plan`` reads and writes for the
+    case's inputs (on meta tensors): a kernel fact read off the kernel, not counted by hand."""
+    for case in cases:
+        case.fused_bytes = plan(*case.make("meta", dtype)).bytes_moved
+    return cases
 
 
 def git_sha() -> str:
@@ -129,8 +137,10 @@ def write_json(rows: list[dict], path: str | None) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def main(op_name: str, fastflow_fn, reference_fn, cases: list[Case]) -> None:
-    """The command line of every bench_<op>.py: run the cases, optionally append JSON rows."""
+def main(op_name: str, fastflow_fn, reference_fn, cases: list[Case], plan) -> None:
+    """The command line of every bench_<op>.py: run the cases, optionally append JSON rows.
+    ``plan``: the kernel module's launch planner, which gives the fused bytes."""
+    cases = with_plan(cases, plan)
     import argparse
 
     parser = argparse.ArgumentParser(description=f"{op_name} benchmark (GPU timing, or a projection without one)")

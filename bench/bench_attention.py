@@ -5,6 +5,7 @@ applies). Target on an H100: >= 550 TFLOP/s bf16 at D 128, L 4608. See bench/_op
 
 import torch
 from _ops_common import Case, main
+from fastflow.kernels.attention import plan
 
 from fastflow.ops import attention
 from fastflow.ops.reference import attention_ref
@@ -18,7 +19,6 @@ def case(name, seq, heads, dim, e=2):
     return Case(
         name,
         lambda dev, dt: tuple(torch.randn(1, heads, seq, dim, device=dev, dtype=dt) for _ in range(3)),
-        fused_bytes=qkvo,
         unfused_bytes=qkvo + 2 * 3 * scores,
         unfused_kernels=3,
         flops=4 * seq * seq * heads * dim,
@@ -26,4 +26,10 @@ def case(name, seq, heads, dim, e=2):
 
 
 if __name__ == "__main__":
-    main("attention", attention, attention_ref, [case(k, *v) for k, v in SHAPES.items()])
+    main(
+        "attention",
+        attention,
+        attention_ref,
+        [case(k, *v) for k, v in SHAPES.items()],
+        lambda q, k, v: plan(q, k, v, None),
+    )

@@ -4,6 +4,7 @@ plus the [B, L, H, D] -> [B, H, L, D] transposes of q, k, v. See bench/_ops_comm
 
 import torch
 from _ops_common import Case, main
+from fastflow.kernels.qk_norm_rope import plan
 
 from fastflow.ops import qk_norm
 from fastflow.ops.reference import qk_norm_ref
@@ -25,7 +26,6 @@ def case(name, tokens, e=2, heads=HEADS):
             heads,
             1e-6,
         ),
-        fused_bytes=6 * n * e,
         unfused_bytes=int(unfused),
         unfused_kernels=14,
         flops=6 * n,
@@ -38,4 +38,5 @@ if __name__ == "__main__":
         qk_norm,
         qk_norm_ref,
         [case("sd3.5-large 4429 tokens", 4429), case("sd3.5-medium 4429 tokens (H 24)", 4429, heads=24)],
+        lambda qkv, qs, ks, heads, eps: plan(qkv, qs, ks, None, None, heads, eps),
     )

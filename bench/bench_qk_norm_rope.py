@@ -6,6 +6,7 @@ txt/img cat of q, k and v (DESIGN.md 3b). See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
+from fastflow.kernels.qk_norm_rope import plan
 
 from fastflow.ops import qk_norm_rope
 from fastflow.ops.reference import qk_norm_rope_ref
@@ -36,7 +37,6 @@ def case(name, tokens, e=2):
             HEADS,
             1e-6,
         ),
-        fused_bytes=int(6 * n * e + 2 * tokens * HEAD_DIM // 2 * 4),
         unfused_bytes=int(unfused),
         unfused_kernels=26,
         flops=20 * n,
@@ -44,4 +44,4 @@ def case(name, tokens, e=2):
 
 
 if __name__ == "__main__":
-    main("qk_norm_rope", qk_norm_rope, qk_norm_rope_ref, [case(k, v) for k, v in SHAPES.items()])
+    main("qk_norm_rope", qk_norm_rope, qk_norm_rope_ref, [case(k, v) for k, v in SHAPES.items()], plan)

@@ -1,0 +1,58 @@
+"""qk_norm_rope kernel(s) under the Triton interpreter vs the reference (tolerance rule: _numerics.py)."""
+
+import pytest
+import torch
+
+from fastflow.ops import reference as ref
+
+from ._numerics import DTYPES, check, guarded, rand
+
+
+def _rope_tables(seq, half, seed=3):
+    angles = torch.rand(seq, half, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 50
+    return guarded(angles.cos().float()), guarded(angles.sin().float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,head_dim,seq", [(3, 128, 9), (2, 64, 5), (1, 32, 1)])
+def test_qk_norm_rope(heads, head_dim, seq, dtype):
+    from fastflow.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    qkv = rand(2, seq, 3 * heads * head_dim, dtype=dtype, scale=2.0)
+    qs, ks = rand(head_dim, dtype=dtype, seed=1, offset=1.0), rand(head_dim, dtype=dtype, seed=2, offset=1.0)
+    cos, sin = _rope_tables(seq, head_dim // 2)
+    out = qk_norm_rope_fwd(qkv, qs, ks, cos, sin, heads, 1e-6)
+    check(out, lambda *a: ref.qk_norm_rope_ref(*a), (qkv, qs, ks, cos, sin, heads, 1e-6), dtype)
+
+
+def test_qk_norm_rope_on_a_single_block_slice():
+    """FLUX single blocks hand over a strided slice of linear1's output [qkv | mlp]."""
+    from fastflow.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    heads, d, seq = 2, 64, 6
+    fused = rand(1, seq, 3 * heads * d + 96, dtype=torch.bfloat16)
+    qkv = fused[..., : 3 * heads * d]
+    qs, ks = rand(d, dtype=torch.float32, seed=1, offset=1.0), rand(d, dtype=torch.float32, seed=2, offset=1.0)
+    cos, sin = _rope_tables(seq, d // 2)
+    check(
+        qk_norm_rope_fwd(qkv, qs, ks, cos, sin, heads, 1e-6),
+        ref.qk_norm_rope_ref,
+        (qkv, qs, ks, cos, sin, heads, 1e-6),
+        torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_norm", [True, False], ids=["rms", "split"])
+def test_qk_norm_without_rope(with_norm, dtype):
+    from fastflow.kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    heads, d, seq = 3, 64, 7
+    qkv = rand(2, seq, 3 * heads * d, dtype=dtype)
+    scales = (
+        (rand(d, dtype=dtype, seed=1, offset=1.0), rand(d, dtype=dtype, seed=2, offset=1.0))
+        if with_norm
+        else (None, None)
+    )
+    out = qk_norm_rope_fwd(qkv, *scales, None, None, heads, 1e-6)
+    check(out, ref.qk_norm_ref, (qkv, *scales, heads, 1e-6), dtype)
