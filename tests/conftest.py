@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs an sm_90 GPU"))
 
 
+def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """``model`` with every parameter moved by scale * N(0, 1): zero-initialised gates and
+    projections would otherwise hide most of a block from a test."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model
+
+
 def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0):
     """diffusers FluxTransformer2DModel of a tiny registered config, every weight random.
 

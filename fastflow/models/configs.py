@@ -205,19 +205,19 @@ def configs_of(family: str) -> list:
     return [cfg for cfg in _REGISTRY.values() if cfg.family == family]
 
 
-_FLUX_DEV = FluxConfig(name="flux-dev")
-register(_FLUX_DEV)
-register(
-    _FLUX_DEV.replace(
-        name="flux-schnell",
-        guidance_embed=False,
-        shift_schedule=False,
-        t5_max_length=256,
-        sampling=FLUX_SCHNELL_SAMPLING,
+def _register_flux_variants(dev: FluxConfig, schnell: str, kontext: str) -> None:
+    """dev and the two checkpoints of its architecture family: schnell (timestep-distilled, no
+    guidance embedding, T5 256, no resolution shift) and Kontext (context image tokens)."""
+    register(dev)
+    register(
+        dev.replace(
+            name=schnell, guidance_embed=False, shift_schedule=False, t5_max_length=256, sampling=FLUX_SCHNELL_SAMPLING
+        )
     )
-)
-register(_FLUX_DEV.replace(name="flux-kontext-dev", kontext=True, sampling=FLUX_KONTEXT_SAMPLING))
+    register(dev.replace(name=kontext, kontext=True, sampling=FLUX_KONTEXT_SAMPLING))
 
+
+_register_flux_variants(FluxConfig(name="flux-dev"), "flux-schnell", "flux-kontext-dev")
 # Tiny configs (REFERENCE.md 5.5): hidden 64, 2 heads of 32, axes (8, 12, 12).
 _FLUX_TINY = FluxConfig(
     name="flux-tiny-dev",
@@ -229,17 +229,7 @@ _FLUX_TINY = FluxConfig(
     depth_single_blocks=2,
     axes_dim=(8, 12, 12),
 )
-register(_FLUX_TINY)
-register(
-    _FLUX_TINY.replace(
-        name="flux-tiny-schnell",
-        guidance_embed=False,
-        shift_schedule=False,
-        t5_max_length=256,
-        sampling=FLUX_SCHNELL_SAMPLING,
-    )
-)
-register(_FLUX_TINY.replace(name="flux-tiny-kontext", kontext=True, sampling=FLUX_KONTEXT_SAMPLING))
+_register_flux_variants(_FLUX_TINY, "flux-tiny-schnell", "flux-tiny-kontext")
 
 _SD3_MEDIUM = MMDiTConfig(name="sd3-medium")
 register(_SD3_MEDIUM)

@@ -7,15 +7,13 @@ import fastflow.ops as ops
 from fastflow.models import Flux, from_name
 from fastflow.models.flux import make_img_ids
 
+from ..conftest import perturbed
 from ..ops.test_linear import LoraLinear
 
 
 def test_lora_style_linear_in_the_flux_mlp_on_every_backend():
     torch.manual_seed(0)
-    model = Flux(from_name("flux-tiny-dev")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(Flux(from_name("flux-tiny-dev")).eval())
     g = torch.Generator().manual_seed(1)
     args = (torch.randn(1, 6, 64, generator=g), torch.randn(1, 3, 48, generator=g), torch.randn(1, 32, generator=g))
     kwargs = {"timesteps": torch.tensor([0.5]), "img_ids": make_img_ids(2, 3), "guidance": torch.tensor([3.5])}

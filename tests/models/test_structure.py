@@ -7,6 +7,8 @@ from fastflow.errors import InputError
 from fastflow.models import Flux, MMDiT, from_name
 from fastflow.models.flux import make_img_ids
 
+from ..conftest import perturbed
+
 
 def _flux_inputs(b=2):
     g = torch.Generator().manual_seed(1)
@@ -23,11 +25,7 @@ def _flux_inputs(b=2):
 @pytest.fixture(scope="module")
 def flux():
     torch.manual_seed(0)
-    model = Flux(from_name("flux-tiny-dev")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed(Flux(from_name("flux-tiny-dev")).eval())
 
 
 @torch.no_grad()
@@ -77,10 +75,7 @@ def test_every_block_attends_through_one_method(flux):
 @torch.no_grad()
 def test_mmdit_split_and_skip_layers_none():
     torch.manual_seed(0)
-    model = MMDiT(from_name("sd3.5-tiny-medium")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(MMDiT(from_name("sd3.5-tiny-medium")).eval())
     g = torch.Generator().manual_seed(1)
     x, ctx, y = (
         torch.randn(1, 16, 8, 6, generator=g),
