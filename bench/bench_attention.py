@@ -1,19 +1,20 @@
-"""attention (flash forward) at FLUX.1 1024x1024 (L 4608, H 24, D 128) and SD3.5-large (L 4429,
-H 38, D 64). Eager SDPA on a GPU is already a fused flash kernel, so the unfused baseline here is
-the math path that materialises the L x L scores (what SDPA falls back to when no fused kernel
-applies). Target on an H100: >= 550 TFLOP/s bf16 at D 128, L 4608. See bench/_ops_common.py."""
+"""attention (flash forward) at the shapes the kernel ships for: FLUX.1 1024x1024 (L 4608, H 24,
+D 128), SD3.5-large (L 4429, H 38, D 64) and SD3.5-medium's attn2 (L 4096, H 24, D 64). Eager SDPA
+on a GPU is already a fused flash kernel, so the unfused baseline here is the math path that
+materialises the L x L scores (what SDPA falls back to when no fused kernel applies). Target on an
+H100: >= 550 TFLOP/s bf16 at D 128, L 4608. See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.attention import plan
+from fastflow.kernels.attention import ATTENTION_SHAPES, plan
 
 from fastflow.ops import attention
 from fastflow.ops.reference import attention_ref
 
-SHAPES = {"flux 4608 tok H24 D128": (4608, 24, 128), "sd3.5-large 4429 tok H38 D64": (4429, 38, 64)}
+SHAPES = ATTENTION_SHAPES  # name -> (heads, head dim, tokens)
 
 
-def case(name, seq, heads, dim, e=2):
+def case(name, heads, dim, seq, e=2):
     qkvo = 4 * seq * heads * dim * e
     scores = seq * seq * heads * e  # one L x L matrix per head, written and read by each step
     return Case(

@@ -27,15 +27,11 @@ import time
 SMEM_LIMIT = {80: 166912, 89: 101376, 90: 232448, 100: 232448}  # max dynamic shared memory per block
 
 
-def kernel_modules() -> list[str]:
-    import fastflow.ops as ops
-
-    return sorted({m for opdef in ops.OPS.values() for m in opdef.kernel_modules()})
-
-
 def shipped_configs(archs, only=None):
     """(label, arch, kernel, signature, constexprs, attrs, options), one per distinct specialization."""
     from fastflow.kernels._common import specialize
+
+    from fastflow.ops._registry import kernel_modules
 
     seen, out = set(), []
     for name in kernel_modules():

@@ -21,6 +21,7 @@ wrapper takes the reference path, which differentiates like any torch code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -34,6 +35,7 @@ BACKENDS = ("reference", "kernels", *KERNEL_BACKENDS)
 _DEVICE_OF_BACKEND = {"triton": "cuda", "cuda_cpp": "cuda"}  # where the dispatcher runs each kind
 
 
+@functools.cache  # asked on every CUDA op call; the installation does not change while we run
 def _available(backend: str) -> bool:
     """Whether a kernel backend can run in this installation (not whether a GPU is present)."""
     if backend == "triton":
@@ -47,7 +49,7 @@ def _available(backend: str) -> bool:
 class OpDef:
     """One fastflow op. ``impls`` maps a kernel backend to ``"module:function"`` (imported on first
     use, so importing fastflow never needs triton) or to a function; the modules named there export
-    the ``SHIPPED`` launches that the kernel report compiles and the benches measure."""
+    ``shipped(arch)``, the launches the kernel report compiles and the benches measure."""
 
     name: str
     reference: Callable
@@ -85,6 +87,13 @@ class OpDef:
 
 
 OPS: dict[str, OpDef] = {}
+
+
+def kernel_modules() -> list[str]:
+    """Every kernel module the declared ops name (what ``tools/kernel_report.py`` compiles)."""
+    return sorted({m for opdef in OPS.values() for m in opdef.kernel_modules()})
+
+
 _backend = "kernels"
 
 

@@ -118,7 +118,8 @@ class FluxPipeline(BasePipeline):
             raise InputError("prompt_embeds needs pooled_prompt_embeds too")
         else:
             txt, y = r.prompt_embeds, r.pooled_prompt_embeds
-        n = txt.shape[0] * r.num_images_per_prompt
+        k = r.num_images_per_prompt
+        n = txt.shape[0] * k
         if true_cfg > 1.0:
             if r.negative_prompt_embeds is not None:
                 neg_txt, neg_y = r.negative_prompt_embeds, r.negative_pooled_prompt_embeds
@@ -127,7 +128,6 @@ class FluxPipeline(BasePipeline):
                 negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
                 neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
             txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
-        k = r.num_images_per_prompt
         return txt.repeat_interleave(k, 0).to(self.device), y.repeat_interleave(k, 0).to(self.device), n
 
     def prepare(self, timer, r) -> Plan:
