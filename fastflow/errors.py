@@ -50,6 +50,14 @@ class UnsafePathError(CheckpointError):
     """An index entry or a symlink points outside the model folder."""
 
 
+class NotARegularFileError(CheckpointError):
+    """The path is a directory, FIFO, device or socket where a file was expected."""
+
+
+class TooLargeError(CheckpointError):
+    """A header, JSON file or config asks for more work or memory than any real model needs."""
+
+
 class LfsPointerError(CheckpointError):
     """The file is a Git LFS pointer, not the weights."""
 

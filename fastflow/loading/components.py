@@ -16,6 +16,7 @@ import torch
 from ..errors import CheckpointError, MissingComponentError
 from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
 from .loader import load_transformer, load_vae
+from .text import check_tokenizer_fits, check_tokenizer_folder, load_text_model
 
 # The embedded default model (tools/train_tiny.py): what `fastflow generate` runs without --model.
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "fastflow-tiny-digits"
@@ -49,36 +50,17 @@ def _found(folder: Path) -> str:
     return ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
 
 
-def _local_folder(path, what: str) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(path, f"{what} folder not found", f"pass the local folder holding the {what}")
-    if not list(path.glob("*.safetensors")) and not list(path.glob("*.safetensors.index.json")):
-        raise CheckpointError(
-            path,
-            f"no .safetensors weights for the {what} (found: {_found(path)})",
-            "fastflow loads text encoders from safetensors only (never pickle .bin files)",
-        )
-    return path
-
-
-def _load_model(cls, folder, what: str, dtype, device):
-    folder = _local_folder(folder, what)
-    model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
-    return model.to(device).eval().requires_grad_(False)
-
-
 def _load_tokenizer(folder, what: str):
     from transformers import AutoTokenizer
 
     folder = Path(folder).expanduser()
-    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+    check_tokenizer_folder(folder, what)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' many ways to fail
         raise CheckpointError(
-            folder,
-            f"no tokenizer files for the {what}",
-            "pass the local tokenizer folder (tokenizer.json / tokenizer_config.json)",
-        )
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            folder, f"the {what} tokenizer cannot be read ({type(e).__name__}: {e})", "re-download the tokenizer files"
+        ) from None
 
 
 def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):
@@ -86,8 +68,11 @@ def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    model = _load_model(model_cls, model_folder, "CLIP text encoder", dtype, device)
-    return CLIPEncoder(model, _load_tokenizer(tokenizer_folder or model_folder, "CLIP text encoder"))
+    model = load_text_model(model_cls, model_folder, "CLIP text encoder", dtype, device)
+    tok_folder = Path(tokenizer_folder or model_folder).expanduser()
+    encoder = CLIPEncoder(model, _load_tokenizer(tok_folder, "CLIP text encoder"))
+    check_tokenizer_fits(encoder.tokenizer, model, "CLIP text encoder", tok_folder, encoder.max_length)
+    return encoder
 
 
 def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="cpu") -> T5Encoder:
@@ -97,8 +82,11 @@ def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="c
     if dtype == torch.float16:
         warnings.warn("T5 overflows in float16; loading it in bfloat16 instead", UserWarning, stacklevel=3)
         dtype = torch.bfloat16
-    model = _load_model(T5EncoderModel, model_folder, "T5 encoder", dtype, device)
-    return T5Encoder(model, _load_tokenizer(tokenizer_folder or model_folder, "T5 encoder"))
+    model = load_text_model(T5EncoderModel, model_folder, "T5 encoder", dtype, device)
+    tok_folder = Path(tokenizer_folder or model_folder).expanduser()
+    tokenizer = _load_tokenizer(tok_folder, "T5 encoder")
+    check_tokenizer_fits(tokenizer, model, "T5 encoder", tok_folder)
+    return T5Encoder(model, tokenizer)
 
 
 def text_sources(path: Path, family: str, text_encoders) -> dict[str, tuple[Path, Path]]:

@@ -7,7 +7,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import AmbiguousVariantError, MissingKeysError, UnknownConfigError, VariantMismatchError
+from ..errors import (
+    AmbiguousVariantError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnknownConfigError,
+    VariantMismatchError,
+)
 from ..models import configs as registry
 from .keymaps import COMPONENT_PREFIXES, OTHER_COMPONENT_PREFIXES
 from .sources import CheckpointSource
@@ -179,14 +185,33 @@ _SD3_FIELDS = (
 )
 
 
-def _shapes_with(source: CheckpointSource, layout: Layout, probes: dict, needed) -> dict:
+# The rank of every tensor detection reads a size from (probes not listed: rank 2).
+_PROBE_RANKS = {"q_norm": 1, "patch": 4, "pos": 3, "conv_in": 4, "z": 4, "first": 4, "out_conv": 4}
+
+
+def _shapes_with(source: CheckpointSource, layout: Layout, probes: dict, needed, ranks=None) -> dict:
+    """All shapes of the component, after checking that the probed tensors exist and have the
+    rank and non-zero sizes detection reads from them."""
     shapes = {k: source.entry(layout.prefix + k).shape for k in layout.keys}
     missing = [probes[n] for n in needed if probes[n] not in shapes]
     if missing:
         raise MissingKeysError(
             source.path, [layout.prefix + k for k in missing], "the checkpoint is incomplete: re-download it"
         )
+    ranks = {**_PROBE_RANKS, **(ranks or {})}
+    for name in (n for n in probes if isinstance(probes[n], str) and probes[n] in shapes):
+        _check_probe(source, layout, probes[name], shapes[probes[name]], ranks.get(name, 2))
     return shapes
+
+
+def _check_probe(source: CheckpointSource, layout: Layout, key: str, shape: tuple, rank: int) -> None:
+    if len(shape) != rank or 0 in shape:
+        raise ShapeMismatchError(
+            source.file_of(layout.prefix + key),
+            {layout.prefix + key: (shape, ("...",) * rank)},
+            f"this tensor must have {rank} non-zero dimension(s): the checkpoint is corrupt or not a model "
+            "fastflow knows",
+        )
 
 
 def _indices(layout: Layout, pattern: str) -> list[int]:
@@ -232,16 +257,19 @@ def vae_arch(source: CheckpointSource, layout: Layout) -> tuple:
     probes = {
         "conv_in": "encoder.conv_in.weight",
         "z": "decoder.conv_in.weight",
-        "out": "decoder.conv_out.weight",
+        "out_conv": "decoder.conv_out.weight",
         "first": _VAE_PROBES[layout.naming]["block"].format(i=0, j=0),
     }
     shapes = _shapes_with(source, layout, probes, tuple(probes))
     ch, in_ch = shapes[probes["conv_in"]][:2]
     levels = _indices(layout, _VAE_PROBES[layout.naming]["level"])
     block = _VAE_PROBES[layout.naming]["block"]
-    ch_mult = tuple(shapes[block.format(i=i, j=0)][0] // ch for i in levels if block.format(i=i, j=0) in shapes)
+    level_keys = [block.format(i=i, j=0) for i in levels if block.format(i=i, j=0) in shapes]
+    for key in level_keys:
+        _check_probe(source, layout, key, shapes[key], 4)
+    ch_mult = tuple(shapes[key][0] // ch for key in level_keys)
     n_blocks = sum(1 for j in range(64) if block.format(i=0, j=j) in shapes)
-    return (ch, ch_mult, n_blocks, shapes[probes["z"]][1], in_ch, shapes[probes["out"]][0])
+    return (ch, ch_mult, n_blocks, shapes[probes["z"]][1], in_ch, shapes[probes["out_conv"]][0])
 
 
 def describe_arch(arch: tuple) -> str:

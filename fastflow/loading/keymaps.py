@@ -17,9 +17,11 @@ class Segment:
     unsqueeze: int = 0  # trailing singleton dims to add (diffusers squeezes 1x1 conv weights)
 
     def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of this piece, given its source tensor's shape."""
+        """Shape of this piece, given its source tensor's shape (None: the source cannot give it)."""
+        if not source_shape or (self.half is not None and source_shape[0] % 2):
+            return None if self.half is not None or self.unsqueeze else source_shape
         rows = source_shape[0] // 2 if self.half is not None else source_shape[0]
-        return (rows, *source_shape[1:], *(1,) * self.unsqueeze) if source_shape else ()
+        return (rows, *source_shape[1:], *(1,) * self.unsqueeze)
 
     def take(self, src):
         """This piece of the source tensor (a view)."""

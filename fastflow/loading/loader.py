@@ -80,8 +80,11 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
     mismatches = {}
     for key, segs in plan.items():
         pieces = [s.shape(source.entry(s.key).shape) for s in segs]
-        got = (sum(p[0] for p in pieces), *pieces[0][1:]) if pieces[0] else ()
-        if any(p[1:] != pieces[0][1:] for p in pieces) or tuple(got) != tuple(expected[key]):
+        if any(p is None for p in pieces) or (len(pieces) > 1 and not all(pieces)):
+            got = tuple(source.entry(s.key).shape for s in segs)  # cannot be split / joined as needed
+        else:
+            got = (sum(p[0] for p in pieces), *pieces[0][1:]) if pieces[0] else ()
+        if any(p is None or p[1:] != pieces[0][1:] for p in pieces) or tuple(got) != tuple(expected[key]):
             mismatches[key] = (tuple(got), tuple(expected[key]))
         for s in segs:
             if not source.entry(s.key).dtype.is_floating_point:

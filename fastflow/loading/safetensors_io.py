@@ -9,7 +9,6 @@ never holds a second full copy of the weights, mapped or not.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -24,11 +23,16 @@ from ..errors import (
     LfsPointerError,
     PickleRefusedError,
     TensorLayoutError,
+    TooLargeError,
     TruncatedFileError,
     UnsupportedDtypeError,
 )
+from .files import open_regular, parse_json
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_HEADER_BYTES = 32 * 1024 * 1024  # FLUX.1-dev: 100 KB; safetensors allows 100 MB, no model needs it
+MAX_TENSORS = 100_000  # FLUX.1-dev holds 780, SD3.5-large ~1,200; bounds header work and memory
+MAX_RANK = 8  # our tensors have rank <= 4
+_INT64_MAX = 2**63 - 1
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 
@@ -62,8 +66,25 @@ class TensorEntry:
         return self.end - self.begin
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """The first bytes are a header length that fits the file, followed by a JSON object."""
+    if len(head) < 9:
+        return False
+    (n_header,) = struct.unpack("<Q", head[:8])
+    return 2 <= n_header <= size - 8 and head[8:].lstrip(b" \t\r\n")[:1] == b"{"
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """A zip archive (torch.save) or a pickle stream opening with a PROTO 2-5 opcode."""
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def refuse_unsafe_file(path: Path) -> None:
-    """Refuse pickle checkpoints by name or magic bytes, and Git LFS pointers."""
+    """Refuse pickle checkpoints by name or content, Git LFS pointers, and non-regular files.
+
+    A file whose first 8 bytes are a header length that fits the file, followed by ``{``, is
+    safetensors (its header is validated next) whatever its first byte: a header length of
+    128 mod 256 starts with ``\x80``, which is also pickle's first opcode."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise PickleRefusedError(
             path,
@@ -71,20 +92,29 @@ def refuse_unsafe_file(path: Path) -> None:
             "fastflow never loads pickles: use the model's .safetensors file, or convert this one "
             "once in a trusted environment (safetensors.torch.save_file)",
         )
-    with open(path, "rb") as f:
-        head = f.read(len(_LFS_MAGIC))
+    fd, size = open_regular(path, "weights file")
+    try:
+        head = os.pread(fd, 64, 0)
+    finally:
+        os.close(fd)
+    if _looks_like_safetensors(head, size):
+        return
     if head.startswith(_LFS_MAGIC):
         raise LfsPointerError(
             path,
             "this is a Git LFS pointer file, not the weights",
             "run `git lfs pull` in the repository (or download the file itself)",
         )
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if _looks_like_pickle(head):
         raise PickleRefusedError(
             path,
             "this file is a pickle / torch.save archive despite its name",
             "fastflow never loads pickles: use the model's .safetensors file",
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class SafetensorsFile:
@@ -93,9 +123,9 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         refuse_unsafe_file(self.path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
+        fd, size = open_regular(self.path, "weights file")
+        try:
+            raw = os.pread(fd, 8, 0)
             if len(raw) < 8:
                 raise TruncatedFileError(
                     self.path,
@@ -116,54 +146,72 @@ class SafetensorsFile:
                     f"file is {size} bytes but its header alone needs {8 + n_header}",
                     "the download or copy was interrupted: fetch the file again",
                 )
-            header_bytes = f.read(n_header)
+            header_bytes = os.pread(fd, n_header, 8)
+        finally:
+            os.close(fd)
+        self.size = size
         self.data_offset = 8 + n_header
         self.metadata, self.entries = self._parse_header(header_bytes, size - self.data_offset)
         self._mmap: mmap.mmap | None = None
 
     def _parse_header(self, header_bytes: bytes, data_size: int):
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HeaderError(
-                self.path,
-                f"header is not valid JSON ({e})",
-                "the file is corrupt or not safetensors: re-download it",
-            ) from None
+        objects = 0
+
+        def count_objects(pairs):  # bounds the work before a huge header is fully built
+            nonlocal objects
+            objects += 1
+            if objects > MAX_TENSORS + 2:
+                raise TooLargeError(
+                    self.path,
+                    f"the header describes more than {MAX_TENSORS} tensors",
+                    "no model fastflow loads has that many: the file is corrupt or not a checkpoint",
+                )
+            return dict(pairs)
+
+        header = parse_json(header_bytes, self.path, "header", max_depth=3, object_pairs_hook=count_objects)
         if not isinstance(header, dict):
             raise HeaderError(self.path, "header is not a JSON object", "re-download the file")
         metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise HeaderError(self.path, "__metadata__ is not a JSON object", "re-download the file")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise HeaderError(
+                self.path, "__metadata__ is not a JSON object of strings", "the file is corrupt: re-download it"
+            )
         entries: dict[str, TensorEntry] = {}
         for name, info in header.items():
             entries[name] = self._entry(name, info)
         self._check_layout(entries, data_size)
-        return {str(k): str(v) for k, v in metadata.items()}, entries
+        return metadata, entries
+
+    def _malformed(self, name: str, info, problem: str) -> HeaderError:
+        shown = repr(info)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        return HeaderError(
+            self.path, f"malformed header entry for tensor {name!r} ({problem}): {shown}", "the file is corrupt: re-download it"
+        )
 
     def _entry(self, name: str, info) -> TensorEntry:
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError):
-            raise HeaderError(
-                self.path,
-                f"malformed header entry for tensor {name!r}: {info!r}",
-                "the file is corrupt: re-download it",
-            ) from None
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise self._malformed(name, info, "needs dtype, shape and data_offsets")
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype_name, str):
+            raise self._malformed(name, info, "dtype is not a string")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(s) for s in shape):
+            raise self._malformed(name, info, f"shape is not a list of at most {MAX_RANK} integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise self._malformed(name, info, "data_offsets is not a pair of integers")
+        begin, end = offsets
         if dtype_name not in DTYPES:
             raise UnsupportedDtypeError(
                 self.path,
-                f"tensor {name!r} has dtype {dtype_name!r}, which fastflow cannot read "
+                f"tensor {name!r} has dtype {dtype_name[:40]!r}, which fastflow cannot read "
                 f"(supported: {', '.join(DTYPES)})",
                 "convert the checkpoint to bf16, fp16 or fp32 safetensors",
             )
         dtype = DTYPES[dtype_name]
-        if any(s < 0 for s in shape) or begin < 0 or end < begin:
+        if any(s < 0 or s > _INT64_MAX for s in shape) or begin < 0 or end < begin or end > _INT64_MAX:
             raise TensorLayoutError(
                 self.path,
-                f"tensor {name!r} has a negative size or offset",
+                f"tensor {name!r} has a negative or out-of-range size or offset",
                 "the file is corrupt: re-download it",
             )
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -174,7 +222,7 @@ class SafetensorsFile:
                 f"{dtype_name} needs {prod(shape) * itemsize}",
                 "the file is corrupt: re-download it",
             )
-        return TensorEntry(name, dtype, shape, begin, end)
+        return TensorEntry(name, dtype, tuple(shape), begin, end)
 
     def _check_layout(self, entries: dict[str, TensorEntry], data_size: int) -> None:
         position = 0
@@ -208,9 +256,18 @@ class SafetensorsFile:
     # -- data access ---------------------------------------------------------------------------
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
-            with open(self.path, "rb") as f:
+            fd, size = open_regular(self.path, "weights file")
+            try:
+                if size != self.size:  # mapping a shrunk file would fault (SIGBUS) on access
+                    raise TruncatedFileError(
+                        self.path,
+                        f"the file changed size while loading ({self.size} -> {size} bytes)",
+                        "wait for the copy or download to finish, then load again",
+                    )
                 # Private copy-on-write map: writable views for torch.frombuffer, never written back.
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
         return self._mmap
 
     def tensor(self, name: str) -> torch.Tensor:

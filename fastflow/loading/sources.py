@@ -9,12 +9,12 @@ the same repository is accepted too, since its snapshots are symlinks into it).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, HeaderError, PickleRefusedError, UnsafePathError
+from .files import read_json
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorEntry, refuse_unsafe_file
 
 
@@ -53,20 +53,32 @@ class CheckpointSource:
         self.close()
 
 
-def _allowed_roots(folder: Path) -> list[Path]:
-    root = Path(os.path.realpath(folder))
-    roots = [root]
-    # Hugging Face cache: <repo>/snapshots/<revision>/... are symlinks into <repo>/blobs/.
-    for parent in [folder, *folder.parents]:
+def _hf_blobs(folder: Path) -> Path | None:
+    """The Hugging Face cache's ``<repo>/blobs`` for a folder under ``<repo>/snapshots/<rev>/``,
+    only when it is the real sibling of ``snapshots/`` (not itself a symlink leading elsewhere)."""
+    real = Path(os.path.realpath(folder))
+    for parent in [real, *real.parents]:
         if parent.parent.name == "snapshots":
-            roots.append(Path(os.path.realpath(parent.parent.parent / "blobs")))
-            break
-    return roots
+            repo = parent.parent.parent
+            blobs = repo / "blobs"
+            if blobs.is_dir() and not blobs.is_symlink() and Path(os.path.realpath(blobs)) == blobs:
+                return blobs
+            return None
+    return None
 
 
-def _inside(folder: Path, candidate: Path, what: str) -> Path:
+def allowed_roots(folder: Path) -> list[Path]:
+    """Where files of the model at ``folder`` may live: the folder itself (resolved), and the
+    cache's blobs/ when the folder is a snapshot of the Hugging Face cache."""
+    roots = [Path(os.path.realpath(folder))]
+    blobs = _hf_blobs(folder)
+    return roots if blobs is None else [*roots, blobs]
+
+
+def inside(folder: Path, candidate: Path, what: str) -> Path:
+    """``candidate`` resolved, if it stays inside ``folder`` (or its cache blobs), else refuse."""
     real = Path(os.path.realpath(candidate))
-    if not any(real == r or r in real.parents for r in _allowed_roots(folder)):
+    if not any(real == r or r in real.parents for r in allowed_roots(folder)):
         raise UnsafePathError(
             candidate,
             f"{what} resolves to {real}, outside the model folder {folder}",
@@ -76,32 +88,35 @@ def _inside(folder: Path, candidate: Path, what: str) -> Path:
     return real
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeaderError(path, f"{what} is not valid JSON ({e})", "re-download the file") from None
-    if not isinstance(data, dict):
-        raise HeaderError(path, f"{what} is not a JSON object", "re-download the file")
-    return data
+def folder_json(folder: Path, name: str) -> dict:
+    """``folder/name`` parsed, after the path rule: {} when the file does not exist."""
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        return {}
+    inside(folder, path, f"'{name}'")
+    return read_json(path, name)
 
 
 def _model_folder(folder: Path, component: str) -> tuple[Path, str | None]:
     """The folder holding the weights, and the pipeline class if ``folder`` is a pipeline folder."""
-    index = folder / "model_index.json"
-    if index.is_file():
-        pipeline_class = _read_json(index, "model_index.json").get("_class_name")
+    if (folder / "model_index.json").exists():
+        pipeline_class = folder_json(folder, "model_index.json").get("_class_name")
+        if not isinstance(pipeline_class, (str, type(None))):
+            raise HeaderError(
+                folder / "model_index.json", "'_class_name' is not a string", "re-download model_index.json"
+            )
         sub = folder / component
         if not sub.is_dir():
             raise CheckpointError(
                 folder,
                 f"this diffusers pipeline folder has no '{component}/' subfolder "
-                f"(found: {', '.join(sorted(p.name for p in folder.iterdir()))})",
+                f"(found: {', '.join(sorted(p.name for p in folder.iterdir())[:20])})",
                 f"pass the folder that contains '{component}/', or the weights file itself",
             )
-        _inside(folder, sub, f"'{component}/'")
+        inside(folder, sub, f"'{component}/'")
         return sub, pipeline_class
     if (folder / component).is_dir() and not list(folder.glob("*.safetensors*")):
+        inside(folder, folder / component, f"'{component}/'")
         return folder / component, None
     return folder, None
 
@@ -115,20 +130,28 @@ def _folder_files(folder: Path) -> list[Path]:
             "keep one *.safetensors.index.json per model folder",
         )
     if indexes:
-        index = _read_json(indexes[0], indexes[0].name)
+        inside(folder, indexes[0], f"'{indexes[0].name}'")
+        index = read_json(indexes[0], indexes[0].name)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HeaderError(indexes[0], "index has no 'weight_map'", "re-download the index file")
+        bad = [v for v in weight_map.values() if not isinstance(v, str) or not v.endswith(".safetensors")]
+        if bad:
+            raise HeaderError(
+                indexes[0],
+                f"weight_map values must be .safetensors file names, found {str(bad[0])[:80]!r}",
+                "re-download the index file",
+            )
         names = sorted(set(weight_map.values()))
         for name in names:
-            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise UnsafePathError(
                     indexes[0],
                     f"weight_map entry {name!r} leads outside the model folder",
                     "refusing to follow it: fix or re-download the index file",
                 )
-        files = [_inside(folder, folder / name, f"index entry {name!r}") for name in names]
-        missing = [str(p) for p in files if not p.is_file()]
+        files = [inside(folder, folder / name, f"index entry {name!r}") for name in names]
+        missing = [str(p) for p in files if not p.exists()]
         if missing:
             raise CheckpointError(
                 indexes[0],
@@ -136,7 +159,7 @@ def _folder_files(folder: Path) -> list[Path]:
                 "download the missing shards into the folder",
             )
         return files, weight_map
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
@@ -150,7 +173,7 @@ def _folder_files(folder: Path) -> list[Path]:
             "no .safetensors weights in this folder",
             "pass a .safetensors file or a diffusers folder with safetensors weights",
         )
-    return [_inside(folder, p, f"'{p.name}'") for p in files], None
+    return [inside(folder, p, f"'{p.name}'") for p in files], None
 
 
 def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> CheckpointSource:
@@ -163,8 +186,7 @@ def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> 
     if path.is_dir():
         folder, pipeline_class = _model_folder(path, component)
         paths, weight_map = _folder_files(folder)
-        if (folder / "config.json").is_file():
-            folder_config = _read_json(folder / "config.json", "config.json")
+        folder_config = folder_json(folder, "config.json")
     else:
         paths, weight_map = [path], None
     files = [SafetensorsFile(p) for p in paths]
@@ -192,4 +214,4 @@ def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> 
     return CheckpointSource(path, files, key_file, metadata, folder_config, pipeline_class)
 
 
-__all__ = ["CheckpointSource", "open_checkpoint", "refuse_unsafe_file"]
+__all__ = ["CheckpointSource", "allowed_roots", "folder_json", "inside", "open_checkpoint", "refuse_unsafe_file"]
