@@ -6,9 +6,12 @@ Errors from bad input print one line and exit with status 2; an interrupted run 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -20,18 +23,47 @@ from .loading.components import DEFAULT_MODEL
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def free_path(path: Path) -> Path:
-    """``path`` if it does not exist, else the first free ``stem-N.suffix`` (never overwrite)."""
-    if not path.exists():
-        return path
-    n = 1
-    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
-        n += 1
-    return candidate
+class OutputError(FastflowError):
+    """The output path cannot be written."""
+
+
+def claim_path(path: Path) -> Path:
+    """Atomically claim ``path``, or the first free ``stem-N.suffix`` (O_CREAT | O_EXCL, so two
+    processes writing the same name never pick the same file); returns the claimed path, which
+    holds an empty placeholder until :func:`save_png` replaces it."""
+    n = 0
+    while True:
+        candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+def check_output(path: Path) -> None:
+    """Before any work: the output folder exists (or can be made) and is writable."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder {folder}: {e.strerror}") from None
+    if path.is_dir():
+        raise OutputError(f"-o {path} is a folder: pass a file name such as {path / 'fastflow.png'}")
+    try:  # the only reliable test of writability (permissions, read-only mounts, /proc)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastflow-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write into the output folder {folder} ({e.strerror}): pass another -o path") from None
 
 
 def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
-    """Write a PNG with the prompt, seed and settings as text chunks; returns the path used."""
+    """Write a PNG with the prompt, seed and settings as text chunks; returns the path used.
+
+    The name is claimed atomically and the bytes go to a temporary file in the same folder that
+    replaces the claim in one rename: concurrent runs never overwrite each other, and an
+    interrupted save leaves no partial PNG behind."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
@@ -41,10 +73,48 @@ def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
     info.add_text("seed", "" if seed is None else str(seed))
     info.add_text("settings", json.dumps(settings, sort_keys=True))
     info.add_text("software", f"fastflow {__version__}")
-    path = free_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
-    return path
+    check_output(path)
+    target = tmp = None
+    try:
+        target = claim_path(path)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        return target
+    except BaseException as e:
+        for leftover in (tmp, target):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {target or path}: {e.strerror or e}") from None
+        raise
+
+
+MAX_UPSCALE = 64
+MAX_SAVED_SIDE = 16384
+
+
+def check_device(name: str) -> str:
+    """A device this torch build can use, checked before loading anything."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise InputError(f"--device {name}: this machine has {build}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name}: fastflow runs on cpu, cuda or mps")
+    return name
 
 
 def _cmd_generate(args) -> int:
@@ -56,7 +126,10 @@ def _cmd_generate(args) -> int:
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not args.model and not model.is_dir():
         raise InputError("no default model is installed with this build: pass --model <folder or file>")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.upscale is not None and not 1 <= args.upscale <= MAX_UPSCALE:
+        raise InputError(f"--upscale must be from 1 to {MAX_UPSCALE}, got {args.upscale}")
+    check_output(Path(args.output))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     pipe = load(model, variant=args.variant, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=args.no_progress)
@@ -65,7 +138,6 @@ def _cmd_generate(args) -> int:
         "width": args.width,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
-        "num_images_per_prompt": args.num_images,
         "seed": args.seed,
         "sampler": args.sampler,
     }
@@ -73,16 +145,26 @@ def _cmd_generate(args) -> int:
         kwargs["negative_prompt"] = args.negative_prompt
     if args.image is not None:
         kwargs["image"] = args.image
-    out = pipe(prompt, **kwargs)
-    settings = dict(out.settings, model_path=str(model))
     upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
-    for image, seed in zip(out.images, out.seeds, strict=True):
-        if upscale > 1:
-            from PIL import Image
+    side = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1]) * upscale
+    if side > MAX_SAVED_SIDE:
+        raise InputError(f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE}): pass a smaller --upscale")
+    total, done = args.num_images, 0
+    if not 1 <= total:
+        raise InputError(f"-n must be at least 1, got {total}")
+    while done < total:  # batches of at most the pipeline's per-call cap
+        count = min(total - done, pipe.max_images_per_call)
+        seed = args.seed + done if args.seed not in (None, -1) else args.seed
+        out = pipe(prompt, **dict(kwargs, num_images_per_prompt=count, seed=seed))
+        settings = dict(out.settings, model_path=str(model), upscale=upscale)
+        for image, image_seed in zip(out.images, out.seeds, strict=True):
+            if upscale > 1:
+                from PIL import Image
 
-            image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-        path = save_png(image, Path(args.output), prompt, seed, dict(settings, upscale=upscale))
-        print(f"wrote {path} (seed {seed})")
+                image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+            path = save_png(image, Path(args.output), prompt, image_seed, settings)
+            print(f"wrote {path} (seed {image_seed})")
+        done += count
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
     print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}")
     return 0
@@ -178,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
     p.add_argument("--negative-prompt", default=None, help="SD3 only")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each); -1: random")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--image", default=None, help="input image to edit (Kontext)")
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
@@ -191,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nearest-neighbour upscale of the saved PNG, for viewing (default: the model's, usually 1)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("info", help="describe a checkpoint (family, variant, dtype, size) from its header")
@@ -211,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 2 on bad input (one line), 130 on Ctrl-C, 1 on a fastflow bug (one
+    line asking for a report; the traceback with --debug)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -220,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastflow: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line, the traceback on request
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        message = " ".join(str(e).split())[:300]
+        print(
+            f"fastflow: internal error: {type(e).__name__}: {message}. This is a fastflow bug: please report it "
+            "with the command you ran" + ("" if getattr(args, "debug", False) else " and the output of the same command with --debug"),
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

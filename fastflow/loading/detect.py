@@ -4,11 +4,13 @@ the variant from the registry, ``variant=``, or metadata.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from ..errors import (
     AmbiguousVariantError,
+    CheckpointError,
     MissingKeysError,
     ShapeMismatchError,
     UnknownConfigError,
@@ -280,16 +282,31 @@ def describe_arch(arch: tuple) -> str:
 _VAE_SCALES = {"flux": 0.3611, "sd3": 1.5305}
 
 
+def vae_latent_factors(source: CheckpointSource) -> tuple[float, float] | None:
+    """(scale, shift) from a diffusers VAE folder's config.json, checked; None when it has none."""
+    cfg = source.folder_config
+    if "scaling_factor" not in cfg:
+        return None
+    scale, shift = cfg["scaling_factor"], cfg.get("shift_factor")
+    shift = 0.0 if shift is None else shift
+    for name, value, nonzero in (("scaling_factor", scale, True), ("shift_factor", shift, False)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (nonzero and value == 0):
+            raise CheckpointError(
+                source.path,
+                f"config.json {name} is {value!r}; it must be a finite{' non-zero' if nonzero else ''} number",
+                "fix config.json (the latent scale/shift the VAE was trained with) or re-download it",
+            )
+    return float(scale), float(shift)
+
+
 def _vae_hint(source: CheckpointSource, layout: Layout | None, candidates: list, prefer: str | None) -> list:
     """FLUX and SD3 VAEs share tensors: a diffusers config.json gives the latent scale and shift;
     an SAI single file (``first_stage_model.``) holds the SD3 VAE."""
-    cfg = source.folder_config
-    if "scaling_factor" in cfg:
-        scale, shift = float(cfg["scaling_factor"]), float(cfg.get("shift_factor") or 0.0)
-        same = [c for c in candidates if abs(c.scale_factor - scale) < 1e-6 and abs(c.shift_factor - shift) < 1e-6]
-        return same or [
-            candidates[0].replace(name=f"{candidates[0].name}-custom", scale_factor=scale, shift_factor=shift)
-        ]
+    factors = vae_latent_factors(source)
+    if factors is not None:
+        same = [c for c in candidates if abs(c.scale_factor - factors[0]) < 1e-6 and abs(c.shift_factor - factors[1]) < 1e-6]
+        return same or candidates[:1]  # the file's own factors are applied by resolve_config
     if layout is not None and layout.prefix == "first_stage_model.":
         prefer = "sd3"
     if prefer in _VAE_SCALES:
@@ -333,7 +350,17 @@ def resolve_config(
     prefer: str | None = None,
 ):
     """Pick the config: ``config=`` or ``variant=`` if given (checked against the weights), else the
-    only registered config with this architecture, else the one the metadata names."""
+    only registered config with this architecture, else the one the metadata names. A VAE
+    folder's config.json scale/shift always apply (registered values are defaults), except over
+    an explicit ``config=``."""
+    cfg = _resolve(family, arch, source, variant, config, layout, prefer)
+    factors = vae_latent_factors(source) if family == "vae" and config is None else None
+    if factors is not None and factors != (cfg.scale_factor, cfg.shift_factor):
+        cfg = cfg.replace(scale_factor=factors[0], shift_factor=factors[1])
+    return cfg
+
+
+def _resolve(family, arch, source, variant, config, layout, prefer):
     if config is not None or variant is not None:
         cfg = config if config is not None else registry.from_name(variant)
         if cfg.family != family or cfg.arch() != arch:

@@ -7,9 +7,10 @@ diffusers/official test models of REFERENCE.md section 5.5 and are used by the t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-from ..errors import UnknownModelError
+from ..errors import InputError, UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,13 @@ class VAEConfig(_Config):
     shift_factor: float = 0.1159
 
     family = "vae"
+
+    def __post_init__(self):
+        scale, shift = self.scale_factor, self.shift_factor
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
+            raise InputError(f"VAE scale_factor must be a finite non-zero number, got {scale!r}")
+        if not (isinstance(shift, (int, float)) and math.isfinite(shift)):
+            raise InputError(f"VAE shift_factor must be a finite number, got {shift!r}")
 
     def arch(self) -> tuple:
         return (self.ch, tuple(self.ch_mult), self.num_res_blocks, self.z_channels, self.in_channels, self.out_channels)

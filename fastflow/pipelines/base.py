@@ -10,7 +10,9 @@ have one place to plug in.
 
 from __future__ import annotations
 
+import math
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -100,10 +102,44 @@ def resolve_size(height, width, default: tuple[int, int], multiple: int, max_sid
     return h, w
 
 
+MAX_STEPS = 10_000  # FLUX-dev uses 28-50; no sampler needs more
+MAX_IMAGES_PER_CALL = 64  # default of BasePipeline.max_images_per_call (memory grows with it)
+SEED_LIMIT = 2**64  # torch.Generator seeds are unsigned 64-bit
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_steps(steps) -> int:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise InputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
     return steps
+
+
+def check_scale(value, name: str) -> float:
+    """A guidance-type scale: a finite number >= 0 (NaN or negative would silently turn guidance off)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_seeds(seed, n: int) -> list[int] | None:
+    """n seeds from ``seed`` (an int: seed, seed + 1, ...; a list: one per image; None or -1:
+    random), each in [0, 2**64)."""
+    if seed is None or (_is_int(seed) and seed == -1):
+        return None
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    if seeds is None:
+        if not _is_int(seed):
+            raise InputError(f"seed must be an integer (or -1 for random), got {seed!r}")
+        seeds = [seed + i for i in range(n)]
+    elif len(seeds) != n:
+        raise InputError(f"got {len(seeds)} seeds for {n} images")
+    bad = [s for s in seeds if not _is_int(s) or not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise InputError(f"seeds must be integers in [0, 2**64) (-1: random), got {bad[0]!r}")
+    return seeds
 
 
 def draw_noise(n: int, shape: tuple[int, ...], seed, generator) -> tuple[torch.Tensor, list[int | None]]:
@@ -114,14 +150,7 @@ def draw_noise(n: int, shape: tuple[int, ...], seed, generator) -> tuple[torch.T
         if len(gens) != n:
             raise InputError(f"got {len(gens)} generators for {n} images")
         return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]), [None] * n
-    if seed is None:
-        base = [random.randrange(2**63) for _ in range(n)]
-    elif isinstance(seed, (list, tuple)):
-        if len(seed) != n:
-            raise InputError(f"got {len(seed)} seeds for {n} images")
-        base = [int(s) for s in seed]
-    else:
-        base = [int(seed) + i for i in range(n)]
+    base = check_seeds(seed, n) or [random.randrange(2**63) for _ in range(n)]
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in base]
     return torch.stack(noise), base
 
@@ -151,13 +180,15 @@ class DenoiseLoop:
                 )
             if self.callback is not None:
                 self.callback(i, self.steps, x)
-            if self.pipeline._interrupted:
+            if self.token.is_set():
                 raise GenerationInterrupted(f"interrupted after step {i + 1} of {self.steps}", latents=x, step=i)
 
-        self.pipeline._interrupted = False
+        self.token = threading.Event()  # this generation's own flag: interrupt() sets the running ones
+        self.pipeline._running.add(self.token)
         try:
             return self.solver(velocity, x, sigmas, callback=step_done)
         finally:
+            self.pipeline._running.discard(self.token)
             bar.close()
 
 
@@ -174,11 +205,27 @@ class BasePipeline:
         self.defaults = sampling.as_dict()  # per-pipeline copy: callers may adjust it
         self.default_size = tuple(default_size or sampling.size)
         self.view_upscale = sampling.view_upscale  # the CLI's default PNG upscale
-        self._interrupted = False
+        self._running: set[threading.Event] = set()  # one token per running generation
+        self.max_images_per_call = MAX_IMAGES_PER_CALL
 
     def interrupt(self) -> None:
-        """Stop the running generation after its current step (raises GenerationInterrupted)."""
-        self._interrupted = True
+        """Stop the generations running now (each after its current step, raising
+        GenerationInterrupted). Each generation has its own token, so a call starting at the same
+        moment neither clears this request nor is stopped by it."""
+        for token in list(self._running):
+            token.set()
+
+    def images_per_call(self, n_prompts: int, per_prompt) -> int:
+        """The number of images of one call, checked against ``max_images_per_call``."""
+        if not _is_int(per_prompt) or per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
+        n = n_prompts * per_prompt
+        if n > self.max_images_per_call:
+            raise InputError(
+                f"{n} images in one call exceeds max_images_per_call={self.max_images_per_call}: "
+                "make several calls, or raise pipe.max_images_per_call if the memory allows"
+            )
+        return n
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
@@ -215,6 +262,15 @@ class BasePipeline:
             return PipelineOutput(latent, plan.seeds, plan.settings, timer.done())
         with timer.stage("decode"):
             pixels = self.vae.decode(latent)
+        if not torch.isfinite(pixels).all():
+            raise NumericalError(
+                f"NaN/Inf in the decoded image (VAE decode, {self.vae.dtype}): "
+                + (
+                    "float16 overflows in this VAE; decode in bfloat16 or float32"
+                    if self.vae.dtype == torch.float16
+                    else "check the VAE weights and its scaling_factor / shift_factor"
+                )
+            )
         images = self.format_images(pixels, output_type)
         self.on_images(images, output_type)
         return PipelineOutput(images, plan.seeds, plan.settings, timer.done())

@@ -10,7 +10,7 @@ from ..errors import InputError, MissingComponentError
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_scale, resolve_size
 from .images import kontext_size, load_image, to_tensor
 
 
@@ -21,9 +21,10 @@ class FluxPipeline(BasePipeline):
     Sampling defaults come from the model config (``config.sampling``).
     """
 
-    def __init__(self, transformer, vae, text_encoder=None, default_size=None, max_side: int = 4096):
+    def __init__(self, transformer, vae, text_encoder=None, default_size=None, max_side: int | None = None):
         super().__init__(transformer, vae, text_encoder, default_size)
-        self.max_side = max_side
+        # 4x the trained side: 4096 px for FLUX.1 (1024 px), 64 px for the 16 px embedded model
+        self.max_side = max_side or 4 * max(self.default_size)
         self._last_image = None
 
     @property
@@ -93,7 +94,7 @@ class FluxPipeline(BasePipeline):
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
         """(distilled guidance or None, true-CFG scale) with the references' warnings."""
-        true_cfg = float(self.defaults.get("true_cfg", 1.0) if true_cfg_scale is None else true_cfg_scale)
+        true_cfg = check_scale(self.defaults.get("true_cfg", 1.0) if true_cfg_scale is None else true_cfg_scale, "true_cfg_scale")
         if negative_prompt is not None and true_cfg <= 1.0:
             warnings.warn(
                 "negative_prompt needs true_cfg_scale > 1 (FLUX.1 is guidance-distilled); ignored",
@@ -101,7 +102,8 @@ class FluxPipeline(BasePipeline):
                 stacklevel=4,
             )
         if self.config.guidance_embed:
-            return (self.defaults["guidance"] if guidance_scale is None else guidance_scale), true_cfg
+            guidance = self.defaults["guidance"] if guidance_scale is None else guidance_scale
+            return check_scale(guidance, "guidance_scale"), true_cfg
         if guidance_scale not in (None, 0, 0.0):
             warnings.warn(
                 f"{self.config.name} has no guidance embedding; guidance_scale={guidance_scale} is ignored",
@@ -119,7 +121,7 @@ class FluxPipeline(BasePipeline):
         else:
             txt, y = r.prompt_embeds, r.pooled_prompt_embeds
         k = r.num_images_per_prompt
-        n = txt.shape[0] * k
+        n = self.images_per_call(txt.shape[0], k)
         if true_cfg > 1.0:
             if r.negative_prompt_embeds is not None:
                 neg_txt, neg_y = r.negative_prompt_embeds, r.negative_pooled_prompt_embeds

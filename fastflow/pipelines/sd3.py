@@ -7,7 +7,7 @@ import torch
 from ..errors import InputError, MissingComponentError
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_scale, resolve_size
 
 
 class SD3Pipeline(BasePipeline):
@@ -79,7 +79,9 @@ class SD3Pipeline(BasePipeline):
         def per_image(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(k, 0).to(self.device)
 
-        ctx, pooled = map(per_image, self._embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt"))
+        ctx, pooled = self._embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
+        self.images_per_call(ctx.shape[0], k)
+        ctx, pooled = per_image(ctx), per_image(pooled)
         if not do_cfg:
             return ctx, pooled, None
         negative = r.negative_prompt
@@ -96,7 +98,7 @@ class SD3Pipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         mcfg = self.config
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
-        guidance = float(self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale)
+        guidance = check_scale(self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale")
         do_cfg = guidance > 1.0
         height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, self.max_side)
         skip = tuple(r.skip_guidance_layers or ())
@@ -108,7 +110,8 @@ class SD3Pipeline(BasePipeline):
         x, seeds = self.initial_noise(
             n, (self.vae.config.z_channels, height // f, width // f), r.seed, r.generator, r.latents
         )
-        start, stop, slg_scale = r.skip_layer_guidance_start, r.skip_layer_guidance_stop, r.skip_layer_guidance_scale
+        start, stop = r.skip_layer_guidance_start, r.skip_layer_guidance_stop
+        slg_scale = check_scale(r.skip_layer_guidance_scale, "skip_layer_guidance_scale")
 
         def velocity(x, step):
             t = torch.full((n,), float(step) * 1000.0, device=self.device)
