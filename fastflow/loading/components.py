@@ -56,11 +56,17 @@ def _load_tokenizer(folder, what: str):
     folder = Path(folder).expanduser()
     check_tokenizer_folder(folder, what)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' many ways to fail
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers / tokenizers fail in many ways (even bare Exception)
         raise CheckpointError(
             folder, f"the {what} tokenizer cannot be read ({type(e).__name__}: {e})", "re-download the tokenizer files"
         ) from None
+    length = tokenizer.model_max_length
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise CheckpointError(
+            folder, f"the {what} tokenizer's model_max_length is {length!r}, not a positive integer", "fix tokenizer_config.json"
+        )
+    return tokenizer
 
 
 def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import stat
@@ -71,6 +72,13 @@ def _reject_constant(name: str):
     raise ValueError(f"non-finite number {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
@@ -91,7 +99,7 @@ def parse_json(raw: bytes, path: Path, what: str, allow_constants: bool = False,
     if json_depth(text) > max_depth:
         raise HeaderError(path, f"{what} nests deeper than {max_depth} levels", "the file is corrupt: re-download it")
     try:
-        kwargs = {} if allow_constants else {"parse_constant": _reject_constant}
+        kwargs = {} if allow_constants else {"parse_constant": _reject_constant, "parse_float": _finite_float}
         return json.loads(text, **kwargs, **hooks)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, huge int literals, hooks' limits
         if isinstance(e, CheckpointError):  # a hook's own typed error

@@ -155,17 +155,15 @@ class SafetensorsFile:
         self._mmap: mmap.mmap | None = None
 
     def _parse_header(self, header_bytes: bytes, data_size: int):
+        if header_bytes.count(b'"data_offsets"') > MAX_TENSORS:  # every entry has one: refuse before parsing
+            raise self._too_many()
         objects = 0
 
         def count_objects(pairs):  # bounds the work before a huge header is fully built
             nonlocal objects
             objects += 1
             if objects > MAX_TENSORS + 2:
-                raise TooLargeError(
-                    self.path,
-                    f"the header describes more than {MAX_TENSORS} tensors",
-                    "no model fastflow loads has that many: the file is corrupt or not a checkpoint",
-                )
+                raise self._too_many()
             return dict(pairs)
 
         header = parse_json(header_bytes, self.path, "header", max_depth=3, object_pairs_hook=count_objects)
@@ -181,6 +179,13 @@ class SafetensorsFile:
             entries[name] = self._entry(name, info)
         self._check_layout(entries, data_size)
         return metadata, entries
+
+    def _too_many(self) -> TooLargeError:
+        return TooLargeError(
+            self.path,
+            f"the header describes more than {MAX_TENSORS} tensors",
+            "no model fastflow loads has that many: the file is corrupt or not a checkpoint",
+        )
 
     def _malformed(self, name: str, info, problem: str) -> HeaderError:
         shown = repr(info)

@@ -310,7 +310,9 @@ register(
         ch_mult=(1, 2),
         num_res_blocks=1,
         z_channels=4,
-        scale_factor=1.0,
-        shift_factor=0.0,
+        # the latent statistics tools/train_tiny.py normalised the flow model's training data with
+        # (also in the model's vae/config.json, which the loader reads)
+        scale_factor=0.7757136015516106,
+        shift_factor=0.0328032560646534,
     )
 )
