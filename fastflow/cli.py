@@ -55,7 +55,9 @@ def check_output(path: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"cannot write into the output folder {folder} ({e.strerror}): pass another -o path") from None
+        raise OutputError(
+            f"cannot write into the output folder {folder} ({e.strerror}): pass another -o path"
+        ) from None
 
 
 def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
@@ -95,6 +97,7 @@ def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
 
 
 MAX_UPSCALE = 64
+MAX_CLI_IMAGES = 10_000  # -n beyond the pipeline's per-call cap runs in batches
 MAX_SAVED_SIDE = 16384
 
 
@@ -148,10 +151,12 @@ def _cmd_generate(args) -> int:
     upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
     side = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1]) * upscale
     if side > MAX_SAVED_SIDE:
-        raise InputError(f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE}): pass a smaller --upscale")
+        raise InputError(
+            f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE}): pass a smaller --upscale"
+        )
     total, done = args.num_images, 0
-    if not 1 <= total:
-        raise InputError(f"-n must be at least 1, got {total}")
+    if not 1 <= total <= MAX_CLI_IMAGES:
+        raise InputError(f"-n must be from 1 to {MAX_CLI_IMAGES}, got {total}")
     while done < total:  # batches of at most the pipeline's per-call cap
         count = min(total - done, pipe.max_images_per_call)
         seed = args.seed + done if args.seed not in (None, -1) else args.seed
@@ -261,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
     p.add_argument("--negative-prompt", default=None, help="SD3 only")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each); -1: random")
-    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images to make (1-10000, in batches of 64)")
     p.add_argument("--image", default=None, help="input image to edit (Kontext)")
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())[:300]
         print(
             f"fastflow: internal error: {type(e).__name__}: {message}. This is a fastflow bug: please report it "
-            "with the command you ran" + ("" if getattr(args, "debug", False) else " and the output of the same command with --debug"),
+            "with the command you ran"
+            + ("" if getattr(args, "debug", False) else " and the output of the same command with --debug"),
             file=sys.stderr,
         )
         return 1

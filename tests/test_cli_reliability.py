@@ -14,14 +14,20 @@ from fastflow import cli
 def run(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "fastflow", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+        [sys.executable, "-m", "fastflow", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=env,
     )
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["-n", "0"], "at least 1"),
+        (["-n", "0"], "from 1 to"),
+        (["-n", str(10**7)], "from 1 to"),  # tried 40 GB before
         (["--device", "bogus"], "not a device"),
         (["--device", "cuda:7"], "cuda"),
         (["--upscale", "100000"], "--upscale"),
@@ -105,7 +111,9 @@ def test_two_processes_writing_the_same_name_lose_nothing(tmp_path):
     args = ["generate", "a seven", "-n", "40", "--steps", "1", "--no-progress", "-o", tmp_path / "same.png"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "fastflow", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-m", "fastflow", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         for _ in range(2)
     ]
     for p in procs:

@@ -24,7 +24,10 @@ def test_ci_budget_has_no_untyped_errors_hangs_or_blowups(tmp_path):
     report = tmp_path / "fuzz.json"
     result = subprocess.run(
         [sys.executable, str(TOOL), "--cases", "300", "--seed", "11", "--json", str(report)],
-        capture_output=True, text=True, timeout=900, env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "untyped 0, mismatch 0, timeout 0, memory 0" in result.stdout

@@ -133,7 +133,23 @@ def _join(header, data: bytes, pad_to: int = 8, text: str | None = None) -> byte
 
 
 _WEIRD = [
-    None, True, -1, 0, 1.5, 2**70, -(2**70), "F32", "", "X9", [], [1], [[1]], {}, {"a": 1}, "1e400", 10**30,
+    None,
+    True,
+    -1,
+    0,
+    1.5,
+    2**70,
+    -(2**70),
+    "F32",
+    "",
+    "X9",
+    [],
+    [1],
+    [[1]],
+    {},
+    {"a": 1},
+    "1e400",
+    10**30,
 ]
 _RAW = ["Infinity", "-Infinity", "NaN", "1e400", "1" * 5000, "[" * 1500 + "]" * 1500, "[[[[[[[[[[1]]]]]]]]]]"]
 _PREFIXES = ["model.diffusion_model.", "first_stage_model.", "text_encoders.clip_l.", "lora_unet_", "", "x."]
@@ -172,8 +188,16 @@ def _mutate_header(rng: random.Random, raw: bytes) -> bytes:
     elif op == 2:
         begin, end = entry["data_offsets"]
         entry["data_offsets"] = rng.choice(
-            [[end, begin], [begin + 1, end], [begin, end + rng.choice([1, 8, 2**40])], [begin], rng.choice(_WEIRD),
-             [marker, end], [begin, 2**64], [-8, end]]
+            [
+                [end, begin],
+                [begin + 1, end],
+                [begin, end + rng.choice([1, 8, 2**40])],
+                [begin],
+                rng.choice(_WEIRD),
+                [marker, end],
+                [begin, 2**64],
+                [-8, end],
+            ]
         )
     elif op == 3:
         del entry[rng.choice(list(entry))]
@@ -185,7 +209,13 @@ def _mutate_header(rng: random.Random, raw: bytes) -> bytes:
         header[rng.choice(_PREFIXES) + name] = header.pop(name)
     elif op == 7:
         header["__metadata__"] = rng.choice(
-            [{"a": rng.choice(_WEIRD)}, [1, 2], "text", {"fastflow.variant": rng.choice(["flux-tiny-schnell", "nope", ""])}, None]
+            [
+                {"a": rng.choice(_WEIRD)},
+                [1, 2],
+                "text",
+                {"fastflow.variant": rng.choice(["flux-tiny-schnell", "nope", ""])},
+                None,
+            ]
         )
     elif op == 8:
         entry["extra"] = marker
@@ -308,7 +338,12 @@ def make_case(rng: random.Random, seeds_root: Path, case_dir: Path) -> tuple[str
     elif kind == "json":
         target.write_text(_mutate_json(rng, target.read_text()))
     else:
-        mutate = {"header": _mutate_header, "prefix": _mutate_prefix, "data": _mutate_data, "truncate": _mutate_truncate}
+        mutate = {
+            "header": _mutate_header,
+            "prefix": _mutate_prefix,
+            "data": _mutate_data,
+            "truncate": _mutate_truncate,
+        }
         target.write_bytes(mutate[kind](rng, target.read_bytes()))
     return seed, kind, str(target.relative_to(case_dir))
 
@@ -382,13 +417,17 @@ def run_case(index: int, seed: int, seeds_root: Path, work: Path) -> dict:
             if "can't allocate memory" in str(e):
                 result.update(outcome="memory", error=str(e)[:200])
                 return result
-            result.update(outcome="untyped", error=f"{type(e).__name__}: {e}"[:300], trace=traceback.format_exc()[-1500:])
+            result.update(
+                outcome="untyped", error=f"{type(e).__name__}: {e}"[:300], trace=traceback.format_exc()[-1500:]
+            )
         else:
             try:
                 clean_resave(case_dir, work / f"clean{index}")
                 reference = _load(result["seed"], work / f"clean{index}")
             except Exception as e:  # noqa: BLE001
-                result.update(outcome="mismatch", error=f"accepted, but the clean re-save fails: {type(e).__name__}: {e}"[:300])
+                result.update(
+                    outcome="mismatch", error=f"accepted, but the clean re-save fails: {type(e).__name__}: {e}"[:300]
+                )
             else:
                 result.update(outcome="ok" if _same(state, reference) else "mismatch")
                 if result["outcome"] == "mismatch":
@@ -405,11 +444,12 @@ def _worker(conn, seeds_root: str, work: str, seed: int, memory_bytes: int) -> N
     import resource
     import warnings
 
-    import fastflow  # noqa: F401  (imports before the cap, so the cap measures loads only)
     import transformers  # noqa: F401
 
+    import fastflow  # noqa: F401  (imports before the cap, so the cap measures loads only)
+
     warnings.simplefilter("ignore")
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    transformers.logging.set_verbosity_error()
     vm = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     resource.setrlimit(resource.RLIMIT_AS, (vm + memory_bytes, resource.RLIM_INFINITY))
     conn.send("ready")
@@ -489,7 +529,10 @@ def summarize(results: list[dict], seconds: float) -> str:
         "by mutation: " + ", ".join(f"{k}/{o} {n}" for (k, o), n in sorted(by_kind.items(), key=str)),
     ]
     for r in [r for r in results if r["outcome"] in FAILURES][:20]:
-        lines.append(f"  FAIL case {r['case']} {r.get('seed')} {r.get('kind')} {r.get('file')}: {r['outcome']} {r.get('error', '')}")
+        lines.append(
+            f"  FAIL case {r['case']} {r.get('seed')} {r.get('kind')} {r.get('file')}: "
+            f"{r['outcome']} {r.get('error', '')}"
+        )
         if r.get("trace"):
             lines.append("    " + r["trace"].strip().splitlines()[-3].strip())
     return "\n".join(lines)

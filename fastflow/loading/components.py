@@ -64,7 +64,9 @@ def _load_tokenizer(folder, what: str):
     length = tokenizer.model_max_length
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise CheckpointError(
-            folder, f"the {what} tokenizer's model_max_length is {length!r}, not a positive integer", "fix tokenizer_config.json"
+            folder,
+            f"the {what} tokenizer's model_max_length is {length!r}, not a positive integer",
+            "fix tokenizer_config.json",
         )
     return tokenizer
 

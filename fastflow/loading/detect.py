@@ -305,7 +305,9 @@ def _vae_hint(source: CheckpointSource, layout: Layout | None, candidates: list,
     an SAI single file (``first_stage_model.``) holds the SD3 VAE."""
     factors = vae_latent_factors(source)
     if factors is not None:
-        same = [c for c in candidates if abs(c.scale_factor - factors[0]) < 1e-6 and abs(c.shift_factor - factors[1]) < 1e-6]
+        same = [
+            c for c in candidates if abs(c.scale_factor - factors[0]) < 1e-6 and abs(c.shift_factor - factors[1]) < 1e-6
+        ]
         return same or candidates[:1]  # the file's own factors are applied by resolve_config
     if layout is not None and layout.prefix == "first_stage_model.":
         prefer = "sd3"

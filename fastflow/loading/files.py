@@ -32,7 +32,9 @@ def open_regular(path: Path, what: str = "file") -> tuple[int, int]:
     except IsADirectoryError:
         raise _not_regular(path, what, "a directory") from None
     except OSError as e:
-        raise CheckpointError(path, f"cannot open the {what} ({e.strerror})", "check the path and its permissions") from None
+        raise CheckpointError(
+            path, f"cannot open the {what} ({e.strerror})", "check the path and its permissions"
+        ) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -57,7 +59,9 @@ def read_limited(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
     try:
         if size > limit:
             raise TooLargeError(
-                path, f"the {what} is {size} bytes (limit {limit})", "this is not the file fastflow expects: check the path"
+                path,
+                f"the {what} is {size} bytes (limit {limit})",
+                "this is not the file fastflow expects: check the path",
             )
         chunks, left = [], size
         while left > 0 and (chunk := os.read(fd, left)):
@@ -90,7 +94,9 @@ def json_depth(text: str) -> int:
     return max(itertools.accumulate(_DEPTH_STEP[c] for c in brackets), default=0)
 
 
-def parse_json(raw: bytes, path: Path, what: str, allow_constants: bool = False, max_depth: int = MAX_JSON_DEPTH, **hooks):
+def parse_json(
+    raw: bytes, path: Path, what: str, allow_constants: bool = False, max_depth: int = MAX_JSON_DEPTH, **hooks
+):
     """Parse JSON bytes with bounded nesting; every failure is a :class:`HeaderError`."""
     try:
         text = raw.decode("utf-8")

@@ -191,7 +191,9 @@ class SafetensorsFile:
         shown = repr(info)
         shown = shown if len(shown) <= 200 else shown[:200] + "..."
         return HeaderError(
-            self.path, f"malformed header entry for tensor {name!r} ({problem}): {shown}", "the file is corrupt: re-download it"
+            self.path,
+            f"malformed header entry for tensor {name!r} ({problem}): {shown}",
+            "the file is corrupt: re-download it",
         )
 
     def _entry(self, name: str, info) -> TensorEntry:

@@ -66,7 +66,9 @@ def check_text_config(raw: dict, family: str, path: Path) -> None:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise CheckpointError(path, f"config.json field {name!r} is {value!r}, not an integer", "re-download config.json")
+            raise CheckpointError(
+                path, f"config.json field {name!r} is {value!r}, not an integer", "re-download config.json"
+            )
         if not low <= value <= high:
             raise TooLargeError(
                 path,
@@ -88,7 +90,9 @@ def _build(model_cls, raw: dict, path: Path) -> torch.nn.Module:
             return model_cls(config)
     except Exception as e:  # noqa: BLE001 - transformers' config validation raises its own types
         raise CheckpointError(
-            path, f"config.json does not describe a valid {model_cls.__name__} ({type(e).__name__}: {e})", "re-download config.json"
+            path,
+            f"config.json does not describe a valid {model_cls.__name__} ({type(e).__name__}: {e})",
+            "re-download config.json",
         ) from None
 
 
@@ -154,7 +158,9 @@ def check_tokenizer_folder(folder: Path, what: str) -> None:
     names = {p.name for p in folder.iterdir()}
     if "tokenizer_config.json" not in names and "tokenizer.json" not in names:
         raise CheckpointError(
-            folder, f"no tokenizer files for the {what}", "pass the local tokenizer folder (tokenizer.json / tokenizer_config.json)"
+            folder,
+            f"no tokenizer files for the {what}",
+            "pass the local tokenizer folder (tokenizer.json / tokenizer_config.json)",
         )
     for path in sorted(folder.iterdir()):
         if path.suffix not in _TOKENIZER_SUFFIXES:

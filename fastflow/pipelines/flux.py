@@ -94,7 +94,9 @@ class FluxPipeline(BasePipeline):
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
         """(distilled guidance or None, true-CFG scale) with the references' warnings."""
-        true_cfg = check_scale(self.defaults.get("true_cfg", 1.0) if true_cfg_scale is None else true_cfg_scale, "true_cfg_scale")
+        true_cfg = check_scale(
+            self.defaults.get("true_cfg", 1.0) if true_cfg_scale is None else true_cfg_scale, "true_cfg_scale"
+        )
         if negative_prompt is not None and true_cfg <= 1.0:
             warnings.warn(
                 "negative_prompt needs true_cfg_scale > 1 (FLUX.1 is guidance-distilled); ignored",

@@ -98,7 +98,9 @@ class SD3Pipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         mcfg = self.config
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
-        guidance = check_scale(self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale")
+        guidance = check_scale(
+            self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale"
+        )
         do_cfg = guidance > 1.0
         height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, self.max_side)
         skip = tuple(r.skip_guidance_layers or ())

@@ -284,26 +284,26 @@ def test_text_config_is_bounded(clip_folder, field, value, exc):
         load_clip(clip_folder)
 
 
-def test_text_encoder_paths_stay_inside(tmp_path, clip_folder):
-    outside = tmp_path / "outside.safetensors"
-    (clip_folder / "model.safetensors").rename(outside)
-    (clip_folder / "model.safetensors").symlink_to(outside)
+def _symlinked_from_outside(folder, name, outside_dir):
+    """Move ``folder/name`` out of the folder and leave a symlink to it in its place."""
+    outside = outside_dir / name
+    (folder / name).rename(outside)
+    (folder / name).symlink_to(outside)
     with pytest.raises(errors.UnsafePathError):
-        load_clip(clip_folder)
-    (clip_folder / "model.safetensors").unlink()
-    index = {"weight_map": {"final_layer_norm.weight": "../outside.safetensors"}}
+        load_clip(folder)
+    (folder / name).unlink()
+
+
+def test_text_encoder_paths_stay_inside(tmp_path, clip_folder):
+    _symlinked_from_outside(clip_folder, "model.safetensors", tmp_path)
+    index = {"weight_map": {"final_layer_norm.weight": "../model.safetensors"}}
     (clip_folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(errors.UnsafePathError):
         load_clip(clip_folder)
 
 
 def test_tokenizer_file_outside_or_broken_is_typed(tmp_path, clip_folder):
-    outside = tmp_path / "tokenizer.json"
-    (clip_folder / "tokenizer.json").rename(outside)
-    (clip_folder / "tokenizer.json").symlink_to(outside)
-    with pytest.raises(errors.UnsafePathError):
-        load_clip(clip_folder)
-    (clip_folder / "tokenizer.json").unlink()
+    _symlinked_from_outside(clip_folder, "tokenizer.json", tmp_path)
     (clip_folder / "tokenizer.json").write_text('{"model": {"vocab": 1e400}}')
     with pytest.raises(errors.CheckpointError, match="tokenizer"):
         load_clip(clip_folder)
@@ -341,8 +341,36 @@ def test_vae_config_values_override_the_registered_ones(tmp_path):
     assert (vae.config.scale_factor, vae.config.shift_factor) == (0.5, 0.25)
 
 
-@pytest.mark.parametrize("config", [{"scaling_factor": 0}, {"scaling_factor": float("nan")}, {"scaling_factor": "x"},
-                                    {"scaling_factor": 1.0, "shift_factor": float("inf")}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"scaling_factor": 0},
+        {"scaling_factor": float("nan")},
+        {"scaling_factor": "x"},
+        {"scaling_factor": 1.0, "shift_factor": float("inf")},
+    ],
+)
 def test_bad_vae_scale_is_refused(tmp_path, config):
     with pytest.raises(errors.CheckpointError, match="finite"):
         fastflow.load_vae(_vae_folder(tmp_path, config))
+
+
+def test_text_encoders_in_older_transformers_layouts_load(clip_folder, tmp_path):
+    """Real FLUX / SD3 files were written by older transformers: CLIP keys under ``text_model.``
+    with an int64 ``position_ids`` buffer, T5 with both tied embedding names."""
+    from safetensors.torch import load_file
+
+    reference = load_clip(clip_folder).model.state_dict()
+    state = load_file(str(clip_folder / "model.safetensors"))
+    old = {"text_model." + k: v for k, v in state.items()}
+    old["text_model.embeddings.position_ids"] = torch.arange(8).unsqueeze(0)
+    save_file(old, str(clip_folder / "model.safetensors"))
+    loaded = load_clip(clip_folder).model.state_dict()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+    t5 = tmp_path / "t5"
+    shutil.copytree(DEFAULT_MODEL / "text_encoder_2", t5)
+    state = load_file(str(t5 / "model.safetensors"))
+    save_file({**state, "encoder.embed_tokens.weight": state["shared.weight"].clone()}, str(t5 / "model.safetensors"))
+    model = load_t5(t5, DEFAULT_MODEL / "tokenizer_2", dtype=torch.float32).model
+    assert torch.equal(model.encoder.embed_tokens.weight, state["shared.weight"].float())

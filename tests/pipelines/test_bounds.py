@@ -55,7 +55,11 @@ def test_seed_minus_one_is_random_and_top_seed_works(load):
 
 def test_sd3_scales_are_checked(load):
     pipe = load("sd3.5-tiny-medium")
-    for bad in ({"guidance_scale": float("nan")}, {"guidance_scale": -3.0}, {"skip_layer_guidance_scale": float("nan")}):
+    for bad in (
+        {"guidance_scale": float("nan")},
+        {"guidance_scale": -3.0},
+        {"skip_layer_guidance_scale": float("nan")},
+    ):
         with pytest.raises(errors.InputError):
             pipe("a cat", **{**KW, "height": 32, "width": 32, **bad})
 
