@@ -10,6 +10,7 @@ have one place to plug in.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import random
 import threading
@@ -26,6 +27,9 @@ from ..samplers import Step, get_solver
 from .images import to_pil, to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The running generation's cache runner and work counters (per thread / task, never shared).
+_ACTIVE_CACHE: contextvars.ContextVar = contextvars.ContextVar("fastflow_cache", default=None)
+_ACTIVE_STATS: contextvars.ContextVar = contextvars.ContextVar("fastflow_stats", default=None)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class PipelineOutput:
     seeds: list[int | None]
     settings: dict
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # transformer work (see fastflow.caching.CacheStats)
 
 
 @dataclass
@@ -232,12 +237,40 @@ class BasePipeline:
 
     def predict(self, step: Step, *args, **kwargs) -> torch.Tensor:
         """The transformer's output for one evaluation of the denoising loop; ``step`` (with its
-        branch set) says which. The one place where pipelines call the transformer."""
+        branch set) says which. The one place where pipelines call the transformer: with a cache
+        policy, this generation's runner decides which blocks run."""
+        runner = _ACTIVE_CACHE.get()
+        if runner is not None:
+            return runner(step, args, kwargs)
+        stats = _ACTIVE_STATS.get()
+        if stats is not None:
+            n = getattr(self.transformer, "num_blocks", 0) - len(set(kwargs.get("skip_layers") or ()))
+            stats.transformer_calls += 1
+            stats.blocks_computed += n
+            stats.blocks_total += n
         return self.transformer(*args, **kwargs)
 
-    def sampling(self, num_inference_steps, sampler) -> tuple[int, str]:
+    def sampling(self, num_inference_steps, sampler, sigmas=None) -> tuple[int, str]:
+        if sigmas is not None and num_inference_steps is None:
+            num_inference_steps = len(sigmas)
         steps = check_steps(self.defaults["steps"] if num_inference_steps is None else num_inference_steps)
         return steps, sampler or self.defaults["sampler"]
+
+    @staticmethod
+    def given_sigmas(sigmas, steps: int) -> torch.Tensor:
+        """``sigmas=``: the sampling noise levels, used as given (no resolution shift), strictly
+        decreasing in (0, 1], one per step; the final 0 is appended."""
+        try:
+            values = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+        except (TypeError, ValueError):
+            raise InputError(f"sigmas must be a list of numbers, got {sigmas!r}") from None
+        if len(values) != steps:
+            raise InputError(f"got {len(values)} sigmas for {steps} steps: pass one per step (the final 0 is added)")
+        decreasing = all(a > b for a, b in zip(values, values[1:], strict=False))
+        ok = decreasing and all(math.isfinite(v) and 0 < v <= 1 for v in values)
+        if not ok:
+            raise InputError(f"sigmas must be strictly decreasing values in (0, 1], got {values}")
+        return torch.tensor([*values, 0.0], dtype=torch.float32)
 
     def initial_noise(self, n: int, shape: tuple[int, ...], seed, generator, latents) -> tuple[torch.Tensor, list]:
         """[n, *shape] fp32 noise on the device from seeds / generators, or the given ``latents``."""
@@ -249,17 +282,31 @@ class BasePipeline:
             noise, seeds = latents.float().cpu(), [None] * n
         return noise.to(self.device), seeds
 
-    def generate(self, output_type: str, callback, progress, **request) -> PipelineOutput:
+    def generate(self, output_type: str, callback, progress, cache=None, cache_threshold=None, **request):
         """The template: ``prepare`` (subclass) -> denoise -> decode -> format."""
+        from ..caching import CacheRunner, CacheStats, resolve_policy
+
         timer = Timer()
         self.check_output_type(output_type)
+        policy = resolve_policy(cache, cache_threshold, self.config)
+        if policy is not None and not hasattr(self.transformer, "blocks"):
+            raise InputError(f"{type(self.transformer).__name__} has no block loop to cache")
         plan = self.prepare(timer, SimpleNamespace(**request))
+        plan.settings["cache"] = None if policy is None else policy.describe()
+        stats = CacheStats()
+        runner = None if policy is None else CacheRunner(policy, self.transformer, stats)
         show = self.progress_bar if progress is None else progress
         loop = DenoiseLoop(self, plan.sampler, len(plan.sigmas) - 1, self.transformer.dtype, callback, show)
-        with timer.stage("denoise"):
-            latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
+        tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
+        try:
+            with timer.stage("denoise"):
+                latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
+        finally:
+            _ACTIVE_CACHE.reset(tokens[0])
+            _ACTIVE_STATS.reset(tokens[1])
+        stats = stats.as_dict()
         if output_type == "latent":
-            return PipelineOutput(latent, plan.seeds, plan.settings, timer.done())
+            return PipelineOutput(latent, plan.seeds, plan.settings, timer.done(), stats)
         with timer.stage("decode"):
             pixels = self.vae.decode(latent)
         if not torch.isfinite(pixels).all():
@@ -273,7 +320,7 @@ class BasePipeline:
             )
         images = self.format_images(pixels, output_type)
         self.on_images(images, output_type)
-        return PipelineOutput(images, plan.seeds, plan.settings, timer.done())
+        return PipelineOutput(images, plan.seeds, plan.settings, timer.done(), stats)
 
     def prepare(self, timer: Timer, request: SimpleNamespace) -> Plan:
         raise NotImplementedError

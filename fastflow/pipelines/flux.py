@@ -80,6 +80,9 @@ class FluxPipeline(BasePipeline):
         latents: torch.Tensor | None = None,
         auto_resize: bool = True,
         progress: bool | None = None,
+        cache=None,
+        cache_threshold: float | None = None,
+        sigmas=None,
         true_cfg_scale: float | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
@@ -135,7 +138,7 @@ class FluxPipeline(BasePipeline):
         return txt.repeat_interleave(k, 0).to(self.device), y.repeat_interleave(k, 0).to(self.device), n
 
     def prepare(self, timer, r) -> Plan:
-        steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
+        steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
         cond_tokens = cond_ids = None
         default_size = self.default_size
@@ -166,7 +169,11 @@ class FluxPipeline(BasePipeline):
         settings = self.base_settings(height, width, steps, guidance, sampler)
         settings.update(edit=r.image is not None, true_cfg_scale=true_cfg if true_cfg > 1.0 else None)
         # mu from the target tokens only (Kontext context tokens excluded, as both references do)
-        sigmas = flux_schedule(steps, x.shape[1], shift=self.config.shift_schedule)
+        if r.sigmas is not None:
+            sigmas = self.given_sigmas(r.sigmas, steps)
+        else:
+            sigmas = flux_schedule(steps, x.shape[1], shift=self.config.shift_schedule)
+        settings["sigmas"] = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
         return Plan(x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat))
 
     def on_images(self, images, output_type: str) -> None:

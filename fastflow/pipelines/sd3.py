@@ -63,6 +63,9 @@ class SD3Pipeline(BasePipeline):
         skip_layer_guidance_stop: float = 0.2,
         image=None,
         progress: bool | None = None,
+        cache=None,
+        cache_threshold: float | None = None,
+        sigmas=None,
     ) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance."""
@@ -97,7 +100,7 @@ class SD3Pipeline(BasePipeline):
 
     def prepare(self, timer, r) -> Plan:
         mcfg = self.config
-        steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
+        steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance = check_scale(
             self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale"
         )
@@ -128,4 +131,6 @@ class SD3Pipeline(BasePipeline):
 
         settings = self.base_settings(height, width, steps, guidance, sampler)
         settings["skip_guidance_layers"] = list(skip) or None
-        return Plan(x, sd3_schedule(steps, mcfg.shift), sampler, velocity, seeds, settings)
+        sigmas = sd3_schedule(steps, mcfg.shift) if r.sigmas is None else self.given_sigmas(r.sigmas, steps)
+        settings["sigmas"] = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
+        return Plan(x, sigmas, sampler, velocity, seeds, settings)

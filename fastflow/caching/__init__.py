@@ -1,0 +1,34 @@
+"""Feature caching: skip transformer blocks whose output barely changes between steps.
+
+``pipe(..., cache="fbcache" | "teacache" | "taylorseer" | "dbcache" | "schedule.json" | policy)``.
+Policies decide per forward which block ranges to compute; the runner drives the model's
+``embed`` / ``blocks`` / ``final`` and counts the work (``out.stats``).
+"""
+
+from .policies import (
+    POLICIES,
+    TEACACHE_COEFFICIENTS,
+    DBCache,
+    FBCache,
+    Schedule,
+    TaylorSeer,
+    TeaCache,
+    relative_change,
+    resolve_policy,
+)
+from .runner import CacheRunner, CacheStats, adapter_for
+
+__all__ = [
+    "POLICIES",
+    "TEACACHE_COEFFICIENTS",
+    "CacheRunner",
+    "CacheStats",
+    "DBCache",
+    "FBCache",
+    "Schedule",
+    "TaylorSeer",
+    "TeaCache",
+    "adapter_for",
+    "relative_change",
+    "resolve_policy",
+]

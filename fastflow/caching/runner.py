@@ -1,0 +1,160 @@
+"""Running a transformer forward block group by block group, so that a policy can reuse work.
+
+A model that exposes ``embed`` / ``blocks(state, start, end)`` / ``final`` (FLUX and MMDiT) is
+driven through a small adapter that knows its streams: FLUX carries ``img`` and ``txt`` until the
+first single block joins them into ``x``; MMDiT carries ``x`` and ``context`` (gone after the last,
+pre-only context block). A *residual* of a block range is ``output - input`` per stream, with the
+input converted to the output's layout, so reusing one is ``state += residual`` whatever range it
+covers. Model math is untouched: a forward that computes every block runs exactly the ops of
+``model(...)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ops
+
+Residual = dict[str, torch.Tensor]
+
+
+class FluxAdapter:
+    def split(self, args, kwargs):
+        return args, kwargs, {}
+
+    def streams(self, state) -> dict[str, torch.Tensor]:
+        return {"x": state.x} if state.x is not None else {"img": state.img, "txt": state.txt}
+
+    def convert(self, streams: dict, keys) -> dict:
+        if "x" in keys and "x" not in streams:
+            return {"x": torch.cat((streams["txt"], streams["img"]), dim=1)}
+        return streams
+
+    def set_streams(self, state, streams: dict) -> None:
+        if "x" in streams:
+            state.x, state.img, state.txt = streams["x"], None, None
+        else:
+            state.img, state.txt = streams["img"], streams["txt"]
+
+    def modulated_input(self, model, state) -> torch.Tensor:
+        """Block 0's modulated LayerNorm of the image stream (what TeaCache watches)."""
+        if len(model.double_blocks):
+            shift, scale = model.double_blocks[0].img_mod(state.vec)[:2]
+            return ops.layernorm_modulate(state.img, shift, scale)
+        shift, scale, _ = model.single_blocks[0].modulation(state.vec)
+        return ops.layernorm_modulate(state.joined(), shift, scale)
+
+
+class MMDiTAdapter:
+    def split(self, args, kwargs):
+        kwargs = dict(kwargs)
+        skip = kwargs.pop("skip_layers", None)
+        if len(args) > 4:
+            args, skip = args[:4], args[4]
+        return args, kwargs, {"skip_layers": skip}
+
+    def streams(self, state) -> dict[str, torch.Tensor]:
+        return {"x": state.x} if state.context is None else {"x": state.x, "context": state.context}
+
+    def convert(self, streams: dict, keys) -> dict:
+        return {k: v for k, v in streams.items() if k in keys}
+
+    def set_streams(self, state, streams: dict) -> None:
+        state.x, state.context = streams["x"], streams.get("context")
+
+    def modulated_input(self, model, state) -> torch.Tensor:
+        block = model.joint_blocks[0].x_block
+        mod = block.adaLN_modulation(state.c).chunk(block.n_mod, dim=-1)
+        return ops.layernorm_modulate(state.x, mod[0], mod[1])
+
+
+def adapter_for(model):
+    from ..models.flux import Flux
+    from ..models.mmdit import MMDiT
+
+    if isinstance(model, Flux):
+        return FluxAdapter()
+    if isinstance(model, MMDiT):
+        return MMDiTAdapter()
+    return None
+
+
+@dataclass
+class CacheStats:
+    """Work of one generation. A batch shares every decision (a block group is computed for all
+    images of a forward or for none), so the counts hold for each image of the call."""
+
+    transformer_calls: int = 0  # forwards the sampler requested
+    blocks_computed: int = 0
+    blocks_total: int = 0  # what the forwards would have run without a cache
+    policy_seconds: float = 0.0  # time in the policy's own arithmetic (change metrics, reuse)
+
+    @property
+    def work_saved(self) -> float:
+        return 1.0 - self.blocks_computed / self.blocks_total if self.blocks_total else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "transformer_calls": self.transformer_calls,
+            "blocks_computed": self.blocks_computed,
+            "blocks_total": self.blocks_total,
+            "work_saved": round(self.work_saved, 4),
+        }
+
+
+class BlockRun:
+    """One transformer forward under a policy: compute ranges of blocks or reuse residuals."""
+
+    def __init__(self, adapter, model, state, block_kwargs: dict, stats: CacheStats):
+        self.adapter, self.model, self.state = adapter, model, state
+        self.block_kwargs, self.stats = block_kwargs, stats
+        self.num_blocks = model.num_blocks
+        skip = set(block_kwargs.get("skip_layers") or ())
+        self._runs = [i not in skip for i in range(self.num_blocks)]
+        stats.blocks_total += sum(self._runs)
+        self.block_seconds = 0.0
+
+    def compute(self, start: int, end: int) -> Residual:
+        """Run blocks ``start`` .. ``end - 1``; returns their residual."""
+        before = self.adapter.streams(self.state)
+        t0 = time.perf_counter()
+        self.model.blocks(self.state, start, end, **self.block_kwargs)
+        self.block_seconds += time.perf_counter() - t0
+        self.stats.blocks_computed += sum(self._runs[start:end])
+        after = self.adapter.streams(self.state)
+        before = self.adapter.convert(before, after.keys())
+        return {k: after[k] - before[k] for k in after}
+
+    def reuse(self, residual: Residual) -> None:
+        """Apply a residual of the blocks it was computed for, instead of running them."""
+        streams = self.adapter.convert(self.adapter.streams(self.state), residual.keys())
+        self.adapter.set_streams(self.state, {k: streams[k] + residual[k] for k in residual})
+
+    def modulated_input(self) -> torch.Tensor:
+        return self.adapter.modulated_input(self.model, self.state)
+
+
+@dataclass
+class CacheRunner:
+    """Per generation: the policy, one memory per guidance branch, the stats."""
+
+    policy: object
+    model: torch.nn.Module
+    stats: CacheStats = field(default_factory=CacheStats)
+    memory: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.adapter = adapter_for(self.model)
+
+    def __call__(self, step, args, kwargs) -> torch.Tensor:
+        self.stats.transformer_calls += 1
+        args, kwargs, block_kwargs = self.adapter.split(args, kwargs)
+        state = self.model.embed(*args, **kwargs)
+        run = BlockRun(self.adapter, self.model, state, block_kwargs, self.stats)
+        t0 = time.perf_counter()
+        self.policy.forward(run, step, self.memory.setdefault(step.branch, {}))
+        self.stats.policy_seconds += time.perf_counter() - t0 - run.block_seconds
+        return self.model.final(run.state)
