@@ -101,6 +101,23 @@ MAX_CLI_IMAGES = 10_000  # -n beyond the pipeline's per-call cap runs in batches
 MAX_SAVED_SIDE = 16384
 
 
+def parse_cache(text: str):
+    """``--cache NAME[:THRESHOLD]`` or a schedule .json -> (cache, threshold)."""
+    from .caching import POLICIES
+
+    if text.endswith(".json"):
+        return text, None
+    name, _, threshold = text.partition(":")
+    if name not in POLICIES:
+        raise InputError(f"--cache {text}: use one of {', '.join(POLICIES)} (optionally NAME:THRESHOLD) or a .json")
+    if not threshold:
+        return name, None
+    try:
+        return name, float(threshold)
+    except ValueError:
+        raise InputError(f"--cache {text}: the threshold after ':' must be a number") from None
+
+
 def check_device(name: str) -> str:
     """A device this torch build can use, checked before loading anything."""
     try:
@@ -148,6 +165,8 @@ def _cmd_generate(args) -> int:
         kwargs["negative_prompt"] = args.negative_prompt
     if args.image is not None:
         kwargs["image"] = args.image
+    if args.cache is not None:
+        kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
     upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
     side = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1]) * upscale
     if side > MAX_SAVED_SIDE:
@@ -171,7 +190,88 @@ def _cmd_generate(args) -> int:
             print(f"wrote {path} (seed {image_seed})")
         done += count
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
-    print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}")
+    saved = ""
+    if settings["cache"]:
+        saved = f", cache {settings['cache']} saved {out.stats['work_saved']:.0%} of block work"
+    print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}{saved}")
+    return 0
+
+
+def _calibration(pipe, args):
+    from .tuning import Calibration, digits_calibration
+
+    if args.prompts:
+        prompts = [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
+        if not prompts:
+            raise InputError(f"{args.prompts} holds no prompts (one per line)")
+        return Calibration(pipe, prompts, args.steps, args.images_per_prompt)
+    if pipe.config.name != "fastflow-tiny-digits":
+        raise InputError("pass --prompts FILE (calibration prompts, one per line) for this model")
+    return digits_calibration(pipe, args.steps, args.images_per_prompt)
+
+
+def _tuning_pipe(args):
+    from .api import load
+
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = load(model, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cmd_tune_cache(args) -> int:
+    from .caching import Schedule
+    from .tuning import search_schedules
+
+    pipe = _tuning_pipe(args)
+    calibration = _calibration(pipe, args)
+    groups = args.groups or pipe.transformer.num_blocks
+    if not 1 <= groups <= pipe.transformer.num_blocks:
+        raise InputError(f"--groups must be from 1 to the model's {pipe.transformer.num_blocks} blocks")
+    front = search_schedules(
+        lambda mask: calibration.loss(Schedule(mask)),
+        args.steps,
+        groups,
+        budget=args.budget,
+        population=args.population,
+        generations=args.generations,
+        seed=args.seed,
+        log=print,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{'work':>6} {calibration.loss_name:>14}  schedule")
+    for c in front:
+        info = {"model": pipe.config.name, "steps": args.steps, "work": round(c.work, 4), calibration.loss_name: c.loss}
+        path = out / f"{pipe.config.name}-{args.steps}steps-work{c.work:.3f}.json"
+        Schedule(c.mask, info=info).save(path)
+        print(f"{c.work:>6.3f} {c.loss:>14.4f}  {path}")
+    return 0
+
+
+def _cmd_tune_steps(args) -> int:
+    import json
+
+    from .tuning import fine_trajectory, search_steps
+
+    pipe = _tuning_pipe(args)
+    if args.prompts:
+        prompts = [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
+    elif pipe.config.name == "fastflow-tiny-digits":
+        from .evaluation import NUMBER_WORDS
+
+        prompts = [f"a handwritten {w}" for w in NUMBER_WORDS]
+    else:
+        raise InputError("pass --prompts FILE (calibration prompts, one per line) for this model")
+    grid = torch.linspace(1, 0, args.fine + 1)
+    runs = [(grid, fine_trajectory(pipe, p, 1000 + i, grid)) for i, p in enumerate(prompts)]
+    sigmas = search_steps(runs, args.steps)
+    print("sigmas:", ", ".join(f"{s:.4f}" for s in sigmas))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": pipe.config.name, "steps": args.steps, "sigmas": sigmas}))
+        print(f"wrote {args.out} (pass the list as sigmas=...)")
     return 0
 
 
@@ -278,8 +378,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="nearest-neighbour upscale of the saved PNG, for viewing (default: the model's, usually 1)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="feature caching: fbcache|teacache|taylorseer|dbcache[:THRESHOLD] or a schedule .json (tune-cache)",
+    )
     p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("tune-cache", help="search caching schedules (Pareto front of quality vs block work)")
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--budget", type=float, default=0.3, help="least share of block work a schedule computes")
+    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: digit prompts)")
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--groups", type=int, default=None, help="block groups per step (default: one per block)")
+    p.add_argument("--population", type=int, default=12)
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("-o", "--out", default="schedules", help="folder for one JSON per Pareto point")
+    p.set_defaults(func=_cmd_tune_cache)
+
+    p = sub.add_parser("tune-steps", help="search k step sigmas that follow a fine-step trajectory")
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--fine", type=int, default=64, help="steps of the reference trajectory")
+    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: digit prompts)")
+    p.add_argument("--device", default=None)
+    p.add_argument("-o", "--out", default=None, help="write {sigmas: [...]} here")
+    p.set_defaults(func=_cmd_tune_steps)
 
     p = sub.add_parser("info", help="describe a checkpoint (family, variant, dtype, size) from its header")
     p.add_argument("path", help="a .safetensors file or a diffusers folder")
