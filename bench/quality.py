@@ -18,9 +18,9 @@ Every pipeline option can be varied, so later work reports its quality cost here
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
             f"{row['prompt_accuracy']:>9.3f} {row['seconds']:>8.1f}",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # _ops_common, also when imported by tests
+    from _ops_common import git_sha, write_json
+
+    write_json([dict(row, git=git_sha(), torch=torch.__version__) for row in rows], args.json)
     return 0
 
 

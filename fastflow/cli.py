@@ -197,17 +197,29 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _read_prompts(args, pipe) -> list[str] | None:
+    """--prompts FILE (one per line); None for the embedded model's own digit prompts."""
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise InputError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+        prompts = [p.strip() for p in lines if p.strip()]
+        if not prompts:
+            raise InputError(f"{args.prompts} holds no prompts (one per line)")
+        return prompts
+    if pipe.config.name != "fastflow-tiny-digits":
+        raise InputError("pass --prompts FILE (calibration prompts, one per line) for this model")
+    return None
+
+
 def _calibration(pipe, args):
     from .tuning import Calibration, digits_calibration
 
-    if args.prompts:
-        prompts = [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
-        if not prompts:
-            raise InputError(f"{args.prompts} holds no prompts (one per line)")
-        return Calibration(pipe, prompts, args.steps, args.images_per_prompt)
-    if pipe.config.name != "fastflow-tiny-digits":
-        raise InputError("pass --prompts FILE (calibration prompts, one per line) for this model")
-    return digits_calibration(pipe, args.steps, args.images_per_prompt)
+    prompts = _read_prompts(args, pipe)
+    if prompts is None:
+        return digits_calibration(pipe, args.steps, args.images_per_prompt)
+    return Calibration(pipe, prompts, args.steps, args.images_per_prompt)
 
 
 def _tuning_pipe(args):
@@ -254,23 +266,39 @@ def _cmd_tune_cache(args) -> int:
 def _cmd_tune_steps(args) -> int:
     import json
 
-    from .tuning import fine_trajectory, search_steps
+    from .tuning import Calibration, fine_trajectory, refine_steps, search_steps
 
     pipe = _tuning_pipe(args)
-    if args.prompts:
-        prompts = [p.strip() for p in Path(args.prompts).read_text(encoding="utf-8").splitlines() if p.strip()]
-    elif pipe.config.name == "fastflow-tiny-digits":
+    prompts = _read_prompts(args, pipe)
+    if prompts is None:
         from .evaluation import NUMBER_WORDS
 
         prompts = [f"a handwritten {w}" for w in NUMBER_WORDS]
-    else:
-        raise InputError("pass --prompts FILE (calibration prompts, one per line) for this model")
     grid = torch.linspace(1, 0, args.fine + 1)
     runs = [(grid, fine_trajectory(pipe, p, 1000 + i, grid)) for i, p in enumerate(prompts)]
     sigmas = search_steps(runs, args.steps)
-    print("sigmas:", ", ".join(f"{s:.4f}" for s in sigmas))
+    print("trajectory-following sigmas:", ", ".join(f"{s:.4f}" for s in sigmas))
+    result = {"model": pipe.config.name, "steps": args.steps, "sigmas": sigmas, "fine": args.fine}
+    if args.refine:
+        if _read_prompts(args, pipe) is None:
+            from .tuning import digits_calibration
+
+            calibration = digits_calibration(pipe, args.steps)
+        else:
+            calibration = Calibration(pipe, prompts, args.steps, reference={"num_inference_steps": args.fine})
+        uniform = [1 - i / args.steps for i in range(args.steps)]
+        sigmas, loss = refine_steps(lambda s: calibration.loss(sigmas=s), [uniform, sigmas], args.fine)
+        result.update(
+            sigmas=sigmas,
+            **{calibration.loss_name: loss, "uniform " + calibration.loss_name: calibration.loss(sigmas=uniform)},
+        )
+        print(
+            "refined on the calibration set:",
+            ", ".join(f"{s:.4f}" for s in sigmas),
+            f"({calibration.loss_name} {loss:.4f})",
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": pipe.config.name, "steps": args.steps, "sigmas": sigmas}))
+        Path(args.out).write_text(json.dumps(result))
         print(f"wrote {args.out} (pass the list as sigmas=...)")
     return 0
 
@@ -349,6 +377,15 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
+def _tuning_parser(sub, name: str, help: str, steps: int):
+    p = sub.add_parser(name, help=help)
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: digit prompts)")
+    p.add_argument("--device", default=None)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastflow", description="Fast FLUX.1 / SD3 inference")
     parser.add_argument("--version", action="version", version=f"fastflow {__version__}")
@@ -386,26 +423,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("tune-cache", help="search caching schedules (Pareto front of quality vs block work)")
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--steps", type=int, default=28)
+    p = _tuning_parser(sub, "tune-cache", "search caching schedules (Pareto front of quality vs block work)", 28)
     p.add_argument("--budget", type=float, default=0.3, help="least share of block work a schedule computes")
-    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: digit prompts)")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--groups", type=int, default=None, help="block groups per step (default: one per block)")
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--generations", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
     p.add_argument("-o", "--out", default="schedules", help="folder for one JSON per Pareto point")
     p.set_defaults(func=_cmd_tune_cache)
 
-    p = sub.add_parser("tune-steps", help="search k step sigmas that follow a fine-step trajectory")
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--steps", type=int, default=4)
+    p = _tuning_parser(sub, "tune-steps", "search k step sigmas that follow a fine-step trajectory", 4)
     p.add_argument("--fine", type=int, default=64, help="steps of the reference trajectory")
-    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: digit prompts)")
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--no-refine",
+        dest="refine",
+        action="store_false",
+        help="skip the coordinate descent on whole-run quality (FD-digits, or PSNR to the fine run)",
+    )
     p.add_argument("-o", "--out", default=None, help="write {sigmas: [...]} here")
     p.set_defaults(func=_cmd_tune_steps)
 

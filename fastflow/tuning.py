@@ -31,7 +31,9 @@ class Calibration:
     images per prompt at fixed seeds, all in one call (a static schedule decides the same for
     every image, so batching does not change what is measured)."""
 
-    def __init__(self, pipe, prompts: list[str], steps: int, images_per_prompt: int = 2, seed: int = 0, fd=None):
+    def __init__(
+        self, pipe, prompts: list[str], steps: int, images_per_prompt: int = 2, seed: int = 0, fd=None, reference=None
+    ):
         self.pipe, self.prompts, self.steps = pipe, list(prompts), steps
         self.kwargs = {
             "num_inference_steps": steps,
@@ -40,21 +42,23 @@ class Calibration:
             "progress": False,
         }
         self.fd = fd  # (yardstick, labels) for FD-digits, else None
-        self.reference = None if fd is not None else self._latents(None)
+        # the target of the PSNR loss: the uncached result, or ``reference`` (e.g. {"num_inference_steps": 64})
+        self.reference = None if fd is not None else self._latents(None, **(reference or {}))
 
-    def _latents(self, cache) -> torch.Tensor:
-        return self.pipe(self.prompts, output_type="latent", cache=cache, **self.kwargs).images
+    def _latents(self, cache, **extra) -> torch.Tensor:
+        return self.pipe(self.prompts, output_type="latent", cache=cache, **{**self.kwargs, **extra}).images
 
-    def loss(self, schedule: Schedule | None) -> float:
+    def loss(self, schedule: Schedule | None = None, **extra) -> float:
+        """The quality loss with ``schedule`` as the cache and ``extra`` pipeline arguments (sigmas=)."""
         if self.fd is not None:
             from .evaluation import to_digit_space
 
             stick, labels = self.fd
-            images = self.pipe(self.prompts, output_type="np", cache=schedule, **self.kwargs).images
+            images = self.pipe(self.prompts, output_type="np", cache=schedule, **{**self.kwargs, **extra}).images
             return stick.score(to_digit_space(images), labels)["fd_digits"]
         from .evaluation import psnr
 
-        return -psnr(self._latents(schedule), self.reference)
+        return -psnr(self._latents(schedule, **extra), self.reference)
 
     @property
     def loss_name(self) -> str:
@@ -249,6 +253,31 @@ def search_steps(trajectories: list[tuple[torch.Tensor, torch.Tensor]], k: int) 
         path.append(j)
     path.reverse()
     return [float(sigmas[i]) for i in path[:-1]]
+
+
+def refine_steps(
+    loss: Callable[[list[float]], float], start: list[list[float]], fine: int
+) -> tuple[list[float], float]:
+    """Coordinate descent of the step sigmas on a ``fine`` grid (sigma = i / fine; the first stays
+    1.0), from the best of the ``start`` candidates, moves halving from fine/8 to one grid step,
+    minimising ``loss(sigmas)`` (the calibration quality of a whole k-step run)."""
+    scored = [(loss(s), [round(v * fine) for v in s]) for s in start]
+    best_loss, best = min(scored)
+    move = max(1, fine // 8)
+    while move >= 1:
+        improved = False
+        for k in range(1, len(best)):
+            for delta in (-move, move):
+                trial = list(best)
+                trial[k] += delta
+                if not all(a > b for a, b in zip([fine, *trial[1:]], trial[1:] + [0], strict=True)):
+                    continue
+                value = loss([i / fine for i in trial])
+                if value < best_loss:
+                    best_loss, best, improved = value, trial, True
+        if not improved:
+            move //= 2
+    return [i / fine for i in best], best_loss
 
 
 def fine_trajectory(pipe, prompt: str, seed: int, grid: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import fastflow
+from fastflow import evaluation
 from fastflow.cli import DEFAULT_MODEL
 
 ROOT = Path(__file__).parent.parent
@@ -42,12 +43,11 @@ def test_shipped_in_the_layout_load_reads(pipe):
 def test_free_text_prompts_draw_the_right_digit(pipe):
     """Three phrasings per digit, default settings, fixed seeds; a classifier trained on the real
     digits (98.9% held-out accuracy) reads them."""
-    quality = _quality_module()
-    stick = quality.Yardstick()
+    stick = evaluation.Yardstick()
     prompts = [(f"a handwritten {w}", d) for d, w in enumerate(WORDS)] + [(f"the digit {d}", d) for d in range(10)]
     prompts += [(f"number {w}", d) for d, w in enumerate(WORDS)]
     images = np.concatenate([pipe(p, seed=7 + i, output_type="np").images for i, (p, _) in enumerate(prompts)])
-    predicted = stick.classifier.predict(quality.to_digit_space(images))
+    predicted = stick.classifier.predict(evaluation.to_digit_space(images))
     labels = np.array([d for _, d in prompts])
     assert (predicted == labels).mean() >= 0.9, list(zip(labels, predicted, strict=True))
 
@@ -85,9 +85,8 @@ def test_quality_bench_runs_and_reports(tmp_path):
 
 
 def test_unupsample_inverts_the_training_resize():
-    quality = _quality_module()
-    real, _ = quality.real_digits()
+    real, _ = evaluation.real_digits()
     grey = torch.tensor(real[:20].reshape(20, 1, 8, 8))
     up = torch.nn.functional.interpolate(grey, size=(16, 16), mode="bilinear", align_corners=False)
     rgb = (up[:, 0, :, :, None].expand(-1, -1, -1, 3).numpy() * 255).round().astype(np.uint8)
-    np.testing.assert_allclose(quality.to_digit_space(rgb), real[:20], atol=0.03)
+    np.testing.assert_allclose(evaluation.to_digit_space(rgb), real[:20], atol=0.03)

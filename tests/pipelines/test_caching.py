@@ -318,3 +318,15 @@ def test_tune_cli_commands_write_usable_results(tmp_path, digits):
     assert main(["tune-steps", "--steps", "2", "--fine", "8", "-o", str(tmp_path / "s.json")]) == 0
     sigmas = json.loads((tmp_path / "s.json").read_text())["sigmas"]
     assert len(sigmas) == 2 and sigmas[0] == 1.0
+
+
+def test_step_refinement_descends_to_the_best_grid_point():
+    from fastflow.tuning import refine_steps
+
+    target = [1.0, 0.625, 0.25]
+
+    def loss(sigmas):
+        return sum((a - b) ** 2 for a, b in zip(sigmas, target, strict=True))
+
+    sigmas, value = refine_steps(loss, [[1.0, 2 / 3, 1 / 3]], fine=16)
+    assert sigmas == target and value == 0
