@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..pipelines.base import check_scale
 from .runner import Residual
 
 
@@ -40,14 +41,6 @@ def relative_change(new: Residual | torch.Tensor, old: Residual | torch.Tensor) 
     return worst
 
 
-def _check_threshold(threshold, name: str) -> float:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
-        raise InputError(f"{name} threshold must be a finite number >= 0, got {threshold!r}")
-    if threshold < 0:
-        raise InputError(f"{name} threshold must be >= 0, got {threshold!r}")
-    return float(threshold)
-
-
 def _last_step(step) -> bool:
     return step.index == step.steps - 1
 
@@ -59,7 +52,7 @@ class FBCache:
     name = "fbcache"
 
     def __init__(self, threshold: float = 0.08):
-        self.threshold = _check_threshold(threshold, "fbcache")
+        self.threshold = check_scale(threshold, "fbcache threshold")
 
     def describe(self) -> str:
         return f"fbcache:{self.threshold:g}"
@@ -83,7 +76,7 @@ class DBCache:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (front, back)) or front < 1:
             raise InputError(f"dbcache needs front >= 1 and back >= 0 blocks, got front={front!r}, back={back!r}")
         self.front, self.back = front, back
-        self.threshold = _check_threshold(threshold, "dbcache")
+        self.threshold = check_scale(threshold, "dbcache threshold")
 
     def describe(self) -> str:
         return f"dbcache:F{self.front}B{self.back}:{self.threshold:g}"
@@ -119,7 +112,7 @@ class TeaCache:
     name = "teacache"
 
     def __init__(self, threshold: float = 0.25, coefficients=None):
-        self.threshold = _check_threshold(threshold, "teacache")
+        self.threshold = check_scale(threshold, "teacache threshold")
         self.coefficients = None if coefficients is None else tuple(float(c) for c in coefficients)
 
     def describe(self) -> str:

@@ -11,7 +11,6 @@ covers. Model math is untouched: a forward that computes every block runs exactl
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +71,7 @@ class MMDiTAdapter:
 
 
 def adapter_for(model):
+    """The stream adapter of a FLUX or MMDiT model; None for a model caching cannot drive."""
     from ..models.flux import Flux
     from ..models.mmdit import MMDiT
 
@@ -90,7 +90,6 @@ class CacheStats:
     transformer_calls: int = 0  # forwards the sampler requested
     blocks_computed: int = 0
     blocks_total: int = 0  # what the forwards would have run without a cache
-    policy_seconds: float = 0.0  # time in the policy's own arithmetic (change metrics, reuse)
 
     @property
     def work_saved(self) -> float:
@@ -115,14 +114,11 @@ class BlockRun:
         skip = set(block_kwargs.get("skip_layers") or ())
         self._runs = [i not in skip for i in range(self.num_blocks)]
         stats.blocks_total += sum(self._runs)
-        self.block_seconds = 0.0
 
     def compute(self, start: int, end: int) -> Residual:
         """Run blocks ``start`` .. ``end - 1``; returns their residual."""
         before = self.adapter.streams(self.state)
-        t0 = time.perf_counter()
         self.model.blocks(self.state, start, end, **self.block_kwargs)
-        self.block_seconds += time.perf_counter() - t0
         self.stats.blocks_computed += sum(self._runs[start:end])
         after = self.adapter.streams(self.state)
         before = self.adapter.convert(before, after.keys())
@@ -154,7 +150,5 @@ class CacheRunner:
         args, kwargs, block_kwargs = self.adapter.split(args, kwargs)
         state = self.model.embed(*args, **kwargs)
         run = BlockRun(self.adapter, self.model, state, block_kwargs, self.stats)
-        t0 = time.perf_counter()
         self.policy.forward(run, step, self.memory.setdefault(step.branch, {}))
-        self.stats.policy_seconds += time.perf_counter() - t0 - run.block_seconds
         return self.model.final(run.state)

@@ -284,13 +284,13 @@ class BasePipeline:
 
     def generate(self, output_type: str, callback, progress, cache=None, cache_threshold=None, **request):
         """The template: ``prepare`` (subclass) -> denoise -> decode -> format."""
-        from ..caching import CacheRunner, CacheStats, resolve_policy
+        from ..caching import CacheRunner, CacheStats, adapter_for, resolve_policy
 
         timer = Timer()
         self.check_output_type(output_type)
         policy = resolve_policy(cache, cache_threshold, self.config)
-        if policy is not None and not hasattr(self.transformer, "blocks"):
-            raise InputError(f"{type(self.transformer).__name__} has no block loop to cache")
+        if policy is not None and adapter_for(self.transformer) is None:
+            raise InputError(f"{type(self.transformer).__name__} has no block loop fastflow.caching can drive")
         plan = self.prepare(timer, SimpleNamespace(**request))
         plan.settings["cache"] = None if policy is None else policy.describe()
         stats = CacheStats()
