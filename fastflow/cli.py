@@ -17,14 +17,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import FastflowError, InputError
+from .errors import FastflowError, InputError, OutputError
 from .loading.components import DEFAULT_MODEL
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class OutputError(FastflowError):
-    """The output path cannot be written."""
 
 
 def claim_path(path: Path) -> Path:
@@ -41,8 +37,8 @@ def claim_path(path: Path) -> Path:
             n += 1
 
 
-def check_output(path: Path) -> None:
-    """Before any work: the output folder exists (or can be made) and is writable."""
+def _output_folder(path: Path) -> Path:
+    """The folder of ``path``, created if missing; ``path`` itself must not be a folder."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -50,6 +46,12 @@ def check_output(path: Path) -> None:
         raise OutputError(f"cannot create the output folder {folder}: {e.strerror}") from None
     if path.is_dir():
         raise OutputError(f"-o {path} is a folder: pass a file name such as {path / 'fastflow.png'}")
+    return folder
+
+
+def check_output(path: Path) -> None:
+    """Before any work: the output folder exists (or can be made) and is writable."""
+    folder = _output_folder(path)
     try:  # the only reliable test of writability (permissions, read-only mounts, /proc)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastflow-probe-")
         os.close(fd)
@@ -75,7 +77,7 @@ def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
     info.add_text("seed", "" if seed is None else str(seed))
     info.add_text("settings", json.dumps(settings, sort_keys=True))
     info.add_text("software", f"fastflow {__version__}")
-    check_output(path)
+    _output_folder(path)  # writability shows in the claim itself (an OSError becomes an OutputError)
     target = tmp = None
     try:
         target = claim_path(path)
@@ -118,6 +120,12 @@ def parse_cache(text: str):
         raise InputError(f"--cache {text}: the threshold after ':' must be a number") from None
 
 
+def device_and_dtype(device: str | None, dtype: str | None = None) -> tuple[str, torch.dtype]:
+    """--device (default: cuda if available) checked, and --dtype (default: bf16 on GPU, fp32 on CPU)."""
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
 def check_device(name: str) -> str:
     """A device this torch build can use, checked before loading anything."""
     try:
@@ -146,11 +154,10 @@ def _cmd_generate(args) -> int:
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not args.model and not model.is_dir():
         raise InputError("no default model is installed with this build: pass --model <folder or file>")
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if args.upscale is not None and not 1 <= args.upscale <= MAX_UPSCALE:
         raise InputError(f"--upscale must be from 1 to {MAX_UPSCALE}, got {args.upscale}")
     check_output(Path(args.output))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     pipe = load(model, variant=args.variant, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=args.no_progress)
     kwargs = {
@@ -226,8 +233,7 @@ def _tuning_pipe(args):
     from .api import load
 
     model = Path(args.model) if args.model else DEFAULT_MODEL
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device, dtype = device_and_dtype(args.device)
     pipe = load(model, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -269,18 +275,20 @@ def _cmd_tune_steps(args) -> int:
     from .tuning import Calibration, fine_trajectory, refine_steps, search_steps
 
     pipe = _tuning_pipe(args)
-    prompts = _read_prompts(args, pipe)
-    if prompts is None:
+    given = _read_prompts(args, pipe)
+    if given is None:
         from .evaluation import NUMBER_WORDS
 
         prompts = [f"a handwritten {w}" for w in NUMBER_WORDS]
+    else:
+        prompts = given
     grid = torch.linspace(1, 0, args.fine + 1)
     runs = [(grid, fine_trajectory(pipe, p, 1000 + i, grid)) for i, p in enumerate(prompts)]
     sigmas = search_steps(runs, args.steps)
     print("trajectory-following sigmas:", ", ".join(f"{s:.4f}" for s in sigmas))
     result = {"model": pipe.config.name, "steps": args.steps, "sigmas": sigmas, "fine": args.fine}
     if args.refine:
-        if _read_prompts(args, pipe) is None:
+        if given is None:
             from .tuning import digits_calibration
 
             calibration = digits_calibration(pipe, args.steps)

@@ -126,6 +126,10 @@ class MissingComponentError(FastflowError, ValueError):
     """A model folder lacks a component the pipeline needs (a VAE, a text encoder, ...)."""
 
 
+class OutputError(FastflowError):
+    """An output path cannot be written (missing permissions, a folder given as a file name, ...)."""
+
+
 class NumericalError(FastflowError, FloatingPointError):
     """NaN or Inf appeared during generation (typically fp16 overflow): never a silent black image."""
 
