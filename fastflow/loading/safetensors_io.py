@@ -85,6 +85,15 @@ def refuse_unsafe_file(path: Path) -> None:
     A file whose first 8 bytes are a header length that fits the file, followed by ``{``, is
     safetensors (its header is validated next) whatever its first byte: a header length of
     128 mod 256 starts with ``\x80``, which is also pickle's first opcode."""
+    _refuse_by_name(path)
+    fd, size = open_regular(path, "weights file")
+    try:
+        _refuse_by_content(path, fd, size)
+    finally:
+        os.close(fd)
+
+
+def _refuse_by_name(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise PickleRefusedError(
             path,
@@ -92,11 +101,11 @@ def refuse_unsafe_file(path: Path) -> None:
             "fastflow never loads pickles: use the model's .safetensors file, or convert this one "
             "once in a trusted environment (safetensors.torch.save_file)",
         )
-    fd, size = open_regular(path, "weights file")
-    try:
-        head = os.pread(fd, 64, 0)
-    finally:
-        os.close(fd)
+
+
+def _refuse_by_content(path: Path, fd: int, size: int) -> None:
+    """The content half of :func:`refuse_unsafe_file`, on an open descriptor."""
+    head = os.pread(fd, 64, 0)
     if _looks_like_safetensors(head, size):
         return
     if head.startswith(_LFS_MAGIC):
@@ -122,9 +131,10 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        refuse_unsafe_file(self.path)
+        _refuse_by_name(self.path)  # before opening: a pickle is never opened
         fd, size = open_regular(self.path, "weights file")
         try:
+            _refuse_by_content(self.path, fd, size)
             raw = os.pread(fd, 8, 0)
             if len(raw) < 8:
                 raise TruncatedFileError(
