@@ -191,7 +191,7 @@ _SD3_FIELDS = (
 _PROBE_RANKS = {"q_norm": 1, "patch": 4, "pos": 3, "conv_in": 4, "z": 4, "first": 4, "out_conv": 4}
 
 
-def _shapes_with(source: CheckpointSource, layout: Layout, probes: dict, needed, ranks=None) -> dict:
+def _shapes_with(source: CheckpointSource, layout: Layout, probes: dict, needed) -> dict:
     """All shapes of the component, after checking that the probed tensors exist and have the
     rank and non-zero sizes detection reads from them."""
     shapes = {k: source.entry(layout.prefix + k).shape for k in layout.keys}
@@ -200,9 +200,8 @@ def _shapes_with(source: CheckpointSource, layout: Layout, probes: dict, needed,
         raise MissingKeysError(
             source.path, [layout.prefix + k for k in missing], "the checkpoint is incomplete: re-download it"
         )
-    ranks = {**_PROBE_RANKS, **(ranks or {})}
     for name in (n for n in probes if isinstance(probes[n], str) and probes[n] in shapes):
-        _check_probe(source, layout, probes[name], shapes[probes[name]], ranks.get(name, 2))
+        _check_probe(source, layout, probes[name], shapes[probes[name]], _PROBE_RANKS.get(name, 2))
     return shapes
 
 
