@@ -44,6 +44,17 @@ class Launch:
         return sum(t.numel() * t.element_size() for t in (*self.reads, *self.writes))
 
 
+_ALLOCATOR_SET = False
+
+
+def ensure_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors need global scratch memory for the TMA descriptors."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET and device.type == "cuda":
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
 def specialize(launch: Launch, arch: int):
     """(signature, constexprs, attrs, options) exactly as the Triton runtime derives them from the
     launch's arguments on ``arch`` (e.g. 90), through Triton's own binder: no driver or GPU needed.

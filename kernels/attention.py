@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, meta, short
+from ._common import Launch, ensure_allocator, meta, short
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (compute-capability major, head_dim), checked by
 # tools/kernel_report.py for spills and shared memory on sm_80 / sm_89 / sm_90.
@@ -116,17 +116,6 @@ def supported(q: torch.Tensor) -> bool:
     return q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16)
 
 
-_ALLOCATOR_SET = False
-
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need global scratch memory for the TMA descriptors."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """The op's Triton implementation: the kernel for its shipped head dims / dtypes, torch SDPA
     (flash / mem-efficient) otherwise (e.g. the VAE's head dim 512)."""
@@ -157,7 +146,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     launch = plan(q, k, v, scale)
-    _ensure_allocator()
+    ensure_allocator(q.device)
     return launch()
 
 

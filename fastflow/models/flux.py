@@ -78,9 +78,12 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h [B, L, C] -> q, k, v [B, H, L, D], q/k normalised and rotated."""
-        return qk_norm_rope(ops.linear(h, self.qkv), self.norm, cos, sin, self.num_heads)
+    def qkv_heads(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ):
+        """x [B, L, C] (modulated LayerNorm of it feeds qkv) -> q, k, v [B, H, L, D], q/k normalised
+        and rotated."""
+        return qk_norm_rope(ops.modulated_linear(x, shift, scale, self.qkv), self.norm, cos, sin, self.num_heads)
 
 
 def qk_norm_rope(qkv, norm: QKNorm, cos, sin, num_heads):
@@ -134,12 +137,8 @@ class DoubleStreamBlock(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(
-            ops.layernorm_modulate(img, i_shift1, i_scale1), cos[n_txt:], sin[n_txt:]
-        )
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
-            ops.layernorm_modulate(txt, t_shift1, t_scale1), cos[:n_txt], sin[:n_txt]
-        )
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img, i_shift1, i_scale1, cos[n_txt:], sin[n_txt:])
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt, t_shift1, t_scale1, cos[:n_txt], sin[:n_txt])
         attn = self.attention(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),
@@ -180,7 +179,7 @@ class SingleStreamBlock(nn.Module):
         """x [B, T + N, C] (txt first), vec [B, C], pe = (cos, sin) [T + N, D/2]."""
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = torch.split(
-            ops.linear(ops.layernorm_modulate(x, shift, scale), self.linear1),
+            ops.modulated_linear(x, shift, scale, self.linear1),
             [3 * self.hidden, self.mlp_hidden],
             dim=-1,
         )
@@ -201,7 +200,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)  # official order: shift first
-        return ops.linear(ops.layernorm_modulate(x, shift, scale), self.linear)
+        return ops.modulated_linear(x, shift, scale, self.linear)
 
 
 @dataclass
@@ -250,7 +249,7 @@ class Flux(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        return self.img_in.bias.dtype  # the bias stays in the model dtype when weights are FP8
 
     def conditioning(self, timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None):
         """vec [B, C] from t in [0, 1] [B], pooled CLIP y [B, vec_in] and guidance g [B].

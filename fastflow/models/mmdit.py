@@ -54,11 +54,11 @@ class SelfAttention(nn.Module):
         self.ln_q = RMSNorm(dim // num_heads) if qk_norm else None
         self.ln_k = RMSNorm(dim // num_heads) if qk_norm else None
 
-    def pre_attention(self, h: torch.Tensor):
-        """h [B, L, C] -> q, k, v [B, H, L, D]."""
+    def pre_attention(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+        """x [B, L, C] (its modulated LayerNorm feeds qkv) -> q, k, v [B, H, L, D]."""
         scale_q = self.ln_q.weight if self.ln_q is not None else None
         scale_k = self.ln_k.weight if self.ln_k is not None else None
-        return ops.qk_norm(ops.linear(h, self.qkv), scale_q, scale_k, self.num_heads, 1e-6)
+        return ops.qk_norm(ops.modulated_linear(x, shift, scale, self.qkv), scale_q, scale_k, self.num_heads, 1e-6)
 
 
 class Mlp(nn.Module):
@@ -89,9 +89,9 @@ class DismantledBlock(nn.Module):
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """Returns (q, k, v), (q2, k2, v2) or None, and the remaining modulation chunks."""
         mod = self.adaLN_modulation(c).chunk(self.n_mod, dim=-1)
-        qkv = self.attn.pre_attention(ops.layernorm_modulate(x, mod[0], mod[1]))
+        qkv = self.attn.pre_attention(x, mod[0], mod[1])
         # attn2 reads the same LN(x) as attn, before any residual (REFERENCE.md 2.7).
-        qkv2 = self.attn2.pre_attention(ops.layernorm_modulate(x, mod[6], mod[7])) if self.attn2 else None
+        qkv2 = self.attn2.pre_attention(x, mod[6], mod[7]) if self.attn2 else None
         return qkv, qkv2, mod
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, attn2: torch.Tensor | None, mod) -> torch.Tensor:
@@ -138,7 +138,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # official order: shift first
-        return ops.linear(ops.layernorm_modulate(x, shift, scale), self.linear)
+        return ops.modulated_linear(x, shift, scale, self.linear)
 
 
 @dataclass
@@ -170,7 +170,7 @@ class MMDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.context_embedder.weight.dtype
+        return self.context_embedder.bias.dtype  # the bias stays in the model dtype when weights are FP8
 
     def check_size(self, h: int, w: int) -> None:
         """Raise a clear error for latent sizes this model cannot take (h, w in latent pixels)."""

@@ -8,12 +8,13 @@ the backend switch at call time. :func:`linear` runs linear layers, dispatched o
 
 from ._registry import BACKENDS, KERNEL_BACKENDS, OPS, get_backend, kernel_would_run, set_backend, use_backend
 from .attention import attention
+from .fp8 import fp8_linear, fp8_quantize, fp8_scaled_mm, layernorm_modulate_fp8
 from .gated_residual import gated_residual
 from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
-from .linear import linear, register_linear
+from .linear import linear, modulated_linear, register_linear, register_modulated_linear
 from .qk_norm_rope import qk_norm, qk_norm_rope
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "OPS",
     "attention",
     "bias_gelu_tanh",
+    "fp8_linear",
+    "fp8_quantize",
+    "fp8_scaled_mm",
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "gelu_tanh",
@@ -29,10 +33,13 @@ __all__ = [
     "groupnorm_silu",
     "kernel_would_run",
     "layernorm_modulate",
+    "layernorm_modulate_fp8",
     "linear",
+    "modulated_linear",
     "qk_norm",
     "qk_norm_rope",
     "register_linear",
+    "register_modulated_linear",
     "set_backend",
     "use_backend",
 ]

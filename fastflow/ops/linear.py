@@ -18,9 +18,11 @@ from torch import nn
 from ..errors import InputError
 from ._registry import kernel_would_run
 from .gelu_tanh import bias_gelu_tanh, gelu_tanh
+from .layernorm_modulate import layernorm_modulate
 
 EPILOGUES: dict[str | None, Callable | None] = {None: None, "gelu_tanh": gelu_tanh}
 _IMPLS: dict[type, Callable] = {}
+_MODULATED_IMPLS: dict[type, Callable] = {}
 
 
 def register_linear(cls: type):
@@ -34,6 +36,18 @@ def register_linear(cls: type):
     return register
 
 
+def register_modulated_linear(cls: type):
+    """Decorator: ``fn(x, shift, scale, eps, layer, epilogue) -> Tensor`` runs
+    :func:`modulated_linear` for layers of type ``cls`` (e.g. FP8 layers fuse the LayerNorm with
+    their activation quantization); unregistered types run LayerNorm-modulate, then :func:`linear`."""
+
+    def register(fn):
+        _MODULATED_IMPLS[cls] = fn
+        return fn
+
+    return register
+
+
 def _apply_epilogue(y: torch.Tensor, epilogue: str | None) -> torch.Tensor:
     return y if epilogue is None else EPILOGUES[epilogue](y)
 
@@ -42,15 +56,16 @@ def _via_forward(x: torch.Tensor, layer: nn.Module, epilogue: str | None) -> tor
     return _apply_epilogue(layer(x), epilogue)
 
 
-def implementation(layer: nn.Module) -> Callable:
-    """The function :func:`linear` runs for ``layer``."""
+def implementation(layer: nn.Module, table: dict[type, Callable] | None = None, default: Callable = _via_forward):
+    """The function :func:`linear` (or, with its table, :func:`modulated_linear`) runs for ``layer``."""
+    table = _IMPLS if table is None else table
     if layer._forward_hooks or layer._forward_pre_hooks:
-        return _via_forward
+        return default
     cls = type(layer)
     for base in cls.__mro__:
-        if base in _IMPLS:
-            return _IMPLS[base] if cls.forward is base.forward else _via_forward
-    return _via_forward
+        if base in table:
+            return table[base] if cls.forward is base.forward else default
+    return default
 
 
 def linear(x: torch.Tensor, layer: nn.Module, epilogue: str | None = None) -> torch.Tensor:
@@ -58,6 +73,26 @@ def linear(x: torch.Tensor, layer: nn.Module, epilogue: str | None = None) -> to
     if epilogue not in EPILOGUES:
         raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
     return implementation(layer)(x, layer, epilogue)
+
+
+def _modulated_via_linear(x, shift, scale, eps, layer, epilogue):
+    return linear(layernorm_modulate(x, shift, scale, eps), layer, epilogue)
+
+
+def modulated_linear(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    layer: nn.Module,
+    epilogue: str | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """epilogue(layer((1 + scale) * LN(x) + shift)). x [B, L, C]; shift, scale [B, C]; returns [B, L, out].
+    The same numbers as ``linear(layernorm_modulate(x, shift, scale, eps), layer, epilogue)``."""
+    if epilogue not in EPILOGUES:
+        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
+    fn = implementation(layer, _MODULATED_IMPLS, _modulated_via_linear)
+    return fn(x, shift, scale, eps, layer, epilogue)
 
 
 @register_linear(nn.Linear)

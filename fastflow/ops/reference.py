@@ -129,3 +129,90 @@ def groupnorm_silu_ref(
     memory format (NCHW or channels-last); returns x.dtype in x's memory format."""
     y = F.silu(F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps))
     return y.to(x.dtype)
+
+
+# FP8 (W8A8, e4m3). Activations are quantized with amax scaling: scale = amax / 448 (per token row
+# or per tensor), q = clamp(x * (448 / amax), +-448) rounded to nearest even; weights likewise per
+# output channel or per tensor. Products of two e4m3 values are exact in fp32.
+FP8_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MIN_AMAX = 1e-12  # an all-zero row quantizes to zeros with a tiny, finite scale
+
+
+def fp8_scales(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(448 / amax, amax / 448) with IEEE division, as the kernels compute them (div_rn). Written as
+    tensor / tensor: torch evaluates ``scalar / tensor`` as a reciprocal times the scalar, which is
+    not correctly rounded and would move values that sit next to an FP8 rounding midpoint."""
+    full = torch.full_like(amax, FP8_MAX)
+    return torch.div(full, amax), torch.div(amax, full)
+
+
+def fp8_quantize_ref(
+    x: torch.Tensor, static_scale: torch.Tensor | None = None, per_token: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] e4m3, scale fp32 [M] or [1]) with x ~= q * scale.
+
+    static_scale (fp32, one element) is used as given; otherwise the scale is amax / 448 of each row
+    (per_token) or of the whole tensor."""
+    xf = x.float()  # [M, K]
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1).clone()  # an output never aliases an input
+        inv = torch.div(torch.ones_like(scale), scale)  # [1], IEEE (see fp8_scales)
+        q = (xf * inv).clamp(-FP8_MAX, FP8_MAX)
+        return q.to(FP8_DTYPE), scale
+    if per_token:
+        amax = xf.abs().amax(dim=-1).clamp(min=FP8_MIN_AMAX)  # [M]
+    else:
+        amax = xf.abs().amax().clamp(min=FP8_MIN_AMAX).reshape(1)  # [1]
+    inv, scale = fp8_scales(amax)
+    q = (xf * (inv[:, None] if per_token else inv)).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(FP8_DTYPE), scale
+
+
+def fp8_scaled_mm_ref(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """epilogue((xq * x_scale) @ (w * w_scale)^T + bias), dequantized and computed in fp32.
+
+    xq [M, K] fp8; x_scale fp32 [M] or [1]; w [N, K] fp8; w_scale fp32 [N] or [1]; bias [N] or None;
+    gelu applies GELU (tanh) last. Returns [M, N] in out_dtype."""
+    a = xq.float() * x_scale.float().reshape(-1, 1)  # [M, K]
+    b = w.float() * w_scale.float().reshape(-1, 1)  # [N, K]
+    y = a @ b.t()  # [M, N]
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    return y.to(out_dtype)
+
+
+def fp8_linear_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    static_scale: torch.Tensor | None = None,
+    per_token: bool = True,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """An FP8 linear layer: quantize x [..., K] (see fp8_quantize_ref), then fp8_scaled_mm_ref with
+    w [N, K] e4m3. Returns [..., N] in x's dtype."""
+    lead = x.shape[:-1]
+    xq, x_scale = fp8_quantize_ref(x.reshape(-1, x.shape[-1]), static_scale, per_token)  # [M, K]
+    y = fp8_scaled_mm_ref(xq, x_scale, w, w_scale, bias, gelu, x.dtype)  # [M, N]
+    return y.reshape(*lead, w.shape[0])
+
+
+def layernorm_modulate_fp8_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """layernorm_modulate_ref (rounded to x's dtype, as the unfused path stores it), then per-token
+    quantization: (q [B*L, C] e4m3, scale fp32 [B*L])."""
+    y = layernorm_modulate_ref(x, shift, scale, eps)  # [B, L, C]
+    return fp8_quantize_ref(y.reshape(-1, y.shape[-1]), None, True)

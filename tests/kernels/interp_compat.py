@@ -4,7 +4,9 @@ The interpreter keeps bf16 values as raw 16-bit patterns and runs numpy on them,
 arithmetic, reductions and dots give garbage, and fp32 -> bf16 casts truncate instead of rounding
 to nearest even (triton-lang/triton#11584, #4972). Kernels are written for the GPU; this layer,
 imported by the kernel tests after TRITON_INTERPRET=1 is set, fixes the interpreter instead:
-bf16 operands are decoded to fp32, results re-encoded with round-to-nearest-even.
+bf16 operands are decoded to fp32, results re-encoded with round-to-nearest-even. Casts to FP8
+(which drop the rounding carry: 1.97 -> 1.0, triton-lang/triton#8322) go through torch's exact
+round-to-nearest-even conversion, the GPU's cvt.rn for in-range values.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 ENABLED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,7 +53,8 @@ def install() -> None:
             return handle(out, dtype)
         return handle(f32_to_bf16(out), bf16)
 
-    original = {n: getattr(builder, n) for n in ("binary_op", "unary_op", "create_dot", "cast_impl")}
+    original = {n: getattr(builder, n) for n in ("binary_op", "unary_op", "create_dot", "cast_impl", "create_fp_to_fp")}
+    fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
 
     def binary_op(self, lhs, rhs, op):
         if is_bf16(lhs) or is_bf16(rhs):
@@ -75,6 +79,14 @@ def install() -> None:
             return handle(f32_to_bf16(src.data.astype(np.float32)), bf16)
         return original["cast_impl"](self, src, dst_type)
 
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if d in fp8 and s in (tl.float32, tl.float16, bf16):
+            values = torch.from_numpy(np.ascontiguousarray(value(src), dtype=np.float32))
+            return handle(values.to(fp8[d]).view(torch.uint8).numpy(), d)
+        return original["create_fp_to_fp"](self, src, dst_type, rounding_mode)
+
+    builder.create_fp_to_fp = create_fp_to_fp
     builder.binary_op, builder.unary_op = binary_op, unary_op
     builder.create_dot, builder.cast_impl = create_dot, cast_impl
 

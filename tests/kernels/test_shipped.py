@@ -15,7 +15,7 @@ MODULES = kernel_modules()
 
 
 def test_every_op_with_a_kernel_names_its_module():
-    assert len(MODULES) == 7
+    assert len(MODULES) == 9
     for name, opdef in ops.OPS.items():
         if not name.startswith("_test"):
             assert opdef.kernel_modules(), f"{name} has no Triton kernel module"
@@ -25,7 +25,9 @@ def test_every_op_with_a_kernel_names_its_module():
 @pytest.mark.parametrize("arch", [80, 89, 90])
 def test_shipped_launches_bind_to_their_kernel(module, arch):
     launches = importlib.import_module(module).shipped(arch)
-    assert launches and len({label for label, _ in launches}) == len(launches)
+    fp8_below_sm89 = "fp8" in module and arch < 89  # dequantized at load: nothing ships
+    assert (not launches) if fp8_below_sm89 else launches
+    assert len({label for label, _ in launches}) == len(launches)
     for label, launch in launches:
         constexprs = {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
         inspect.signature(launch.kernel.fn).bind(*launch.args, **constexprs)  # every parameter given once

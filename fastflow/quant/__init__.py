@@ -1,0 +1,154 @@
+"""Weight quantization: ``quantize_(model, Fp8Config(...))`` swaps ``nn.Linear`` layers for
+:class:`Fp8Linear` in place (on real or meta weights); ``dequantize_`` swaps them back.
+
+Layers stay in high precision when their qualified name matches one of ``Fp8Config.skip``'s
+``fnmatch`` patterns. The default keeps the modulation layers, embedders and the final layer
+in the model dtype (``bench/quality.py --quant fp8 --skip-study`` measures each choice).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..ops.reference import FP8_MAX, FP8_MIN_AMAX
+from .fp8 import ACTIVATION_SCALINGS, WEIGHT_GRANULARITIES, Fp8Linear, dequantize_weight, quantize_weight
+
+# Candidate groups of layers to keep in high precision (FLUX and SD3 module names).
+SKIP_GROUPS: dict[str, tuple[str, ...]] = {
+    "embedders": (
+        "img_in",
+        "txt_in",
+        "time_in.*",
+        "vector_in.*",
+        "guidance_in.*",
+        "context_embedder",
+        "t_embedder.*",
+        "y_embedder.*",
+    ),
+    "final": ("final_layer.*",),
+    "modulation": ("*_mod.lin", "*.modulation.lin", "*adaLN_modulation.1"),
+}
+DEFAULT_SKIP_GROUPS = ("embedders", "final")
+
+
+def skip_patterns(*groups: str) -> tuple[str, ...]:
+    unknown = set(groups) - set(SKIP_GROUPS)
+    if unknown:
+        raise InputError(f"unknown skip groups {sorted(unknown)}; choose from {sorted(SKIP_GROUPS)}")
+    return tuple(p for g in groups for p in SKIP_GROUPS[g])
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """FP8 e4m3 weights and activations.
+
+    weight: "per-channel" (one fp32 scale per output row) or "per-tensor".
+    activation: "per-token" (dynamic, one scale per row), "per-tensor" (dynamic) or "static"
+    (a calibrated or checkpoint ``scale_input``; see :func:`calibrate_`).
+    skip: fnmatch patterns of module names that stay in the model dtype.
+    """
+
+    weight: str = "per-channel"
+    activation: str = "per-token"
+    skip: tuple[str, ...] = skip_patterns(*DEFAULT_SKIP_GROUPS)
+
+    def __post_init__(self):
+        if self.weight not in WEIGHT_GRANULARITIES:
+            raise InputError(f"Fp8Config.weight={self.weight!r}: choose one of {WEIGHT_GRANULARITIES}")
+        if self.activation not in ACTIVATION_SCALINGS:
+            raise InputError(f"Fp8Config.activation={self.activation!r}: choose one of {ACTIVATION_SCALINGS}")
+        if isinstance(self.skip, str):
+            raise InputError("Fp8Config.skip is a tuple of patterns, not one string")
+
+    def skips(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
+
+    def describe(self) -> str:
+        return f"fp8-e4m3 ({self.weight} weights, {self.activation} activations)"
+
+
+def quantizable(model: nn.Module, config: Fp8Config) -> list[str]:
+    """Names of the layers ``quantize_`` would replace."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not config.skips(n)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_(model: nn.Module, config: Fp8Config | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` not skipped by ``config`` with an :class:`Fp8Linear` (in place;
+    returns ``model``). Works on meta models (shapes only) and frees each bf16 weight as it goes."""
+    config = config or Fp8Config()
+    for name in quantizable(model, config):
+        layer = model.get_submodule(name)
+        _replace(model, name, Fp8Linear.from_linear(layer, config.weight, config.activation))
+    return model
+
+
+def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`Fp8Linear` with an ``nn.Linear`` of the dequantized weights (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Fp8Linear):
+            _replace(model, name, module.dequantized(dtype))
+    return model
+
+
+def fp8_layers(model: nn.Module) -> dict[str, Fp8Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+def calibrate_(model: nn.Module, run: Callable[[], object], margin: float = 1.0) -> nn.Module:
+    """Set the static input scale of every "static" :class:`Fp8Linear` to margin * amax / 448 of the
+    activations it sees while ``run()`` executes (e.g. a few generations on calibration prompts)."""
+    layers = {n: m for n, m in fp8_layers(model).items() if m.activation == "static"}
+    if not layers:
+        raise InputError('calibrate_ needs layers quantized with Fp8Config(activation="static")')
+    amax = dict.fromkeys(layers, 0.0)
+
+    def recorder(name):
+        def hook(module, args):
+            amax[name] = max(amax[name], args[0].detach().abs().amax().float().item())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    for name, module in layers.items():
+        value = max(amax[name], FP8_MIN_AMAX) * margin / FP8_MAX
+        module.input_scale = torch.tensor([value], dtype=torch.float32, device=module.weight.device)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (what the weights occupy in memory)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+__all__ = [
+    "DEFAULT_SKIP_GROUPS",
+    "SKIP_GROUPS",
+    "Fp8Config",
+    "Fp8Linear",
+    "calibrate_",
+    "dequantize_",
+    "dequantize_weight",
+    "fp8_layers",
+    "quantizable",
+    "quantize_",
+    "quantize_weight",
+    "skip_patterns",
+    "weight_bytes",
+]

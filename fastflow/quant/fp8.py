@@ -1,0 +1,139 @@
+"""The FP8 linear layer: e4m3 weights with fp32 scales (per output channel or per tensor), bias in
+the model dtype, activations quantized per token, per tensor or with a static (calibrated) scale.
+
+Runs through ``fastflow::fp8_linear`` (or, after a modulated LayerNorm, the fused
+``layernorm_modulate_fp8`` + ``fp8_scaled_mm``), registered with :func:`fastflow.ops.register_linear`
+so models need no change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import InputError
+from ..ops.fp8 import fp8_linear, fp8_scaled_mm, layernorm_modulate_fp8
+from ..ops.linear import register_linear, register_modulated_linear
+from ..ops.reference import FP8_DTYPE, FP8_MAX, FP8_MIN_AMAX, fp8_scales
+
+WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
+ACTIVATION_SCALINGS = ("per-token", "per-tensor", "static")
+
+
+def quantize_weight(w: torch.Tensor, granularity: str = "per-channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (any float dtype) -> (e4m3 [N, K], fp32 scale [N] or [1]) with w ~= q * scale."""
+    if granularity not in WEIGHT_GRANULARITIES:
+        raise InputError(f"weight granularity {granularity!r}: choose one of {WEIGHT_GRANULARITIES}")
+    wf = w.float()
+    if granularity == "per-channel":
+        amax = wf.abs().amax(dim=1).clamp(min=FP8_MIN_AMAX)  # [N]
+    else:
+        amax = wf.abs().amax().clamp(min=FP8_MIN_AMAX).reshape(1)  # [1]
+    if not torch.isfinite(amax).all():
+        raise InputError("cannot quantize a weight holding NaN or Inf")
+    inv, scale = fp8_scales(amax)
+    q = (wf * (inv[:, None] if granularity == "per-channel" else inv)).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(FP8_DTYPE), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
+
+
+class Fp8Linear(nn.Module):
+    """y = (x quantized) @ (weight * weight_scale)^T + bias. weight [N, K] e4m3, weight_scale fp32
+    [N] (per channel) or [1]; input_scale fp32 [1] when activations use a static scale."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_granularity: str = "per-channel",
+        activation: str = "per-token",
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
+        super().__init__()
+        if activation not in ACTIVATION_SCALINGS:
+            raise InputError(f"activation scaling {activation!r}: choose one of {ACTIVATION_SCALINGS}")
+        if weight_granularity not in WEIGHT_GRANULARITIES:
+            raise InputError(f"weight granularity {weight_granularity!r}: choose one of {WEIGHT_GRANULARITIES}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_granularity, self.activation = weight_granularity, activation
+        scales = out_features if weight_granularity == "per-channel" else 1
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        self.register_buffer("weight_scale", torch.ones(scales, dtype=torch.float32, device=device))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        self.register_buffer(
+            "input_scale", torch.ones(1, dtype=torch.float32, device=device) if activation == "static" else None
+        )
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, weight_granularity: str = "per-channel", activation: str = "per-token"):
+        dtype = layer.bias.dtype if layer.bias is not None else layer.weight.dtype
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            weight_granularity,
+            activation,
+            dtype=dtype,
+            device=layer.weight.device,
+        )
+        if layer.weight.device.type != "meta":
+            q, scale = quantize_weight(layer.weight.detach(), weight_granularity)
+            new.weight.data, new.weight_scale = q, scale
+            if layer.bias is not None:
+                new.bias.data = layer.bias.detach().clone()
+        return new
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An nn.Linear holding the dequantized weights (in ``dtype``, default the bias dtype)."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.bfloat16)
+        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta", dtype=dtype)
+        layer.weight = nn.Parameter(dequantize_weight(self.weight, self.weight_scale, dtype), requires_grad=False)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
+        return layer
+
+    def _static_scale(self) -> torch.Tensor | None:
+        return self.input_scale if self.activation == "static" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp8_linear(x, self, None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={self.weight_granularity}, activation={self.activation}"
+        )
+
+
+@register_linear(Fp8Linear)
+def _fp8_linear(x: torch.Tensor, layer: Fp8Linear, epilogue: str | None) -> torch.Tensor:
+    return fp8_linear(
+        x,
+        layer.weight,
+        layer.weight_scale,
+        layer.bias,
+        layer._static_scale(),
+        layer.activation == "per-token",
+        epilogue == "gelu_tanh",
+    )
+
+
+@register_modulated_linear(Fp8Linear)
+def _fp8_modulated_linear(x, shift, scale, eps, layer: Fp8Linear, epilogue):
+    # The fused path writes the quantized rows straight from the LayerNorm: one pass over x instead of
+    # LN write + quantize read + quantize write. Only where its kernel runs and scaling is per token.
+    if layer.activation == "per-token" and ops.kernel_would_run("layernorm_modulate_fp8", x):
+        xq, x_scale = layernorm_modulate_fp8(x, shift, scale, eps)  # [B*L, C], [B*L]
+        y = fp8_scaled_mm(xq, x_scale, layer.weight, layer.weight_scale, layer.bias, epilogue == "gelu_tanh", x.dtype)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+    return _fp8_linear(ops.layernorm_modulate(x, shift, scale, eps), layer, epilogue)
