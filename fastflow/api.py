@@ -25,6 +25,7 @@ def load(
     vae: str | os.PathLike | None = None,
     text_encoders=None,
     t5_max_length: int | None = None,
+    quant=None,
 ):
     """A ready pipeline (FluxPipeline or SD3Pipeline) from local files.
 
@@ -32,8 +33,10 @@ def load(
     transformer file, with ``vae=`` (a file or folder) and ``text_encoders=`` ({"clip_l": folder,
     "clip_g": folder, "t5": folder}; a folder may be a (model, tokenizer) pair; False: none, for use
     with prompt embeddings). ``variant`` where the keys cannot tell (Kontext vs dev, large vs turbo).
-    Sampling defaults come from the model's config.
+    Sampling defaults come from the model's config. ``quant``: None keeps the transformer file's
+    format (an FP8 file runs in FP8), "fp8" (or a :class:`fastflow.quant.Fp8Config`) quantizes its
+    linear layers to FP8 while loading, "none" loads FP8 files dequantized.
     """
     path = Path(path).expanduser()
-    parts = load_components(path, variant, device or _default_device(), dtype, vae, text_encoders, t5_max_length)
+    parts = load_components(path, variant, device or _default_device(), dtype, vae, text_encoders, t5_max_length, quant)
     return PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)

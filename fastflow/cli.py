@@ -1,4 +1,4 @@
-"""The ``fastflow`` command: ``generate``, ``info <checkpoint>``, ``doctor`` and ``smoke``.
+"""The ``fastflow`` command: ``generate``, ``quantize``, ``info <checkpoint>``, ``doctor`` and ``smoke``.
 
 Errors from bad input print one line and exit with status 2; an interrupted run exits 130.
 """
@@ -158,7 +158,7 @@ def _cmd_generate(args) -> int:
     if args.upscale is not None and not 1 <= args.upscale <= MAX_UPSCALE:
         raise InputError(f"--upscale must be from 1 to {MAX_UPSCALE}, got {args.upscale}")
     check_output(Path(args.output))
-    pipe = load(model, variant=args.variant, device=device, dtype=dtype)
+    pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant)
     pipe.set_progress_bar_config(disable=args.no_progress)
     kwargs = {
         "height": args.height,
@@ -311,6 +311,20 @@ def _cmd_tune_steps(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from .loading.writer import quantize_checkpoint
+    from .quant import DEFAULT_SKIP_GROUPS, Fp8Config, skip_patterns
+
+    groups = DEFAULT_SKIP_GROUPS if args.keep is None else tuple(g for g in args.keep.split(",") if g and g != "none")
+    config = Fp8Config(weight=args.weight, skip=skip_patterns(*groups))
+    done = quantize_checkpoint(args.input, args.output, config, variant=args.variant, dtype=DTYPES[args.dtype])
+    print(
+        f"wrote {done['path']}: {done['variant']}, {done['fp8_layers']} FP8 layers, "
+        f"{done['bytes'] / 2**30:.2f} GiB ({config.describe()}, kept in {args.dtype}: {', '.join(groups) or 'nothing'})"
+    )
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .loading import inspect_checkpoint
 
@@ -428,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="feature caching: fbcache|teacache|taylorseer|dbcache[:THRESHOLD] or a schedule .json (tune-cache)",
     )
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=["fp8", "none"],
+        help="fp8: quantize the transformer's linear layers while loading; none: dequantize an FP8 file "
+        "(default: as the file is)",
+    )
     p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     p.set_defaults(func=_cmd_generate)
 
@@ -451,6 +472,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--out", default=None, help="write {sigmas: [...]} here")
     p.set_defaults(func=_cmd_tune_steps)
+
+    p = sub.add_parser("quantize", help="write an FP8 copy of a transformer checkpoint (loads back bit-identically)")
+    p.add_argument("input", help="a transformer .safetensors file or diffusers folder")
+    p.add_argument("output", help="the .safetensors file to write (never overwritten)")
+    p.add_argument("--format", default="fp8", choices=["fp8"], help="fp8: e4m3 weights with fp32 scales")
+    p.add_argument("--weight", default="per-channel", choices=["per-channel", "per-tensor"], help="weight scales")
+    p.add_argument(
+        "--keep",
+        default=None,
+        help="layer groups kept in --dtype, comma-separated: embedders, final, modulation, or none "
+        "(default: embedders,final)",
+    )
+    p.add_argument("--variant", default=None, help="resolve variants the keys cannot tell apart")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the layers kept")
+    p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("info", help="describe a checkpoint (family, variant, dtype, size) from its header")
     p.add_argument("path", help="a .safetensors file or a diffusers folder")

@@ -111,6 +111,11 @@ class ShapeMismatchError(CheckpointError):
         super().__init__(path, f"{len(items)} tensor shape(s) do not match the config: {shown}", fix)
 
 
+class InvalidScaleError(CheckpointError):
+    """An FP8 scale tensor is NaN, Inf, zero, negative, of the wrong shape or dtype, or belongs to
+    a weight that is not FP8."""
+
+
 class InputError(FastflowError, ValueError):
     """A bad argument to a model, op or pipeline call (shape, size, dtype)."""
 

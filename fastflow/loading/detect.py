@@ -18,6 +18,7 @@ from ..errors import (
 )
 from ..models import configs as registry
 from .keymaps import COMPONENT_PREFIXES, OTHER_COMPONENT_PREFIXES
+from .quantized import split_quant_keys
 from .sources import CheckpointSource
 
 FAMILY_NAMES = {
@@ -37,6 +38,7 @@ class Layout:
     keys: tuple[str, ...]  # the component's keys with the prefix stripped
     other_keys: tuple[str, ...]  # keys of other components (left for their loaders)
     foreign_keys: tuple[str, ...]  # keys that belong to nothing known
+    quant_keys: tuple[str, ...] = ()  # FP8 scales and format markers, prefix stripped (loading/quantized.py)
 
 
 def _is_other_component(key: str) -> bool:
@@ -59,8 +61,9 @@ def detect_layout(keys, component: str = "transformer") -> Layout:
             foreign.append(k)
         else:
             mine.append(k)
+    mine, quant = split_quant_keys(mine)
     family, naming = _family(mine) if mine else _family(other)
-    return Layout(family, naming, prefix, tuple(mine), tuple(other), tuple(foreign))
+    return Layout(family, naming, prefix, tuple(mine), tuple(other), tuple(foreign), tuple(quant))
 
 
 def _family(keys: list[str]) -> tuple[str, str | None]:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from math import prod
 
 import torch
+from torch import nn
 
 from ..errors import (
     FamilyMismatchError,
+    InputError,
     MissingKeysError,
     ShapeMismatchError,
     UnexpectedKeysError,
@@ -27,7 +30,11 @@ from ..models.flux import Flux
 from ..models.mmdit import MMDiT
 from ..models.vae import AutoEncoder
 from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, vae_arch
+from ..ops.capability import device_name, fp8_runs_natively
+from ..quant import Fp8Config, Fp8Linear
+from ..quant.fp8 import quantize_weight
 from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers, vae_from_diffusers
+from .quantized import FP8_DTYPES, Fp8Source, describe, read_fp8_source
 from .safetensors_io import DTYPE_NAMES
 from .sources import CheckpointSource, open_checkpoint
 
@@ -101,23 +108,118 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
         )
 
 
-def materialize(source: CheckpointSource, plan: Plan, expected: dict, dtype, device) -> dict[str, torch.Tensor]:
-    """Build each target tensor from its sources, casting on the copy; release pages as we go."""
+def _assemble(source: CheckpointSource, segs, shape, dtype, device, fp8: Fp8Source) -> torch.Tensor:
+    """One target tensor from its source pieces, FP8 pieces dequantized (codes x scale) on the copy."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    row = 0
+    for s in segs:
+        src = s.take(fp8.dequantized(s.key, source.key_file[s.key].tensor(s.key)))
+        out[row : row + src.shape[0]].copy_(src)
+        row += src.shape[0]
+    return out
+
+
+def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Source):
+    """The file's e4m3 codes and scale as the layer holds them, when no arithmetic is needed
+    (one whole e4m3 source; a per-tensor scale serves a per-channel layer by repetition)."""
+    if len(segs) != 1 or segs[0].half is not None or source.entry(segs[0].key).dtype != torch.float8_e4m3fn:
+        return None
+    key = segs[0].key
+    scale = fp8.weight_scales.get(key, torch.ones(1))
+    rows = layer.out_features
+    if layer.weight_granularity == "per-channel":
+        scale = scale.expand(rows).clone() if scale.numel() == 1 else scale
+    elif scale.numel() != 1:
+        return None
+    return source.key_file[key].tensor(key), scale
+
+
+def materialize(
+    source: CheckpointSource, plan: Plan, expected: dict, dtype, device, fp8: Fp8Source | None = None, fp8_layers=None
+) -> dict[str, torch.Tensor]:
+    """Build each target tensor from its sources, casting on the copy; release pages as we go.
+
+    ``fp8_layers`` (weight key -> Fp8Linear on meta) are filled with e4m3 codes and scales: the
+    file's own where they fit the layer, else quantized from the assembled tensor (in ``dtype``,
+    or fp32 when the source is FP8). Peak memory: the loaded model plus one assembled tensor."""
     state = {}
+    fp8 = fp8 or Fp8Source.empty()
+    fp8_layers = fp8_layers or {}
     for key, segs in plan.items():
-        out = torch.empty(expected[key], dtype=dtype, device=device)
-        row = 0
-        for s in segs:
-            src = s.take(source.key_file[s.key].tensor(s.key))
-            out[row : row + src.shape[0]].copy_(src)
-            row += src.shape[0]
+        layer = fp8_layers.get(key)
+        if layer is None:
+            state[key] = _assemble(source, segs, expected[key], dtype, device, fp8)
+        else:
+            stem = key[: -len("weight")]
+            found = _passthrough(source, segs, layer, fp8)
+            if found is not None:  # views of the map (and the checked scale): copy
+                found = found[0].to(device, copy=True), found[1].to(device, copy=True)
+            else:
+                from_fp8 = any(source.entry(s.key).dtype in FP8_DTYPES for s in segs)
+                full = _assemble(source, segs, expected[key], torch.float32 if from_fp8 else dtype, device, fp8)
+                found = quantize_weight(full, layer.weight_granularity)
+                del full
+            state[key], state[stem + "weight_scale"] = found
+            if layer.activation == "static":
+                state[stem + "input_scale"] = layer.input_scale.to(device, copy=True)
         for s in segs:
             source.key_file[s.key].release(s.key)
-        state[key] = out
     return state
 
 
-def _load(path, component: str, family: str | None, variant, dtype, device, config, prefer=None) -> torch.nn.Module:
+def _quant_config(quant) -> Fp8Config | str | None:
+    if quant is None or isinstance(quant, Fp8Config):
+        return quant
+    if quant == "fp8":
+        return Fp8Config()
+    if quant == "none":
+        return "none"
+    raise InputError(f"quant={quant!r}: use None (keep the file's format), 'fp8', 'none' or an Fp8Config")
+
+
+def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) -> dict[str, Fp8Linear]:
+    """Swap the meta model's linear layers for Fp8Linear where the weights will be FP8: per ``quant``
+    (an Fp8Config), or, with quant None, where the file stores them in FP8 (granularity and static
+    activation scales as the file has them). Returns weight key -> layer."""
+    if quant == "none" or (quant is None and not fp8.quantized):
+        return {}
+    if layout.naming == "diffusers" and quant is None:
+        quant = Fp8Config()  # diffusers names: fused layers come from several sources; requantize
+    chosen = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        weight_key = layout.prefix + name + ".weight"
+        static = fp8.input_scales.get(weight_key)
+        if quant is None:
+            if weight_key not in fp8.fp8_weights:
+                continue
+            scale = fp8.weight_scales.get(weight_key)
+            granularity = "per-channel" if scale is not None and scale.numel() > 1 else "per-tensor"
+            activation = "static" if static is not None else (fp8.activation or "per-token")
+        else:
+            if quant.skips(name):
+                continue
+            granularity, activation = quant.weight, quant.activation
+            if activation == "static" and static is None:
+                raise InputError(
+                    f"layer {name!r} has no static input scale in the file; quantize with per-token activations, "
+                    "then fastflow.quant.calibrate_ a static copy"
+                )
+        layer = Fp8Linear(
+            module.in_features, module.out_features, module.bias is not None, granularity, activation, dtype, "meta"
+        )
+        if activation == "static":
+            layer.input_scale = static.reshape(1).clone()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        chosen[name + ".weight"] = layer
+    return chosen
+
+
+def _load(
+    path, component: str, family: str | None, variant, dtype, device, config, prefer=None, quant=None
+) -> torch.nn.Module:
     with open_checkpoint(path, component) as source:
         layout = detect_layout(source.key_file, component)
         if family is None and (config is not None or variant is not None):
@@ -130,10 +232,21 @@ def _load(path, component: str, family: str | None, variant, dtype, device, conf
         cfg = resolve_config(family, arch_of(source, layout), source, variant, config, layout, prefer)
         with torch.device("meta"):
             model = model_cls(cfg)
+        fp8 = read_fp8_source(source, layout.prefix, layout.quant_keys)
+        quant = _quant_config(quant)
+        if quant != "none" and (quant is not None or fp8.quantized) and fp8_runs_natively(device) is False:
+            warnings.warn(
+                f"{device_name(device)} has no FP8 tensor cores (FP8 GEMMs need sm_89 or newer): "
+                f"the weights are loaded dequantized to {dtype} instead",
+                stacklevel=3,
+            )
+            quant = "none"
+        fp8_layers = _fp8_layers(model, layout, fp8, quant, dtype)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        plan = build_plan(expected, layout, source_of, cfg)
+        aux = {k for k in expected if k.endswith((".weight_scale", ".input_scale"))}
+        plan = build_plan([k for k in expected if k not in aux], layout, source_of, cfg)
         validate(source, layout, plan, expected)
-        state = materialize(source, plan, expected, dtype, device)
+        state = materialize(source, plan, expected, dtype, device, fp8, fp8_layers)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -145,6 +258,7 @@ def load_transformer(
     device: str | torch.device = "cpu",
     config=None,
     family: str | None = None,
+    quant=None,
 ) -> torch.nn.Module:
     """Load a transformer from a local safetensors file or diffusers folder.
 
@@ -153,11 +267,14 @@ def load_transformer(
     ``model.diffusion_model.`` prefixed files and diffusers folders (single or sharded).
     ``variant`` names a registered config (needed where the keys cannot tell, e.g.
     ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size.
+    ``quant``: None keeps the file's format (FP8 layers stay FP8, see :mod:`.quantized`); "fp8" or an
+    :class:`~fastflow.quant.Fp8Config` quantizes at load, tensor by tensor; "none" dequantizes.
+    On a CUDA GPU without FP8 tensor cores FP8 weights are dequantized, with a warning.
     Returns the model in eval mode with grads off, weights in ``dtype`` on ``device``.
     """
     if family == "vae":
         raise ValueError("use fastflow.loading.load_vae for VAEs")
-    return _load(path, "transformer", family, variant, dtype, device, config)
+    return _load(path, "transformer", family, variant, dtype, device, config, quant=quant)
 
 
 def load_vae(
@@ -190,6 +307,7 @@ class CheckpointInfo:
     nbytes: int  # all tensor data in the file(s)
     num_files: int
     other_components: tuple[str, ...]
+    quant: str | None = None  # the FP8 format, None for a float checkpoint
 
     def summary(self) -> str:
         lines = [
@@ -197,6 +315,7 @@ class CheckpointInfo:
             f"family:      {FAMILY_NAMES[self.family]}" + (f" ({self.naming} names)" if self.naming else ""),
             f"variant:     {self.variant or ' or '.join(self.candidates) or 'unknown'}",
             f"dtypes:      {', '.join(f'{k} x{v}' for k, v in sorted(self.dtypes.items()))}",
+            f"quant:       {self.quant or 'none (float weights)'}",
             f"parameters:  {_human(self.num_params)} ({self.num_params:,})",
             f"size:        {self.nbytes / 2**30:.2f} GiB in {self.num_files} file(s)",
         ]
@@ -238,4 +357,5 @@ def inspect_checkpoint(path: str | os.PathLike, variant: str | None = None) -> C
             nbytes=source.nbytes,
             num_files=len(source.files),
             other_components=tuple(others),
+            quant=describe(source, layout.prefix, layout.keys, layout.quant_keys),
         )

@@ -21,20 +21,27 @@ WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
 ACTIVATION_SCALINGS = ("per-token", "per-tensor", "static")
 
 
+CHUNK = 1 << 22  # elements per fp32 temporary while quantizing (16 MB)
+
+
 def quantize_weight(w: torch.Tensor, granularity: str = "per-channel") -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] (any float dtype) -> (e4m3 [N, K], fp32 scale [N] or [1]) with w ~= q * scale."""
+    """w [N, K] (any float dtype) -> (e4m3 [N, K], fp32 scale [N] or [1]) with w ~= q * scale.
+    Works through row chunks, so the fp32 temporaries stay small next to a large weight."""
     if granularity not in WEIGHT_GRANULARITIES:
         raise InputError(f"weight granularity {granularity!r}: choose one of {WEIGHT_GRANULARITIES}")
-    wf = w.float()
-    if granularity == "per-channel":
-        amax = wf.abs().amax(dim=1).clamp(min=FP8_MIN_AMAX)  # [N]
-    else:
-        amax = wf.abs().amax().clamp(min=FP8_MIN_AMAX).reshape(1)  # [1]
+    rows = max(1, CHUNK // max(1, w.shape[1]))
+    chunks = range(0, w.shape[0], rows)
+    amax = torch.cat([w[i : i + rows].float().abs().amax(dim=1) for i in chunks]).clamp(min=FP8_MIN_AMAX)  # [N]
+    if granularity == "per-tensor":
+        amax = amax.amax().reshape(1)  # [1]
     if not torch.isfinite(amax).all():
         raise InputError("cannot quantize a weight holding NaN or Inf")
     inv, scale = fp8_scales(amax)
-    q = (wf * (inv[:, None] if granularity == "per-channel" else inv)).clamp(-FP8_MAX, FP8_MAX)
-    return q.to(FP8_DTYPE), scale
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    for i in chunks:
+        part_inv = inv[i : i + rows, None] if granularity == "per-channel" else inv
+        q[i : i + rows] = (w[i : i + rows].float() * part_inv).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""FP8 checkpoints: which tensors are FP8 and how they are scaled, checked before any weight is read.
+
+Formats read (official, ``model.diffusion_model.``-prefixed and diffusers names alike):
+
+* plain FP8: ``float8_e4m3fn`` / ``float8_e5m2`` weights without scales (dequantized = the codes);
+* scaled FP8 (ComfyUI): ``<layer>.scale_weight`` (one fp32 per tensor) and optionally
+  ``<layer>.scale_input`` (a static activation scale), with a ``scaled_fp8`` marker tensor;
+* fastflow's own (``fastflow quantize``): ``<layer>.weight_scale`` per output channel ([N]) or per
+  tensor, optional ``<layer>.input_scale``, ``__metadata__`` ``fastflow.quant = "fp8-e4m3"``.
+
+Scales must be finite and positive; a scale without an FP8 weight is refused (typed errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from ..errors import InvalidScaleError
+from .safetensors_io import DTYPE_NAMES
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+MARKERS = ("scaled_fp8",)
+FORMAT_KEY = "fastflow.quant"
+FORMAT = "fp8-e4m3"
+ACTIVATION_KEY = "fastflow.activation"
+
+
+def split_quant_keys(keys: list[str]) -> tuple[list[str], list[str]]:
+    """(model keys, quantization keys): scales whose layer has a weight here, and format markers."""
+    weights = {k for k in keys if k.endswith(".weight")}
+    model, quant = [], []
+    for k in keys:
+        base = _layer_of(k)
+        if k in MARKERS or (base is not None and base + ".weight" in weights):
+            quant.append(k)
+        else:
+            model.append(k)
+    return model, quant
+
+
+def _layer_of(key: str) -> str | None:
+    for suffix in (*WEIGHT_SCALE_SUFFIXES, *INPUT_SCALE_SUFFIXES):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return None
+
+
+@dataclass(frozen=True)
+class Fp8Source:
+    """The FP8 facts of one checkpoint component. Keys are full checkpoint keys."""
+
+    fp8_weights: frozenset[str]  # weights stored in an FP8 dtype
+    weight_scales: dict[str, torch.Tensor]  # weight key -> fp32 scale, [1] or [rows]
+    input_scales: dict[str, torch.Tensor]  # weight key -> fp32 static activation scale [1]
+    activation: str | None  # fastflow files name their activation scaling
+
+    @classmethod
+    def empty(cls) -> Fp8Source:
+        """No scales: FP8 tensors (if any) dequantize as their plain values."""
+        return cls(frozenset(), {}, {}, None)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.fp8_weights)
+
+    def dequantized(self, key: str, src: torch.Tensor) -> torch.Tensor:
+        """The weight in fp32 (codes times scale) for an FP8 source; other tensors as they are."""
+        if src.dtype not in FP8_DTYPES:
+            return src
+        scale = self.weight_scales.get(key)
+        out = src.float()
+        return out if scale is None else out.mul_(scale.reshape(-1, *([1] * (src.dim() - 1))))
+
+
+def read_fp8_source(source, prefix: str, quant_keys) -> Fp8Source:
+    """Check every scale (dtype, shape, value) and collect the FP8 facts; reads only the scales."""
+    fp8 = frozenset(k for k, f in source.key_file.items() if f.entries[k].dtype in FP8_DTYPES and k.endswith(".weight"))
+    weight_scales, input_scales = {}, {}
+    for short in quant_keys:
+        key = prefix + short
+        if short in MARKERS:
+            continue
+        layer = prefix + _layer_of(short)
+        weight = layer + ".weight"
+        is_weight_scale = short.endswith(WEIGHT_SCALE_SUFFIXES)
+        entry = source.entry(key)
+        rows = source.entry(weight).shape[0] if source.entry(weight).shape else 1
+        allowed = {(), (1,)} | ({(rows,), (rows, 1)} if is_weight_scale else set())
+        where = source.file_of(key)
+        if not entry.dtype.is_floating_point or entry.dtype in FP8_DTYPES:
+            raise InvalidScaleError(
+                where, f"scale {key!r} is {DTYPE_NAMES[entry.dtype]}, not fp32/bf16/fp16", "the file is corrupt"
+            )
+        if tuple(entry.shape) not in allowed:
+            raise InvalidScaleError(
+                where,
+                f"scale {key!r} has shape {list(entry.shape)}; for weight {weight!r} ({rows} rows) it must be "
+                + ("a scalar, [1], [rows] or [rows, 1]" if is_weight_scale else "a scalar or [1]"),
+                "the file is corrupt or of a format fastflow does not read",
+            )
+        if is_weight_scale and weight not in fp8:
+            raise InvalidScaleError(
+                where,
+                f"scale {key!r} belongs to {weight!r}, which is {DTYPE_NAMES[source.entry(weight).dtype]}, not FP8",
+                "the file mixes formats: re-export it",
+            )
+        value = source.key_file[key].tensor(key).float().reshape(-1).clone()  # [1] or [rows]
+        bad = ~torch.isfinite(value) | (value <= 0)
+        if bad.any():
+            raise InvalidScaleError(
+                where,
+                f"scale {key!r} holds {value[bad][0].item()} (scales must be finite and positive)",
+                "the file is corrupt: re-download or re-quantize it",
+            )
+        (weight_scales if is_weight_scale else input_scales)[weight] = value if value.numel() > 1 else value[:1]
+    return Fp8Source(fp8, weight_scales, input_scales, source.metadata.get(ACTIVATION_KEY))
+
+
+def describe(source, prefix: str, keys, quant_keys) -> str | None:
+    """One line for ``fastflow info``: the quantization format, or None for a float checkpoint."""
+    full = [prefix + k for k in keys]
+    fp8 = [k for k in full if source.entry(k).dtype in FP8_DTYPES]
+    if not fp8:
+        return None
+    kinds = sorted({DTYPE_NAMES[source.entry(k).dtype] for k in fp8})
+    scales = [k for k in quant_keys if k.endswith(WEIGHT_SCALE_SUFFIXES)]
+    statics = [k for k in quant_keys if k.endswith(INPUT_SCALE_SUFFIXES)]
+    if source.metadata.get(FORMAT_KEY):
+        per_channel = any(prod(source.entry(prefix + k).shape) > 1 for k in scales)
+        how = f"fastflow {source.metadata[FORMAT_KEY]} ({'per-channel' if per_channel else 'per-tensor'} scales)"
+    elif scales:
+        how = "scaled FP8 (per-tensor scale_weight)"
+    else:
+        how = "FP8 without scales"
+    extra = f", {len(statics)} static input scales" if statics else ""
+    return f"{how}: {len(fp8)} of {len(full)} tensors {'/'.join(kinds)}{extra}"

@@ -1,0 +1,59 @@
+"""Write a transformer as an FP8 safetensors file (``fastflow quantize``): official names, e4m3
+weights with their ``weight_scale`` next to them, layers the config skips in the model dtype, and
+``__metadata__`` naming the format, so the file loads back bit for bit (quant=None keeps it FP8)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import OutputError
+from ..quant import Fp8Config, fp8_layers
+from .loader import load_transformer
+from .quantized import ACTIVATION_KEY, FORMAT, FORMAT_KEY
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    config: Fp8Config | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
+    """Quantize the transformer at ``src`` (any layout fastflow loads) into the single file ``dst``
+    (never overwritten; written to a temporary file first). Returns a summary dict."""
+    config = config or Fp8Config()
+    dst = Path(dst)
+    if dst.exists():
+        raise OutputError(f"{dst} exists: choose another output path (fastflow quantize never overwrites)")
+    if not dst.parent.is_dir():
+        raise OutputError(f"{dst.parent} is not a folder: create it first")
+    model = load_transformer(src, variant=variant, dtype=dtype, device="cpu", quant=config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        FORMAT_KEY: FORMAT,
+        ACTIVATION_KEY: config.activation,
+        "fastflow.weight": config.weight,
+        "fastflow.variant": model.config.name,
+        "fastflow.skip": ",".join(config.skip),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".fastflow-quantize-", suffix=".safetensors", dir=dst.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise OutputError(f"cannot write {dst}: {e.strerror or e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {
+        "variant": model.config.name,
+        "fp8_layers": len(fp8_layers(model)),
+        "bytes": sum(v.numel() * v.element_size() for v in state.values()),
+        "path": str(dst),
+    }
