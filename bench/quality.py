@@ -13,6 +13,8 @@ Every pipeline option can be varied, so later work reports its quality cost here
     python bench/quality.py                               # default settings
     python bench/quality.py --steps 1 2 4 8 16 --json q.json
     python bench/quality.py --sampler heun --cfg 2 --pipeline-arg auto_resize=false
+    python bench/quality.py --quant fp8                   # FP8 with the default skip list
+    python bench/quality.py --quant fp8 --fp8-study       # which layers to keep, activation scaling
 """
 
 from __future__ import annotations
@@ -58,11 +60,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    parser.add_argument("--quant", default="none", choices=["none", "fp8"], help="fp8: the default Fp8Config")
+    parser.add_argument(
+        "--fp8-study",
+        action="store_true",
+        help="rows for the unquantized model and FP8 with each choice of kept layers and activation scaling",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
-    pipe = fastflow.load(args.model, device="cpu", dtype=getattr(torch, args.dtype))
-    pipe.set_progress_bar_config(disable=True)
+    dtype = getattr(torch, args.dtype)
     stick = Yardstick()
     extra = dict(kv.split("=", 1) for kv in args.pipeline_arg)
     extra = {k: _value(v) for k, v in extra.items()}
@@ -71,12 +78,53 @@ def main(argv=None) -> int:
         f"classifier held-out accuracy {stick.classifier_accuracy:.3f}; FD floor (real half vs half) "
         f"{stick.fd_floor:.3f}"
     )
-    print(f"{'steps':>5} {'sampler':>9} {'cfg':>5} {'FD-digits':>10} {'accuracy':>9} {'seconds':>8}")
+    print(f"{'quant':>44} {'steps':>5} {'sampler':>9} {'cfg':>5} {'FD-digits':>10} {'accuracy':>9} {'seconds':>8}")
+    for label, quant, calibrate in _quant_settings(args):
+        pipe = fastflow.load(args.model, device="cpu", dtype=dtype, quant=quant)
+        pipe.set_progress_bar_config(disable=True)
+        if calibrate:
+            _calibrate(pipe, args.per_digit)
+        rows += _rows(pipe, stick, args, extra, label)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # _ops_common, also when imported by tests
+    from _ops_common import git_sha, write_json
+
+    write_json([dict(row, git=git_sha(), torch=torch.__version__) for row in rows], args.json)
+    return 0
+
+
+def _quant_settings(args):
+    """(label, quant= for fastflow.load, calibrate static scales first)."""
+    from fastflow.quant import DEFAULT_SKIP_GROUPS, Fp8Config, skip_patterns
+
+    if not args.fp8_study:
+        return [(args.quant if args.quant == "none" else Fp8Config().describe(), args.quant, False)]
+    settings = [("none", "none", False)]
+    for keep in ((), ("embedders",), ("embedders", "final"), ("embedders", "final", "modulation")):
+        config = Fp8Config(skip=skip_patterns(*keep))
+        settings.append((f"fp8 keep {'+'.join(keep) or 'nothing'}", config, False))
+    for activation in ("per-tensor", "static"):
+        config = Fp8Config(activation=activation, skip=skip_patterns(*DEFAULT_SKIP_GROUPS))
+        settings.append((f"fp8 {activation} activations", config, activation == "static"))
+    config = Fp8Config(weight="per-tensor", skip=skip_patterns(*DEFAULT_SKIP_GROUPS))
+    settings.append(("fp8 per-tensor weights", config, False))
+    return settings
+
+
+def _calibrate(pipe, per_digit: int) -> None:
+    """Static activation scales from a calibration run on other seeds than the scored images."""
+    from fastflow.quant import calibrate_
+
+    calibrate_(pipe.transformer, lambda: generate(pipe, max(1, per_digit // 10), seed_offset=10_000))
+
+
+def _rows(pipe, stick, args, extra, label) -> list[dict]:
+    rows = []
     for steps in args.steps:
         t0 = time.perf_counter()
         kwargs = {"num_inference_steps": steps, "sampler": args.sampler, "true_cfg_scale": args.cfg, **extra}
         generated, labels = generate(pipe, args.per_digit, **kwargs)
         row = {
+            "quant": label,
             "steps": steps or pipe.defaults["steps"],
             "sampler": args.sampler or pipe.defaults["sampler"],
             "cfg": args.cfg if args.cfg is not None else pipe.defaults.get("true_cfg", 1.0),
@@ -90,15 +138,11 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(
-            f"{row['steps']:>5} {row['sampler']:>9} {row['cfg']:>5} {row['fd_digits']:>10.3f} "
+            f"{label:>44} {row['steps']:>5} {row['sampler']:>9} {row['cfg']:>5} {row['fd_digits']:>10.3f} "
             f"{row['prompt_accuracy']:>9.3f} {row['seconds']:>8.1f}",
             flush=True,
         )
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # _ops_common, also when imported by tests
-    from _ops_common import git_sha, write_json
-
-    write_json([dict(row, git=git_sha(), torch=torch.__version__) for row in rows], args.json)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

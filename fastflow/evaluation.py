@@ -69,9 +69,12 @@ class Yardstick:
         }
 
 
-def generate(pipe, per_digit: int, stats: list | None = None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+    pipe, per_digit: int, stats: list | None = None, seed_offset: int = 0, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
     """``per_digit`` images of each digit (fixed seeds, the prompts sharing them evenly) in the
-    dataset's 8x8 space, and their labels; ``stats`` collects each call's ``out.stats``."""
+    dataset's 8x8 space, and their labels; ``stats`` collects each call's ``out.stats``;
+    ``seed_offset`` moves every seed (e.g. calibration images distinct from the scored ones)."""
     images, labels = [], []
     for d in range(10):
         for j, template in enumerate(PROMPTS):  # the prompts share the digit's images evenly
@@ -79,7 +82,7 @@ def generate(pipe, per_digit: int, stats: list | None = None, **kwargs) -> tuple
             out = pipe(
                 template.format(w=NUMBER_WORDS[d], d=d),
                 num_images_per_prompt=n,
-                seed=100_000 * d + 1_000 * j,
+                seed=100_000 * d + 1_000 * j + seed_offset,
                 output_type="np",
                 **kwargs,
             )
