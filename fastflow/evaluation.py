@@ -79,6 +79,8 @@ def generate(
     for d in range(10):
         for j, template in enumerate(PROMPTS):  # the prompts share the digit's images evenly
             n = per_digit // len(PROMPTS) + (j < per_digit % len(PROMPTS))
+            if n == 0:  # fewer images than prompts
+                continue
             out = pipe(
                 template.format(w=NUMBER_WORDS[d], d=d),
                 num_images_per_prompt=n,

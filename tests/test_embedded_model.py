@@ -90,3 +90,27 @@ def test_unupsample_inverts_the_training_resize():
     up = torch.nn.functional.interpolate(grey, size=(16, 16), mode="bilinear", align_corners=False)
     rgb = (up[:, 0, :, :, None].expand(-1, -1, -1, 3).numpy() * 255).round().astype(np.uint8)
     np.testing.assert_allclose(evaluation.to_digit_space(rgb), real[:20], atol=0.03)
+
+
+def test_fp8_embedded_model_draws_the_same_digits(pipe):
+    """quant="fp8" at load (default skip list): the FP8 layers are in place and the images stay the
+    digits they were (bench/quality.py --quant fp8 measures FD-digits on 500 images)."""
+    from fastflow.quant import fp8_layers
+
+    fp8 = fastflow.load(DEFAULT_MODEL, device="cpu", dtype=torch.float32, quant="fp8")
+    fp8.set_progress_bar_config(disable=True)
+    assert len(fp8_layers(fp8.transformer)) >= 10
+    prompts = [f"a handwritten {w}" for w in WORDS]
+    a = np.concatenate([pipe(p, seed=3, output_type="np").images for p in prompts]).astype(np.float32)
+    b = np.concatenate([fp8(p, seed=3, output_type="np").images for p in prompts]).astype(np.float32)
+    assert 0 < np.abs(a - b).mean() / 255 < 0.02  # quantized, and close
+    predicted = evaluation.Yardstick().classifier.predict(evaluation.to_digit_space(b))
+    assert (predicted == np.arange(10)).mean() >= 0.9
+
+
+def test_quality_bench_reports_fp8(tmp_path):
+    quality = _quality_module()
+    out = tmp_path / "q.json"
+    assert quality.main(["--per-digit", "2", "--steps", "2", "--quant", "fp8", "--json", str(out)]) == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["quant"].startswith("fp8-e4m3") and row["images"] == 20

@@ -29,10 +29,10 @@ from ..models import configs as registry
 from ..models.flux import Flux
 from ..models.mmdit import MMDiT
 from ..models.vae import AutoEncoder
-from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, vae_arch
 from ..ops.capability import device_name, fp8_runs_natively
 from ..quant import Fp8Config, Fp8Linear
 from ..quant.fp8 import quantize_weight
+from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, vae_arch
 from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers, vae_from_diffusers
 from .quantized import FP8_DTYPES, Fp8Source, describe, read_fp8_source
 from .safetensors_io import DTYPE_NAMES
