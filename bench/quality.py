@@ -102,9 +102,9 @@ def _quant_settings(args):
     for keep in ((), ("embedders",), ("embedders", "final"), ("embedders", "final", "modulation")):
         config = Fp8Config(skip=skip_patterns(*keep))
         settings.append((f"fp8 keep {'+'.join(keep) or 'nothing'}", config, False))
-    for activation in ("per-tensor", "static"):
-        config = Fp8Config(activation=activation, skip=skip_patterns(*DEFAULT_SKIP_GROUPS))
-        settings.append((f"fp8 {activation} activations", config, activation == "static"))
+    config = Fp8Config(activation="per-tensor", skip=skip_patterns(*DEFAULT_SKIP_GROUPS))
+    settings.append(("fp8 per-tensor activations", config, False))
+    settings.append(("fp8 static activations (calibrated)", Fp8Config(), True))
     config = Fp8Config(weight="per-tensor", skip=skip_patterns(*DEFAULT_SKIP_GROUPS))
     settings.append(("fp8 per-tensor weights", config, False))
     return settings

@@ -82,6 +82,40 @@ def _layernorm_modulate_fp8_fwd_kernel(
     _quantize_row(y, mask, q_ptr + row * C + cols, q_scale_ptr, row, False)
 
 
+@triton.jit
+def _gated_residual_layernorm_modulate_fp8_fwd_kernel(
+    x_ptr,  # [B, L, C], contiguous
+    gate_ptr,  # [B, C]
+    y_ptr,  # [B, L, C], contiguous
+    shift_ptr,  # [B, C]
+    scale_ptr,  # [B, C]
+    r_ptr,  # [B, L, C] out: the residual stream
+    q_ptr,  # [B * L, C] e4m3 out: the modulated LayerNorm of r, quantized per token
+    q_scale_ptr,  # [B * L] fp32 out
+    L,
+    C,
+    eps,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    r = (x + gate * y).to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * C + cols, r, mask=mask)
+    r = r.to(tl.float32)
+    mean = tl.sum(r, axis=0) / C
+    diff = tl.where(mask, r - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
+    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (diff * rstd * (1.0 + scale) + shift).to(r_ptr.dtype.element_ty).to(tl.float32)
+    _quantize_row(h, mask, q_ptr + row * C + cols, q_scale_ptr, row, False)
+
+
 def plan_quantize(x: torch.Tensor, static_scale: torch.Tensor | None, per_token: bool) -> Launch:
     m, k = x.shape
     if x.stride(-1) != 1:
@@ -124,6 +158,29 @@ def plan_layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
     )
 
 
+def plan_gated(x, gate, y, shift, scale, eps: float) -> Launch:
+    b, seq, c = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
+    r = torch.empty_like(x)
+    q = torch.empty((b * seq, c), dtype=torch.float8_e4m3fn, device=x.device)
+    q_scale = torch.empty((b * seq,), dtype=torch.float32, device=x.device)
+    block = row_block(c)
+    return Launch(
+        _gated_residual_layernorm_modulate_fp8_fwd_kernel,
+        (b * seq,),
+        (x, gate, y, shift, scale, r, q, q_scale, seq, c, eps),
+        {"BLOCK_C": block, "num_warps": row_warps(block)},
+        (r, q, q_scale),
+        reads=(x, gate, y, shift, scale),
+        writes=(r, q, q_scale),
+    )
+
+
+def gated_residual_layernorm_modulate_fp8_fwd(x, gate, y, shift, scale, eps: float):
+    return plan_gated(x, gate, y, shift, scale, eps)()
+
+
 def fp8_quantize_fwd(x: torch.Tensor, static_scale: torch.Tensor | None, per_token: bool):
     return plan_quantize(x, static_scale, per_token)()
 
@@ -148,7 +205,10 @@ def shipped(arch: int) -> list[tuple[str, Launch]]:
             )
         static = plan_quantize(meta(4608, 3072, dtype=dt), meta(1, dtype=torch.float32), True)
         out.append((f"fp8_quantize flux 3072 static {short(dt)}", static))
-        x = meta(1, 4096, 3072, dtype=dt)
+        x, vec = meta(1, 4096, 3072, dtype=dt), meta(1, 3072, dtype=dt)
+        out.append(
+            (f"gated_residual_layernorm_modulate_fp8 flux img {short(dt)}", plan_gated(x, vec, x, vec, vec, 1e-6))
+        )
         out.append(
             (
                 f"layernorm_modulate_fp8 flux img {short(dt)}",

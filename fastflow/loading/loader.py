@@ -204,7 +204,7 @@ def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) 
             if activation == "static" and static is None:
                 raise InputError(
                     f"layer {name!r} has no static input scale in the file; quantize with per-token activations, "
-                    "then fastflow.quant.calibrate_ a static copy"
+                    "fastflow.quant.calibrate_(model, run) to set static scales"
                 )
         layer = Fp8Linear(
             module.in_features, module.out_features, module.bias is not None, granularity, activation, dtype, "meta"

@@ -114,6 +114,12 @@ class MLP(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(ops.linear(x, self[0], "gelu_tanh"), self[2])
 
+    def after_residual(self, x, gate, y, shift, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """r = x + gate * y, and the MLP of r's modulated LayerNorm: (r, mlp_out), [B, L, C] each
+        (the sub-block boundary in one op; FP8 layers also quantize there)."""
+        r, h = ops.gated_residual_modulated_linear(x, gate, y, shift, scale, self[0], "gelu_tanh")
+        return r, ops.linear(h, self[2])
+
 
 def _mlp(hidden: int, mlp_hidden: int) -> MLP:
     return MLP(nn.Linear(hidden, mlp_hidden), GELUTanh(), nn.Linear(mlp_hidden, hidden))
@@ -148,14 +154,14 @@ class DoubleStreamBlock(nn.Module):
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
         # attention residual and the MLP's modulated LN in one op (the sub-block boundary)
-        img, img_h = ops.gated_residual_layernorm_modulate(
+        img, img_mlp = self.img_mlp.after_residual(
             img, i_gate1, ops.linear(img_attn, self.img_attn.proj), i_shift2, i_scale2
         )
-        img = ops.gated_residual(img, i_gate2, self.img_mlp(img_h))
-        txt, txt_h = ops.gated_residual_layernorm_modulate(
+        img = ops.gated_residual(img, i_gate2, img_mlp)
+        txt, txt_mlp = self.txt_mlp.after_residual(
             txt, t_gate1, ops.linear(txt_attn, self.txt_attn.proj), t_shift2, t_scale2
         )
-        txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(txt_h))
+        txt = ops.gated_residual(txt, t_gate2, txt_mlp)
         return img, _clamp_fp16(txt)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,11 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(ops.linear(x, self.fc1, "gelu_tanh"), self.fc2)
 
+    def after_residual(self, x, gate, y, shift, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """r = x + gate * y, and the MLP of r's modulated LayerNorm: (r, mlp_out), [B, L, C] each."""
+        r, h = ops.gated_residual_modulated_linear(x, gate, y, shift, scale, self.fc1, "gelu_tanh")
+        return r, ops.linear(h, self.fc2)
+
 
 class DismantledBlock(nn.Module):
     """One stream of a joint block. ``pre_only``: the last context block (qkv only, 2 chunks);
@@ -98,12 +103,12 @@ class DismantledBlock(nn.Module):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         if attn2 is None:
             proj = ops.linear(attn, self.attn.proj)
-            x, h = ops.gated_residual_layernorm_modulate(x, gate_msa, proj, shift_mlp, scale_mlp)
+            x, mlp = self.mlp.after_residual(x, gate_msa, proj, shift_mlp, scale_mlp)
         else:
             x = ops.gated_residual(x, gate_msa, ops.linear(attn, self.attn.proj))
             proj2 = ops.linear(attn2, self.attn2.proj)
-            x, h = ops.gated_residual_layernorm_modulate(x, mod[8], proj2, shift_mlp, scale_mlp)
-        return ops.gated_residual(x, gate_mlp, self.mlp(h))
+            x, mlp = self.mlp.after_residual(x, mod[8], proj2, shift_mlp, scale_mlp)
+        return ops.gated_residual(x, gate_mlp, mlp)
 
 
 class JointBlock(nn.Module):

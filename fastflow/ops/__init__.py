@@ -8,13 +8,26 @@ the backend switch at call time. :func:`linear` runs linear layers, dispatched o
 
 from ._registry import BACKENDS, KERNEL_BACKENDS, OPS, get_backend, kernel_would_run, set_backend, use_backend
 from .attention import attention
-from .fp8 import fp8_linear, fp8_quantize, fp8_scaled_mm, layernorm_modulate_fp8
+from .fp8 import (
+    fp8_linear,
+    fp8_quantize,
+    fp8_scaled_mm,
+    gated_residual_layernorm_modulate_fp8,
+    layernorm_modulate_fp8,
+)
 from .gated_residual import gated_residual
 from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
-from .linear import linear, modulated_linear, register_linear, register_modulated_linear
+from .linear import (
+    gated_residual_modulated_linear,
+    linear,
+    modulated_linear,
+    register_gated_modulated_linear,
+    register_linear,
+    register_modulated_linear,
+)
 from .qk_norm_rope import qk_norm, qk_norm_rope
 
 __all__ = [
@@ -28,6 +41,8 @@ __all__ = [
     "fp8_scaled_mm",
     "gated_residual",
     "gated_residual_layernorm_modulate",
+    "gated_residual_layernorm_modulate_fp8",
+    "gated_residual_modulated_linear",
     "gelu_tanh",
     "get_backend",
     "groupnorm_silu",
@@ -38,6 +53,7 @@ __all__ = [
     "modulated_linear",
     "qk_norm",
     "qk_norm_rope",
+    "register_gated_modulated_linear",
     "register_linear",
     "register_modulated_linear",
     "set_backend",

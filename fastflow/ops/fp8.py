@@ -6,6 +6,8 @@ and modulated LayerNorm fused with per-token quantization (its output feeds qkv 
   scales, bias and GELU (tanh) applied to the fp32 accumulator.
 * ``fp8_linear(x, w, w_scale, bias, static_scale, per_token, gelu)``: the two above in one op.
 * ``layernorm_modulate_fp8(x, shift, scale, eps)``: [B, L, C] -> (q [B*L, C], scale [B*L]).
+* ``gated_residual_layernorm_modulate_fp8(x, gate, y, shift, scale, eps)``: the sub-block boundary
+  r = x + gate * y with the modulated LayerNorm of r quantized: (r [B, L, C], q, scale).
 
 References dequantize and multiply in fp32 (:mod:`.reference`); the Triton kernels run on GPUs with
 FP8 tensor cores (sm_89+), elsewhere the reference runs.
@@ -22,6 +24,7 @@ from .reference import (
     fp8_linear_ref,
     fp8_quantize_ref,
     fp8_scaled_mm_ref,
+    gated_residual_layernorm_modulate_fp8_ref,
     layernorm_modulate_fp8_ref,
 )
 
@@ -111,6 +114,18 @@ layernorm_modulate_fp8 = defop(
     layernorm_modulate_fp8_ref,
     _fake_ln_fp8,
     impls={"triton": f"{_QUANT}:layernorm_modulate_fp8_fwd"},
+)
+
+
+def _fake_gated_fp8(x, gate, y, shift, scale, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *_fake_ln_fp8(x, shift, scale, eps))
+
+
+gated_residual_layernorm_modulate_fp8 = defop(
+    "gated_residual_layernorm_modulate_fp8",
+    gated_residual_layernorm_modulate_fp8_ref,
+    _fake_gated_fp8,
+    impls={"triton": f"{_QUANT}:gated_residual_layernorm_modulate_fp8_fwd"},
 )
 
 

@@ -17,12 +17,14 @@ from torch import nn
 
 from ..errors import InputError
 from ._registry import kernel_would_run
+from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .layernorm_modulate import layernorm_modulate
 
 EPILOGUES: dict[str | None, Callable | None] = {None: None, "gelu_tanh": gelu_tanh}
 _IMPLS: dict[type, Callable] = {}
 _MODULATED_IMPLS: dict[type, Callable] = {}
+_GATED_IMPLS: dict[type, Callable] = {}
 
 
 def register_linear(cls: type):
@@ -43,6 +45,17 @@ def register_modulated_linear(cls: type):
 
     def register(fn):
         _MODULATED_IMPLS[cls] = fn
+        return fn
+
+    return register
+
+
+def register_gated_modulated_linear(cls: type):
+    """Decorator: ``fn(x, gate, y, shift, scale, eps, layer, epilogue) -> (r, out)`` runs
+    :func:`gated_residual_modulated_linear` for layers of type ``cls``."""
+
+    def register(fn):
+        _GATED_IMPLS[cls] = fn
         return fn
 
     return register
@@ -93,6 +106,30 @@ def modulated_linear(
         raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
     fn = implementation(layer, _MODULATED_IMPLS, _modulated_via_linear)
     return fn(x, shift, scale, eps, layer, epilogue)
+
+
+def _gated_via_linear(x, gate, y, shift, scale, eps, layer, epilogue):
+    r, h = gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps)
+    return r, linear(h, layer, epilogue)
+
+
+def gated_residual_modulated_linear(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    layer: nn.Module,
+    epilogue: str | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-block boundary feeding a linear layer: r = x + gate * y and
+    epilogue(layer((1 + scale) * LN(r) + shift)). x, y [B, L, C]; gate, shift, scale [B, C].
+    Returns (r, out); the same numbers as gated_residual_layernorm_modulate then :func:`linear`."""
+    if epilogue not in EPILOGUES:
+        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
+    fn = implementation(layer, _GATED_IMPLS, _gated_via_linear)
+    return fn(x, gate, y, shift, scale, eps, layer, epilogue)
 
 
 @register_linear(nn.Linear)

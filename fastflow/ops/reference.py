@@ -216,3 +216,18 @@ def layernorm_modulate_fp8_ref(
     quantization: (q [B*L, C] e4m3, scale fp32 [B*L])."""
     y = layernorm_modulate_ref(x, shift, scale, eps)  # [B, L, C]
     return fp8_quantize_ref(y.reshape(-1, y.shape[-1]), None, True)
+
+
+def gated_residual_layernorm_modulate_fp8_ref(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gated_residual_layernorm_modulate_ref, with h quantized per token as it is stored:
+    (r [B, L, C] in x.dtype, q [B*L, C] e4m3, scale fp32 [B*L])."""
+    r, h = gated_residual_layernorm_modulate_ref(x, gate, y, shift, scale, eps)
+    q, q_scale = fp8_quantize_ref(h.reshape(-1, h.shape[-1]), None, True)
+    return r, q, q_scale

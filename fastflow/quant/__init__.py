@@ -106,16 +106,18 @@ def fp8_layers(model: nn.Module) -> dict[str, Fp8Linear]:
 
 
 def calibrate_(model: nn.Module, run: Callable[[], object], margin: float = 1.0) -> nn.Module:
-    """Set the static input scale of every "static" :class:`Fp8Linear` to margin * amax / 448 of the
-    activations it sees while ``run()`` executes (e.g. a few generations on calibration prompts)."""
-    layers = {n: m for n, m in fp8_layers(model).items() if m.activation == "static"}
+    """Switch every :class:`Fp8Linear` to a static activation scale: margin * amax / 448 of the
+    activations it sees while ``run()`` executes (e.g. a few generations on calibration prompts).
+    Static scales skip the per-token amax pass at inference; layers ``run`` never reaches keep
+    their dynamic scaling."""
+    layers = fp8_layers(model)
     if not layers:
-        raise InputError('calibrate_ needs layers quantized with Fp8Config(activation="static")')
-    amax = dict.fromkeys(layers, 0.0)
+        raise InputError("calibrate_ needs FP8 layers: quantize_ the model (or load it with quant='fp8') first")
+    amax: dict[str, float] = {}
 
     def recorder(name):
         def hook(module, args):
-            amax[name] = max(amax[name], args[0].detach().abs().amax().float().item())
+            amax[name] = max(amax.get(name, 0.0), args[0].detach().abs().amax().float().item())
 
         return hook
 
@@ -126,9 +128,11 @@ def calibrate_(model: nn.Module, run: Callable[[], object], margin: float = 1.0)
     finally:
         for h in handles:
             h.remove()
-    for name, module in layers.items():
-        value = max(amax[name], FP8_MIN_AMAX) * margin / FP8_MAX
-        module.input_scale = torch.tensor([value], dtype=torch.float32, device=module.weight.device)
+    for name, value in amax.items():
+        module = layers[name]
+        scale = max(value, FP8_MIN_AMAX) * margin / FP8_MAX
+        module.activation = "static"
+        module.input_scale = torch.tensor([scale], dtype=torch.float32, device=module.weight.device)
     return model
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from .. import ops
 from ..errors import InputError
-from ..ops.fp8 import fp8_linear, fp8_scaled_mm, layernorm_modulate_fp8
-from ..ops.linear import register_linear, register_modulated_linear
+from ..ops.fp8 import fp8_linear, fp8_scaled_mm, gated_residual_layernorm_modulate_fp8, layernorm_modulate_fp8
+from ..ops.linear import register_gated_modulated_linear, register_linear, register_modulated_linear
 from ..ops.reference import FP8_DTYPE, FP8_MAX, FP8_MIN_AMAX, fp8_scales
 
 WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
@@ -135,12 +135,26 @@ def _fp8_linear(x: torch.Tensor, layer: Fp8Linear, epilogue: str | None) -> torc
     )
 
 
+def _gemm(xq, x_scale, layer: Fp8Linear, epilogue, like: torch.Tensor) -> torch.Tensor:
+    y = fp8_scaled_mm(xq, x_scale, layer.weight, layer.weight_scale, layer.bias, epilogue == "gelu_tanh", like.dtype)
+    return y.reshape(*like.shape[:-1], layer.out_features)  # [B, L, N]
+
+
+# The fused paths write the quantized rows straight from the LayerNorm: one pass instead of a
+# LayerNorm write, a quantize read and a quantize write. Only where their kernels run and the
+# activations are scaled per token; elsewhere the unfused ops give the same numbers.
 @register_modulated_linear(Fp8Linear)
 def _fp8_modulated_linear(x, shift, scale, eps, layer: Fp8Linear, epilogue):
-    # The fused path writes the quantized rows straight from the LayerNorm: one pass over x instead of
-    # LN write + quantize read + quantize write. Only where its kernel runs and scaling is per token.
     if layer.activation == "per-token" and ops.kernel_would_run("layernorm_modulate_fp8", x):
         xq, x_scale = layernorm_modulate_fp8(x, shift, scale, eps)  # [B*L, C], [B*L]
-        y = fp8_scaled_mm(xq, x_scale, layer.weight, layer.weight_scale, layer.bias, epilogue == "gelu_tanh", x.dtype)
-        return y.reshape(*x.shape[:-1], layer.out_features)
+        return _gemm(xq, x_scale, layer, epilogue, x)
     return _fp8_linear(ops.layernorm_modulate(x, shift, scale, eps), layer, epilogue)
+
+
+@register_gated_modulated_linear(Fp8Linear)
+def _fp8_gated_modulated_linear(x, gate, y, shift, scale, eps, layer: Fp8Linear, epilogue):
+    if layer.activation == "per-token" and ops.kernel_would_run("gated_residual_layernorm_modulate_fp8", x):
+        r, xq, x_scale = gated_residual_layernorm_modulate_fp8(x, gate, y, shift, scale, eps)
+        return r, _gemm(xq, x_scale, layer, epilogue, x)
+    r, h = ops.gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps)
+    return r, _fp8_linear(h, layer, epilogue)

@@ -78,6 +78,19 @@ def test_layernorm_modulate_fp8_equals_the_unfused_kernels(shape, dtype):
     assert (err <= y.abs().amax(dim=1) / 16 * 1.001).all()
 
 
+@pytest.mark.parametrize("dtype", OUT_DTYPES, ids=str)
+def test_gated_residual_layernorm_modulate_fp8_equals_the_unfused_kernels(dtype):
+    from fastflow.kernels.fp8_quantize import fp8_quantize_fwd, gated_residual_layernorm_modulate_fp8_fwd
+    from fastflow.kernels.gated_residual_layernorm_modulate import gated_residual_layernorm_modulate_fwd
+
+    b, seq, c = 2, 3, 769
+    x, y = rand(b, seq, c, dtype=dtype, scale=2.0), rand(b, seq, c, dtype=dtype, seed=3)
+    gate, shift, scale = (rand(b, c, dtype=dtype, seed=s) for s in (4, 5, 6))
+    r, q, q_scale = gated_residual_layernorm_modulate_fp8_fwd(x, gate, y, shift, scale, 1e-6)
+    r_ref, h = gated_residual_layernorm_modulate_fwd(x, gate, y, shift, scale, 1e-6)
+    _same_bits((r, q, q_scale), (r_ref, *fp8_quantize_fwd(h.reshape(-1, c), None, True)))
+
+
 def _check_gemm(got, args, out_dtype):
     """Tolerance rule: max|kernel - ref32| <= 2 * max|ref_out_dtype - ref32| + floor."""
     ref32 = ref.fp8_scaled_mm_ref(*args, torch.float32)

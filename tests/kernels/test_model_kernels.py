@@ -89,3 +89,22 @@ def test_tiny_flux_fp8(dtype, tol):
         return model(img, txt, y, torch.tensor([0.5, 0.25]), make_img_ids(3, 5), guidance=torch.tensor([4.0, 2.0]))
 
     _same(run, dtype, tol)
+
+
+def test_tiny_mmdit_fp8():
+    """SD3.5 (MMDiT-X: attn2, qk-norm) with every linear FP8, fused boundaries included."""
+    from fastflow.quant import Fp8Config, quantize_
+
+    torch.manual_seed(0)
+    model = MMDiT(from_name("sd3.5-tiny-medium")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    quantize_(model, Fp8Config(skip=()))
+    g = torch.Generator().manual_seed(1)
+    x, ctx, y = (
+        torch.randn(1, 16, 8, 6, generator=g),
+        torch.randn(1, 5, 48, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
+    _same(torch.no_grad()(lambda: model(x, torch.tensor([600.0]), ctx, y)), torch.float32, 1e-4)

@@ -136,6 +136,26 @@ def test_fp8_linear_is_what_ops_linear_runs_with_every_epilogue():
     assert layer.weight.dtype == FP8 and layer.bias.dtype == torch.bfloat16 and layer.weight_scale.shape == (40,)
 
 
+def test_gated_residual_layernorm_modulate_fp8_contract():
+    x, y = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    vecs = tuple(torch.randn(2, 64, dtype=torch.bfloat16) for _ in range(3))
+    op = torch.ops.fastflow.gated_residual_layernorm_modulate_fp8.default
+    args = (x, vecs[0], y, vecs[1], vecs[2], 1e-6)
+    assert_op_contract(ops.gated_residual_layernorm_modulate_fp8, op, args, fp8=True)
+
+
+def test_gated_residual_modulated_linear_matches_the_unfused_ops():
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    gate, shift, scale = torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 64)
+    for layer in (Fp8Linear.from_linear(nn.Linear(64, 40)), nn.Linear(64, 40)):
+        r_ref, h = ops.gated_residual_layernorm_modulate(x, gate, y, shift, scale)
+        expected = ops.linear(h, layer, "gelu_tanh")
+        for backend in ("reference", "kernels"):
+            with ops.use_backend(backend):
+                r, out = ops.gated_residual_modulated_linear(x, gate, y, shift, scale, layer, "gelu_tanh")
+            assert torch.equal(r, r_ref) and torch.equal(out, expected)
+
+
 def test_modulated_linear_matches_layernorm_then_linear():
     layer = Fp8Linear.from_linear(nn.Linear(64, 40))
     x, shift, scale = torch.randn(2, 5, 64), torch.randn(2, 64), torch.randn(2, 64)
@@ -150,17 +170,18 @@ def test_modulated_linear_matches_layernorm_then_linear():
     )
 
 
-def test_static_activations_use_the_given_scale_and_calibrate_sets_it():
-    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
-    quantize_(model, Fp8Config(activation="static", skip=()))
+def test_calibrate_switches_layers_to_static_scales_it_measured():
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 8))
+    quantize_(model, Fp8Config(skip=()))
     x = torch.randn(4, 32) * 3
-    calibrate_(model, lambda: model(x))
+    calibrate_(model, lambda: model[:3](x))  # the last layer is never reached
     first = model[0]
+    assert first.activation == "static" and model[3].activation == "per-token"
     assert first.input_scale.item() == pytest.approx(x.abs().max().item() / 448, rel=1e-6)
     expected = ref.fp8_linear_ref(x, first.weight, first.weight_scale, first.bias, first.input_scale, True, False)
     assert torch.equal(first(x), expected)
-    with pytest.raises(InputError, match="static"):
-        calibrate_(quantize_(nn.Sequential(nn.Linear(4, 4))), lambda: None)
+    with pytest.raises(InputError, match="quantize_"):
+        calibrate_(nn.Sequential(nn.Linear(4, 4)), lambda: None)
 
 
 def test_quantize_skips_by_pattern_and_dequantize_restores_linears():
