@@ -375,6 +375,7 @@ def _cmd_doctor(args) -> int:
     import platform
 
     from . import ops
+    from .ops.capability import has_fp8_tensor_cores
 
     print(f"fastflow {__version__}, python {platform.python_version()}, torch {torch.__version__}")
     try:
@@ -386,9 +387,14 @@ def _cmd_doctor(args) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
-            print(f"cuda:{i} {torch.cuda.get_device_name(i)} sm_{cap[0]}{cap[1]}")
+            fp8 = (
+                "FP8 tensor cores"
+                if has_fp8_tensor_cores(f"cuda:{i}")
+                else "no FP8 tensor cores: FP8 loads dequantized"
+            )
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)} sm_{cap[0]}{cap[1]} ({fp8})")
     else:
-        print("CUDA: no GPU visible; every op runs its plain-torch reference")
+        print("CUDA: no GPU visible; every op runs its plain-torch reference (FP8 layers dequantize per call)")
     gpu = torch.cuda.is_available()
     print(f"op backend: {ops.get_backend()} (kernel backends: {', '.join(ops.KERNEL_BACKENDS)})")
     for name, opdef in sorted(ops.OPS.items()):
@@ -518,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`fastflow doctor | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except Exception as e:  # a bug: one line, the traceback on request
         if getattr(args, "debug", False):
             traceback.print_exc()

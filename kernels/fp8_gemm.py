@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.ops.capability import has_fp8_tensor_cores
-from fastflow.ops.reference import fp8_scaled_mm_ref
+from fastflow.ops.reference import fp8_linear_ref, fp8_scaled_mm_ref
 
 from ._common import Launch, ensure_allocator, meta, short
-from .fp8_quantize import fp8_quantize_fwd
+from .fp8_quantize import fp8_quantize_fwd, native
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (compute-capability major, tile class);
 # "small" serves M <= 64 (modulation layers read their weights once per step: bandwidth-bound).
@@ -111,7 +110,7 @@ def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
     """TMA-legal operands on a GPU with FP8 tensor cores (or the interpreter on CPU)."""
     if a.shape[1] % 16 or a.stride(-1) != 1 or b.stride(-1) != 1 or a.stride(0) % 16 or b.stride(0) % 16:
         return False
-    return a.device.type != "cuda" or has_fp8_tensor_cores(a.device)
+    return native(a)
 
 
 def plan(a, a_scale, b, b_scale, bias, gelu: bool, out_dtype: torch.dtype, arch: int | None = None) -> Launch:
@@ -144,6 +143,8 @@ def fp8_scaled_mm_fwd(a, a_scale, b, b_scale, bias, gelu: bool, out_dtype: torch
 
 
 def fp8_linear_fwd(x, w, w_scale, bias, static_scale, per_token: bool, gelu: bool) -> torch.Tensor:
+    if not native(x):
+        return fp8_linear_ref(x, w, w_scale, bias, static_scale, per_token, gelu)
     lead, k = x.shape[:-1], x.shape[-1]
     xq, x_scale = fp8_quantize_fwd(x.reshape(-1, k), static_scale, per_token)  # [M, K], [M] or [1]
     y = fp8_scaled_mm_fwd(xq, x_scale, w, w_scale, bias, gelu, x.dtype)  # [M, N]

@@ -13,7 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.ops.reference import fp8_scales
+from fastflow.ops.capability import has_fp8_tensor_cores
+from fastflow.ops.reference import (
+    fp8_quantize_ref,
+    fp8_scales,
+    gated_residual_layernorm_modulate_fp8_ref,
+    layernorm_modulate_fp8_ref,
+)
 
 from ._common import DTYPES, Launch, meta, row_block, row_warps, short
 
@@ -177,15 +183,27 @@ def plan_gated(x, gate, y, shift, scale, eps: float) -> Launch:
     )
 
 
+def native(x: torch.Tensor) -> bool:
+    """Triton converts to e4m3 only from sm_89 on; older GPUs run the references (the loader
+    dequantizes FP8 weights for them, so this serves models quantized by hand)."""
+    return x.device.type != "cuda" or has_fp8_tensor_cores(x.device)
+
+
 def gated_residual_layernorm_modulate_fp8_fwd(x, gate, y, shift, scale, eps: float):
+    if not native(x):
+        return gated_residual_layernorm_modulate_fp8_ref(x, gate, y, shift, scale, eps)
     return plan_gated(x, gate, y, shift, scale, eps)()
 
 
 def fp8_quantize_fwd(x: torch.Tensor, static_scale: torch.Tensor | None, per_token: bool):
+    if not native(x):
+        return fp8_quantize_ref(x, static_scale, per_token)
     return plan_quantize(x, static_scale, per_token)()
 
 
 def layernorm_modulate_fp8_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    if not native(x):
+        return layernorm_modulate_fp8_ref(x, shift, scale, eps)
     return plan_layernorm_modulate(x, shift, scale, eps)()
 
 

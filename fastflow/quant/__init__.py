@@ -9,6 +9,7 @@ in the model dtype (``bench/quality.py --quant fp8 --skip-study`` measures each 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..ops.capability import device_name, fp8_runs_natively
 from ..ops.reference import FP8_MAX, FP8_MIN_AMAX
 from .fp8 import ACTIVATION_SCALINGS, WEIGHT_GRANULARITIES, Fp8Linear, dequantize_weight, quantize_weight
 
@@ -87,9 +89,18 @@ def quantize_(model: nn.Module, config: Fp8Config | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` not skipped by ``config`` with an :class:`Fp8Linear` (in place;
     returns ``model``). Works on meta models (shapes only) and frees each bf16 weight as it goes."""
     config = config or Fp8Config()
-    for name in quantizable(model, config):
+    names = quantizable(model, config)
+    for name in names:
         layer = model.get_submodule(name)
         _replace(model, name, Fp8Linear.from_linear(layer, config.weight, config.activation))
+    devices = {m.weight.device for m in fp8_layers(model).values()}
+    slow = [d for d in devices if fp8_runs_natively(d) is False]
+    if slow:
+        warnings.warn(
+            f"{device_name(slow[0])} has no FP8 tensor cores (sm_89+): the FP8 layers will dequantize on every "
+            "call; keep this GPU's model in bf16 (dequantize_) for speed",
+            stacklevel=2,
+        )
     return model
 
 

@@ -239,3 +239,12 @@ def test_fp8_model_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0
     # inductor's GELU between the layers rounds differently: an FP8 code may move by one step
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0.05, atol=0.02)
+
+
+def test_quantize_warns_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    import fastflow.quant as quant
+
+    monkeypatch.setattr(quant, "fp8_runs_natively", lambda device: False)
+    monkeypatch.setattr(quant, "device_name", lambda device: "NVIDIA A100 (sm_80)")
+    with pytest.warns(UserWarning, match="A100.*dequantize on every call"):
+        quantize_(nn.Sequential(nn.Linear(16, 16)), Fp8Config(skip=()))
