@@ -22,6 +22,8 @@ from fastflow.ops.reference import (
 )
 
 from ._common import DTYPES, Launch, meta, row_block, row_warps, short
+from .gated_residual_layernorm_modulate import gated_residual_row
+from .layernorm_modulate import modulated_layernorm
 
 FP8_MAX = 448.0
 MIN_AMAX = 1e-12
@@ -79,12 +81,8 @@ def _layernorm_modulate_fp8_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     x = tl.load(x_ptr + b * stride_xb + t * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
-    diff = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (diff * rstd * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = modulated_layernorm(x, mask, cols, b, shift_ptr, scale_ptr, C, eps)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path stores it
     _quantize_row(y, mask, q_ptr + row * C + cols, q_scale_ptr, row, False)
 
 
@@ -107,18 +105,9 @@ def _gated_residual_layernorm_modulate_fp8_fwd_kernel(
     b = row // L
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    r = (x + gate * y).to(r_ptr.dtype.element_ty)
-    tl.store(r_ptr + row * C + cols, r, mask=mask)
-    r = r.to(tl.float32)
-    mean = tl.sum(r, axis=0) / C
-    diff = tl.where(mask, r - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    h = (diff * rstd * (1.0 + scale) + shift).to(r_ptr.dtype.element_ty).to(tl.float32)
+    r = gated_residual_row(x_ptr, gate_ptr, y_ptr, r_ptr, row, b, cols, mask, C)
+    h = modulated_layernorm(r, mask, cols, b, shift_ptr, scale_ptr, C, eps)
+    h = h.to(r_ptr.dtype.element_ty).to(tl.float32)  # as the unfused path stores it
     _quantize_row(h, mask, q_ptr + row * C + cols, q_scale_ptr, row, False)
 
 

@@ -11,6 +11,18 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
+from .layernorm_modulate import modulated_layernorm
+
+
+@triton.jit
+def gated_residual_row(x_ptr, gate_ptr, y_ptr, r_ptr, row, b, cols, mask, C):
+    """r = x + gate * y for one row, stored (rounded to r's dtype) and returned in fp32."""
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    r = (x + gate * y).to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * C + cols, r, mask=mask)
+    return r.to(tl.float32)
 
 
 @triton.jit
@@ -31,18 +43,9 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     b = row // L
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    r = (x + gate * y).to(r_ptr.dtype.element_ty)
-    tl.store(r_ptr + row * C + cols, r, mask=mask)
-    r = r.to(tl.float32)
-    mean = tl.sum(r, axis=0) / C
-    diff = tl.where(mask, r - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row * C + cols, (diff * rstd * (1.0 + scale) + shift).to(h_ptr.dtype.element_ty), mask=mask)
+    r = gated_residual_row(x_ptr, gate_ptr, y_ptr, r_ptr, row, b, cols, mask, C)
+    h = modulated_layernorm(r, mask, cols, b, shift_ptr, scale_ptr, C, eps)
+    tl.store(h_ptr + row * C + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def plan(x, gate, y, shift, scale, eps: float) -> Launch:

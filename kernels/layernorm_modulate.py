@@ -10,6 +10,18 @@ from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, sho
 
 
 @triton.jit
+def modulated_layernorm(x, mask, cols, b, shift_ptr, scale_ptr, C, eps):
+    """(1 + scale) * LayerNorm(x) + shift for one row x (fp32, masked lanes 0), in fp32; shift and
+    scale are row b of [B, C]. Shared by every kernel that ends in a modulated LayerNorm."""
+    mean = tl.sum(x, axis=0) / C
+    diff = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
+    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
+    return diff * rstd * (1.0 + scale) + shift
+
+
+@triton.jit
 def _layernorm_modulate_fwd_kernel(
     x_ptr,  # [B, L, C], last dim contiguous
     shift_ptr,  # [B, C], contiguous
@@ -28,12 +40,7 @@ def _layernorm_modulate_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     x = tl.load(x_ptr + b * stride_xb + t * stride_xl + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
-    diff = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-    shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
-    y = diff * rstd * (1.0 + scale) + shift
+    y = modulated_layernorm(x, mask, cols, b, shift_ptr, scale_ptr, C, eps)
     tl.store(out_ptr + row * C + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
