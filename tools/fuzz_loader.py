@@ -35,8 +35,8 @@ import traceback
 from pathlib import Path
 
 FAILURES = ("untyped", "mismatch", "timeout", "memory")
-SEEDS = ("flux_file", "flux_sharded", "vae_folder", "clip_folder", "t5_folder", "pipeline")
-SEED_WEIGHTS = (4, 2, 2, 2, 2, 1)  # the pipeline seed loads everything, so it is the slowest
+SEEDS = ("flux_file", "flux_sharded", "fp8_file", "vae_folder", "clip_folder", "t5_folder", "pipeline")
+SEED_WEIGHTS = (4, 2, 2, 2, 2, 2, 1)  # the pipeline seed loads everything, so it is the slowest
 KINDS = ("header", "prefix", "data", "truncate", "json", "fs")
 KIND_WEIGHTS = (8, 2, 2, 2, 3, 1)
 
@@ -54,6 +54,22 @@ def build_seeds(root: Path) -> None:
     flux = {k: v.contiguous() for k, v in Flux(from_name("flux-tiny-dev")).state_dict().items()}
     (root / "flux_file").mkdir(parents=True)
     save_file(flux, str(root / "flux_file" / "model.safetensors"), metadata={"fastflow.variant": "flux-tiny-dev"})
+
+    fp8 = {}  # ComfyUI-style scaled FP8: prefixed e4m3 linear weights, scale_weight, a scale_input, marker
+    prefix = "model.diffusion_model."
+    for k, v in flux.items():
+        if k.endswith(".weight") and v.dim() == 2:
+            scale = v.abs().max() / 448
+            fp8[prefix + k], fp8[prefix + k[: -len("weight")] + "scale_weight"] = (
+                (v / scale).to(torch.float8_e4m3fn),
+                scale,
+            )
+        else:
+            fp8[prefix + k] = v
+    fp8[prefix + "final_layer.linear.scale_input"] = torch.tensor(0.05)
+    fp8[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    (root / "fp8_file").mkdir()
+    save_file(fp8, str(root / "fp8_file" / "model.safetensors"), metadata={"fastflow.variant": "flux-tiny-dev"})
 
     sharded = root / "flux_sharded"
     sharded.mkdir()
@@ -90,7 +106,7 @@ def _load(seed: str, folder: Path):
     from fastflow.loading.components import load_clip, load_t5
 
     f32 = torch.float32
-    if seed == "flux_file":
+    if seed in ("flux_file", "fp8_file"):
         path = folder / "model.safetensors"
         fastflow.inspect_checkpoint(path)
         return fastflow.load_transformer(path, dtype=f32).state_dict()

@@ -233,7 +233,7 @@ def _load(
         with torch.device("meta"):
             model = model_cls(cfg)
         fp8 = read_fp8_source(source, layout.prefix, layout.quant_keys)
-        quant = _quant_config(quant)
+        quant = _quant_config(quant) if component == "transformer" else "none"  # FP8 VAE files: dequantized
         if quant != "none" and (quant is not None or fp8.quantized) and fp8_runs_natively(device) is False:
             warnings.warn(
                 f"{device_name(device)} has no FP8 tensor cores (FP8 GEMMs need sm_89 or newer): "
