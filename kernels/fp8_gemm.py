@@ -113,6 +113,8 @@ def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
     """TMA-legal operands on a GPU with FP8 tensor cores (or the interpreter on CPU)."""
     if a.shape[1] % 16 or a.stride(-1) != 1 or b.stride(-1) != 1 or a.stride(0) % 16 or b.stride(0) % 16:
         return False
+    if a.data_ptr() % 16 or b.data_ptr() % 16:  # TMA base addresses (a view may start anywhere)
+        return False
     return native(a)
 
 

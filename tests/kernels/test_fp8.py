@@ -132,6 +132,9 @@ def test_k_not_a_multiple_of_16_runs_the_reference():
     a, a_scale = _fp8(5, 100, seed=0)
     b, b_scale = _fp8(7, 100, seed=1)
     assert not supported(a, b)
+    a16, _ = _fp8(5, 112, seed=0)
+    b16, _ = _fp8(8, 112, seed=1)
+    assert supported(a16, b16) and not supported(a16[:, 1:97], b16[:, :96]) and not supported(a16, b16[1:, 1:])
     args = (a, a_scale, b, b_scale, None, False, torch.bfloat16)
     assert torch.equal(fp8_scaled_mm_fwd(*args), ref.fp8_scaled_mm_ref(*args))
 
