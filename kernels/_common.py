@@ -81,6 +81,15 @@ def short(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
+def per_sample(vec: torch.Tensor, b: int, c: int, what: str) -> torch.Tensor:
+    """A modulation vector as the row kernels index it (contiguous [B, C], row b at b * C): one
+    shared by the batch ([1, C], as the references broadcast it) is expanded, other shapes refused
+    (a kernel would read out of bounds where the reference raises)."""
+    if vec.dim() != 2 or vec.shape[1] != c or vec.shape[0] not in (1, b):
+        raise InputError(f"{what} must have shape [{b}, {c}] or [1, {c}], got {list(vec.shape)}")
+    return vec.expand(b, c).contiguous()
+
+
 def row_block(n: int) -> int:
     """Block covering a whole row of n elements."""
     if n > MAX_ROW:

@@ -21,7 +21,7 @@ from fastflow.ops.reference import (
     layernorm_modulate_fp8_ref,
 )
 
-from ._common import DTYPES, Launch, meta, row_block, row_warps, short
+from ._common import DTYPES, Launch, meta, per_sample, row_block, row_warps, short
 from .gated_residual_layernorm_modulate import gated_residual_row
 from .layernorm_modulate import modulated_layernorm
 
@@ -138,7 +138,7 @@ def plan_layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
     b, seq, c = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    shift, scale = shift.contiguous(), scale.contiguous()
+    shift, scale = per_sample(shift, b, c, "shift"), per_sample(scale, b, c, "scale")
     q = torch.empty((b * seq, c), dtype=torch.float8_e4m3fn, device=x.device)
     q_scale = torch.empty((b * seq,), dtype=torch.float32, device=x.device)
     block = row_block(c)
@@ -156,7 +156,7 @@ def plan_layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
 def plan_gated(x, gate, y, shift, scale, eps: float) -> Launch:
     b, seq, c = x.shape
     x, y = x.contiguous(), y.contiguous()
-    gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
+    gate, shift, scale = (per_sample(v, b, c, n) for v, n in ((gate, "gate"), (shift, "shift"), (scale, "scale")))
     r = torch.empty_like(x)
     q = torch.empty((b * seq, c), dtype=torch.float8_e4m3fn, device=x.device)
     q_scale = torch.empty((b * seq,), dtype=torch.float32, device=x.device)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
+from ._common import DTYPES, ROW_SHAPES, Launch, meta, per_sample, row_block, row_warps, short
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _gated_residual_fwd_kernel(
 
 def plan(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> Launch:
     b, seq, c = x.shape
-    x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
+    x, y, gate = x.contiguous(), y.contiguous(), per_sample(gate, b, c, "gate")
     out = torch.empty_like(x)
     block = row_block(c)
     return Launch(

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
+from ._common import DTYPES, ROW_SHAPES, Launch, meta, per_sample, row_block, row_warps, short
 from .layernorm_modulate import modulated_layernorm
 
 
@@ -51,7 +51,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 def plan(x, gate, y, shift, scale, eps: float) -> Launch:
     b, seq, c = x.shape
     x, y = x.contiguous(), y.contiguous()
-    gate, shift, scale = gate.contiguous(), shift.contiguous(), scale.contiguous()
+    gate, shift, scale = (per_sample(v, b, c, n) for v, n in ((gate, "gate"), (shift, "shift"), (scale, "scale")))
     r, h = torch.empty_like(x), torch.empty_like(x)
     block = row_block(c)
     return Launch(

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, ROW_SHAPES, Launch, meta, row_block, row_warps, short
+from ._common import DTYPES, ROW_SHAPES, Launch, meta, per_sample, row_block, row_warps, short
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def plan(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) 
     b, seq, c = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    shift, scale = shift.contiguous(), scale.contiguous()
+    shift, scale = per_sample(shift, b, c, "shift"), per_sample(scale, b, c, "scale")
     out = torch.empty((b, seq, c), dtype=x.dtype, device=x.device)
     block = row_block(c)
     return Launch(
