@@ -16,13 +16,20 @@ import triton.language as tl
 from ._common import Launch, ensure_allocator, meta, short
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (compute-capability major, head_dim), checked by
-# tools/kernel_report.py for spills and shared memory on sm_80 / sm_89 / sm_90.
-# 128x64 tiles at head dim 128 use 255 registers and spill on sm_89 / sm_90, hence 128x32 there.
+# tools/kernel_report.py for spills and shared memory on sm_80 / sm_89 / sm_90. Measured with
+# Triton 3.9 at FLUX's 4608 tokens (registers, spills, shared memory):
+#   sm_90 D=128: 128x32 w8 s2 114/0/64 KB, 128x64 w8 s2 138/0/96 KB, 128x128 w8 s2 188/0/160 KB,
+#                128x128 w4 spills 2268 B -> 128x128 w8 s2 (the Triton tutorial's Hopper tile);
+#   sm_90 D=64:  128x128 w8 s3 155/0/112 KB;
+#   sm_89 D=128: 128x64 w8 s2 210/0/64 KB; s3 and 128x128 spill (32-360 B) -> 128x64 w8 s2;
+#   sm_89 D=64:  128x64 w8 s2 148/0; 128x32 w8 s2 spills 12 B. sm_80 follows sm_89 (207 / 146 regs).
+# Which tile is fastest is for a GPU to say (bench/bench_attention.py); these are the largest that
+# compile cleanly, so each K/V tile feeds the widest wgmma / mma per online-softmax rescale.
 CONFIGS = {
     (8, 64): (128, 64, 8, 2),
-    (8, 128): (128, 32, 8, 2),
-    (9, 64): (128, 64, 8, 3),
-    (9, 128): (128, 32, 8, 2),
+    (8, 128): (128, 64, 8, 2),
+    (9, 64): (128, 128, 8, 3),
+    (9, 128): (128, 128, 8, 2),
 }
 DEFAULT = (64, 32, 4, 1)  # interpreter / unknown devices
 

@@ -31,3 +31,16 @@ def test_attention_strided_inputs():
 
     q, k, v = (rand(1, 40, 2, 64, dtype=torch.bfloat16, seed=s).transpose(1, 2) for s in range(3))
     check(attention_fwd(q, k, v, 0.1), ref.attention_ref, (q, k, v, 0.1), torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", [80, 89, 90])
+@pytest.mark.parametrize("d", [64, 128])
+def test_shipped_gpu_tiles_run(arch, d):
+    """The tile configurations the GPUs run (not the interpreter default), ragged in M and N."""
+    from fastflow.kernels.attention import plan
+
+    q, k, v = (rand(1, 1, n, d, dtype=torch.bfloat16, seed=s) for s, n in ((0, 130), (1, 200), (2, 200)))
+    launch = plan(q, k, v, None, arch=arch)
+    assert launch.meta["BLOCK_M"] == 128
+    launch.meta = {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
+    check(launch(), ref.attention_ref, (q, k, v, None), torch.bfloat16)
