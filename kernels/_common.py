@@ -35,7 +35,12 @@ class Launch:
 
     def __call__(self):
         if all(self.grid):
-            self.kernel[self.grid](*self.args, **self.meta)
+            device = next((a.device for a in self.args if isinstance(a, torch.Tensor)), None)
+            if device is not None and device.type == "cuda":
+                with torch.cuda.device(device):  # Triton launches on the current device, not the tensors'
+                    self.kernel[self.grid](*self.args, **self.meta)
+            else:
+                self.kernel[self.grid](*self.args, **self.meta)
         return self.outputs
 
     @property

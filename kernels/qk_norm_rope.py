@@ -1,7 +1,7 @@
 """From the fused qkv GEMM output: RMSNorm q and k per head, FLUX interleaved RoPE, write q, k, v
 in [B, H, L, D] for attention. One program per (token row, head); RoPE tables in fp32.
 
-ROPE = False gives the SD3 variant (RMS qk-norm only); HAS_NORM = False only splits (SD3-medium).
+ROPE = False gives the SD3 variant (RMS qk-norm only); without Q_NORM / K_NORM q / k are only split (SD3-medium).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _qk_norm_rope_fwd_kernel(
     H,
     eps,
     D: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    Q_NORM: tl.constexpr,
+    K_NORM: tl.constexpr,
     ROPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * L + l
@@ -46,9 +47,10 @@ def _qk_norm_rope_fwd_kernel(
     for part in tl.static_range(2):  # 0: q, 1: k
         scale_ptr = q_scale_ptr if part == 0 else k_scale_ptr
         out_ptr = q_ptr if part == 0 else k_ptr
+        norm = Q_NORM if part == 0 else K_NORM
         even = tl.load(src + part * H * D + 2 * j).to(tl.float32)
         odd = tl.load(src + part * H * D + 2 * j + 1).to(tl.float32)
-        if HAS_NORM:
+        if norm:
             rstd = 1.0 / tl.sqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / D + eps)
             even = even * rstd * tl.load(scale_ptr + 2 * j).to(tl.float32)
             odd = odd * rstd * tl.load(scale_ptr + 2 * j + 1).to(tl.float32)
@@ -61,23 +63,31 @@ def _qk_norm_rope_fwd_kernel(
 
 
 def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float) -> Launch:
-    """q_scale / k_scale None: no norm; cos / sin None: no RoPE."""
+    """q_scale / k_scale None: no norm of q / k (each on its own, as the reference); cos / sin None:
+    no RoPE."""
     b, seq, width = qkv.shape
     head_dim = width // (3 * num_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q, k, v = (torch.empty((b, num_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
-    has_norm, rope = q_scale is not None, cos is not None
+    rope = cos is not None
     dummy = qkv.new_empty(1, dtype=torch.float32)
-    scales = (q_scale, k_scale) if has_norm else (dummy, dummy)
+    given = tuple(s for s in (q_scale, k_scale) if s is not None)
+    scales = tuple(dummy if s is None else s for s in (q_scale, k_scale))
     tables = (cos.contiguous(), sin.contiguous()) if rope else (dummy, dummy)
     return Launch(
         _qk_norm_rope_fwd_kernel,
         (b * seq, num_heads),
         (qkv, *scales, *tables, q, k, v, qkv.stride(0), qkv.stride(1), seq, num_heads, eps),
-        {"D": head_dim, "HAS_NORM": has_norm, "ROPE": rope, "num_warps": 1 if head_dim <= 64 else 2},
+        {
+            "D": head_dim,
+            "Q_NORM": q_scale is not None,
+            "K_NORM": k_scale is not None,
+            "ROPE": rope,
+            "num_warps": 1 if head_dim <= 64 else 2,
+        },
         (q, k, v),
-        reads=(qkv, *(scales if has_norm else ()), *(tables if rope else ())),
+        reads=(qkv, *given, *(tables if rope else ())),
         writes=(q, k, v),
     )
 

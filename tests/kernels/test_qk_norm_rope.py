@@ -43,16 +43,16 @@ def test_qk_norm_rope_on_a_single_block_slice():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_norm", [True, False], ids=["rms", "split"])
-def test_qk_norm_without_rope(with_norm, dtype):
+@pytest.mark.parametrize("norms", ["qk", "none", "q", "k"])
+def test_qk_norm_without_rope(norms, dtype):
+    """Each of q and k is normalised where its scale is given (the kernel once keyed both on q's)."""
     from fastflow.kernels.qk_norm_rope import qk_norm_rope_fwd
 
     heads, d, seq = 3, 64, 7
     qkv = rand(2, seq, 3 * heads * d, dtype=dtype)
     scales = (
-        (rand(d, dtype=dtype, seed=1, offset=1.0), rand(d, dtype=dtype, seed=2, offset=1.0))
-        if with_norm
-        else (None, None)
+        rand(d, dtype=dtype, seed=1, offset=1.0) if "q" in norms else None,
+        rand(d, dtype=dtype, seed=2, offset=1.0) if "k" in norms else None,
     )
     out = qk_norm_rope_fwd(qkv, *scales, None, None, heads, 1e-6)
     check(out, ref.qk_norm_ref, (qkv, *scales, heads, 1e-6), dtype)
