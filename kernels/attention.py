@@ -9,6 +9,8 @@ be tf32). Configs are chosen per architecture (tools/kernel_report.py).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,7 @@ CONFIGS = {
     (9, 64): (128, 128, 8, 3),
     (9, 128): (128, 128, 8, 2),
 }
+_log = logging.getLogger(__name__)
 DEFAULT = (64, 32, 4, 1)  # interpreter / unknown devices
 
 
@@ -123,11 +126,20 @@ def supported(q: torch.Tensor) -> bool:
     return q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned base addresses and strides (the last dim contiguous,
+    which plan() ensures by copying)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """The op's Triton implementation: the kernel for its shipped head dims / dtypes, torch SDPA
-    (flash / mem-efficient) otherwise (e.g. the VAE's head dim 512)."""
-    if supported(q):
+    (flash / mem-efficient) otherwise (e.g. the VAE's head dim 512, or views TMA cannot address)."""
+    if supported(q) and k.dtype == v.dtype == q.dtype and all(tma_ready(t) for t in (q, k, v) if t.stride(-1) == 1):
         return attention_fwd(q, k, v, scale)
+    if supported(q):
+        _log.debug("attention: inputs not 16-byte aligned for TMA; running torch SDPA")
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 

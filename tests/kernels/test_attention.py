@@ -44,3 +44,20 @@ def test_shipped_gpu_tiles_run(arch, d):
     assert launch.meta["BLOCK_M"] == 128
     launch.meta = {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
     check(launch(), ref.attention_ref, (q, k, v, None), torch.bfloat16)
+
+
+def test_views_tma_cannot_address_fall_back_to_sdpa(monkeypatch):
+    import fastflow.kernels.attention as attention
+
+    calls = []
+    monkeypatch.setattr(attention, "attention_fwd", lambda *a: calls.append(a) or ref.attention_ref(*a))
+    q = rand(1, 2, 16, 64, dtype=torch.bfloat16)
+    assert attention.tma_ready(q)
+    attention.attention(q, q, q, None)
+    assert len(calls) == 1
+    buf = rand(2 * 16 * 64 + 1, dtype=torch.bfloat16)
+    shifted = buf[1:].view(1, 2, 16, 64)  # base address 2 bytes past alignment
+    assert not attention.tma_ready(shifted)
+    out = attention.attention(shifted, shifted, shifted, None)
+    assert len(calls) == 1  # SDPA ran
+    check(out, ref.attention_ref, (shifted, shifted, shifted, None), torch.bfloat16)
