@@ -77,6 +77,18 @@ def specialize(launch: Launch, arch: int):
     return signature, constexprs, attrs, options
 
 
+def arch_family(arch: int) -> int:
+    """Which row of a kernel's config table a GPU uses, from its compute capability (e.g. 90):
+    9 for sm_90 and sm_100 (227 KB of shared memory per block), 8 for sm_80 / 86 / 89, for the
+    consumer Blackwell sm_120 (99 KB, like sm_89) and for anything unknown (the smaller tiles)."""
+    return 9 if arch // 10 in (9, 10) else 8
+
+
+def device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def meta(*shape: int, dtype=torch.bfloat16) -> torch.Tensor:
     """A tensor without storage, for planning launches at full-size shapes."""
     return torch.empty(shape, dtype=dtype, device="meta")

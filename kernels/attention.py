@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, ensure_allocator, meta, short
+from ._common import Launch, arch_family, device_arch, ensure_allocator, meta, short
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (compute-capability major, head_dim), checked by
 # tools/kernel_report.py for spills and shared memory on sm_80 / sm_89 / sm_90. Measured with
@@ -117,8 +117,8 @@ def config_for(device: torch.device, head_dim: int, arch: int | None = None) -> 
     if arch is None:
         if device.type != "cuda":
             return DEFAULT
-        arch = torch.cuda.get_device_capability(device)[0] * 10
-    return CONFIGS.get((min(arch // 10, 9), head_dim), DEFAULT)
+        arch = device_arch(device)
+    return CONFIGS.get((arch_family(arch), head_dim), DEFAULT)
 
 
 def supported(q: torch.Tensor) -> bool:

@@ -18,8 +18,9 @@ import triton.language as tl
 
 from fastflow.ops.reference import fp8_linear_ref, fp8_scaled_mm_ref
 
-from ._common import Launch, ensure_allocator, meta, short
+from ._common import Launch, arch_family, device_arch, ensure_allocator, meta, short
 from .fp8_quantize import fp8_quantize_fwd, native
+from .gelu_tanh import gelu_tanh_f32
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (compute-capability major, tile class);
 # "small" serves M <= 64 (modulation layers read their weights once per step: bandwidth-bound).
@@ -94,9 +95,8 @@ def _fp8_gemm_fwd_kernel(
         acc = acc * tl.load(b_scale_ptr)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:  # 0.5 y (1 + tanh u) with tanh u = 2 sigmoid(2u) - 1 (no libdevice)
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc * tl.sigmoid(2.0 * u)
+    if GELU:
+        acc = gelu_tanh_f32(acc)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -105,8 +105,8 @@ def config_for(device: torch.device, m: int, arch: int | None = None) -> tuple[i
     if arch is None:
         if device.type != "cuda":
             return DEFAULT
-        arch = torch.cuda.get_device_capability(device)[0] * 10
-    return CONFIGS.get((min(arch // 10, 9), "small" if m <= 64 else "large"), DEFAULT)
+        arch = device_arch(device)
+    return CONFIGS.get((arch_family(arch), "small" if m <= 64 else "large"), DEFAULT)
 
 
 def supported(a: torch.Tensor, b: torch.Tensor) -> bool:

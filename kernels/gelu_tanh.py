@@ -13,6 +13,14 @@ BLOCK = 1024
 
 
 @triton.jit
+def gelu_tanh_f32(x):
+    """GELU (tanh approximation) of fp32 x: 0.5 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3),
+    with tanh u = 2 sigmoid(2u) - 1 (no libdevice)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))
+
+
+@triton.jit
 def _gelu_tanh_fwd_kernel(
     x_ptr,  # [N], contiguous
     bias_ptr,  # [WIDTH] (read only when HAS_BIAS)
@@ -27,9 +35,7 @@ def _gelu_tanh_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + offs % WIDTH, mask=mask, other=0.0).to(tl.float32)
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) (x + 0.044715 x^3)
-    y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 0.5 x (1 + tanh u)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, gelu_tanh_f32(x).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def plan(x: torch.Tensor, bias: torch.Tensor | None) -> Launch:

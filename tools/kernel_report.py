@@ -4,12 +4,13 @@ The configurations are not listed here: every kernel module named in the op regi
 (``fastflow.ops.OPS``) plans its launches at the real FLUX.1 / SD3.5 / VAE shapes (``shipped(arch)``
 on meta tensors), and each planned launch is compiled with the signature, constants and
 divisibility attributes that Triton's own run-time specialization gives those arguments (16-byte
-aligned pointers assumed, as torch allocations are). For sm_80, sm_89 and sm_90 (and sm_100) it
-prints registers, spills and shared memory (against the architecture's limit) per configuration,
-and whether kernels use wgmma / TMA on sm_90. Exits non-zero when a shipped configuration fails to
-compile, spills, or exceeds shared memory. Runs in a process without TRITON_INTERPRET.
+aligned pointers assumed, as torch allocations are). For sm_80, sm_89, sm_90, sm_100 and sm_120
+it prints registers, spills and shared memory (against the architecture's limit) per
+configuration, and whether kernels use wgmma / TMA (sm_90) or tcgen05 (sm_100). Exits non-zero
+when a shipped configuration fails to compile, spills, or exceeds shared memory. Runs in a process
+without TRITON_INTERPRET.
 
-    python tools/kernel_report.py [--archs 80 89 90 100] [--only attention] [--json report.json]
+    python tools/kernel_report.py [--archs 80 89 90 100 120] [--only attention] [--json report.json]
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import re
 import sys
 import time
 
-SMEM_LIMIT = {80: 166912, 89: 101376, 90: 232448, 100: 232448}  # max dynamic shared memory per block
+# max dynamic shared memory per block (opt-in), by compute capability
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def shipped_configs(archs, only=None):
@@ -84,6 +86,7 @@ def compile_config(kernel, signature, constexprs, attrs, options, arch: int) -> 
     res["smem"] = compiled.metadata.shared
     res["wgmma"] = "wgmma.mma_async" in compiled.asm["ptx"]
     res["tma"] = "cp.async.bulk.tensor" in compiled.asm["ptx"]
+    res["tcgen05"] = "tcgen05" in compiled.asm["ptx"]
     res["seconds"] = round(time.perf_counter() - t0, 2)
     res["ok"] = res["spills"] == 0 and res["smem"] <= SMEM_LIMIT[arch]
     if not res["ok"]:
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
         print("kernel_report: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", type=int, nargs="+", default=[80, 89, 90])
+    parser.add_argument("--archs", type=int, nargs="+", default=[80, 89, 90, 100, 120], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", nargs="+", default=None, help="configurations whose label contains one of these")
     args = parser.parse_args(argv)
@@ -107,7 +110,9 @@ def main(argv=None) -> int:
         rows.append({"config": label, "arch": arch, "signature": signature, **r})
         failed += not r["ok"]
         if "smem" in r:
-            notes = ",".join(k for k in ("wgmma", "tma") if r.get(k)) + ("" if r["ok"] else " FAIL " + r["error"])
+            notes = ",".join(k for k in ("wgmma", "tma", "tcgen05") if r.get(k)) + (
+                "" if r["ok"] else " FAIL " + r["error"]
+            )
             print(
                 f"{label:58s} sm_{arch:<3} {r.get('regs', '?'):>5} {r['spills']:>7} "
                 f"{r['smem']:>6}/{SMEM_LIMIT[arch]:<7} {notes}",

@@ -190,8 +190,8 @@ class SingleStreamBlock(nn.Module):
             dim=-1,
         )
         q, k, v = qk_norm_rope(qkv, self.norm, pe[0], pe[1], self.num_heads)
-        attn = merge_heads(self.attention(q, k, v))
-        out = ops.linear(torch.cat((attn, ops.gelu_tanh(mlp)), dim=-1), self.linear2)
+        # linear2's input [attn | GELU(mlp)] written in one pass (no merge_heads copy, no cat)
+        out = ops.linear(ops.attention_gelu_concat(self.attention(q, k, v), mlp), self.linear2)
         return _clamp_fp16(ops.gated_residual(x, gate, out))
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ the backend switch at call time. :func:`linear` runs linear layers, dispatched o
 
 from ._registry import BACKENDS, KERNEL_BACKENDS, OPS, get_backend, kernel_would_run, set_backend, use_backend
 from .attention import attention
+from .attention_gelu_concat import attention_gelu_concat
 from .fp8 import (
     fp8_linear,
     fp8_quantize,
@@ -35,6 +36,7 @@ __all__ = [
     "KERNEL_BACKENDS",
     "OPS",
     "attention",
+    "attention_gelu_concat",
     "bias_gelu_tanh",
     "fp8_linear",
     "fp8_quantize",

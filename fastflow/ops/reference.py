@@ -231,3 +231,13 @@ def gated_residual_layernorm_modulate_fp8_ref(
     r, h = gated_residual_layernorm_modulate_ref(x, gate, y, shift, scale, eps)
     q, q_scale = fp8_quantize_ref(h.reshape(-1, h.shape[-1]), None, True)
     return r, q, q_scale
+
+
+def attention_gelu_concat_ref(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    """The single block's linear2 input: [merge_heads(attn) | GELU_tanh(mlp)].
+
+    attn [B, H, L, D] (the attention output), mlp [B, L, M] (linear1's MLP columns, any row stride)
+    -> [B, L, H*D + M] contiguous, in attn's dtype."""
+    b, h, seq, d = attn.shape
+    merged = attn.transpose(1, 2).reshape(b, seq, h * d)  # [B, L, H*D]
+    return torch.cat((merged, gelu_tanh_ref(mlp).to(attn.dtype)), dim=-1)

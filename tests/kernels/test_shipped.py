@@ -15,14 +15,14 @@ MODULES = kernel_modules()
 
 
 def test_every_op_with_a_kernel_names_its_module():
-    assert len(MODULES) == 9
+    assert len(MODULES) == 10
     for name, opdef in ops.OPS.items():
         if not name.startswith("_test"):
             assert opdef.kernel_modules(), f"{name} has no Triton kernel module"
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("arch", [80, 89, 90])
+@pytest.mark.parametrize("arch", [80, 89, 90, 100, 120])
 def test_shipped_launches_bind_to_their_kernel(module, arch):
     launches = importlib.import_module(module).shipped(arch)
     fp8_below_sm89 = "fp8" in module and arch < 89  # dequantized at load: nothing ships
@@ -38,7 +38,7 @@ def test_shipped_launches_bind_to_their_kernel(module, arch):
 def test_attention_configs_follow_the_architecture():
     from fastflow.kernels.attention import CONFIGS, shipped
 
-    for arch, major in ((80, 8), (89, 8), (90, 9)):
+    for arch, major in ((80, 8), (86, 8), (89, 8), (90, 9), (100, 9), (120, 8)):
         for label, launch in shipped(arch):
             d = launch.meta["HEAD_DIM"]
             assert (launch.meta["BLOCK_M"], launch.meta["BLOCK_N"]) == CONFIGS[(major, d)][:2], label
