@@ -79,9 +79,10 @@ def specialize(launch: Launch, arch: int):
 
 def arch_family(arch: int) -> int:
     """Which row of a kernel's config table a GPU uses, from its compute capability (e.g. 90):
-    9 for sm_90 and sm_100 (227 KB of shared memory per block), 8 for sm_80 / 86 / 89, for the
-    consumer Blackwell sm_120 (99 KB, like sm_89) and for anything unknown (the smaller tiles)."""
-    return 9 if arch // 10 in (9, 10) else 8
+    9 for sm_90, 10 for sm_100 (both 227 KB of shared memory per block; tcgen05 on sm_100 needs its
+    own tiles where registers run out), 8 for sm_80 / 86 / 89, for the consumer Blackwell sm_120
+    (99 KB, like sm_89) and for anything unknown (the smaller tiles)."""
+    return {9: 9, 10: 10}.get(arch // 10, 8)
 
 
 def device_arch(device: torch.device) -> int:

@@ -32,6 +32,8 @@ CONFIGS = {
     (8, 128): (128, 64, 8, 2),
     (9, 64): (128, 128, 8, 3),
     (9, 128): (128, 128, 8, 2),
+    (10, 64): (128, 128, 8, 3),  # sm_100 (tcgen05): the sm_90 tiles compile without spills
+    (10, 128): (128, 128, 8, 2),
 }
 _log = logging.getLogger(__name__)
 DEFAULT = (64, 32, 4, 1)  # interpreter / unknown devices

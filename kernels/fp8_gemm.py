@@ -27,12 +27,14 @@ from .gelu_tanh import gelu_tanh_f32
 # Checked by tools/kernel_report.py for spills and shared memory on sm_89 / sm_90. Measured with
 # Triton 3.9 (GELU epilogue): sm_90 128x256x128 w8 s3 255 registers, 0 spills, 147 KB (the Triton
 # tutorials' FP8 tile; 128x128x128 w8 s4 would need 128 registers if a later Triton spills);
-# sm_89 128x128x64 w8 s4 128 registers, 48 KB of its 99 KB.
+# sm_89 128x128x64 w8 s4 128 registers, 48 KB of its 99 KB. sm_120 takes the sm_89 row.
 CONFIGS = {
     (8, "large"): (128, 128, 64, 8, 4),
     (8, "small"): (64, 128, 128, 4, 3),
     (9, "large"): (128, 256, 128, 8, 3),
     (9, "small"): (64, 128, 128, 4, 4),
+    (10, "large"): (128, 128, 128, 8, 4),  # sm_100: 128x256x128 spills 88 B (tcgen05); this: 178 regs
+    (10, "small"): (64, 128, 128, 4, 4),
 }
 DEFAULT = (32, 32, 32, 4, 1)  # interpreter: small tiles keep the program count low and test tails
 GROUP_M = 8

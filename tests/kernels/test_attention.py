@@ -33,7 +33,7 @@ def test_attention_strided_inputs():
     check(attention_fwd(q, k, v, 0.1), ref.attention_ref, (q, k, v, 0.1), torch.bfloat16)
 
 
-@pytest.mark.parametrize("arch", [80, 89, 90])
+@pytest.mark.parametrize("arch", [80, 89, 90, 100, 120])
 @pytest.mark.parametrize("d", [64, 128])
 def test_shipped_gpu_tiles_run(arch, d):
     """The tile configurations the GPUs run (not the interpreter default), ragged in M and N."""

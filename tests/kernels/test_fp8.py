@@ -139,7 +139,7 @@ def test_k_not_a_multiple_of_16_runs_the_reference():
     assert torch.equal(fp8_scaled_mm_fwd(*args), ref.fp8_scaled_mm_ref(*args))
 
 
-@pytest.mark.parametrize("arch", [89, 90])
+@pytest.mark.parametrize("arch", [89, 90, 100, 120])
 @pytest.mark.parametrize("m", [130, 40], ids=["large", "small"])
 def test_shipped_gpu_tiles_run(arch, m):
     """The tile configurations the GPUs run (not the interpreter default), on ragged shapes."""

@@ -38,7 +38,7 @@ def test_shipped_launches_bind_to_their_kernel(module, arch):
 def test_attention_configs_follow_the_architecture():
     from fastflow.kernels.attention import CONFIGS, shipped
 
-    for arch, major in ((80, 8), (86, 8), (89, 8), (90, 9), (100, 9), (120, 8)):
+    for arch, major in ((80, 8), (86, 8), (89, 8), (90, 9), (100, 10), (120, 8)):
         for label, launch in shipped(arch):
             d = launch.meta["HEAD_DIM"]
             assert (launch.meta["BLOCK_M"], launch.meta["BLOCK_N"]) == CONFIGS[(major, d)][:2], label
