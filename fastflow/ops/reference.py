@@ -126,9 +126,17 @@ def groupnorm_silu_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32, eps: float = 1e-6
 ) -> torch.Tensor:
     """SiLU(GroupNorm(x)) with affine weight/bias [C], fp32 statistics. x [B, C, *spatial], any
-    memory format (NCHW or channels-last); returns x.dtype in x's memory format."""
-    y = F.silu(F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps))
-    return y.to(x.dtype)
+    memory format (NCHW or channels-last); returns x.dtype in x's memory format.
+
+    Normalised in NCHW order: torch's CPU group_norm on channels-last fp32 loses precision when the
+    mean is large next to the spread (1.4e-2 error at mean 100, std 1, against 1.4e-5 contiguous)."""
+    fmt = (
+        torch.channels_last
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+    y = F.silu(F.group_norm(x.float().contiguous(), num_groups, weight.float(), bias.float(), eps))
+    return y.to(x.dtype).contiguous(memory_format=fmt)
 
 
 # FP8 (W8A8, e4m3). Activations are quantized with amax scaling: scale = amax / 448 (per token row
