@@ -64,6 +64,15 @@ def _ptxas(log: str) -> dict:
     return found
 
 
+def _vector_widths(ptx: str) -> tuple[str, str]:
+    """The widest global load and store, in bits per instruction (e.g. 128 for ld.global.v4.b32),
+    '-' when the kernel has none (TMA moves bulk tensors instead)."""
+    widths = {"ld": 0, "st": 0}
+    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[\w:]+?)*?(?:\.v(\d))?\.[a-z]+(\d+)\b", ptx):
+        widths[op] = max(widths[op], int(vec or 1) * int(bits))
+    return tuple(str(widths[k]) if widths[k] else "-" for k in ("ld", "st"))
+
+
 def compile_config(kernel, signature, constexprs, attrs, options, arch: int) -> dict:
     import triton
     from triton import knobs
@@ -87,6 +96,7 @@ def compile_config(kernel, signature, constexprs, attrs, options, arch: int) -> 
     res["wgmma"] = "wgmma.mma_async" in compiled.asm["ptx"]
     res["tma"] = "cp.async.bulk.tensor" in compiled.asm["ptx"]
     res["tcgen05"] = "tcgen05" in compiled.asm["ptx"]
+    res["ld"], res["st"] = _vector_widths(compiled.asm["ptx"])
     res["seconds"] = round(time.perf_counter() - t0, 2)
     res["ok"] = res["spills"] == 0 and res["smem"] <= SMEM_LIMIT[arch]
     if not res["ok"]:
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="configurations whose label contains one of these")
     args = parser.parse_args(argv)
     rows, failed = [], 0
-    print(f"{'kernel configuration':58s} {'arch':>6} {'regs':>5} {'spills':>7} {'smem':>14} {'notes'}")
+    print(f"{'kernel configuration':58s} {'arch':>6} {'regs':>5} {'spills':>7} {'smem':>14} {'ld/st bits':>10} {'notes'}")
     for label, arch, kernel, signature, constexprs, attrs, options in shipped_configs(args.archs, args.only):
         r = compile_config(kernel, signature, constexprs, attrs, options, arch)
         rows.append({"config": label, "arch": arch, "signature": signature, **r})
@@ -115,7 +125,7 @@ def main(argv=None) -> int:
             )
             print(
                 f"{label:58s} sm_{arch:<3} {r.get('regs', '?'):>5} {r['spills']:>7} "
-                f"{r['smem']:>6}/{SMEM_LIMIT[arch]:<7} {notes}",
+                f"{r['smem']:>6}/{SMEM_LIMIT[arch]:<7} {r['ld'] + '/' + r['st']:>10} {notes}",
                 flush=True,
             )
         else:

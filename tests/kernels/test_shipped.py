@@ -58,3 +58,17 @@ def test_rows_wider_than_the_row_kernels_are_refused():
     x = torch.empty(1, 2, 70_000, device="meta")
     with pytest.raises(InputError, match="65536"):
         plan(x, x[:, 0], x[:, 0], 1e-6)
+
+
+def test_kernel_report_reads_vector_widths_and_knows_every_arch():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    ptx = "@%p1 ld.global.L1::evict_last.v4.b32 {%r1, %r2, %r3, %r4}, [%rd3];\n st.global.v2.b16 [%rd4], {%rs1, %rs2};"
+    assert report._vector_widths(ptx) == ("128", "32")
+    assert report._vector_widths("cp.async.bulk.tensor.2d") == ("-", "-")
+    assert {80, 89, 90, 100, 120} <= set(report.SMEM_LIMIT)
