@@ -114,7 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="configurations whose label contains one of these")
     args = parser.parse_args(argv)
     rows, failed = [], 0
-    print(f"{'kernel configuration':58s} {'arch':>6} {'regs':>5} {'spills':>7} {'smem':>14} {'ld/st bits':>10} {'notes'}")
+    print(
+        f"{'kernel configuration':58s} {'arch':>6} {'regs':>5} {'spills':>7} {'smem':>14} {'ld/st bits':>10} {'notes'}"
+    )
     for label, arch, kernel, signature, constexprs, attrs, options in shipped_configs(args.archs, args.only):
         r = compile_config(kernel, signature, constexprs, attrs, options, arch)
         rows.append({"config": label, "arch": arch, "signature": signature, **r})
