@@ -1,5 +1,7 @@
 """From the fused qkv GEMM output: RMSNorm q and k per head, FLUX interleaved RoPE, write q, k, v
-in [B, H, L, D] for attention. One program per (token row, head); RoPE tables in fp32.
+in [B, H, L, D] for attention. One program per token row, over its heads in [BLOCK_H, D] tiles of
+whole head rows (contiguous, 128-bit accesses for 16-bit types); the interleaved RoPE pairs are
+split and joined in registers. RoPE tables in fp32.
 
 ROPE = False gives the SD3 variant (RMS qk-norm only); without Q_NORM / K_NORM q / k are only split (SD3-medium).
 """
@@ -29,37 +31,39 @@ def _qk_norm_rope_fwd_kernel(
     H,
     eps,
     D: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # heads per tile: BLOCK_H x D elements, 8 per thread (128-bit for 16-bit types)
     Q_NORM: tl.constexpr,
     K_NORM: tl.constexpr,
     ROPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * L + l
-    h = tl.program_id(1).to(tl.int64)
     b = row // L
     t = row % L
     HALF: tl.constexpr = D // 2
-    j = tl.arange(0, HALF)
-    src = qkv_ptr + b * stride_qkv_b + t * stride_qkv_l + h * D
-    dst = ((b * H + h) * L + t) * D
-    if ROPE:
-        cos = tl.load(cos_ptr + t * HALF + j)
-        sin = tl.load(sin_ptr + t * HALF + j)
-    for part in tl.static_range(2):  # 0: q, 1: k
-        scale_ptr = q_scale_ptr if part == 0 else k_scale_ptr
-        out_ptr = q_ptr if part == 0 else k_ptr
-        norm = Q_NORM if part == 0 else K_NORM
-        even = tl.load(src + part * H * D + 2 * j).to(tl.float32)
-        odd = tl.load(src + part * H * D + 2 * j + 1).to(tl.float32)
-        if norm:
-            rstd = 1.0 / tl.sqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / D + eps)
-            even = even * rstd * tl.load(scale_ptr + 2 * j).to(tl.float32)
-            odd = odd * rstd * tl.load(scale_ptr + 2 * j + 1).to(tl.float32)
-        if ROPE:
-            even, odd = even * cos - odd * sin, even * sin + odd * cos
-        tl.store(out_ptr + dst + 2 * j, even.to(out_ptr.dtype.element_ty))
-        tl.store(out_ptr + dst + 2 * j + 1, odd.to(out_ptr.dtype.element_ty))
     d = tl.arange(0, D)
-    tl.store(v_ptr + dst + d, tl.load(src + 2 * H * D + d))
+    src_row = qkv_ptr + b * stride_qkv_b + t * stride_qkv_l
+    if ROPE:
+        j = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + t * HALF + j)[None, :]  # [1, HALF]
+        sin = tl.load(sin_ptr + t * HALF + j)[None, :]
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        mask = (h < H)[:, None]  # [BLOCK_H, 1]
+        src = src_row + h[:, None] * D + d[None, :]  # [BLOCK_H, D]
+        dst = ((b * H + h[:, None]) * L + t) * D + d[None, :]
+        for part in tl.static_range(2):  # 0: q, 1: k
+            scale_ptr = q_scale_ptr if part == 0 else k_scale_ptr
+            out_ptr = q_ptr if part == 0 else k_ptr
+            norm = Q_NORM if part == 0 else K_NORM
+            x = tl.load(src + part * H * D, mask=mask, other=0.0).to(tl.float32)  # whole head rows
+            if norm:
+                rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_H]
+                x = x * rstd[:, None] * tl.load(scale_ptr + d).to(tl.float32)[None, :]
+            if ROPE:  # interleaved pairs (x[2i], x[2i+1]) rotated in registers
+                even, odd = tl.split(tl.reshape(x, (BLOCK_H, HALF, 2)))
+                x = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_H, D))
+            tl.store(out_ptr + dst, x.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
 
 
 def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float) -> Launch:
@@ -75,16 +79,20 @@ def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: flo
     given = tuple(s for s in (q_scale, k_scale) if s is not None)
     scales = tuple(dummy if s is None else s for s in (q_scale, k_scale))
     tables = (cos.contiguous(), sin.contiguous()) if rope else (dummy, dummy)
+    # about 1024 elements per tile, 8 per thread, within the heads there are
+    block_h = max(1, min(triton.next_power_of_2(num_heads), 1024 // head_dim))
+    warps = max(1, min(4, block_h * head_dim // 256))
     return Launch(
         _qk_norm_rope_fwd_kernel,
-        (b * seq, num_heads),
+        (b * seq,),
         (qkv, *scales, *tables, q, k, v, qkv.stride(0), qkv.stride(1), seq, num_heads, eps),
         {
             "D": head_dim,
+            "BLOCK_H": block_h,
             "Q_NORM": q_scale is not None,
             "K_NORM": k_scale is not None,
             "ROPE": rope,
-            "num_warps": 1 if head_dim <= 64 else 2,
+            "num_warps": warps,
         },
         (q, k, v),
         reads=(qkv, *given, *(tables if rope else ())),
