@@ -30,7 +30,7 @@ from ..models.flux import Flux
 from ..models.mmdit import MMDiT
 from ..models.vae import AutoEncoder
 from ..ops.capability import device_name, fp8_runs_natively
-from ..quant import Fp8Config, Fp8Linear
+from ..quant import Fp8Config, Fp8Linear, quantizable, replace_module
 from ..quant.fp8 import quantize_weight
 from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, vae_arch
 from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers, vae_from_diffusers
@@ -185,21 +185,24 @@ def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) 
         return {}
     if layout.naming == "diffusers" and quant is None:
         quant = Fp8Config()  # diffusers names: fused layers come from several sources; requantize
+    if quant is None:  # the layers the file stores in FP8
+        names = [
+            n
+            for n, m in model.named_modules()
+            if type(m) is nn.Linear and layout.prefix + n + ".weight" in fp8.fp8_weights
+        ]
+    else:
+        names = quantizable(model, quant)
     chosen = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
+    for name in names:
+        module = model.get_submodule(name)
         weight_key = layout.prefix + name + ".weight"
         static = fp8.input_scales.get(weight_key)
         if quant is None:
-            if weight_key not in fp8.fp8_weights:
-                continue
             scale = fp8.weight_scales.get(weight_key)
             granularity = "per-channel" if scale is not None and scale.numel() > 1 else "per-tensor"
             activation = "static" if static is not None else (fp8.activation or "per-token")
         else:
-            if quant.skips(name):
-                continue
             granularity, activation = quant.weight, quant.activation
             if activation == "static" and static is None:
                 raise InputError(
@@ -211,8 +214,7 @@ def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) 
         )
         if activation == "static":
             layer.input_scale = static.reshape(1).clone()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
         chosen[name + ".weight"] = layer
     return chosen
 

@@ -19,6 +19,7 @@ from math import prod
 import torch
 
 from ..errors import InvalidScaleError
+from ..quant.fp8 import dequantize_weight
 from .safetensors_io import DTYPE_NAMES
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -73,8 +74,7 @@ class Fp8Source:
         if src.dtype not in FP8_DTYPES:
             return src
         scale = self.weight_scales.get(key)
-        out = src.float()
-        return out if scale is None else out.mul_(scale.reshape(-1, *([1] * (src.dim() - 1))))
+        return src.float() if scale is None else dequantize_weight(src, scale, torch.float32)
 
 
 def read_fp8_source(source, prefix: str, quant_keys) -> Fp8Source:

@@ -27,38 +27,36 @@ _MODULATED_IMPLS: dict[type, Callable] = {}
 _GATED_IMPLS: dict[type, Callable] = {}
 
 
-def register_linear(cls: type):
-    """Decorator: ``fn(x, layer, epilogue) -> Tensor`` runs layers of type ``cls`` (and subclasses
-    that do not override ``forward``)."""
-
+def _registrar(table: dict[type, Callable], cls: type):
     def register(fn):
-        _IMPLS[cls] = fn
+        table[cls] = fn
         return fn
 
     return register
+
+
+def register_linear(cls: type):
+    """Decorator: ``fn(x, layer, epilogue) -> Tensor`` runs layers of type ``cls`` (and subclasses
+    that do not override ``forward``)."""
+    return _registrar(_IMPLS, cls)
 
 
 def register_modulated_linear(cls: type):
     """Decorator: ``fn(x, shift, scale, eps, layer, epilogue) -> Tensor`` runs
     :func:`modulated_linear` for layers of type ``cls`` (e.g. FP8 layers fuse the LayerNorm with
     their activation quantization); unregistered types run LayerNorm-modulate, then :func:`linear`."""
-
-    def register(fn):
-        _MODULATED_IMPLS[cls] = fn
-        return fn
-
-    return register
+    return _registrar(_MODULATED_IMPLS, cls)
 
 
 def register_gated_modulated_linear(cls: type):
     """Decorator: ``fn(x, gate, y, shift, scale, eps, layer, epilogue) -> (r, out)`` runs
     :func:`gated_residual_modulated_linear` for layers of type ``cls``."""
+    return _registrar(_GATED_IMPLS, cls)
 
-    def register(fn):
-        _GATED_IMPLS[cls] = fn
-        return fn
 
-    return register
+def _check_epilogue(epilogue: str | None) -> None:
+    if epilogue not in EPILOGUES:
+        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
 
 
 def _apply_epilogue(y: torch.Tensor, epilogue: str | None) -> torch.Tensor:
@@ -83,8 +81,7 @@ def implementation(layer: nn.Module, table: dict[type, Callable] | None = None, 
 
 def linear(x: torch.Tensor, layer: nn.Module, epilogue: str | None = None) -> torch.Tensor:
     """epilogue(layer(x)). x [..., in]; epilogue None or "gelu_tanh"; returns [..., out]."""
-    if epilogue not in EPILOGUES:
-        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
+    _check_epilogue(epilogue)
     return implementation(layer)(x, layer, epilogue)
 
 
@@ -102,8 +99,7 @@ def modulated_linear(
 ) -> torch.Tensor:
     """epilogue(layer((1 + scale) * LN(x) + shift)). x [B, L, C]; shift, scale [B, C]; returns [B, L, out].
     The same numbers as ``linear(layernorm_modulate(x, shift, scale, eps), layer, epilogue)``."""
-    if epilogue not in EPILOGUES:
-        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
+    _check_epilogue(epilogue)
     fn = implementation(layer, _MODULATED_IMPLS, _modulated_via_linear)
     return fn(x, shift, scale, eps, layer, epilogue)
 
@@ -126,8 +122,7 @@ def gated_residual_modulated_linear(
     """The sub-block boundary feeding a linear layer: r = x + gate * y and
     epilogue(layer((1 + scale) * LN(r) + shift)). x, y [B, L, C]; gate, shift, scale [B, C].
     Returns (r, out); the same numbers as gated_residual_layernorm_modulate then :func:`linear`."""
-    if epilogue not in EPILOGUES:
-        raise InputError(f"unknown linear epilogue {epilogue!r}; choose one of {sorted(map(str, EPILOGUES))}")
+    _check_epilogue(epilogue)
     fn = implementation(layer, _GATED_IMPLS, _gated_via_linear)
     return fn(x, gate, y, shift, scale, eps, layer, epilogue)
 

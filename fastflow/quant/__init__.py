@@ -80,7 +80,8 @@ def quantizable(model: nn.Module, config: Fp8Config) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and not config.skips(n)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (e.g. "double_blocks.0.img_attn.qkv") is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -92,7 +93,7 @@ def quantize_(model: nn.Module, config: Fp8Config | None = None) -> nn.Module:
     names = quantizable(model, config)
     for name in names:
         layer = model.get_submodule(name)
-        _replace(model, name, Fp8Linear.from_linear(layer, config.weight, config.activation))
+        replace_module(model, name, Fp8Linear.from_linear(layer, config.weight, config.activation))
     devices = {m.weight.device for m in fp8_layers(model).values()}
     slow = [d for d in devices if fp8_runs_natively(d) is False]
     if slow:
@@ -108,7 +109,7 @@ def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     """Replace every :class:`Fp8Linear` with an ``nn.Linear`` of the dequantized weights (in place)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Fp8Linear):
-            _replace(model, name, module.dequantized(dtype))
+            replace_module(model, name, module.dequantized(dtype))
     return model
 
 
@@ -164,6 +165,7 @@ __all__ = [
     "quantizable",
     "quantize_",
     "quantize_weight",
+    "replace_module",
     "skip_patterns",
     "weight_bytes",
 ]

@@ -45,7 +45,9 @@ def quantize_weight(w: torch.Tensor, granularity: str = "per-channel") -> tuple[
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
+    """codes x scale in ``dtype``: q [N, ...] FP8, scale [N] (per output row) or [1]; one fp32 copy."""
+    out = q.to(torch.float32, copy=True)
+    return out.mul_(scale.float().reshape(-1, *([1] * (q.dim() - 1)))).to(dtype)
 
 
 class Fp8Linear(nn.Module):
