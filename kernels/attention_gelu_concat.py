@@ -84,7 +84,7 @@ def attention_gelu_concat_fwd(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Te
 def shipped(arch: int) -> list[tuple[str, Launch]]:
     out = []
     for dt in DTYPES:
-        attn = meta(1, 24, 4608, 128, dtype=dt)
+        attn = meta(1, 4608, 24, 128, dtype=dt).transpose(1, 2)  # the attention op's [B, L, H, D] layout
         mlp = meta(1, 4608, 21504, dtype=dt)[:, :, 9216:]
         out.append((f"attention_gelu_concat flux single {short(dt)}", plan(attn, mlp)))
     return out

@@ -118,8 +118,18 @@ def bias_gelu_tanh_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v on [B, H, L, D]; scale defaults to 1/sqrt(D). No mask, no dropout."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    """softmax(q k^T * scale) v on [B, H, L, D]; scale defaults to 1/sqrt(D). No mask, no dropout.
+    Returned in the layout of every implementation: see :func:`attention_layout`."""
+    return attention_layout(F.scaled_dot_product_attention(q, k, v, scale=scale))
+
+
+def attention_layout(out: torch.Tensor) -> torch.Tensor:
+    """An attention output [B, H, L, D] as every implementation of ``fastflow::attention`` returns
+    it: [B, L, H, D] in memory (the kernel writes it so, and merging heads is a view), seen as
+    [B, H, L, D]. Copies only when ``out`` is laid out otherwise."""
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def groupnorm_silu_ref(

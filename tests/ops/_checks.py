@@ -11,8 +11,9 @@ import fastflow.ops as ops
 FP8_OPCHECK_TESTS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def assert_op_contract(wrapper, op_overload, args: tuple, fp8: bool = False) -> None:
-    """opcheck passes, the wrapper under both backends and under fullgraph compile agree."""
+def assert_op_contract(wrapper, op_overload, args: tuple, fp8: bool = False, contiguous: bool = True) -> None:
+    """opcheck passes, the wrapper under both backends and under fullgraph compile agree, in value
+    and memory layout (contiguous unless the op documents another layout)."""
     if fp8:
         torch.library.opcheck(op_overload, args, test_utils=FP8_OPCHECK_TESTS)
     else:
@@ -27,7 +28,8 @@ def assert_op_contract(wrapper, op_overload, args: tuple, fp8: bool = False) -> 
             e, g, c = (t.view(torch.uint8) for t in (e, g, c))
         torch.testing.assert_close(g, e, rtol=0, atol=0)
         torch.testing.assert_close(c, e, rtol=0, atol=0)
-        assert g.is_contiguous() and g.dtype == e.dtype
+        assert g.dtype == e.dtype and g.stride() == e.stride() == c.stride()
+        assert g.is_contiguous() or not contiguous
 
 
 def _as_tuple(x):
