@@ -22,12 +22,14 @@ def _qk_norm_rope_fwd_kernel(
     k_scale_ptr,  # [D]
     cos_ptr,  # [L, D/2] fp32
     sin_ptr,  # [L, D/2] fp32
-    q_ptr,  # [B, H, L, D] contiguous
+    q_ptr,  # [B, H, L_OUT, D] contiguous; this launch writes tokens T_OFF .. T_OFF + L
     k_ptr,
     v_ptr,
     stride_qkv_b,
     stride_qkv_l,
     L,
+    L_OUT,  # tokens of the outputs (joint attention: both streams'; else L)
+    T_OFF,  # this stream's first token in them
     H,
     eps,
     D: tl.constexpr,
@@ -50,7 +52,7 @@ def _qk_norm_rope_fwd_kernel(
         h = h0 + tl.arange(0, BLOCK_H)
         mask = (h < H)[:, None]  # [BLOCK_H, 1]
         src = src_row + h[:, None] * D + d[None, :]  # [BLOCK_H, D]
-        dst = ((b * H + h[:, None]) * L + t) * D + d[None, :]
+        dst = ((b * H + h[:, None]) * L_OUT + T_OFF + t) * D + d[None, :]
         for part in tl.static_range(2):  # 0: q, 1: k
             scale_ptr = q_scale_ptr if part == 0 else k_scale_ptr
             out_ptr = q_ptr if part == 0 else k_ptr
@@ -66,14 +68,19 @@ def _qk_norm_rope_fwd_kernel(
         tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
 
 
-def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float) -> Launch:
+def plan(
+    qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float, out=None, offset: int = 0
+) -> Launch:
     """q_scale / k_scale None: no norm of q / k (each on its own, as the reference); cos / sin None:
-    no RoPE."""
+    no RoPE. ``out``: (q, k, v) [B, H, L_out, D] to write tokens offset .. offset + L of (joint
+    attention's buffers); new [B, H, L, D] tensors by default."""
     b, seq, width = qkv.shape
     head_dim = width // (3 * num_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    q, k, v = (torch.empty((b, num_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    if out is None:
+        out = tuple(torch.empty((b, num_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    q, k, v = out
     rope = cos is not None
     dummy = qkv.new_empty(1, dtype=torch.float32)
     given = tuple(s for s in (q_scale, k_scale) if s is not None)
@@ -82,10 +89,11 @@ def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: flo
     # about 1024 elements per tile, 8 per thread, within the heads there are
     block_h = max(1, min(triton.next_power_of_2(num_heads), 1024 // head_dim))
     warps = max(1, min(4, block_h * head_dim // 256))
+    written = tuple(t[:, :, offset : offset + seq] for t in out)  # for the byte count
     return Launch(
         _qk_norm_rope_fwd_kernel,
         (b * seq,),
-        (qkv, *scales, *tables, q, k, v, qkv.stride(0), qkv.stride(1), seq, num_heads, eps),
+        (qkv, *scales, *tables, q, k, v, qkv.stride(0), qkv.stride(1), seq, q.shape[2], offset, num_heads, eps),
         {
             "D": head_dim,
             "BLOCK_H": block_h,
@@ -94,10 +102,31 @@ def plan(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: flo
             "ROPE": rope,
             "num_warps": warps,
         },
-        (q, k, v),
+        out,
         reads=(qkv, *given, *(tables if rope else ())),
-        writes=(q, k, v),
+        writes=written,
     )
+
+
+def plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads: int, eps: float):
+    """Both streams of joint attention written into one set of [B, H, La + Lb, D] buffers (the
+    torch.cat of q, k and v disappears): two launches of the same kernel."""
+    b, la, width = qkv_a.shape
+    tokens = la + qkv_b.shape[1]
+    head_dim = width // (3 * num_heads)
+    out = tuple(torch.empty((b, num_heads, tokens, head_dim), dtype=qkv_a.dtype, device=qkv_a.device) for _ in range(3))
+    rope_a = (cos[:la], sin[:la]) if cos is not None else (None, None)
+    rope_b = (cos[la:], sin[la:]) if cos is not None else (None, None)
+    return (
+        plan(qkv_a, a_q_scale, a_k_scale, *rope_a, num_heads, eps, out=out, offset=0),
+        plan(qkv_b, b_q_scale, b_k_scale, *rope_b, num_heads, eps, out=out, offset=la),
+    )
+
+
+def joint_qk_norm_rope_fwd(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps):
+    first, second = plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps)
+    first()
+    return second()
 
 
 def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float):
@@ -113,25 +142,22 @@ def shipped(arch: int) -> list[tuple[str, Launch]]:
     out = []
     for dt in DTYPES:
         s128, s64 = meta(128, dtype=dt), meta(64, dtype=dt)
-        for name, tokens in (("flux img", 4096), ("flux txt", 512)):
-            cos = meta(tokens, 64, dtype=torch.float32)
-            out.append(
-                (
-                    f"qk_norm_rope {name} {short(dt)}",
-                    plan(meta(1, tokens, 9216, dtype=dt), s128, s128, cos, cos, 24, 1e-6),
-                )
-            )
+        # FLUX double blocks: txt (512) and img (4096) into one [1, 24, 4608, 128] set of buffers
+        cos = meta(4608, 64, dtype=torch.float32)
+        txt, img = meta(1, 512, 9216, dtype=dt), meta(1, 4096, 9216, dtype=dt)
+        for name, launch in zip(
+            ("txt", "img"), plan_joint(txt, img, s128, s128, s128, s128, cos, cos, 24, 1e-6), strict=True
+        ):
+            out.append((f"qk_norm_rope flux joint {name} {short(dt)}", launch))
         # FLUX single blocks hand over the qkv slice of linear1's output [qkv | mlp] (row stride 21504)
         fused = meta(1, 4608, 9216 + 12288, dtype=dt)[..., :9216]
         cos = meta(4608, 64, dtype=torch.float32)
         out.append((f"qk_norm_rope flux single {short(dt)}", plan(fused, s128, s128, cos, cos, 24, 1e-6)))
-        for name, tokens in (("sd3.5-large x", 4096), ("sd3.5-large ctx", 333)):
-            out.append(
-                (
-                    f"qk_norm {name} {short(dt)}",
-                    plan(meta(1, tokens, 3 * 2432, dtype=dt), s64, s64, None, None, 38, 1e-6),
-                )
-            )
+        ctx, x = meta(1, 333, 3 * 2432, dtype=dt), meta(1, 4096, 3 * 2432, dtype=dt)
+        for name, launch in zip(
+            ("ctx", "x"), plan_joint(ctx, x, s64, s64, s64, s64, None, None, 38, 1e-6), strict=True
+        ):
+            out.append((f"qk_norm sd3.5-large joint {name} {short(dt)}", launch))
         out.append(
             (
                 f"qk_norm split sd3-medium {short(dt)}",

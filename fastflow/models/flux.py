@@ -78,13 +78,6 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(
-        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ):
-        """x [B, L, C] (modulated LayerNorm of it feeds qkv) -> q, k, v [B, H, L, D], q/k normalised
-        and rotated."""
-        return qk_norm_rope(ops.modulated_linear(x, shift, scale, self.qkv), self.norm, cos, sin, self.num_heads)
-
 
 def qk_norm_rope(qkv, norm: QKNorm, cos, sin, num_heads):
     return ops.qk_norm_rope(qkv, norm.query_norm.scale, norm.key_norm.scale, cos, sin, num_heads, 1e-6)
@@ -143,14 +136,15 @@ class DoubleStreamBlock(nn.Module):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(img, i_shift1, i_scale1, cos[n_txt:], sin[n_txt:])
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt, t_shift1, t_scale1, cos[:n_txt], sin[:n_txt])
-        attn = self.attention(
-            torch.cat((txt_q, img_q), dim=2),
-            torch.cat((txt_k, img_k), dim=2),
-            torch.cat((txt_v, img_v), dim=2),
-        )  # [B, H, T + N, D]
-        attn = merge_heads(attn)  # [B, T + N, C]
+        img_qkv = ops.modulated_linear(img, i_shift1, i_scale1, self.img_attn.qkv)
+        txt_qkv = ops.modulated_linear(txt, t_shift1, t_scale1, self.txt_attn.qkv)
+        # q, k, v of both streams normalised, rotated and written into one [B, H, T + N, D] set
+        tn, im = self.txt_attn.norm, self.img_attn.norm
+        q, k, v = ops.joint_qk_norm_rope(
+            txt_qkv, img_qkv, tn.query_norm.scale, tn.key_norm.scale, im.query_norm.scale, im.key_norm.scale,
+            cos, sin, self.num_heads, 1e-6,
+        )  # fmt: skip
+        attn = merge_heads(self.attention(q, k, v))  # [B, T + N, C] (a view of the attention output)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
         # attention residual and the MLP's modulated LN in one op (the sub-block boundary)

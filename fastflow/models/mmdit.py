@@ -55,10 +55,19 @@ class SelfAttention(nn.Module):
         self.ln_k = RMSNorm(dim // num_heads) if qk_norm else None
 
     def pre_attention(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-        """x [B, L, C] (its modulated LayerNorm feeds qkv) -> q, k, v [B, H, L, D]."""
-        scale_q = self.ln_q.weight if self.ln_q is not None else None
-        scale_k = self.ln_k.weight if self.ln_k is not None else None
-        return ops.qk_norm(ops.modulated_linear(x, shift, scale, self.qkv), scale_q, scale_k, self.num_heads, 1e-6)
+        """x [B, L, C] (its modulated LayerNorm feeds qkv) -> the fused qkv [B, L, 3C]."""
+        return ops.modulated_linear(x, shift, scale, self.qkv)
+
+    @property
+    def norm_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (
+            self.ln_q.weight if self.ln_q is not None else None,
+            self.ln_k.weight if self.ln_k is not None else None,
+        )
+
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [B, L, 3C] -> q, k, v [B, H, L, D], q / k RMS-normalised where the model has ln_q / ln_k."""
+        return ops.qk_norm(qkv, *self.norm_scales, self.num_heads, 1e-6)
 
 
 class Mlp(nn.Module):
@@ -92,11 +101,12 @@ class DismantledBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.n_mod * hidden, bias=True))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
-        """Returns (q, k, v), (q2, k2, v2) or None, and the remaining modulation chunks."""
+        """Returns the fused qkv [B, L, 3C] of attn, (q2, k2, v2) of attn2 or None, and the
+        modulation chunks."""
         mod = self.adaLN_modulation(c).chunk(self.n_mod, dim=-1)
         qkv = self.attn.pre_attention(x, mod[0], mod[1])
         # attn2 reads the same LN(x) as attn, before any residual (REFERENCE.md 2.7).
-        qkv2 = self.attn2.pre_attention(x, mod[6], mod[7]) if self.attn2 else None
+        qkv2 = self.attn2.heads(self.attn2.pre_attention(x, mod[6], mod[7])) if self.attn2 else None
         return qkv, qkv2, mod
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, attn2: torch.Tensor | None, mod) -> torch.Tensor:
@@ -121,8 +131,12 @@ class JointBlock(nn.Module):
         n_ctx = context.shape[1]
         ctx_qkv, _, ctx_mod = self.context_block.pre_attention(context, c)
         x_qkv, x_qkv2, x_mod = self.x_block.pre_attention(x, c)
-        # joint attention over [context ; x], no RoPE
-        attn = merge_heads(self.attention(*(torch.cat((a, b), dim=2) for a, b in zip(ctx_qkv, x_qkv, strict=True))))
+        # joint attention over [context ; x], no RoPE: both streams' q, k, v written into one set
+        ctx_attn, x_attn = self.context_block.attn, self.x_block.attn
+        q, k, v = ops.joint_qk_norm_rope(
+            ctx_qkv, x_qkv, *ctx_attn.norm_scales, *x_attn.norm_scales, None, None, x_attn.num_heads, 1e-6
+        )
+        attn = merge_heads(self.attention(q, k, v))
         attn2 = merge_heads(self.attention(*x_qkv2)) if x_qkv2 is not None else None
         x = self.x_block.post_attention(x, attn[:, n_ctx:], attn2, x_mod)
         if self.context_block.pre_only:

@@ -29,7 +29,7 @@ from .linear import (
     register_linear,
     register_modulated_linear,
 )
-from .qk_norm_rope import qk_norm, qk_norm_rope
+from .qk_norm_rope import joint_qk_norm_rope, qk_norm, qk_norm_rope
 
 __all__ = [
     "BACKENDS",
@@ -53,6 +53,7 @@ __all__ = [
     "layernorm_modulate_fp8",
     "linear",
     "modulated_linear",
+    "joint_qk_norm_rope",
     "qk_norm",
     "qk_norm_rope",
     "register_gated_modulated_linear",

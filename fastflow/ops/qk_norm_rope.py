@@ -3,11 +3,13 @@ layout [B, H, L, D], RMSNorm q and k per head, and (FLUX) rotate them by RoPE in
 
 The fused kernel reads qkv once and writes q, k, v for attention: the largest non-GEMM saving of a
 FLUX step (DESIGN.md section 3b). ``qk_norm`` is the SD3 form (no RoPE; no norm for SD3-medium).
+``joint_qk_norm_rope`` does either for both streams of joint attention (FLUX txt | img, SD3
+context | x) and writes them into one [B, H, La + Lb, D] set of tensors, so no torch.cat copies q, k and v again.
 """
 
 from ..errors import InputError
 from ._registry import defop
-from .reference import qk_norm_ref, qk_norm_rope_ref
+from .reference import joint_qk_norm_rope_ref, qk_norm_ref, qk_norm_rope_ref
 
 
 def _check_qkv(qkv, num_heads):
@@ -48,4 +50,40 @@ qk_norm = defop(
     _fake,
     impls={"triton": "fastflow.kernels.qk_norm_rope:qk_norm_fwd"},
     check=lambda qkv, q_scale, k_scale, num_heads, eps: _check_qkv(qkv, num_heads),
+)
+
+
+def _check_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps):
+    for qkv in (qkv_a, qkv_b):
+        _check_qkv(qkv, num_heads)
+    if qkv_a.shape[0] != qkv_b.shape[0] or qkv_a.shape[2] != qkv_b.shape[2] or qkv_a.dtype != qkv_b.dtype:
+        raise InputError(
+            f"the two streams of joint attention must share batch, width and dtype, got "
+            f"{list(qkv_a.shape)} {qkv_a.dtype} and {list(qkv_b.shape)} {qkv_b.dtype}"
+        )
+    if (cos is None) != (sin is None):
+        raise InputError("pass both RoPE tables (cos and sin) or neither")
+    if cos is not None:
+        if None in (a_q_scale, a_k_scale, b_q_scale, b_k_scale):
+            raise InputError("joint_qk_norm_rope with RoPE needs the q and k norm scales of both streams")
+        tokens, half = qkv_a.shape[1] + qkv_b.shape[1], qkv_a.shape[-1] // (3 * num_heads) // 2
+        if cos.shape != (tokens, half) or sin.shape != (tokens, half):
+            raise InputError(
+                f"RoPE tables must be [{tokens}, {half}] (both streams' tokens), "
+                f"got cos {list(cos.shape)} and sin {list(sin.shape)}"
+            )
+
+
+def _fake_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps):
+    b, la, width = qkv_a.shape
+    shape = (b, num_heads, la + qkv_b.shape[1], width // (3 * num_heads))
+    return qkv_a.new_empty(shape), qkv_a.new_empty(shape), qkv_a.new_empty(shape)
+
+
+joint_qk_norm_rope = defop(
+    "joint_qk_norm_rope",
+    joint_qk_norm_rope_ref,
+    _fake_joint,
+    impls={"triton": "fastflow.kernels.qk_norm_rope:joint_qk_norm_rope_fwd"},
+    check=_check_joint,
 )

@@ -85,6 +85,36 @@ def qk_norm_ref(
     return norm(q, q_scale), norm(k, k_scale), norm(v, None)
 
 
+def joint_qk_norm_rope_ref(
+    qkv_a: torch.Tensor,
+    qkv_b: torch.Tensor,
+    a_q_scale: torch.Tensor | None,
+    a_k_scale: torch.Tensor | None,
+    b_q_scale: torch.Tensor | None,
+    b_k_scale: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joint attention's q, k, v [B, H, La + Lb, D] from two streams' fused qkv ([B, La, 3*H*D] and
+    [B, Lb, 3*H*D], e.g. FLUX's txt and img, SD3's context and x), each with its own q / k norm
+    scales: :func:`qk_norm_rope_ref` (RoPE tables [La + Lb, D/2] in [a | b] order) or, without
+    tables, :func:`qk_norm_ref` per stream, joined along the tokens."""
+    la = qkv_a.shape[1]
+    if cos is None:
+        parts = (
+            qk_norm_ref(qkv_a, a_q_scale, a_k_scale, num_heads, eps),
+            qk_norm_ref(qkv_b, b_q_scale, b_k_scale, num_heads, eps),
+        )
+    else:
+        parts = (
+            qk_norm_rope_ref(qkv_a, a_q_scale, a_k_scale, cos[:la], sin[:la], num_heads, eps),
+            qk_norm_rope_ref(qkv_b, b_q_scale, b_k_scale, cos[la:], sin[la:], num_heads, eps),
+        )
+    return tuple(torch.cat(pair, dim=2) for pair in zip(*parts, strict=True))
+
+
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y. x, y [B, L, C]; gate [B, C] broadcast over tokens."""
     return (x.float() + gate.float()[:, None, :] * y.float()).to(x.dtype)

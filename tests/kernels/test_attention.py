@@ -83,7 +83,7 @@ def test_views_tma_cannot_address_fall_back_to_sdpa(monkeypatch):
     from fastflow.ops import attention_backends
 
     calls = []
-    monkeypatch.setattr(attention, "attention_fwd", lambda *a: calls.append(a) or ref.attention_ref(*a))
+    monkeypatch.setattr(attention, "attention_fwd", lambda *a, **kw: calls.append(a) or ref.attention_ref(*a))
     q = rand(1, 2, 16, 64, dtype=torch.bfloat16)
     assert attention.tma_ready(q)
     attention_backends.attention(q, q, q, None)

@@ -56,3 +56,18 @@ def test_qk_norm_without_rope(norms, dtype):
     )
     out = qk_norm_rope_fwd(qkv, *scales, None, None, heads, 1e-6)
     check(out, ref.qk_norm_ref, (qkv, *scales, heads, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rope", [True, False], ids=["flux", "sd3"])
+def test_joint_streams_into_one_buffer(rope, dtype):
+    """Both streams of joint attention (odd lengths 5 + 11, their own norm scales) written into one
+    [B, H, 16, D] set: equal to the per-stream ops joined, every token written once."""
+    from fastflow.kernels.qk_norm_rope import joint_qk_norm_rope_fwd
+
+    heads, d = 3, 64
+    a, b = rand(2, 5, 3 * heads * d, dtype=dtype), rand(2, 11, 3 * heads * d, dtype=dtype, seed=4)
+    scales = [rand(d, dtype=dtype, seed=s, offset=1.0) for s in (5, 6, 7, 8)]
+    cos, sin = _rope_tables(16, d // 2) if rope else (None, None)
+    args = (a, b, *scales, cos, sin, heads, 1e-6)
+    check(joint_qk_norm_rope_fwd(*args), ref.joint_qk_norm_rope_ref, args, dtype)

@@ -73,3 +73,34 @@ def test_registered_layer_types_get_their_own_implementation():
 def test_unknown_epilogue_is_a_clear_error():
     with pytest.raises(InputError, match="epilogue"):
         ops.linear(torch.randn(2, 4), nn.Linear(4, 4), "relu")
+
+
+def test_gelu_epilogue_inside_the_gemm_plumbing(monkeypatch):
+    """On CUDA, bias + GELU(tanh) run in the GEMM's epilogue (torch._addmm_activation). Its CUDA
+    semantics (torch._decomp: addmm then the tanh GELU) stand in for cuBLASLt here, so the routing,
+    the [B, L, C] reshape, the weight transpose and the bias are checked against the reference."""
+    import importlib
+
+    lin = importlib.import_module("fastflow.ops.linear")
+
+    calls = []
+
+    def addmm_gelu_like_cuda(bias, mat1, mat2, use_gelu):
+        calls.append((mat1.shape, mat2.shape))
+        return F.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu_like_cuda)
+    monkeypatch.setattr(lin, "gemm_gelu_epilogue", lambda x, layer: True)
+    layer = nn.Linear(8, 24)
+    x = torch.randn(2, 5, 8)
+    got = ops.linear(x, layer, "gelu_tanh")
+    torch.testing.assert_close(got, F.gelu(layer(x), approximate="tanh"))
+    assert calls == [((10, 8), (8, 24))]
+    assert got.shape == (2, 5, 24)
+
+
+def test_gelu_epilogue_gemm_only_on_cuda_half():
+    from fastflow.ops.linear import gemm_gelu_epilogue
+
+    layer = nn.Linear(8, 24).bfloat16()
+    assert not gemm_gelu_epilogue(torch.randn(2, 8, dtype=torch.bfloat16), layer)  # CPU: torch's erf GELU

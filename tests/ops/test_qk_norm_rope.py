@@ -60,3 +60,41 @@ def test_bad_table_shape_is_a_clear_error():
     qkv = torch.randn(1, 4, 3 * 2 * 8)
     with pytest.raises(InputError, match="RoPE tables"):
         ops.qk_norm_rope(qkv, torch.ones(8), torch.ones(8), torch.ones(5, 4), torch.ones(5, 4), 2)
+
+
+def _joint_args(rope=True, la=3, lb=7, heads=2, d=16, b=2):
+    g = torch.Generator().manual_seed(0)
+    a, bb = torch.randn(b, la, 3 * heads * d, generator=g), torch.randn(b, lb, 3 * heads * d, generator=g)
+    scales = [torch.rand(d, generator=g) + 0.5 for _ in range(4)]
+    angles = torch.rand(la + lb, d // 2, generator=g)
+    tables = (angles.cos(), angles.sin()) if rope else (None, None)
+    return (a, bb, *scales, *tables, heads, 1e-6)
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["flux", "sd3"])
+def test_joint_op_equals_the_streams_joined(rope):
+    """The joint op gives exactly the per-stream ops' outputs concatenated along the tokens (what
+    the models did before), in one set of contiguous [B, H, La + Lb, D] tensors."""
+    a, b, aq, ak, bq, bk, cos, sin, heads, eps = _joint_args(rope)
+    if rope:
+        first = ops.qk_norm_rope(a, aq, ak, cos[:3], sin[:3], heads, eps)
+        second = ops.qk_norm_rope(b, bq, bk, cos[3:], sin[3:], heads, eps)
+    else:
+        first, second = ops.qk_norm(a, aq, ak, heads, eps), ops.qk_norm(b, bq, bk, heads, eps)
+    joint = ops.joint_qk_norm_rope(a, b, aq, ak, bq, bk, cos, sin, heads, eps)
+    for got, x, y in zip(joint, first, second, strict=True):
+        assert torch.equal(got, torch.cat((x, y), dim=2)) and got.is_contiguous()
+    args = _joint_args(rope)
+    assert_op_contract(ops.joint_qk_norm_rope, torch.ops.fastflow.joint_qk_norm_rope.default, args)
+
+
+def test_joint_op_bad_inputs_are_clear_errors():
+    a, b, aq, ak, bq, bk, cos, sin, heads, eps = _joint_args()
+    with pytest.raises(InputError, match=r"RoPE tables must be \[10, 8\]"):
+        ops.joint_qk_norm_rope(a, b, aq, ak, bq, bk, cos[:7], sin[:7], heads, eps)
+    with pytest.raises(InputError, match="share batch, width and dtype"):
+        ops.joint_qk_norm_rope(a, b[:1], aq, ak, bq, bk, cos, sin, heads, eps)
+    with pytest.raises(InputError, match="both RoPE tables"):
+        ops.joint_qk_norm_rope(a, b, aq, ak, bq, bk, cos, None, heads, eps)
+    with pytest.raises(InputError, match="norm scales of both streams"):
+        ops.joint_qk_norm_rope(a, b, aq, None, bq, bk, cos, sin, heads, eps)
