@@ -36,7 +36,7 @@ class Mutation:
 
 ATT = "kernels/attention.py"
 QKR = "kernels/qk_norm_rope.py"
-MODEL_ATTENTION = "tests/kernels/test_model_kernels.py::test_flux_with_kernel_head_dims_in_bf16"
+MODEL_ATTENTION = "tests/kernels/test_model_kernels.py::test_flux_attention_kernel_inside_the_model_fp32"
 MUTATIONS = (
     Mutation(
         "attention output x 1.01 (model test)",
@@ -62,15 +62,15 @@ MUTATIONS = (
     Mutation(
         "attention tail unmasked",
         ATT,
-        "        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s, float(\"-inf\"))",
+        '        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < N, s, float("-inf"))',
         "        s = s",
         ("tests/kernels/test_attention.py",),
     ),
     Mutation(
-        "attention scale off by one ulp of log2(e)",
+        "attention exp2 without the log2(e) factor",
         ATT,
         "sm_scale * 1.4426950408889634",
-        "sm_scale * 1.4427",
+        "sm_scale",
         ("tests/kernels/test_attention.py",),
     ),
     Mutation(
@@ -116,10 +116,10 @@ MUTATIONS = (
         ("tests/kernels/test_gated_residual.py",),
     ),
     Mutation(
-        "gated_residual_layernorm_modulate: residual not rounded",
+        "gated_residual_layernorm_modulate: LayerNorm of x instead of the residual",
         "kernels/gated_residual_layernorm_modulate.py",
         "    return r.to(tl.float32)",
-        "    return (x + gate * y) * 1.001",
+        "    return x",
         ("tests/kernels/test_gated_residual_layernorm_modulate.py",),
     ),
     Mutation(

@@ -92,7 +92,7 @@ def _triton_available(persistent: bool):
             from fastflow.kernels import attention as kernel
         except ImportError:
             return False
-        if not (kernel.supported(q) and _half(q, k, v) and q.numel() and k.numel()):
+        if not (kernel.supported(q) and k.dtype == v.dtype == q.dtype and q.numel() and k.numel()):
             return False
         if not all(kernel.tma_ready(t) for t in (q, k, v)):
             _log.debug("attention: inputs not 16-byte aligned for the Triton kernel")
