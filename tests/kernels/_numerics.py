@@ -6,16 +6,21 @@ ref32 is the reference on fp32 copies of the inputs and ref_lowp the reference i
 Inputs sit inside NaN guard bands, so an out-of-bounds read shows up as NaN.
 """
 
+import os
+
 import torch
 
+# Under the interpreter the kernels run on CPU tensors; with TRITON_INTERPRET=0 on a machine with
+# a CUDA GPU (the GPU run book, bench/README.md) the same tests run the compiled kernels there.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 def guarded(t: torch.Tensor, pad: int = 64) -> torch.Tensor:
-    """A contiguous copy of t living inside a buffer whose borders are NaN."""
-    buf = torch.full((t.numel() + 2 * pad,), float("nan"), dtype=t.dtype)
-    buf[pad : pad + t.numel()] = t.reshape(-1)
+    """A contiguous copy of t (on DEVICE) living inside a buffer whose borders are NaN."""
+    buf = torch.full((t.numel() + 2 * pad,), float("nan"), dtype=t.dtype, device=DEVICE)
+    buf[pad : pad + t.numel()] = t.reshape(-1).to(DEVICE)
     return buf[pad : pad + t.numel()].view(t.shape)
 
 
