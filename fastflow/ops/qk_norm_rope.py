@@ -31,10 +31,14 @@ def _fake_rope(qkv, q_scale, k_scale, cos, sin, num_heads, eps):
     return _fake(qkv, q_scale, k_scale, num_heads, eps)
 
 
-def _fake(qkv, q_scale, k_scale, num_heads, eps):
-    b, seq, width = qkv.shape
-    shape = (b, num_heads, seq, width // (3 * num_heads))
+def _heads(qkv, num_heads, seq):
+    """Three new [B, H, seq, D] tensors for the q, k, v of qkv [B, L, 3*H*D]."""
+    shape = (qkv.shape[0], num_heads, seq, qkv.shape[-1] // (3 * num_heads))
     return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+def _fake(qkv, q_scale, k_scale, num_heads, eps):
+    return _heads(qkv, num_heads, qkv.shape[1])
 
 
 qk_norm_rope = defop(
@@ -75,9 +79,7 @@ def _check_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, 
 
 
 def _fake_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps):
-    b, la, width = qkv_a.shape
-    shape = (b, num_heads, la + qkv_b.shape[1], width // (3 * num_heads))
-    return qkv_a.new_empty(shape), qkv_a.new_empty(shape), qkv_a.new_empty(shape)
+    return _heads(qkv_a, num_heads, qkv_a.shape[1] + qkv_b.shape[1])
 
 
 joint_qk_norm_rope = defop(
