@@ -288,6 +288,8 @@ class BasePipeline:
 
         timer = Timer()
         self.check_output_type(output_type)
+        if cache is None:
+            cache = self.defaults.get("cache")  # fastflow.accelerate(pipe, cache=...)
         policy = resolve_policy(cache, cache_threshold, self.config)
         if policy is not None and adapter_for(self.transformer) is None:
             raise InputError(f"{type(self.transformer).__name__} has no block loop fastflow.caching can drive")

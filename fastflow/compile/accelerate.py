@@ -1,0 +1,63 @@
+"""``fastflow.accelerate(pipe)``: the one-liner for a diffusers FluxPipeline / FluxKontextPipeline /
+StableDiffusion3Pipeline or a fastflow pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+
+def _is_fastflow(pipe) -> bool:
+    from ..pipelines.base import BasePipeline
+
+    return isinstance(pipe, BasePipeline)
+
+
+def accelerate(
+    pipe, compile: bool = True, cache=None, quant=None, dynamic: bool | None = None, mode: str | None = None
+):
+    """Make ``pipe`` faster in place and return it.
+
+    * ``compile``: the transformer (in place: ``module.compile``, so the pipeline keeps its object)
+      and the VAE's ``decode`` go through ``torch.compile(backend="fastflow")``. ``dynamic=None``
+      lets dynamo mark the changing sizes dynamic when a second resolution arrives: one recompile,
+      then none for further resolutions.
+    * ``quant="fp8"`` (or an :class:`fastflow.quant.Fp8Config`): the transformer's linear layers
+      become FP8 (``fastflow.quant.quantize_``), before compiling.
+    * ``cache``: a fastflow feature-caching policy ("fbcache", "teacache:0.3", ... as for
+      ``pipe(cache=...)``) used by default by every call; fastflow pipelines only.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise InputError(
+            "fastflow.accelerate takes a pipeline with a .transformer: a diffusers FluxPipeline, "
+            f"FluxKontextPipeline or StableDiffusion3Pipeline, or a fastflow pipeline; got {type(pipe).__name__}"
+        )
+    if cache is not None:
+        if not _is_fastflow(pipe):
+            raise InputError(
+                "cache= needs a fastflow pipeline (fastflow.load(...)); diffusers' transformers have no block "
+                "loop fastflow.caching drives"
+            )
+        from ..caching import resolve_policy
+
+        resolve_policy(cache, None, pipe.config)  # a bad policy fails here, not at the first call
+        pipe.defaults["cache"] = cache
+    if quant is not None and quant != "none":
+        from ..quant import Fp8Config, quantize_
+
+        if quant == "fp8":
+            quant = Fp8Config()
+        if not isinstance(quant, Fp8Config):
+            raise InputError(f"quant must be 'fp8', 'none' or a fastflow.quant.Fp8Config, got {quant!r}")
+        quantize_(transformer, quant)
+    if compile:
+        import fastflow.compile  # noqa: F401  (the backend by name also without the entry point)
+
+        options = {"backend": "fastflow", "dynamic": dynamic, "mode": mode}
+        transformer.compile(**options)
+        vae = getattr(pipe, "vae", None)
+        if vae is not None and hasattr(vae, "decode"):
+            vae.decode = torch.compile(vae.decode, **options)
+    return pipe
