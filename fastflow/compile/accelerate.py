@@ -22,7 +22,8 @@ def accelerate(
     * ``compile``: the transformer (in place: ``module.compile``, so the pipeline keeps its object)
       and the VAE's ``decode`` go through ``torch.compile(backend="fastflow")``. ``dynamic=None``
       lets dynamo mark the changing sizes dynamic when a second resolution arrives: one recompile,
-      then none for further resolutions.
+      then none for further resolutions. A fastflow pipeline's modulation precompute is turned
+      off (its row lookup depends on data, which would break the compiled graph).
     * ``quant="fp8"`` (or an :class:`fastflow.quant.Fp8Config`): the transformer's linear layers
       become FP8 (``fastflow.quant.quantize_``), before compiling.
     * ``cache``: a fastflow feature-caching policy ("fbcache", "teacache:0.3", ... as for
@@ -55,6 +56,8 @@ def accelerate(
     if compile:
         import fastflow.compile  # noqa: F401  (the backend by name also without the entry point)
 
+        if _is_fastflow(pipe):  # its table lookup is data-dependent: it would break the compiled graph
+            pipe.defaults["precompute_modulation"] = False
         options = {"backend": "fastflow", "dynamic": dynamic, "mode": mode}
         transformer.compile(**options)
         vae = getattr(pipe, "vae", None)

@@ -17,6 +17,7 @@ from .. import ops
 from ..errors import InputError
 from .configs import FluxConfig
 from .layers import GELUTanh, batch_shared_ids, merge_heads, timestep_embedding
+from .modulation import modulation
 
 _FP16_MAX = 65504.0
 
@@ -92,7 +93,7 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.lin(F.silu(vec)).chunk(self.multiplier, dim=-1)
+        return modulation(self.lin, vec).chunk(self.multiplier, dim=-1)
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +200,7 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=True))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)  # official order: shift first
+        shift, scale = modulation(self.adaLN_modulation[1], vec).chunk(2, dim=-1)  # official order: shift first
         return ops.modulated_linear(x, shift, scale, self.linear)
 
 

@@ -15,6 +15,7 @@ from .. import ops
 from ..errors import InputError
 from .configs import MMDiTConfig
 from .layers import GELUTanh, merge_heads, timestep_embedding
+from .modulation import modulation
 
 
 class PatchEmbed(nn.Module):
@@ -103,7 +104,7 @@ class DismantledBlock(nn.Module):
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """Returns the fused qkv [B, L, 3C] of attn, (q2, k2, v2) of attn2 or None, and the
         modulation chunks."""
-        mod = self.adaLN_modulation(c).chunk(self.n_mod, dim=-1)
+        mod = modulation(self.adaLN_modulation[1], c).chunk(self.n_mod, dim=-1)
         qkv = self.attn.pre_attention(x, mod[0], mod[1])
         # attn2 reads the same LN(x) as attn, before any residual (REFERENCE.md 2.7).
         qkv2 = self.attn2.heads(self.attn2.pre_attention(x, mod[6], mod[7])) if self.attn2 else None
@@ -156,7 +157,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # official order: shift first
+        shift, scale = modulation(self.adaLN_modulation[1], c).chunk(2, dim=-1)  # official order: shift first
         return ops.modulated_linear(x, shift, scale, self.linear)
 
 

@@ -10,6 +10,7 @@ have one place to plug in.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 import random
@@ -57,6 +58,8 @@ class Plan:
     seeds: list
     settings: dict
     to_latent: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    conditioning: torch.Tensor | None = None  # every step's modulation input [S * group, C] (precompute)
+    conditioning_group: int = 1  # rows per forward call
 
 
 class Timer:
@@ -235,6 +238,16 @@ class BasePipeline:
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
 
+    def _modulation(self, plan: Plan):
+        """Modulation precompute for the loop (``pipe.defaults["precompute_modulation"]``, on by
+        default; off under torch.compile, where the table lookup would break the graph)."""
+        from ..models.modulation import precomputed_modulation
+
+        on = self.defaults.get("precompute_modulation", True) and plan.conditioning is not None
+        if not on:
+            return contextlib.nullcontext()
+        return precomputed_modulation(self.transformer, plan.conditioning, plan.conditioning_group)
+
     def predict(self, step: Step, *args, **kwargs) -> torch.Tensor:
         """The transformer's output for one evaluation of the denoising loop; ``step`` (with its
         branch set) says which. The one place where pipelines call the transformer: with a cache
@@ -302,7 +315,8 @@ class BasePipeline:
         tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
         try:
             with timer.stage("denoise"):
-                latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
+                with self._modulation(plan):
+                    latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
         finally:
             _ACTIVE_CACHE.reset(tokens[0])
             _ACTIVE_STATS.reset(tokens[1])

@@ -174,7 +174,20 @@ class FluxPipeline(BasePipeline):
         else:
             sigmas = flux_schedule(steps, x.shape[1], shift=self.config.shift_schedule)
         settings["sigmas"] = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
-        return Plan(x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat))
+        conditioning = self._conditioning(sigmas, batch, y, g)
+        return Plan(
+            x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat), conditioning
+        )
+
+    def _conditioning(self, sigmas, batch: int, y, g) -> torch.Tensor | None:
+        """vec of every timestep the loop can ask for (each sigma), computed exactly as the forward
+        computes it (same batch, same call), for the modulation precompute."""
+        conditioning = getattr(self.transformer, "conditioning", None)
+        if conditioning is None or not self.defaults.get("precompute_modulation", True):
+            return None
+        with torch.no_grad():
+            rows = [conditioning(torch.full((batch,), float(s), device=self.device), y, g) for s in sigmas]
+        return torch.cat(rows)
 
     def on_images(self, images, output_type: str) -> None:
         if output_type == "pil":
