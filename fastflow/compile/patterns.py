@@ -100,64 +100,66 @@ def _plain_layer_norm(node) -> tuple[fx.Node, float] | None:
     return x, eps
 
 
-def layernorm_modulate(gm: fx.GraphModule) -> int:
-    """LN(x) * (1 + scale) + shift (no affine LN; scale, shift [B, C] broadcast) => layernorm_modulate."""
+def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> fx.Node:
+    """A call of ``target(*args)`` in place of ``node`` (its users now read the new node)."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    return new
+
+
+def _rewrite_sum_of_product(gm: fx.GraphModule, target, match) -> int:
+    """Every ``a + p * q`` (both operand orders of the sum and of the single-use product) for which
+    ``match(a, p, q)`` returns the arguments of ``target`` becomes one call of it."""
     count = 0
     for node in list(gm.graph.nodes):
         ops = _operands(node, operator.add)
         if ops is None:
             continue
-        for prod, shift_b in (ops, ops[::-1]):
+        args = None
+        for a, prod in (ops, ops[::-1]):
             mul = _operands(prod, operator.mul)
-            if mul is None or not _single_user(prod):
-                continue
-            for ln, factor in (mul, mul[::-1]):
-                found = _plain_layer_norm(ln)
-                if found is None or not _single_user(ln):
-                    continue
-                x, eps = found
-                xv = _val(x)
-                scale, shift = _one_plus(factor, xv), _vector(shift_b, xv)
-                if scale is None or shift is None or _val(scale).shape != _val(shift).shape:
-                    continue
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(fastflow.layernorm_modulate.default, (x, shift, scale, eps))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                count += 1
+            if mul is not None and _single_user(prod):
+                args = next((m for p, q in (mul, mul[::-1]) if (m := match(a, p, q)) is not None), None)
+            if args is not None:
                 break
-            else:
-                continue
-            break
+        if args is not None:
+            _replace(gm, node, target, args)
+            count += 1
     return count
+
+
+def _match_modulate(shift_b, ln, factor):
+    found = _plain_layer_norm(ln)
+    if found is None or not _single_user(ln):
+        return None
+    x, eps = found
+    xv = _val(x)
+    scale, shift = _one_plus(factor, xv), _vector(shift_b, xv)
+    if scale is None or shift is None or _val(scale).shape != _val(shift).shape:
+        return None
+    return x, shift, scale, eps
+
+
+def _match_gated(x, g, y):
+    xv, yv = _val(x), _val(y)
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 3 or not isinstance(yv, torch.Tensor):
+        return None
+    gate = _vector(g, xv)
+    if gate is None or yv.shape != xv.shape or yv.dtype != xv.dtype:
+        return None
+    return x, gate, y
+
+
+def layernorm_modulate(gm: fx.GraphModule) -> int:
+    """LN(x) * (1 + scale) + shift (no affine LN; scale, shift [B, C] broadcast) => layernorm_modulate."""
+    return _rewrite_sum_of_product(gm, fastflow.layernorm_modulate.default, _match_modulate)
 
 
 def gated_residual(gm: fx.GraphModule) -> int:
     """x + gate[:, None] * y (x, y [B, L, C] of one dtype, gate [B, C]) => gated_residual."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        ops = _operands(node, operator.add)
-        if ops is None:
-            continue
-        for x, prod in (ops, ops[::-1]):
-            mul = _operands(prod, operator.mul)
-            xv = _val(x)
-            if mul is None or not isinstance(xv, torch.Tensor) or xv.dim() != 3 or not _single_user(prod):
-                continue
-            for g, y in (mul, mul[::-1]):
-                gate, yv = _vector(g, xv), _val(y)
-                if gate is None or not isinstance(yv, torch.Tensor) or yv.shape != xv.shape or yv.dtype != xv.dtype:
-                    continue
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(fastflow.gated_residual.default, (x, gate, y))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                count += 1
-                break
-            else:
-                continue
-            break
-    return count
+    return _rewrite_sum_of_product(gm, fastflow.gated_residual.default, _match_gated)
 
 
 def gated_residual_layernorm_modulate(gm: fx.GraphModule) -> int:
@@ -200,9 +202,8 @@ def bias_gelu_tanh(gm: fx.GraphModule) -> int:
             continue
         with gm.graph.inserting_before(node):
             mm = gm.graph.call_function(F.linear, (args["input"], args["weight"]))
-            new = gm.graph.call_function(fastflow.bias_gelu_tanh.default, (mm, bias))
-        mm.meta, new.meta = dict(lin.meta), dict(node.meta)
-        node.replace_all_uses_with(new)
+        mm.meta = dict(lin.meta)
+        _replace(gm, node, fastflow.bias_gelu_tanh.default, (mm, bias))
         count += 1
     return count
 
@@ -220,13 +221,8 @@ def groupnorm_silu(gm: fx.GraphModule) -> int:
         args.update(gn.kwargs)
         if args.get("weight") is None or args.get("bias") is None:
             continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                fastflow.groupnorm_silu.default,
-                (args["input"], args["weight"], args["bias"], args["num_groups"], args.get("eps", 1e-5)),
-            )
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+        gn_args = (args["input"], args["weight"], args["bias"], args["num_groups"], args.get("eps", 1e-5))
+        _replace(gm, node, fastflow.groupnorm_silu.default, gn_args)
         count += 1
     return count
 
