@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -207,6 +208,11 @@ def run(mutation: Mutation) -> tuple[bool, float, str]:
     return proc.returncode == 1, time.perf_counter() - start, lines[-1] if lines else ""
 
 
+def _interrupt(signum, frame):
+    """SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally blocks restore the kernels."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="mutation names (substring match)")
@@ -217,6 +223,7 @@ def main(argv=None) -> int:
         for m in chosen:
             print(f"{m.name}: {m.path} -> {' '.join(m.tests)}")
         return 0
+    signal.signal(signal.SIGTERM, _interrupt)
     dirty = _dirty(sorted({m.path for m in chosen}))
     if dirty:
         print("refusing to mutate files with uncommitted changes:\n" + "\n".join(dirty), file=sys.stderr)
