@@ -35,7 +35,9 @@ class Launch:
 
     def __call__(self):
         if all(self.grid):
-            device = next((a.device for a in self.args if isinstance(a, torch.Tensor)), None)
+            # from the tensors it writes / reads: host tensor descriptors among the args are not tensors
+            tensors = (*self.writes, *self.reads, *self.args)
+            device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
             if device is not None and device.type == "cuda":
                 with torch.cuda.device(device):  # Triton launches on the current device, not the tensors'
                     self.kernel[self.grid](*self.args, **self.meta)

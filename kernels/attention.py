@@ -9,7 +9,7 @@ acc)``. The output is written as [B, L, H, D] (so merging heads is a view), retu
 with masks (sm_80 / 89 / 120; 128-bit vectors). A persistent variant (one program per SM walking
 the tiles) where it compiles cleanly. fp32 inputs use IEEE dots (the GPU default would be tf32).
 Which implementation runs on a GPU (this kernel and its variants, FlashAttention-3, cuDNN, torch's
-flash) is measured there by ``fastflow tune`` (fastflow/attention_tuning.py).
+flash) is measured there by ``fastflow tune`` (fastflow/ops/attention_backends.py).
 """
 
 from __future__ import annotations

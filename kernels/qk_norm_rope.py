@@ -68,6 +68,13 @@ def _qk_norm_rope_fwd_kernel(
         tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
 
 
+def _heads(qkv: torch.Tensor, num_heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New q, k, v [B, H, tokens, D] for the heads of qkv [B, L, 3*H*D]."""
+    b, _, width = qkv.shape
+    shape = (b, num_heads, tokens, width // (3 * num_heads))
+    return tuple(torch.empty(shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+
+
 def plan(
     qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float, out=None, offset: int = 0
 ) -> Launch:
@@ -78,8 +85,7 @@ def plan(
     head_dim = width // (3 * num_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    if out is None:
-        out = tuple(torch.empty((b, num_heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    out = _heads(qkv, num_heads, seq) if out is None else out
     q, k, v = out
     rope = cos is not None
     dummy = qkv.new_empty(1, dtype=torch.float32)
@@ -111,10 +117,8 @@ def plan(
 def plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads: int, eps: float):
     """Both streams of joint attention written into one set of [B, H, La + Lb, D] buffers (the
     torch.cat of q, k and v disappears): two launches of the same kernel."""
-    b, la, width = qkv_a.shape
-    tokens = la + qkv_b.shape[1]
-    head_dim = width // (3 * num_heads)
-    out = tuple(torch.empty((b, num_heads, tokens, head_dim), dtype=qkv_a.dtype, device=qkv_a.device) for _ in range(3))
+    la = qkv_a.shape[1]
+    out = _heads(qkv_a, num_heads, la + qkv_b.shape[1])
     rope_a = (cos[:la], sin[:la]) if cos is not None else (None, None)
     rope_b = (cos[la:], sin[la:]) if cos is not None else (None, None)
     return (

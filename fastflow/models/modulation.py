@@ -7,7 +7,9 @@ loop. :func:`precomputed_modulation` runs each modulation layer once over the co
 of all steps (one GEMM of [steps x batch] rows per layer) and, for the duration of the context,
 makes each layer look its rows up instead of reading its weights again: at 28 steps the
 modulation weights are read once instead of 28 times. A vector that is not in the table (another
-timestep, a caller's own call) is computed as usual, so the table never changes a result.
+timestep, a caller's own call) is computed as usual. The batched GEMM may round differently from
+the per-step one in the last bit (fp32: 4.8e-7 on the embedded model's image), so results match
+the per-step path closely but are not guaranteed bit-identical.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class ModulationTable:
 
 def _batched_linear(layer: nn.Module, x: torch.Tensor, group: int) -> torch.Tensor:
     """layer(x) for x [S * group, C] as S products of ``group`` rows: one batched GEMM (baddbmm
-    over the broadcast weight) whose every product is the same GEMM a per-step call makes, so the
-    rows equal the per-step results bit for bit. Other layer types (FP8) run per group."""
+    over the broadcast weight) whose every product has the shape of the per-step GEMM (closer to
+    the per-step rounding than one [S * group]-row GEMM; still not bit-identical in every run).
+    Other layer types (FP8) run per group."""
     if type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks:
         s = x.shape[0] // group
         x3 = x.reshape(s, group, x.shape[1])

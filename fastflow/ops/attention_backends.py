@@ -136,8 +136,10 @@ def table_path() -> Path:
     return cache_dir() / "attention.json"
 
 
+@functools.cache
 def machine_key(device: torch.device) -> str:
-    """GPU name and the software whose kernels are timed: a new torch or Triton is tuned afresh."""
+    """GPU name and the software whose kernels are timed: a new torch or Triton is tuned afresh.
+    Cached: every attention call asks for it."""
     try:
         import triton
 

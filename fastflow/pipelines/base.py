@@ -239,12 +239,11 @@ class BasePipeline:
         self.progress_bar = not disable
 
     def _modulation(self, plan: Plan):
-        """Modulation precompute for the loop (``pipe.defaults["precompute_modulation"]``, on by
-        default; off under torch.compile, where the table lookup would break the graph)."""
+        """Modulation precompute for the loop, when ``prepare`` built the conditioning table (it
+        does unless ``pipe.defaults["precompute_modulation"]`` is False)."""
         from ..models.modulation import precomputed_modulation
 
-        on = self.defaults.get("precompute_modulation", True) and plan.conditioning is not None
-        if not on:
+        if plan.conditioning is None:
             return contextlib.nullcontext()
         return precomputed_modulation(self.transformer, plan.conditioning, plan.conditioning_group)
 
