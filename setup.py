@@ -1,4 +1,4 @@
-"""Build script: maps kernels/ to fastflow.kernels and (later) builds the optional CUDA extension.
+"""Build script: the fastflow package (its Triton kernels in fastflow/kernels) and (later) the optional CUDA extension.
 
 The CUDA extension ``fastflow._C`` is built only when nvcc is found, ``csrc/`` has sources and
 ``FASTFLOW_SKIP_CUDA_BUILD`` is not set; otherwise the pure-Python package is installed and every op
@@ -25,11 +25,10 @@ def _cuda_extensions():
     raise NotImplementedError("csrc/ has sources but the fastflow._C build is not wired yet")
 
 
-packages = find_packages(include=["fastflow", "fastflow.*"]) + ["fastflow.kernels"]
+packages = find_packages(include=["fastflow", "fastflow.*"])
 
 setup(
     packages=packages,
-    package_dir={"fastflow.kernels": "kernels"},
     package_data={"fastflow": ["assets/**/*"]},
     ext_modules=_cuda_extensions(),
 )

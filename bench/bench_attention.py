@@ -6,8 +6,8 @@ H100: >= 550 TFLOP/s bf16 at D 128, L 4608. See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.attention import ATTENTION_SHAPES, plan
 
+from fastflow.kernels.attention import ATTENTION_SHAPES, plan
 from fastflow.ops import attention
 from fastflow.ops.reference import attention_ref
 

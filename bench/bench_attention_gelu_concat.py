@@ -4,8 +4,8 @@ copy of the attention output and torch.cat: four kernels. See bench/_ops_common.
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.attention_gelu_concat import plan
 
+from fastflow.kernels.attention_gelu_concat import plan
 from fastflow.ops import attention_gelu_concat
 from fastflow.ops.reference import attention_gelu_concat_ref
 

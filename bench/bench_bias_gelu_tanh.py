@@ -5,8 +5,8 @@ GEMM epilogue (DESIGN.md 3b, item 3). See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.gelu_tanh import MLP_SHAPES, plan
 
+from fastflow.kernels.gelu_tanh import MLP_SHAPES, plan
 from fastflow.ops import bias_gelu_tanh
 from fastflow.ops.reference import bias_gelu_tanh_ref
 

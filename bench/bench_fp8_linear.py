@@ -19,6 +19,7 @@ import time
 
 import torch
 from _ops_common import H100_BANDWIDTH, H100_BF16_FLOPS, git_sha, write_json
+
 from fastflow.kernels.fp8_gemm import LINEAR_SHAPES, plan
 from fastflow.kernels.fp8_quantize import plan_quantize
 

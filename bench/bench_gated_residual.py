@@ -2,9 +2,9 @@
 
 import torch
 from _ops_common import Case, main
+
 from fastflow.kernels._common import ROW_SHAPES
 from fastflow.kernels.gated_residual import plan
-
 from fastflow.ops import gated_residual
 from fastflow.ops.reference import gated_residual_ref
 

@@ -4,9 +4,9 @@ and y once, write r and h. See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
+
 from fastflow.kernels._common import ROW_SHAPES
 from fastflow.kernels.gated_residual_layernorm_modulate import plan
-
 from fastflow.ops import gated_residual_layernorm_modulate
 from fastflow.ops.reference import gated_residual_layernorm_modulate_ref
 

@@ -4,8 +4,8 @@ into the up-projection's epilogue (DESIGN.md 3b, item 3). See bench/_ops_common.
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.gelu_tanh import MLP_SHAPES, plan
 
+from fastflow.kernels.gelu_tanh import MLP_SHAPES, plan
 from fastflow.ops import gelu_tanh
 from fastflow.ops.reference import gelu_tanh_ref
 

@@ -4,8 +4,8 @@ writes once, then SiLU reads and writes again. See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.groupnorm_silu import VAE_SHAPES, plan
 
+from fastflow.kernels.groupnorm_silu import VAE_SHAPES, plan
 from fastflow.ops import groupnorm_silu
 from fastflow.ops.reference import groupnorm_silu_ref
 

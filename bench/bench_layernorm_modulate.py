@@ -3,9 +3,9 @@ SD3.5-large (4429 tokens incl. 333 text, D 2432), SD3.5-medium (D 1536). See ben
 
 import torch
 from _ops_common import Case, main
+
 from fastflow.kernels._common import ROW_SHAPES
 from fastflow.kernels.layernorm_modulate import plan
-
 from fastflow.ops import layernorm_modulate
 from fastflow.ops.reference import layernorm_modulate_ref
 

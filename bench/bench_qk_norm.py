@@ -4,8 +4,8 @@ plus the [B, L, H, D] -> [B, H, L, D] transposes of q, k, v. See bench/_ops_comm
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.qk_norm_rope import plan
 
+from fastflow.kernels.qk_norm_rope import plan
 from fastflow.ops import qk_norm
 from fastflow.ops.reference import qk_norm_ref
 

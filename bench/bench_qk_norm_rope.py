@@ -6,8 +6,8 @@ txt/img cat of q, k and v (DESIGN.md 3b). See bench/_ops_common.py."""
 
 import torch
 from _ops_common import Case, main
-from fastflow.kernels.qk_norm_rope import plan
 
+from fastflow.kernels.qk_norm_rope import plan
 from fastflow.ops import qk_norm_rope
 from fastflow.ops.reference import qk_norm_rope_ref
 

@@ -23,6 +23,7 @@ import json
 
 import torch
 from _ops_common import H100_BANDWIDTH, git_sha
+
 from fastflow.kernels import attention_gelu_concat, groupnorm_silu, qk_norm_rope
 from fastflow.kernels._common import meta
 

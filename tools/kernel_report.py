@@ -32,7 +32,6 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 def shipped_configs(archs, only=None):
     """(label, arch, kernel, signature, constexprs, attrs, options), one per distinct specialization."""
     from fastflow.kernels._common import specialize
-
     from fastflow.ops._registry import kernel_modules
 
     seen, out = set(), []

@@ -35,8 +35,8 @@ class Mutation:
     tests: tuple[str, ...]
 
 
-ATT = "kernels/attention.py"
-QKR = "kernels/qk_norm_rope.py"
+ATT = "fastflow/kernels/attention.py"
+QKR = "fastflow/kernels/qk_norm_rope.py"
 MODEL_ATTENTION = "tests/kernels/test_model_kernels.py::test_flux_attention_kernel_inside_the_model_fp32"
 MUTATIONS = (
     Mutation(
@@ -97,77 +97,77 @@ MUTATIONS = (
     ),
     Mutation(
         "layernorm_modulate: scale instead of 1 + scale",
-        "kernels/layernorm_modulate.py",
+        "fastflow/kernels/layernorm_modulate.py",
         "return diff * rstd * (1.0 + scale) + shift",
         "return diff * rstd * scale + shift",
         ("tests/kernels/test_layernorm_modulate.py",),
     ),
     Mutation(
         "layernorm_modulate: biased variance off by one",
-        "kernels/layernorm_modulate.py",
+        "fastflow/kernels/layernorm_modulate.py",
         "tl.sum(diff * diff, axis=0) / C + eps",
         "tl.sum(diff * diff, axis=0) / (C - 1) + eps",
         ("tests/kernels/test_layernorm_modulate.py",),
     ),
     Mutation(
         "gated_residual: gate dropped",
-        "kernels/gated_residual.py",
+        "fastflow/kernels/gated_residual.py",
         "(x + gate * y).to(out_ptr.dtype.element_ty)",
         "(x + y).to(out_ptr.dtype.element_ty)",
         ("tests/kernels/test_gated_residual.py",),
     ),
     Mutation(
         "gated_residual_layernorm_modulate: LayerNorm of x instead of the residual",
-        "kernels/gated_residual_layernorm_modulate.py",
+        "fastflow/kernels/gated_residual_layernorm_modulate.py",
         "    return r.to(tl.float32)",
         "    return x",
         ("tests/kernels/test_gated_residual_layernorm_modulate.py",),
     ),
     Mutation(
         "gelu_tanh constant",
-        "kernels/gelu_tanh.py",
+        "fastflow/kernels/gelu_tanh.py",
         "(x + 0.044715 * x * x * x)",
         "(x + 0.045 * x * x * x)",
         ("tests/kernels/test_gelu_tanh.py",),
     ),
     Mutation(
         "groupnorm_silu: Chan combine without the between-split term",
-        "kernels/groupnorm_silu.py",
+        "fastflow/kernels/groupnorm_silu.py",
         "var = (tl.sum(m2_i, axis=0) + tl.sum(n_i * delta * delta, axis=0)) / count",
         "var = tl.sum(m2_i, axis=0) / count",
         ("tests/kernels/test_groupnorm_silu.py",),
     ),
     Mutation(
         "groupnorm_silu: SiLU dropped",
-        "kernels/groupnorm_silu.py",
+        "fastflow/kernels/groupnorm_silu.py",
         "(y * tl.sigmoid(y)).to(out_ptr.dtype.element_ty)",
         "y.to(out_ptr.dtype.element_ty)",
         ("tests/kernels/test_groupnorm_silu.py",),
     ),
     Mutation(
         "fp8_quantize: scale not stored as amax / 448",
-        "kernels/fp8_quantize.py",
+        "fastflow/kernels/fp8_quantize.py",
         "tl.store(scale_ptr + row, tl.math.div_rn(amax, _FP8_MAX))",
         "tl.store(scale_ptr + row, tl.math.div_rn(amax, _FP8_MAX) * 1.01)",
         ("tests/kernels/test_fp8.py",),
     ),
     Mutation(
         "fp8_gemm: bias dropped",
-        "kernels/fp8_gemm.py",
+        "fastflow/kernels/fp8_gemm.py",
         "acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]",
         "acc = acc",
         ("tests/kernels/test_fp8.py",),
     ),
     Mutation(
         "fp8_gemm: weight scale dropped",
-        "kernels/fp8_gemm.py",
+        "fastflow/kernels/fp8_gemm.py",
         "acc = acc * b_scale[None, :]",
         "acc = acc",
         ("tests/kernels/test_fp8.py",),
     ),
     Mutation(
         "attention_gelu_concat: GELU dropped",
-        "kernels/attention_gelu_concat.py",
+        "fastflow/kernels/attention_gelu_concat.py",
         "gelu_tanh_f32(x).to(out_ptr.dtype.element_ty)",
         "x.to(out_ptr.dtype.element_ty)",
         ("tests/kernels/test_attention_gelu_concat.py",),

@@ -29,7 +29,7 @@ from .linear import (
     register_linear,
     register_modulated_linear,
 )
-from .qk_norm_rope import joint_qk_norm_rope, qk_norm, qk_norm_rope
+from .qk_norm_rope import joint_qk_norm_rope, joint_qkv_norm_rope, qk_norm, qk_norm_rope, qkv_norm_rope
 
 __all__ = [
     "BACKENDS",
@@ -54,8 +54,10 @@ __all__ = [
     "linear",
     "modulated_linear",
     "joint_qk_norm_rope",
+    "joint_qkv_norm_rope",
     "qk_norm",
     "qk_norm_rope",
+    "qkv_norm_rope",
     "register_gated_modulated_linear",
     "register_linear",
     "register_modulated_linear",

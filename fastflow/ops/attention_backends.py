@@ -5,7 +5,7 @@ alignment):
 
 * ``fa3``: FlashAttention-3 (``flash_attn_interface``, sm_90);
 * ``cudnn``, ``flash``: torch SDPA restricted to its cuDNN or flash backend;
-* ``triton``, ``triton-persistent``: fastflow's kernel (kernels/attention.py), tiled or persistent;
+* ``triton``, ``triton-persistent``: fastflow's kernel (fastflow/kernels/attention.py), tiled or persistent;
 * ``sdpa``: torch SDPA with its own choice (also the answer for anything the others cannot run).
 
 ``fastflow tune`` times every candidate on the user's GPU at the real model shapes, checks each

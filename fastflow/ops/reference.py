@@ -36,11 +36,45 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return out.flatten(-2)
 
 
-def _split_qkv(qkv: torch.Tensor, num_heads: int):
-    b, seq, width = qkv.shape
-    head_dim = width // (3 * num_heads)
-    # (K H D) layout: all of q, then k, then v; [B, L, 3HD] -> 3 x [B, H, L, D]
-    return qkv.reshape(b, seq, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+def _heads_view(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A projection [B, L, H*D] seen as [B, H, L, D]."""
+    b, seq, width = x.shape
+    return x.reshape(b, seq, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K H D) layout: all of q, then k, then v; [B, L, 3HD] -> 3 x [B, L, HD] views."""
+    return qkv.chunk(3, dim=-1)
+
+
+def qkv_norm_rope_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_scale: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention inputs from q, k, v projections [B, L, H*D]: per-head RMSNorm (learnable scale) of
+    q and k where their scales are given, then FLUX interleaved-pair RoPE where the tables (cos,
+    sin [L, D/2] fp32) are given, all in fp32 with one rounding to the input dtype at the end.
+
+    Returns q, k, v [B, H, L, D], new contiguous tensors (op outputs may not alias the inputs).
+    """
+
+    def prep(x, scale, rope=True):
+        x = _heads_view(x, num_heads)
+        if scale is None and (cos is None or not rope):
+            return x.clone(memory_format=torch.contiguous_format)
+        y = x.float() if scale is None else rms_norm_ref(x, scale, eps)
+        if cos is not None:
+            y = rope_ref(y, cos, sin)
+        return y.to(x.dtype).contiguous()
+
+    return prep(q, q_scale), prep(k, k_scale), prep(v, None, rope=False)
 
 
 def qk_norm_rope_ref(
@@ -56,14 +90,7 @@ def qk_norm_rope_ref(
 
     qkv [B, L, 3*H*D] -> q, k, v each [B, H, L, D] contiguous, in qkv's dtype.
     """
-    q, k, v = _split_qkv(qkv, num_heads)
-    q = rope_ref(rms_norm_ref(q, q_scale, eps), cos, sin)
-    k = rope_ref(rms_norm_ref(k, k_scale, eps), cos, sin)
-    return (
-        q.to(qkv.dtype).contiguous(),
-        k.to(qkv.dtype).contiguous(),
-        v.clone(memory_format=torch.contiguous_format),
-    )
+    return qkv_norm_rope_ref(*_split_qkv(qkv), q_scale, k_scale, cos, sin, num_heads, eps)
 
 
 def qk_norm_ref(
@@ -75,14 +102,37 @@ def qk_norm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split fused qkv [B, L, 3*H*D] into q, k, v [B, H, L, D]; RMSNorm q and k (SD3.5 ln_q/ln_k)
     where their scales are given, in fp32. Without scales (SD3-medium) q and k are only split."""
-    q, k, v = _split_qkv(qkv, num_heads)
+    return qkv_norm_rope_ref(*_split_qkv(qkv), q_scale, k_scale, None, None, num_heads, eps)
 
-    def norm(x, scale):  # a new contiguous tensor in every case: op outputs may not alias qkv
-        if scale is None:
-            return x.clone(memory_format=torch.contiguous_format)
-        return rms_norm_ref(x, scale, eps).to(qkv.dtype).contiguous()
 
-    return norm(q, q_scale), norm(k, k_scale), norm(v, None)
+def joint_qkv_norm_rope_ref(
+    q_a: torch.Tensor,
+    k_a: torch.Tensor,
+    v_a: torch.Tensor,
+    q_b: torch.Tensor,
+    k_b: torch.Tensor,
+    v_b: torch.Tensor,
+    a_q_scale: torch.Tensor | None,
+    a_k_scale: torch.Tensor | None,
+    b_q_scale: torch.Tensor | None,
+    b_k_scale: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joint attention's q, k, v [B, H, La + Lb, D] from two streams' projections ([B, La, H*D] and
+    [B, Lb, H*D], e.g. FLUX's txt and img, SD3's context and x), each with its own q / k norm
+    scales: :func:`qkv_norm_rope_ref` per stream (RoPE tables [La + Lb, D/2] in [a | b] order),
+    joined along the tokens."""
+    la = q_a.shape[1]
+    rope_a = (None, None) if cos is None else (cos[:la], sin[:la])
+    rope_b = (None, None) if cos is None else (cos[la:], sin[la:])
+    parts = (
+        qkv_norm_rope_ref(q_a, k_a, v_a, a_q_scale, a_k_scale, *rope_a, num_heads, eps),
+        qkv_norm_rope_ref(q_b, k_b, v_b, b_q_scale, b_k_scale, *rope_b, num_heads, eps),
+    )
+    return tuple(torch.cat(pair, dim=2) for pair in zip(*parts, strict=True))
 
 
 def joint_qk_norm_rope_ref(
@@ -97,22 +147,10 @@ def joint_qk_norm_rope_ref(
     num_heads: int,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Joint attention's q, k, v [B, H, La + Lb, D] from two streams' fused qkv ([B, La, 3*H*D] and
-    [B, Lb, 3*H*D], e.g. FLUX's txt and img, SD3's context and x), each with its own q / k norm
-    scales: :func:`qk_norm_rope_ref` (RoPE tables [La + Lb, D/2] in [a | b] order) or, without
-    tables, :func:`qk_norm_ref` per stream, joined along the tokens."""
-    la = qkv_a.shape[1]
-    if cos is None:
-        parts = (
-            qk_norm_ref(qkv_a, a_q_scale, a_k_scale, num_heads, eps),
-            qk_norm_ref(qkv_b, b_q_scale, b_k_scale, num_heads, eps),
-        )
-    else:
-        parts = (
-            qk_norm_rope_ref(qkv_a, a_q_scale, a_k_scale, cos[:la], sin[:la], num_heads, eps),
-            qk_norm_rope_ref(qkv_b, b_q_scale, b_k_scale, cos[la:], sin[la:], num_heads, eps),
-        )
-    return tuple(torch.cat(pair, dim=2) for pair in zip(*parts, strict=True))
+    """:func:`joint_qkv_norm_rope_ref` on two streams' fused qkv ([B, La, 3*H*D], [B, Lb, 3*H*D])."""
+    return joint_qkv_norm_rope_ref(
+        *_split_qkv(qkv_a), *_split_qkv(qkv_b), a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps
+    )
 
 
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,6 @@ def test_shipped_gpu_tiles_run(arch, d, persistent):
 
 def test_views_tma_cannot_address_fall_back_to_sdpa(monkeypatch):
     import fastflow.kernels.attention as attention
-
     from fastflow.ops import attention_backends
 
     calls = []

@@ -33,6 +33,7 @@ def test_groups_split_over_many_programs(shape, dtype, channels_last):
     combined exactly. A large mean (100, std 1) checks the variance is not E[x^2] - E[x]^2: against
     a float64 GroupNorm, the kernel may err at most twice as much as the fp32 reference (+ floor)."""
     import torch.nn.functional as F
+
     from fastflow.kernels.groupnorm_silu import groupnorm_silu_fwd, plan
 
     x = rand(*shape, dtype=dtype, offset=100.0)

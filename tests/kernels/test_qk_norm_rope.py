@@ -71,3 +71,22 @@ def test_joint_streams_into_one_buffer(rope, dtype):
     cos, sin = _rope_tables(16, d // 2) if rope else (None, None)
     args = (a, b, *scales, cos, sin, heads, 1e-6)
     check(joint_qk_norm_rope_fwd(*args), ref.joint_qk_norm_rope_ref, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rope", [True, False], ids=["flux", "sd3.5"])
+def test_separate_projections(rope, dtype):
+    """diffusers' form: q, k, v from three projections (one of them a strided view, as a slice of a
+    wider GEMM output would be), both streams of joint attention, odd lengths 5 + 11."""
+    from fastflow.kernels.qk_norm_rope import joint_qkv_norm_rope_fwd, qkv_norm_rope_fwd
+
+    heads, d = 3, 64
+    a = [rand(2, 5, heads * d, dtype=dtype, seed=s) for s in (1, 2, 3)]
+    wide = rand(2, 11, 2 * heads * d, dtype=dtype, seed=4)
+    b = [rand(2, 11, heads * d, dtype=dtype, seed=s) for s in (5, 6)] + [wide[..., heads * d :]]
+    scales = [rand(d, dtype=dtype, seed=s, offset=1.0) for s in (7, 8, 9, 10)]
+    cos, sin = _rope_tables(16, d // 2) if rope else (None, None)
+    args = (*a, *b, *scales, cos, sin, heads, 1e-6)
+    check(joint_qkv_norm_rope_fwd(*args), ref.joint_qkv_norm_rope_ref, args, dtype)
+    single = (*b, *scales[:2], cos[5:] if rope else None, sin[5:] if rope else None, heads, 1e-6)
+    check(qkv_norm_rope_fwd(*single), ref.qkv_norm_rope_ref, single, dtype)

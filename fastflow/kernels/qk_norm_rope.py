@@ -17,7 +17,9 @@ from ._common import DTYPES, Launch, meta, short
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
-    qkv_ptr,  # [B, L, 3*H*D], last dim contiguous
+    q_in_ptr,  # [B, L, H*D] each, last dim contiguous, one pair of strides for the three
+    k_in_ptr,  # (the three parts of a fused qkv GEMM output, or three separate projections)
+    v_in_ptr,
     q_scale_ptr,  # [D]
     k_scale_ptr,  # [D]
     cos_ptr,  # [L, D/2] fp32
@@ -25,8 +27,8 @@ def _qk_norm_rope_fwd_kernel(
     q_ptr,  # [B, H, L_OUT, D] contiguous; this launch writes tokens T_OFF .. T_OFF + L
     k_ptr,
     v_ptr,
-    stride_qkv_b,
-    stride_qkv_l,
+    stride_b,
+    stride_l,
     L,
     L_OUT,  # tokens of the outputs (joint attention: both streams'; else L)
     T_OFF,  # this stream's first token in them
@@ -43,7 +45,7 @@ def _qk_norm_rope_fwd_kernel(
     t = row % L
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, D)
-    src_row = qkv_ptr + b * stride_qkv_b + t * stride_qkv_l
+    row_off = b * stride_b + t * stride_l
     if ROPE:
         j = tl.arange(0, HALF)
         cos = tl.load(cos_ptr + t * HALF + j)[None, :]  # [1, HALF]
@@ -51,13 +53,14 @@ def _qk_norm_rope_fwd_kernel(
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         mask = (h < H)[:, None]  # [BLOCK_H, 1]
-        src = src_row + h[:, None] * D + d[None, :]  # [BLOCK_H, D]
+        src = row_off + h[:, None] * D + d[None, :]  # [BLOCK_H, D]
         dst = ((b * H + h[:, None]) * L_OUT + T_OFF + t) * D + d[None, :]
         for part in tl.static_range(2):  # 0: q, 1: k
+            in_ptr = q_in_ptr if part == 0 else k_in_ptr
             scale_ptr = q_scale_ptr if part == 0 else k_scale_ptr
             out_ptr = q_ptr if part == 0 else k_ptr
             norm = Q_NORM if part == 0 else K_NORM
-            x = tl.load(src + part * H * D, mask=mask, other=0.0).to(tl.float32)  # whole head rows
+            x = tl.load(in_ptr + src, mask=mask, other=0.0).to(tl.float32)  # whole head rows
             if norm:
                 rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # [BLOCK_H]
                 x = x * rstd[:, None] * tl.load(scale_ptr + d).to(tl.float32)[None, :]
@@ -65,30 +68,42 @@ def _qk_norm_rope_fwd_kernel(
                 even, odd = tl.split(tl.reshape(x, (BLOCK_H, HALF, 2)))
                 x = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_H, D))
             tl.store(out_ptr + dst, x.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
+        tl.store(v_ptr + dst, tl.load(v_in_ptr + src, mask=mask), mask=mask)
 
 
-def _heads(qkv: torch.Tensor, num_heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """New q, k, v [B, H, tokens, D] for the heads of qkv [B, L, 3*H*D]."""
-    b, _, width = qkv.shape
-    shape = (b, num_heads, tokens, width // (3 * num_heads))
-    return tuple(torch.empty(shape, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+def _heads(like: torch.Tensor, num_heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New q, k, v [B, H, tokens, D] for the heads of a q (or k, v) projection like [B, L, H*D]."""
+    b, _, width = like.shape
+    shape = (b, num_heads, tokens, width // num_heads)
+    return tuple(torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(3))
 
 
-def plan(
-    qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float, out=None, offset: int = 0
-) -> Launch:
-    """q_scale / k_scale None: no norm of q / k (each on its own, as the reference); cos / sin None:
-    no RoPE. ``out``: (q, k, v) [B, H, L_out, D] to write tokens offset .. offset + L of (joint
-    attention's buffers); new [B, H, L, D] tensors by default."""
-    b, seq, width = qkv.shape
-    head_dim = width // (3 * num_heads)
+def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k, v parts ([B, L, H*D] views) of a fused qkv GEMM output [B, L, 3*H*D]."""
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    out = _heads(qkv, num_heads, seq) if out is None else out
+    width = qkv.shape[-1] // 3
+    return qkv[..., :width], qkv[..., width : 2 * width], qkv[..., 2 * width :]
+
+
+def _same_strides(parts):
+    """q, k, v with one pair of (batch, token) strides and contiguous rows (the kernel's contract)."""
+    if all(p.stride() == parts[0].stride() for p in parts) and parts[0].stride(-1) == 1:
+        return parts
+    return tuple(p.contiguous() for p in parts)
+
+
+def plan_parts(parts, q_scale, k_scale, cos, sin, num_heads: int, eps: float, out=None, offset: int = 0) -> Launch:
+    """parts: (q, k, v) [B, L, H*D]. q_scale / k_scale None: no norm of q / k (each on its own, as
+    the reference); cos / sin None: no RoPE. ``out``: (q, k, v) [B, H, L_out, D] to write tokens
+    offset .. offset + L of (joint attention's buffers); new [B, H, L, D] tensors by default."""
+    q_in, k_in, v_in = parts = _same_strides(parts)
+    b, seq, width = q_in.shape
+    head_dim = width // num_heads
+    out = _heads(q_in, num_heads, seq) if out is None else out
     q, k, v = out
     rope = cos is not None
-    dummy = qkv.new_empty(1, dtype=torch.float32)
+    dummy = q_in.new_empty(1, dtype=torch.float32)
     given = tuple(s for s in (q_scale, k_scale) if s is not None)
     scales = tuple(dummy if s is None else s for s in (q_scale, k_scale))
     tables = (cos.contiguous(), sin.contiguous()) if rope else (dummy, dummy)
@@ -99,7 +114,7 @@ def plan(
     return Launch(
         _qk_norm_rope_fwd_kernel,
         (b * seq,),
-        (qkv, *scales, *tables, q, k, v, qkv.stride(0), qkv.stride(1), seq, q.shape[2], offset, num_heads, eps),
+        (*parts, *scales, *tables, q, k, v, q_in.stride(0), q_in.stride(1), seq, q.shape[2], offset, num_heads, eps),
         {
             "D": head_dim,
             "BLOCK_H": block_h,
@@ -109,28 +124,46 @@ def plan(
             "num_warps": warps,
         },
         out,
-        reads=(qkv, *given, *(tables if rope else ())),
+        reads=(*parts, *given, *(tables if rope else ())),
         writes=written,
     )
 
 
-def plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads: int, eps: float):
+def plan(
+    qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float, out=None, offset: int = 0
+) -> Launch:
+    """:func:`plan_parts` on the three parts of a fused qkv GEMM output [B, L, 3*H*D]."""
+    return plan_parts(split_qkv(qkv), q_scale, k_scale, cos, sin, num_heads, eps, out=out, offset=offset)
+
+
+def plan_joint_parts(parts_a, parts_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads: int, eps):
     """Both streams of joint attention written into one set of [B, H, La + Lb, D] buffers (the
     torch.cat of q, k and v disappears): two launches of the same kernel."""
-    la = qkv_a.shape[1]
-    out = _heads(qkv_a, num_heads, la + qkv_b.shape[1])
+    la = parts_a[0].shape[1]
+    out = _heads(parts_a[0], num_heads, la + parts_b[0].shape[1])
     rope_a = (cos[:la], sin[:la]) if cos is not None else (None, None)
     rope_b = (cos[la:], sin[la:]) if cos is not None else (None, None)
     return (
-        plan(qkv_a, a_q_scale, a_k_scale, *rope_a, num_heads, eps, out=out, offset=0),
-        plan(qkv_b, b_q_scale, b_k_scale, *rope_b, num_heads, eps, out=out, offset=la),
+        plan_parts(parts_a, a_q_scale, a_k_scale, *rope_a, num_heads, eps, out=out, offset=0),
+        plan_parts(parts_b, b_q_scale, b_k_scale, *rope_b, num_heads, eps, out=out, offset=la),
     )
 
 
-def joint_qk_norm_rope_fwd(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps):
-    first, second = plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps)
+def plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads: int, eps: float):
+    """:func:`plan_joint_parts` on two fused qkv GEMM outputs."""
+    return plan_joint_parts(
+        split_qkv(qkv_a), split_qkv(qkv_b), a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps
+    )
+
+
+def _run_pair(launches):
+    first, second = launches
     first()
     return second()
+
+
+def joint_qk_norm_rope_fwd(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps):
+    return _run_pair(plan_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps))
 
 
 def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: int, eps: float):
@@ -140,6 +173,20 @@ def qk_norm_rope_fwd(qkv: torch.Tensor, q_scale, k_scale, cos, sin, num_heads: i
 def qk_norm_fwd(qkv: torch.Tensor, q_scale, k_scale, num_heads: int, eps: float):
     """SD3 form: RMS qk-norm (or only the split, without scales), no RoPE."""
     return plan(qkv, q_scale, k_scale, None, None, num_heads, eps)()
+
+
+def qkv_norm_rope_fwd(q, k, v, q_scale, k_scale, cos, sin, num_heads: int, eps: float):
+    """Separate q, k, v projections (diffusers' to_q / to_k / to_v), one stream."""
+    return plan_parts((q, k, v), q_scale, k_scale, cos, sin, num_heads, eps)()
+
+
+def joint_qkv_norm_rope_fwd(q_a, k_a, v_a, q_b, k_b, v_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin,
+                            num_heads, eps):  # fmt: skip
+    """Separate q, k, v projections of both streams of joint attention."""
+    launches = plan_joint_parts(
+        (q_a, k_a, v_a), (q_b, k_b, v_b), a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, sin, num_heads, eps
+    )
+    return _run_pair(launches)
 
 
 def shipped(arch: int) -> list[tuple[str, Launch]]:
@@ -153,6 +200,11 @@ def shipped(arch: int) -> list[tuple[str, Launch]]:
             ("txt", "img"), plan_joint(txt, img, s128, s128, s128, s128, cos, cos, 24, 1e-6), strict=True
         ):
             out.append((f"qk_norm_rope flux joint {name} {short(dt)}", launch))
+        # the compile backend on diffusers' FLUX: separate to_q / to_k / to_v projections [1, L, 3072]
+        txt, img = (tuple(meta(1, n, 3072, dtype=dt) for _ in range(3)) for n in (512, 4096))
+        launches = plan_joint_parts(txt, img, s128, s128, s128, s128, cos, cos, 24, 1e-6)
+        for name, launch in zip(("txt", "img"), launches, strict=True):
+            out.append((f"qkv_norm_rope diffusers-flux joint {name} {short(dt)}", launch))
         # FLUX single blocks hand over the qkv slice of linear1's output [qkv | mlp] (row stride 21504)
         fused = meta(1, 4608, 9216 + 12288, dtype=dt)[..., :9216]
         cos = meta(4608, 64, dtype=torch.float32)
