@@ -4,8 +4,10 @@ fastflow's fused ops, then hand the graph to inductor.
 Registered under the name "fastflow" through the ``torch_dynamo_backends`` entry point, so the
 backend works without importing fastflow first. On each captured graph:
 
-1. pattern rewrites (:mod:`fastflow.compile.patterns`): modulated LayerNorm, gated residual, the
-   two at a sub-block boundary, bias + GELU(tanh), GroupNorm + SiLU; :func:`report` counts them;
+1. pattern rewrites (:mod:`fastflow.compile.patterns`, :mod:`fastflow.compile.attention_patterns`):
+   modulated LayerNorm, gated residual, the two at a sub-block boundary, the attention inputs
+   (q / k / v projections -> heads -> RMSNorm -> [joint cat] -> RoPE), bias + GELU(tanh),
+   GroupNorm + SiLU; :func:`report` counts them;
 2. fastflow ops that have no kernel for the graph's device (CPU, or the reference backend) are
    replaced by their plain-torch reference bodies, so inductor sees inside them and fuses them;
    on CUDA they stay calls of the Triton kernels;
@@ -22,10 +24,21 @@ from collections import Counter
 import torch
 from torch import fx
 
+from . import attention_patterns, patterns
 from .accelerate import accelerate
-from .patterns import PASSES
 
 __all__ = ["accelerate", "fastflow_backend", "report", "reset", "rewrite"]
+
+# in order: the combined boundary pass needs both of its parts rewritten first
+PASSES = {
+    "layernorm_modulate": patterns.layernorm_modulate,
+    "gated_residual": patterns.gated_residual,
+    "gated_residual_layernorm_modulate": patterns.gated_residual_layernorm_modulate,
+    "qk_norm_rope": attention_patterns.qk_norm_rope,
+    "qk_norm": attention_patterns.qk_norm,
+    "bias_gelu_tanh": patterns.bias_gelu_tanh,
+    "groupnorm_silu": patterns.groupnorm_silu,
+}
 
 _log = logging.getLogger(__name__)
 _COUNTS: Counter = Counter()

@@ -131,8 +131,8 @@ def _rewrite_sum_of_product(gm: fx.GraphModule, target, match) -> int:
 
 
 def _match_modulate(shift_b, ln, factor):
-    found = _plain_layer_norm(ln)
-    if found is None or not _single_user(ln):
+    found = _plain_layer_norm(ln)  # may feed several modulations (SD3.5's MMDiT-X norm1): each is fused
+    if found is None:
         return None
     x, eps = found
     xv = _val(x)
@@ -225,13 +225,3 @@ def groupnorm_silu(gm: fx.GraphModule) -> int:
         _replace(gm, node, fastflow.groupnorm_silu.default, gn_args)
         count += 1
     return count
-
-
-# in order: the combined boundary pass needs both of its parts rewritten first
-PASSES = {
-    "layernorm_modulate": layernorm_modulate,
-    "gated_residual": gated_residual,
-    "gated_residual_layernorm_modulate": gated_residual_layernorm_modulate,
-    "bias_gelu_tanh": bias_gelu_tanh,
-    "groupnorm_silu": groupnorm_silu,
-}

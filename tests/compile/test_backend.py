@@ -64,9 +64,84 @@ def test_diffusers_flux_every_site_rewritten_and_fp32_parity():
         "layernorm_modulate": 4 * layers + single + 1,
         "gated_residual": 4 * layers + single,  # attn and ff residuals of both streams; single blocks
         "gated_residual_layernorm_modulate": 2 * layers,  # the attention residual feeding norm2 (both streams)
+        "qk_norm_rope": layers + single,  # every attention: joint in double blocks, one stream in single
+        "qk_norm": 0,
         "bias_gelu_tanh": 2 * layers + single,  # ff, ff_context; single blocks' proj_mlp
         "groupnorm_silu": 0,
     }
+
+
+def _sdpa_inputs(model, call):
+    """The ops that produce the q, k, v of every scaled_dot_product_attention in the graph the
+    backend hands inductor."""
+    seen = []
+    real = fc.rewrite
+
+    def spy(gm, example_inputs):
+        counts = real(gm, example_inputs)
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+                seen.append({str(getattr(a.args[0], "target", a.target)) for a in node.args[:3]})
+        return counts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fc, "rewrite", spy)
+        out = call(torch.compile(model, backend="fastflow", fullgraph=True))
+    return out, seen
+
+
+def test_diffusers_flux_kontext_layout():
+    """Kontext: the context image's tokens follow the latents' (ids with first coordinate 1), so
+    RoPE tables cover txt + img + context image; the same sites, the same parity."""
+    model = _diffusers_flux(1, 1)
+    kw = _flux_inputs(n=12)
+    context = _flux_inputs(n=6)
+    context_ids = context["img_ids"].clone()
+    context_ids[:, 0] = 1
+    kw["hidden_states"] = torch.cat([kw["hidden_states"], context["hidden_states"]], dim=1)
+    kw["img_ids"] = torch.cat([kw["img_ids"], context_ids])
+    torch._dynamo.reset()
+    fc.reset()
+    with torch.no_grad():
+        expected = model(**kw).sample
+        got, sdpa = _sdpa_inputs(model, lambda m: m(**kw).sample)
+    assert _relative(got, expected) <= 1e-5
+    assert fc.report()["qk_norm_rope"] == 2
+    # every attention reads the fused op's outputs: no norm, cat or rotation left in between
+    assert sdpa == [{"fastflow.joint_qkv_norm_rope.default"}, {"fastflow.qkv_norm_rope.default"}] or all(
+        targets <= {"<built-in function getitem>"} for targets in sdpa
+    )
+
+
+@pytest.mark.parametrize("variant", ["sd3.5-tiny-large", "sd3.5-tiny-medium", "sd3-tiny-medium"])
+def test_diffusers_sd3_every_site_rewritten_and_fp32_parity(variant):
+    from ..conftest import tiny_diffusers_sd3
+
+    model = tiny_diffusers_sd3(variant, seed=3)
+    cfg = from_name(variant)
+    g = torch.Generator().manual_seed(4)
+    kw = dict(
+        hidden_states=torch.randn(2, cfg.in_channels, 12, 8, generator=g),
+        encoder_hidden_states=torch.randn(2, 9, cfg.context_in_dim, generator=g),
+        pooled_projections=torch.randn(2, cfg.adm_in_dim, generator=g),
+        timestep=torch.tensor([700.0, 250.0]),
+    )
+    torch._dynamo.reset()
+    fc.reset()
+    with torch.no_grad():
+        expected = model(**kw).sample
+        got = torch.compile(model, backend="fastflow", fullgraph=True)(**kw).sample
+    assert _relative(got, expected) <= 1e-5
+    counts = fc.report()
+    depth, dual = cfg.depth, len(cfg.dual_attention_layers)
+    # joint attention of every block, plus the x-only second attention of MMDiT-X blocks
+    assert counts["qk_norm"] == ((depth + dual) if cfg.qk_norm else 0)  # SD3-medium has no qk-norm
+    assert counts["qk_norm_rope"] == 0
+    # norm1 + norm1_context per block (the last block's context norm is AdaLayerNormContinuous),
+    # the x stream's norm2, the second attention's norm of MMDiT-X blocks, norm_out; the context
+    # stream's norm2 exists in every block but the last (context_pre_only)
+    assert counts["layernorm_modulate"] == 2 * depth + depth + (depth - 1) + dual + 1
+    assert counts["gated_residual"] + 2 * counts["gated_residual_layernorm_modulate"] > 0
 
 
 def test_diffusers_flux_bf16_guidance_rounding_is_kept():

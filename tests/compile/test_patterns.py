@@ -101,6 +101,8 @@ def test_gated_residual_feeding_a_modulated_norm_becomes_one_op():
         "layernorm_modulate": 1,
         "gated_residual": 1,
         "gated_residual_layernorm_modulate": 1,
+        "qk_norm_rope": 0,
+        "qk_norm": 0,
         "bias_gelu_tanh": 0,
         "groupnorm_silu": 0,
     }
@@ -163,3 +165,91 @@ def test_report_accumulates_until_reset():
     assert fc.report()["layernorm_modulate"] == 2
     fc.reset()
     assert set(fc.report().values()) == {0}
+
+
+class DiffusersJointAttention(nn.Module):
+    """diffusers' FluxAttnProcessor math with diffusers' own RMSNorm and apply_rotary_emb: two
+    streams' q, k, v projections, heads, per-stream qk RMSNorm, cat, RoPE, SDPA."""
+
+    def __init__(self, heads=2, d=16, spelled_out=False, eps=(1e-6, 1e-6)):
+        super().__init__()
+        from diffusers.models.normalization import RMSNorm
+
+        c = heads * d
+        self.heads = heads
+        self.proj = nn.ModuleList(nn.Linear(c, c) for _ in range(6))  # q, k, v of txt then img
+        self.norms = nn.ModuleList(RMSNorm(d, eps=e) for e in (*eps, *eps))  # q, k of txt then img
+        with torch.no_grad():
+            for n in self.norms:
+                n.weight.copy_(1 + 0.2 * torch.randn(d))
+        if spelled_out:  # diffusers' other RMSNorm branch (SD3): the fp32 variance written out
+            for n in self.norms:
+                n.forward = lambda x, n=n: (
+                    (x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + n.eps)) * n.weight
+                )
+
+    def forward(self, txt, img, cos, sin):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q_t, k_t, v_t, q_i, k_i, v_i = (p(x).unflatten(-1, (self.heads, -1)) for p, x in
+                                         zip(self.proj, (txt, txt, txt, img, img, img), strict=True))  # fmt: skip
+        q_t, k_t, q_i, k_i = (n(x) for n, x in zip(self.norms, (q_t, k_t, q_i, k_i), strict=True))
+        q, k, v = torch.cat([q_t, q_i], 1), torch.cat([k_t, k_i], 1), torch.cat([v_t, v_i], 1)
+        q = apply_rotary_emb(q, (cos, sin), sequence_dim=1)
+        k = apply_rotary_emb(k, (cos, sin), sequence_dim=1)
+        out = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3))
+        return out.permute(0, 2, 1, 3).flatten(2)
+
+
+def _rope_inputs(interleaved=True, d=16, tokens=(3, 8)):
+    g = torch.Generator().manual_seed(5)
+    txt, img = (torch.randn(2, n, 32, generator=g) for n in tokens)
+    angles = torch.rand(sum(tokens), d // 2, generator=g, dtype=torch.float64) * 20
+    if interleaved:  # diffusers' FluxPosEmbed: each angle twice, built in the graph
+        return txt, img, angles.cos(), angles.sin()
+    return txt, img, torch.randn(sum(tokens), d, generator=g), torch.randn(sum(tokens), d, generator=g)
+
+
+class WithTables(nn.Module):
+    """The tables built inside the graph as FluxPosEmbed builds them (repeat_interleave, float, cat);
+    ``interleaved=False`` hands over arbitrary [L, D] tables instead (not pairwise equal)."""
+
+    def __init__(self, attention, interleaved=True):
+        super().__init__()
+        self.attention, self.interleaved = attention, interleaved
+
+    def forward(self, txt, img, cos, sin):
+        if self.interleaved:
+            cos = torch.cat([cos[:, :3].repeat_interleave(2, dim=1).float(),
+                             cos[:, 3:].repeat_interleave(2, dim=1).float()], dim=-1)  # fmt: skip
+            sin = torch.cat([sin[:, :3].repeat_interleave(2, dim=1).float(),
+                             sin[:, 3:].repeat_interleave(2, dim=1).float()], dim=-1)  # fmt: skip
+        return self.attention(txt, img, cos, sin)
+
+
+@pytest.mark.parametrize("spelled_out", [False, True], ids=["torch.rms_norm", "variance-form"])
+def test_diffusers_joint_attention_inputs_become_one_op(spelled_out):
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    counts, expected, got = _rewritten(WithTables(DiffusersJointAttention(spelled_out=spelled_out)), *_rope_inputs())
+    assert counts["qk_norm_rope"] == 1 and counts["qk_norm"] == 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["tables-not-interleaved", "eps-differs"],
+)
+def test_attention_near_misses_are_left_alone(case):
+    """Arbitrary [L, D] tables do not rotate pairs by one angle, and one eps per op: not rewritten."""
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    if case == "tables-not-interleaved":
+        module = WithTables(DiffusersJointAttention(), interleaved=False)
+        inputs = _rope_inputs(interleaved=False)
+    else:
+        module = WithTables(DiffusersJointAttention(eps=(1e-6, 1e-5)))
+        inputs = _rope_inputs()
+    counts, expected, got = _rewritten(module, *inputs)
+    assert counts["qk_norm_rope"] == 0
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
