@@ -133,29 +133,32 @@ def main() -> None:
         print(f"  rewrites: {fc.report()}")
         del theirs, ours, variants
 
-    # recompiles over three resolutions (fp32, our model with the fastflow backend)
-    _, ours = _models(1, 1, args.heads, torch.float32)
-    compiles = []
-    real = fc.rewrite
-
-    def counting(gm, example_inputs):
-        compiles.append(1)
-        return real(gm, example_inputs)
-
-    fc.rewrite = counting
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, backend="fastflow")
+    # compiles over three resolutions (fp32, 1 double + 1 single block), each model with the fastflow backend
     res_rows = []
-    with torch.no_grad():
-        for side, tokens in ((16, 256), (24, 576), (32, 1024)):
-            _, (a, kw) = _inputs(tokens, args.txt, torch.float32, side)
-            start = time.perf_counter()
-            compiled(*a, **kw)
-            res_rows.append({"tokens": tokens, "first_call_s": time.perf_counter() - start, "compiles": len(compiles)})
-    fc.rewrite = real
-    print("\nthree resolutions, fastflow backend (1 double + 1 single block, fp32):")
+    theirs, ours = _models(1, 1, args.heads, torch.float32)
+    real = fc.rewrite
+    for kind, model in (("fastflow", ours), ("diffusers", theirs)):
+        compiles = []
+
+        def counting(gm, example_inputs, compiles=compiles):
+            compiles.append(1)
+            return real(gm, example_inputs)
+
+        fc.rewrite = counting
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="fastflow")
+        with torch.no_grad():
+            for side, tokens in ((16, 256), (24, 576), (32, 1024)):
+                t_in, (a, kw) = _inputs(tokens, args.txt, torch.float32, side)
+                start = time.perf_counter()
+                compiled(**t_in) if kind == "diffusers" else compiled(*a, **kw)
+                res_rows.append({"model": kind, "tokens": tokens, "first_call_s": time.perf_counter() - start,
+                                 "compiles": len(compiles)})  # fmt: skip
+        fc.rewrite = real
+    print("\nthree resolutions in a row, fastflow backend (1 double + 1 single block, fp32):")
     for r in res_rows:
-        print(f"  {r['tokens']:>5} tokens: first call {r['first_call_s']:.1f} s, compiles so far {r['compiles']}")
+        print(f"  {r['model']:<10} {r['tokens']:>5} tokens: first call {r['first_call_s']:.1f} s, "
+              f"compiles so far {r['compiles']}")  # fmt: skip
     if args.json:
         with open(args.json, "a") as fh:
             for r in rows + res_rows:

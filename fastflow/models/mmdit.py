@@ -236,8 +236,13 @@ class MMDiT(nn.Module):
         h_p, w_p = h // p, w // p
         dtype = self.dtype
         x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h_p, w_p).to(dtype)
-        c = self.t_embedder(timestep_embedding(timesteps.float()).to(dtype)) + self.y_embedder(y.to(dtype))
-        return MMDiTState(x, self.context_embedder(context.to(dtype)), c, h_p, w_p)
+        return MMDiTState(x, self.context_embedder(context.to(dtype)), self.conditioning(timesteps, y), h_p, w_p)
+
+    def conditioning(self, timesteps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """c [B, C], the adaLN input of every block, from timesteps [B] (sigma * 1000, fp32) and
+        pooled text y [B, 2048]."""
+        dtype = self.dtype
+        return self.t_embedder(timestep_embedding(timesteps.float()).to(dtype)) + self.y_embedder(y.to(dtype))
 
     def blocks(self, state: MMDiTState, start: int = 0, end: int | None = None, skip_layers=None) -> MMDiTState:
         """Run joint blocks ``start`` .. ``end - 1`` on ``state`` in place, leaving out ``skip_layers``."""

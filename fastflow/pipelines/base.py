@@ -238,6 +238,18 @@ class BasePipeline:
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
 
+    def _conditioning_table(self, rows, sigmas) -> torch.Tensor | None:
+        """The modulation precompute's table: ``rows(sigma)`` (the adaLN inputs the forwards of one
+        step compute, each as the forward computes it) for every sigma, concatenated; None when the
+        transformer has no ``conditioning`` or ``pipe.defaults["precompute_modulation"]`` is False.
+        Rows a forward then asks for but the table lacks are computed as usual (exact-match lookup)."""
+        if getattr(self.transformer, "conditioning", None) is None or not self.defaults.get(
+            "precompute_modulation", True
+        ):
+            return None
+        with torch.no_grad():
+            return torch.cat([r for s in sigmas for r in rows(float(s))])
+
     def _modulation(self, plan: Plan):
         """Modulation precompute for the loop, when ``prepare`` built the conditioning table (it
         does unless ``pipe.defaults["precompute_modulation"]`` is False)."""

@@ -182,12 +182,9 @@ class FluxPipeline(BasePipeline):
     def _conditioning(self, sigmas, batch: int, y, g) -> torch.Tensor | None:
         """vec of every timestep the loop can ask for (each sigma), computed exactly as the forward
         computes it (same batch, same call), for the modulation precompute."""
-        conditioning = getattr(self.transformer, "conditioning", None)
-        if conditioning is None or not self.defaults.get("precompute_modulation", True):
-            return None
-        with torch.no_grad():
-            rows = [conditioning(torch.full((batch,), float(s), device=self.device), y, g) for s in sigmas]
-        return torch.cat(rows)
+        return self._conditioning_table(
+            lambda s: [self.transformer.conditioning(torch.full((batch,), s, device=self.device), y, g)], sigmas
+        )
 
     def on_images(self, images, output_type: str) -> None:
         if output_type == "pil":

@@ -133,4 +133,15 @@ class SD3Pipeline(BasePipeline):
         settings["skip_guidance_layers"] = list(skip) or None
         sigmas = sd3_schedule(steps, mcfg.shift) if r.sigmas is None else self.given_sigmas(r.sigmas, steps)
         settings["sigmas"] = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
-        return Plan(x, sigmas, sampler, velocity, seeds, settings)
+        # the (t, pooled) batches the velocity function runs: CFG's doubled batch, or the
+        # conditional one alone; skip-layer guidance adds conditional-only forwards
+        batches = [(2 * n, both[1])] if do_cfg else [(n, pooled)]
+        if do_cfg and skip:
+            batches.append((n, pooled))
+        conditioning = self._conditioning_table(
+            lambda s: [
+                self.transformer.conditioning(torch.full((b,), s * 1000.0, device=self.device), y) for b, y in batches
+            ],  # fmt: skip
+            sigmas,
+        )
+        return Plan(x, sigmas, sampler, velocity, seeds, settings, conditioning=conditioning)
