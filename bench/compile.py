@@ -7,7 +7,8 @@ over three resolutions, and the rewrite report.
 
     python bench/compile.py [--tokens 1024 --txt 128] [--reps 3] [--dtypes float32 bfloat16] [--json PATH]
 
-Also prints the projection of non-GEMM bytes per FLUX.1-dev step (bench/projection.py).
+Then the non-GEMM bytes per FLUX.1-dev step at three resolutions, diffusers eager vs the graph
+after the backend's rewrites (bench/compile_bytes.py: counted on the meta device, no time measured).
 """
 
 from __future__ import annotations
@@ -159,10 +160,16 @@ def main() -> None:
     for r in res_rows:
         print(f"  {r['model']:<10} {r['tokens']:>5} tokens: first call {r['first_call_s']:.1f} s, "
               f"compiles so far {r['compiles']}")  # fmt: skip
+    import compile_bytes
+
+    byte_rows = compile_bytes.rows()
+    compile_bytes.report(byte_rows)
     if args.json:
         with open(args.json, "a") as fh:
             for r in rows + res_rows:
                 fh.write(json.dumps({"bench": "compile", "sha": git_sha(), **r}) + "\n")
+            for r in byte_rows:
+                fh.write(json.dumps({"bench": "compile_bytes", "sha": git_sha(), **r}) + "\n")
 
 
 if __name__ == "__main__":

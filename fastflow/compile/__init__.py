@@ -18,6 +18,7 @@ backend works without importing fastflow first. On each captured graph:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
@@ -94,6 +95,30 @@ def rewrite(gm: fx.GraphModule, example_inputs) -> dict[str, int]:
     return counts
 
 
+@functools.cache
+def _cache_key():
+    """A post-grad pass that changes nothing: its ``uuid`` (a hash of fastflow's op, kernel and
+    compile sources) enters inductor's FX graph cache key, so a fastflow upgrade (say, an op's fake
+    returning another layout) never reuses a graph compiled against the old one. A caller's own
+    ``post_grad_custom_post_pass`` in ``options`` takes its place."""
+    from pathlib import Path
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    root = Path(__file__).resolve().parent.parent
+    files = tuple(sorted(str(p) for sub in ("ops", "kernels", "compile") for p in (root / sub).glob("*.py")))
+    key = get_hash_for_files(files)
+
+    class FastflowSources(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self):
+            return key
+
+    return FastflowSources()
+
+
 def fastflow_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """The dynamo backend: fastflow's rewrites, then inductor (``mode`` and ``options`` as for
     ``torch.compile``'s default backend)."""
@@ -101,7 +126,7 @@ def fastflow_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None
     from torch._inductor.compile_fx import compile_fx
 
     rewrite(gm, example_inputs)
-    patches = {"emulate_precision_casts": True}
+    patches = {"emulate_precision_casts": True, "post_grad_custom_post_pass": _cache_key()}
     if mode:
         patches.update(list_mode_options(mode))
     patches.update(options or {})

@@ -193,3 +193,26 @@ def test_the_backend_is_registered_by_name():
     names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")}
     assert names.get("fastflow") == "fastflow.compile:fastflow_backend"
     assert "fastflow" in torch._dynamo.list_backends()
+
+
+def test_fastflow_sources_enter_inductors_cache_key():
+    """A graph compiled by the backend carries a no-op post-grad pass whose uuid hashes fastflow's
+    op, kernel and compile sources: an upgrade changes inductor's FX graph cache key."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    key = fc._cache_key()
+    assert isinstance(key, CustomGraphPass) and key.uuid() == fc._cache_key().uuid()
+    seen = {}
+    import torch._inductor.compile_fx as compile_fx
+
+    real = compile_fx.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compile_fx, "compile_fx", spy)
+        torch._dynamo.reset()
+        torch.compile(lambda x: torch.sin(x) + 1, backend="fastflow")(torch.randn(4))
+    assert seen["post_grad_custom_post_pass"] is key and seen["emulate_precision_casts"] is True
