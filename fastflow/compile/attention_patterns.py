@@ -1,7 +1,9 @@
-"""FX rewrite of the attention inputs diffusers' transformers build: q, k and v projections split
-into heads, RMSNorm on q and k per head (``torch.rms_norm`` or the spelled-out fp32 variance form),
-the two streams of joint attention joined with ``torch.cat``, and (FLUX) the real-valued RoPE of
-``apply_rotary_emb`` with repeat-interleaved tables. All of it, from the projections to the
+"""FX rewrite of the attention inputs transformers build, as diffusers writes them (q, k and v
+projections split into heads; RMSNorm on q and k per head as ``torch.rms_norm`` or the spelled-out
+fp32 variance form; the streams of joint attention joined with ``torch.cat``; FLUX's real-valued
+RoPE of ``apply_rotary_emb`` on repeat-interleaved tables) and as the BFL reference writes them
+(one fused qkv projection split with einops; QKNorm; ``apply_rope`` with 2x2 rotation matrices
+per pair, built as ``stack([cos, -sin, sin, cos])``). All of it, from the projections to the
 [B, H, L, D] tensors handed to ``scaled_dot_product_attention``, becomes one call of
 ``fastflow::qkv_norm_rope`` (one stream: FLUX single blocks) or ``fastflow::joint_qkv_norm_rope``
 (FLUX double blocks, SD3 / SD3.5 joint blocks).
@@ -35,7 +37,7 @@ _TOKEN_DIM = {BLHD: 1, BHLD: 2}
 
 @dataclass
 class _Stream:
-    proj: fx.Node  # [B, L, H*D] projection
+    proj: fx.Node | tuple[fx.Node, int]  # [B, L, H*D] projection, or (fused qkv [B, L, 3*H*D], part)
     weight: fx.Node | None  # RMSNorm scale [D]
     eps: float | None
 
@@ -43,7 +45,7 @@ class _Stream:
 @dataclass
 class _Parsed:
     streams: list[_Stream]
-    rope: tuple[fx.Node, fx.Node] | None  # repeat-interleaved (cos, sin) tables [L, D]
+    rope: tuple | None  # ("interleaved", cos [L, D], sin [L, D]) or ("matrices", pe [1, 1, L, D/2, 2, 2])
     heads: int
 
 
@@ -52,9 +54,46 @@ def _tensor(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _heads_split(node) -> tuple[fx.Node, str] | None:
+def _proj_shape_dtype(proj) -> tuple[tuple, torch.dtype]:
+    if isinstance(proj, tuple):
+        v = _tensor(proj[0])
+        return (*v.shape[:-1], v.shape[-1] // 3), v.dtype
+    v = _tensor(proj)
+    return tuple(v.shape), v.dtype
+
+
+def _fused_qkv_part(node) -> tuple[fx.Node, int] | None:
+    """(qkv, i) of ``qkv.reshape(B, L, 3, H, D).permute(2, 0, 3, 1, 4)[i]`` (einops'
+    ``rearrange(qkv, "B L (K H D) -> K B H L D", K=3)`` as dynamo traces it): part i as [B, H, L, D]."""
+    if not _is_call(node, operator.getitem) or node.args[1] not in (0, 1, 2):
+        return None
+    perm = node.args[0]
+    if not _is_method(perm, "permute") or _dims(perm.args[1:]) != (2, 0, 3, 1, 4):
+        return None
+    reshape = perm.args[0]
+    if not any(_is_method(reshape, m) for m in ("reshape", "view")):
+        return None
+    qkv, rv = reshape.args[0], _tensor(reshape)
+    qv = _tensor(qkv)
+    if qv is None or rv is None or qv.dim() != 3 or rv.dim() != 5 or rv.shape[2] != 3:
+        return None
+    if tuple(rv.shape[:2]) != tuple(qv.shape[:2]) or 3 * rv.shape[3] * rv.shape[4] != qv.shape[2]:
+        return None
+    return qkv, node.args[1]
+
+
+def _dims(args) -> tuple:
+    """permute's dims, given as varargs or as one list."""
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else tuple(args)
+
+
+def _heads_split(node) -> tuple[fx.Node | tuple[fx.Node, int], str] | None:
     """(projection [B, L, H*D], layout) of ``proj.unflatten(-1, (H, D))`` / ``.view(B, -1, H, D)`` /
-    ``.reshape(...)`` ([B, L, H, D]: BLHD), or of that ``.transpose(1, 2)`` (BHLD)."""
+    ``.reshape(...)`` ([B, L, H, D]: BLHD), or of that ``.transpose(1, 2)`` (BHLD); or a part of
+    a fused qkv projection (BHLD)."""
+    part = _fused_qkv_part(node)
+    if part is not None:
+        return part, BHLD
     if _is_method(node, "transpose") and tuple(node.args[1:]) in ((1, 2), (2, 1)):
         inner = _heads_split(node.args[0])
         return (inner[0], BHLD) if inner is not None and inner[1] == BLHD else None
@@ -78,8 +117,9 @@ def _is_weight(node, head_dim: int, dtype) -> bool:
 
 def _rms_norm(node) -> tuple[fx.Node, fx.Node, float] | None:
     """(x, weight, eps) of a per-head RMSNorm with a scale whose output keeps x's dtype:
-    ``torch.rms_norm(x, (D,), w, eps)`` or diffusers' spelled-out form
-    ``(x * rsqrt(x.to(float32).pow(2).mean(-1, keepdim=True) + eps))[.to(w.dtype)] * w``."""
+    ``torch.rms_norm(x, (D,), w, eps)``, or the spelled-out forms of diffusers
+    ``(x * rsqrt(x.to(float32).pow(2).mean(-1, keepdim=True) + eps))[.to(w.dtype)] * w`` and of BFL
+    ``(xf * rsqrt(torch.mean(xf ** 2, dim=-1, keepdim=True) + eps)).to(x.dtype) * scale``, xf = x.float()."""
     out = _tensor(node)
     if out is None or out.dim() != 4:
         return None
@@ -96,7 +136,7 @@ def _rms_norm(node) -> tuple[fx.Node, fx.Node, float] | None:
         return None
     for normed, w in (node.args, node.args[::-1]):
         if _is_method(normed, "to") and _tensor(normed.args[0]) is not None:
-            normed = normed.args[0]  # the cast to a 16-bit weight's dtype
+            normed = normed.args[0]  # the cast to a 16-bit weight's dtype, or back to x's
         found = _spelled_out_rms(normed)
         if found is None:
             continue
@@ -107,24 +147,44 @@ def _rms_norm(node) -> tuple[fx.Node, fx.Node, float] | None:
     return None
 
 
+def _upcast_of(node) -> fx.Node | None:
+    """x of ``x.to(torch.float32)`` / ``x.float()``."""
+    if _is_method(node, "float") and len(node.args) == 1:
+        return node.args[0]
+    if _is_method(node, "to") and (node.args[1:] == (torch.float32,) or node.kwargs == {"dtype": torch.float32}):
+        return node.args[0]
+    return None
+
+
+def _mean_of_square(node) -> fx.Node | None:
+    """u of ``u.pow(2).mean(-1, keepdim=True)`` / ``torch.mean(u ** 2, dim=-1, keepdim=True)``."""
+    if not (_is_method(node, "mean") or _is_call(node, torch.mean)):
+        return None
+    dims = (*node.args[1:], node.kwargs.get("dim"))
+    if -1 not in dims or node.kwargs.get("keepdim") is not True or len(node.args) > 2:
+        return None
+    sq = node.args[0]
+    if _is_method(sq, "pow") and sq.args[1:] == (2,):
+        return sq.args[0]
+    if _is_call(sq, operator.pow) and sq.args[1] == 2:
+        return sq.args[0]
+    return None
+
+
 def _spelled_out_rms(node) -> tuple[fx.Node, float] | None:
-    """(x, eps) of ``x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)``."""
+    """(x, eps) of ``m * torch.rsqrt(mean(u ** 2, -1, keepdim=True) + eps)`` where u = x in fp32 and
+    m is x or u."""
     if not _is_call(node, operator.mul) or len(node.args) != 2:
         return None
-    for x, r in (node.args, node.args[::-1]):
+    for m, r in (node.args, node.args[::-1]):
         if not _is_call(r, torch.rsqrt):
             continue
         add = r.args[0]
         if not _is_call(add, operator.add) or not isinstance(add.args[1], float):
             continue
-        mean = add.args[0]
-        if not _is_method(mean, "mean") or tuple(mean.args[1:]) != (-1,) or mean.kwargs != {"keepdim": True}:
-            continue
-        sq = mean.args[0]
-        if not _is_method(sq, "pow") or sq.args[1:] != (2,):
-            continue
-        up = sq.args[0]
-        if _is_method(up, "to") and up.args[0] is x and up.args[1:] == (torch.float32,):
+        up = _mean_of_square(add.args[0])
+        x = _upcast_of(up) if up is not None else None
+        if x is not None and (m is x or m is up):
             return x, add.args[1]
     return None
 
@@ -158,9 +218,13 @@ def _repeat_interleaved(node) -> bool:
     return repeats == 2 and dim == 1
 
 
-def _rope(node, layout: str) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """(x, cos, sin) of diffusers' ``apply_rotary_emb(x, (cos, sin), use_real=True)``:
-    ``(x.float() * cos + stack([-x_imag, x_real], -1).flatten(3).float() * sin).to(x.dtype)``."""
+def _rope(node, layout: str) -> tuple[fx.Node, tuple] | None:
+    """(x, ("interleaved", cos, sin)) of diffusers' ``apply_rotary_emb(x, (cos, sin), use_real=True)``:
+    ``(x.float() * cos + stack([-x_imag, x_real], -1).flatten(3).float() * sin).to(x.dtype)``, or
+    BFL's form (:func:`_rope_matrices`)."""
+    found = _rope_matrices(node, layout)
+    if found is not None:
+        return found
     if not _is_method(node, "to"):
         return None
     add = node.args[0]
@@ -178,8 +242,72 @@ def _rope(node, layout: str) -> tuple[fx.Node, fx.Node, fx.Node] | None:
         cos, sin = _table(cos_b, layout), _table(sin_b, layout)
         if xv is None or out is None or out.dtype != xv.dtype or cos is None or sin is None:
             return None
-        return x, cos, sin
+        return x, ("interleaved", cos, sin)
     return None
+
+
+def _rope_matrices(node, layout: str) -> tuple[fx.Node, tuple] | None:
+    """(x, ("matrices", pe)) of BFL's ``apply_rope``: with ``x_ = x.float().reshape(..., -1, 1, 2)``,
+    ``(pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]).reshape(x.shape).type_as(x)``, when pe
+    [1, 1, L, D/2, 2, 2] holds rotation matrices (see :func:`_rotation_matrices`)."""
+    if layout != BHLD or not _is_method(node, "type_as"):
+        return None
+    x, reshape = node.args[1], node.args[0]
+    if not _is_method(reshape, "reshape"):
+        return None
+    add = reshape.args[0]
+    if not _is_call(add, operator.add) or len(add.args) != 2:
+        return None
+    pe, pairs = None, None
+    for term, column in zip(add.args, (0, 1), strict=True):
+        if not _is_call(term, operator.mul) or len(term.args) != 2:
+            return None
+        a, b = term.args
+        for p, xs in ((a, b), (b, a)):
+            if not (_is_call(p, operator.getitem) and _is_call(xs, operator.getitem)):
+                continue
+            if p.args[1] == (Ellipsis, column) and xs.args[1] == (Ellipsis, column):
+                if pe not in (None, p.args[0]) or pairs not in (None, xs.args[0]):
+                    return None
+                pe, pairs = p.args[0], xs.args[0]
+                break
+        else:
+            return None
+    if not _is_method(pairs, "reshape") or _upcast_of(pairs.args[0]) is not x:
+        return None
+    xv, pv, pev, out = _tensor(x), _tensor(pairs), _tensor(pe), _tensor(node)
+    if None in (xv, pv, pev, out) or out.dtype != xv.dtype or xv.dim() != 4:
+        return None
+    b, h, seq, d = xv.shape
+    if tuple(pv.shape) != (b, h, seq, d // 2, 1, 2) or tuple(pev.shape) != (1, 1, seq, d // 2, 2, 2):
+        return None
+    return (x, ("matrices", pe)) if _rotation_matrices(pe) else None
+
+
+def _rotation_matrices(node) -> bool:
+    """pe = ``torch.cat([m.float(), ...], dim=-3).unsqueeze(1)`` of parts each
+    ``torch.stack([cos(a), -sin(a), sin(a), cos(a)], dim=-1)`` reshaped to [..., 2, 2]: BFL's EmbedND."""
+    if not _is_method(node, "unsqueeze") or node.args[1:] != (1,):
+        return False
+    cat = node.args[0]
+    if not _is_call(cat, torch.cat) or cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0) != -3:
+        return False
+    for part in cat.args[0]:
+        if _is_method(part, "float"):
+            part = part.args[0]
+        if not any(_is_method(part, m) for m in ("reshape", "view")):
+            return False
+        stack = part.args[0]
+        if not _is_call(stack, torch.stack) or stack.kwargs.get("dim") != -1 or len(stack.args[0]) != 4:
+            return False
+        c1, neg, s1, c2 = stack.args[0]
+        if not (_is_call(c1, torch.cos) and _is_call(c2, torch.cos) and _is_call(s1, torch.sin)):
+            return False
+        if not (_is_call(neg, operator.neg) and _is_call(neg.args[0], torch.sin)):
+            return False
+        if len({c1.args[0], c2.args[0], s1.args[0], neg.args[0].args[0]}) != 1:
+            return False
+    return True
 
 
 def _float_times(node) -> tuple[fx.Node, fx.Node] | None:
@@ -241,12 +369,15 @@ def _parse(node, normed: bool) -> tuple[str, _Parsed] | None:
     if normed:
         found = _rope(node, layout)
         if found is not None:
-            node, cos, sin = found
-            rope = (cos, sin)
+            node, rope = found
     streams, heads = [], None
     for part in _streams(node, layout):
         weight = eps = None
         if normed:
+            if _is_method(part, "to") and isinstance(part.args[1], fx.Node):  # BFL: .to(v), same dtype
+                inner, pv = part.args[0], _tensor(part)
+                if _tensor(inner) is not None and pv is not None and pv.dtype == _tensor(inner).dtype:
+                    part = inner
             found = _rms_norm(part)
             if found is None:
                 return None
@@ -275,12 +406,33 @@ def _site(sdpa: fx.Node):
     if q.rope != k.rope:
         return None
     for sq, sk, sv in zip(q.streams, k.streams, v.streams, strict=True):
-        shapes = {tuple(_tensor(s.proj).shape) for s in (sq, sk, sv)}
-        if len(shapes) != 1 or len({_tensor(s.proj).dtype for s in (sq, sk, sv)}) != 1:
+        if len({_proj_shape_dtype(s.proj) for s in (sq, sk, sv)}) != 1:
             return None
     if len({s.eps for s in q.streams + k.streams}) != 1:
         return None
     return (args["query"], args["key"], args["value"]), q, k, v
+
+
+def _tables(gm: fx.GraphModule, rope) -> tuple:
+    """The op's (cos, sin) [L, D/2] from what the graph built (new nodes before the insertion point)."""
+    if rope is None:
+        return None, None
+    if rope[0] == "interleaved":  # each angle twice: every other column
+        every_other = (slice(None), slice(None, None, 2))
+        return tuple(gm.graph.call_function(operator.getitem, (t, every_other)) for t in rope[1:])
+    pe = rope[1]  # [1, 1, L, D/2, 2, 2] rotation matrices [[cos, -sin], [sin, cos]]
+    return tuple(
+        gm.graph.call_function(operator.getitem, (pe, (0, 0, slice(None), slice(None), row, 0))) for row in (0, 1)
+    )
+
+
+def _projection(gm: fx.GraphModule, proj):
+    """A [B, L, H*D] projection node: the node itself, or a slice of a fused qkv."""
+    if not isinstance(proj, tuple):
+        return proj
+    qkv, part = proj
+    width = _tensor(qkv).shape[-1] // 3
+    return gm.graph.call_function(operator.getitem, (qkv, (Ellipsis, slice(part * width, (part + 1) * width))))
 
 
 def _rewrite(gm: fx.GraphModule, with_rope: bool) -> int:
@@ -294,11 +446,10 @@ def _rewrite(gm: fx.GraphModule, with_rope: bool) -> int:
         inputs, q, k, v = site
         eps = q.streams[0].eps
         with gm.graph.inserting_before(sdpa):
-            tables = (None, None)
-            if q.rope is not None:  # repeat-interleaved [L, D] -> one angle per pair [L, D/2]
-                every_other = (slice(None), slice(None, None, 2))
-                tables = tuple(gm.graph.call_function(operator.getitem, (t, every_other)) for t in q.rope)
-            projections = [s.proj for group in zip(q.streams, k.streams, v.streams, strict=True) for s in group]
+            tables = _tables(gm, q.rope)
+            projections = [
+                _projection(gm, s.proj) for group in zip(q.streams, k.streams, v.streams, strict=True) for s in group
+            ]
             weights = [s.weight for pair in zip(q.streams, k.streams, strict=True) for s in pair]
             op = fastflow.qkv_norm_rope.default if len(q.streams) == 1 else fastflow.joint_qkv_norm_rope.default
             fused = gm.graph.call_function(op, (*projections, *weights, *tables, q.heads, eps))

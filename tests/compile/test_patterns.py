@@ -253,3 +253,21 @@ def test_attention_near_misses_are_left_alone(case):
     counts, expected, got = _rewritten(module, *inputs)
     assert counts["qk_norm_rope"] == 0
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bfl_joint_attention_inputs_become_one_op():
+    """The BFL reference's form: fused qkv split by einops, QKNorm, joint cat, apply_rope with the
+    EmbedND rotation matrices."""
+    pytest.importorskip("einops")
+    from fastflow.models.flux import make_img_ids
+
+    from ._bfl import DoubleAttention
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.cat([torch.zeros(3, 3), make_img_ids(2, 4)])[None]
+    counts, expected, got = _rewritten(
+        DoubleAttention(), torch.randn(1, 8, 32, generator=g), torch.randn(1, 3, 32, generator=g), ids
+    )
+    assert counts["qk_norm_rope"] == 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
