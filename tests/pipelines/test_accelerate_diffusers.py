@@ -5,47 +5,25 @@ backend, the images stay those of the eager pipeline, and the rewrites happened 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 import fastflow
 import fastflow.compile as fc
 
-from ..conftest import diffusers_flux_scheduler
-from .test_parity import SD3_W, H, W, _modules
+from .test_parity import SD3_W, H, W, diffusers_flux, diffusers_sd3
 
 
 def _flux(folders, load):
     txt, y = load("flux-tiny-dev").text_encoder(["a handwritten seven"])
-    pipe = FluxPipeline(
-        scheduler=diffusers_flux_scheduler(dynamic=True),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        **_modules(folders["flux-tiny-dev"], FluxTransformer2DModel),
-    )
     kw = dict(prompt_embeds=txt, pooled_prompt_embeds=y, height=H, width=W, guidance_scale=3.5)
-    return pipe, kw, "qk_norm_rope"
+    return diffusers_flux(folders["flux-tiny-dev"], dynamic=True), kw, "qk_norm_rope"
 
 
 def _sd3(folders, load):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     encoder = load("sd3.5-tiny-medium").text_encoder
     (ctx, pooled), (neg_ctx, neg_pooled) = encoder(["a cat"]), encoder([""])
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        **_modules(folders["sd3.5-tiny-medium"], SD3Transformer2DModel),
-    )
     kw = dict(prompt_embeds=ctx, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_ctx,
               negative_pooled_prompt_embeds=neg_pooled, height=H, width=SD3_W, guidance_scale=4.5)  # fmt: skip
-    return pipe, kw, "qk_norm"
+    return diffusers_sd3(folders["sd3.5-tiny-medium"]), kw, "qk_norm"
 
 
 @pytest.mark.parametrize("build", [_flux, _sd3], ids=["FluxPipeline", "StableDiffusion3Pipeline"])

@@ -31,6 +31,26 @@ def _modules(folder, transformer_cls):
     }
 
 
+def diffusers_flux(folder, dynamic: bool):
+    """diffusers' FluxPipeline on a tiny folder, without text encoders (embeddings are passed)."""
+    return DiffusersFlux(
+        scheduler=diffusers_flux_scheduler(dynamic=dynamic),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        **_modules(folder, FluxTransformer2DModel),
+    )
+
+
+def diffusers_sd3(folder):
+    """diffusers' StableDiffusion3Pipeline on a tiny folder, without text encoders."""
+    none = {f"{part}{suffix}": None for part in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **none, **_modules(folder, SD3Transformer2DModel)
+    )
+
+
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -44,14 +64,7 @@ def test_flux(pipeline_folders, load, variant, guidance):
     pipe = load(variant)
     txt, y = pipe.text_encoder(["a handwritten seven", "the digit 3"])
     noise = torch.randn(2, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
-    ref = DiffusersFlux(
-        scheduler=diffusers_flux_scheduler(dynamic=bool(guidance)),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        **_modules(pipeline_folders[variant], FluxTransformer2DModel),
-    )
+    ref = diffusers_flux(pipeline_folders[variant], dynamic=bool(guidance))
     kw = {
         "prompt_embeds": txt,
         "pooled_prompt_embeds": y,
@@ -118,16 +131,7 @@ def test_sd3(pipeline_folders, load, slg):
     ctx, pooled = pipe.text_encoder(["a handwritten seven"])
     neg_ctx, neg_pooled = pipe.text_encoder([""])
     noise = torch.randn(1, 16, H // 2, SD3_W // 2, generator=torch.Generator().manual_seed(2))
-    ref = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        **_modules(pipeline_folders["sd3.5-tiny-medium"], SD3Transformer2DModel),
-    )
+    ref = diffusers_sd3(pipeline_folders["sd3.5-tiny-medium"])
     kw = {
         "prompt_embeds": ctx,
         "pooled_prompt_embeds": pooled,
@@ -170,14 +174,7 @@ def test_flux_true_cfg(pipeline_folders, load):
     txt, y = pipe.text_encoder(["a handwritten seven"])
     neg_txt, neg_y = pipe.text_encoder([""])
     noise = torch.randn(1, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(4))
-    ref = DiffusersFlux(
-        scheduler=diffusers_flux_scheduler(dynamic=False),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        **_modules(pipeline_folders["flux-tiny-schnell"], FluxTransformer2DModel),
-    )
+    ref = diffusers_flux(pipeline_folders["flux-tiny-schnell"], dynamic=False)
     kw = {
         "prompt_embeds": txt,
         "pooled_prompt_embeds": y,
