@@ -13,6 +13,30 @@ from .pipelines import FluxPipeline, SD3Pipeline
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
 
 
+def resolve_model(path: str | os.PathLike) -> Path:
+    """A model's files: ``path`` itself, or for a bare name the embedded model of that name
+    (``"fastflow-tiny-digits"``). A registered config's name that has no files here is an error
+    saying what to pass instead."""
+    from .errors import InputError
+    from .loading.components import DEFAULT_MODEL
+    from .models import configs
+
+    given = Path(path).expanduser()
+    name = str(path)
+    if given.exists() or os.sep in name or "/" in name:
+        return given
+    embedded = DEFAULT_MODEL.parent / name
+    if embedded.is_dir():
+        return embedded
+    if name in configs.list_models(include_tiny=True):
+        raise InputError(
+            f"{name!r} is a registered model config, not files on this machine (fastflow never downloads): "
+            f"pass the path of its files (a diffusers folder or a transformer file), with variant={name!r} "
+            "where the files cannot tell"
+        )
+    return given
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,17 +50,23 @@ def load(
     text_encoders=None,
     t5_max_length: int | None = None,
     quant=None,
+    config=None,
 ):
     """A ready pipeline (FluxPipeline or SD3Pipeline) from local files.
 
-    ``path``: a diffusers pipeline folder (transformer/, vae/, text_encoder*/, tokenizer*/) or a single
+    ``path``: the name of an embedded model (``"fastflow-tiny-digits"``), a diffusers pipeline folder
+    (transformer/, vae/, text_encoder*/, tokenizer*/) or a single
     transformer file, with ``vae=`` (a file or folder) and ``text_encoders=`` ({"clip_l": folder,
     "clip_g": folder, "t5": folder}; a folder may be a (model, tokenizer) pair; False: none, for use
     with prompt embeddings). ``variant`` where the keys cannot tell (Kontext vs dev, large vs turbo).
     Sampling defaults come from the model's config. ``quant``: None keeps the transformer file's
     format (an FP8 file runs in FP8), "fp8" (or a :class:`fastflow.quant.Fp8Config`) quantizes its
-    linear layers to FP8 while loading, "none" loads FP8 files dequantized.
+    linear layers to FP8 while loading, "none" loads FP8 files dequantized. ``config``: the
+    transformer's config where no registered one fits and no diffusers config.json describes it (a
+    FluxConfig / MMDiTConfig or a dict of its fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     """
-    path = Path(path).expanduser()
-    parts = load_components(path, variant, device or _default_device(), dtype, vae, text_encoders, t5_max_length, quant)
+    path = resolve_model(path)
+    parts = load_components(
+        path, variant, device or _default_device(), dtype, vae, text_encoders, t5_max_length, quant, config
+    )
     return PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)

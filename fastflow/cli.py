@@ -159,7 +159,12 @@ def _cmd_generate(args) -> int:
     if args.upscale is not None and not 1 <= args.upscale <= MAX_UPSCALE:
         raise InputError(f"--upscale must be from 1 to {MAX_UPSCALE}, got {args.upscale}")
     check_output(Path(args.output))
-    pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant)
+    config = None
+    if args.config is not None:
+        from .loading.described import parse_config_arg
+
+        config = parse_config_arg(args.config)
+    pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant, config=config)
     pipe.set_progress_bar_config(disable=args.no_progress)
     kwargs = {
         "height": args.height,
@@ -458,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="fastflow.png", help="PNG path; never overwritten (numbered instead)")
     p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
     p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="JSON (inline or a .json file): the transformer's config fields where no registered config "
+        'fits and no config.json describes it, e.g. \'{"depth": 2, "depth_single_blocks": 4}\'',
+    )
     p.add_argument("-H", "--height", type=int, default=None)
     p.add_argument("-W", "--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")

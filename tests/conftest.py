@@ -47,15 +47,16 @@ def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> tor
     return model
 
 
-def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0):
-    """diffusers FluxTransformer2DModel of a tiny registered config, every weight random.
+def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0, **changes):
+    """diffusers FluxTransformer2DModel of a tiny registered config (with ``changes`` to its fields,
+    e.g. another depth), every weight random.
 
     Norm scales are drawn around 1 and everything else around 0, so that no parameter keeps its
     default init (a swapped or dropped tensor must change the output).
     """
     from diffusers import FluxTransformer2DModel
 
-    cfg = from_name(variant)
+    cfg = from_name(variant).replace(**changes)
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(
         patch_size=1,

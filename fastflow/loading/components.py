@@ -152,9 +152,10 @@ def load_components(
     text_encoders=None,
     t5_max_length: int | None = None,
     quant=None,
+    config=None,
 ) -> Components:
     """Transformer, VAE and text encoders for the model at ``path`` (see ``fastflow.load``)."""
-    transformer = load_transformer(path, variant=variant, dtype=dtype, device=device, quant=quant)
+    transformer = load_transformer(path, variant=variant, dtype=dtype, device=device, quant=quant, config=config)
     family = transformer.config.family
     if vae is None and not path.is_dir() and family == "flux":
         raise MissingComponentError(f"{path} is a single transformer file: pass vae=<ae.safetensors or VAE folder>")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import (
     AmbiguousVariantError,
@@ -17,6 +18,7 @@ from ..errors import (
     VariantMismatchError,
 )
 from ..models import configs as registry
+from . import described
 from .keymaps import COMPONENT_PREFIXES, OTHER_COMPONENT_PREFIXES
 from .quantized import split_quant_keys
 from .sources import CheckpointSource
@@ -364,7 +366,15 @@ def resolve_config(
     return cfg
 
 
+def _described_name(source: CheckpointSource) -> str:
+    path = Path(source.path)
+    label = path.parent.name if path.is_dir() and path.name == "transformer" else path.stem
+    return f"custom:{label}"
+
+
 def _resolve(family, arch, source, variant, config, layout, prefer):
+    if isinstance(config, dict):  # fields of the family's config class (the rest: full-size values)
+        config = described.from_fields(family, config, _described_name(source))
     if config is not None or variant is not None:
         cfg = config if config is not None else registry.from_name(variant)
         if cfg.family != family or cfg.arch() != arch:
@@ -377,12 +387,26 @@ def _resolve(family, arch, source, variant, config, layout, prefer):
         return cfg
     candidates = [c for c in registry.configs_of(family) if c.arch() == arch]
     if not candidates:
+        naming = f"{source.pipeline_class or ''} {source.folder_config.get('_name_or_path', '')}".lower()
+        cfg = described.from_folder_config(
+            family, source.folder_config, _described_name(source), kontext="kontext" in naming
+        )
+        if cfg is not None:  # a diffusers folder's config.json describes it
+            if cfg.arch() != arch:
+                raise VariantMismatchError(
+                    source.path,
+                    f"its config.json describes {describe_arch(cfg.arch())} but the tensors are {describe_arch(arch)}",
+                    "fix config.json, or pass config={...} with the fields that describe the tensors",
+                )
+            return cfg
+        cls = type(registry.configs_of(family)[0]).__name__
         raise UnknownConfigError(
             source.path,
             f"{FAMILY_NAMES[family]} with {describe_arch(arch)} fits no registered config "
-            f"(known: {', '.join(registry.list_models(family, include_tiny=True))})",
-            f"pass config={type(registry.configs_of(family)[0]).__name__}(...) describing it, "
-            "or use an official checkpoint",
+            f"(known: {', '.join(registry.list_models(family, include_tiny=True))}) and no diffusers "
+            "config.json describes it",
+            f"describe it: fastflow.load(..., config={{'depth': ..., ...}}) (fields of {cls}; the rest "
+            "default to the full-size model) or fastflow generate --config '{\"depth\": ...}' (or a .json file)",
         )
     if len(candidates) == 1:
         return candidates[0]

@@ -224,7 +224,7 @@ def _load(
 ) -> torch.nn.Module:
     with open_checkpoint(path, component) as source:
         layout = detect_layout(source.key_file, component)
-        if family is None and (config is not None or variant is not None):
+        if family is None and (config is not None or variant is not None) and not isinstance(config, dict):
             family = (config if config is not None else registry.from_name(variant)).family
         if family is None:  # auto: the detected family if this component has it, else the first
             families = [f for f, c in _COMPONENT.items() if c == component]
@@ -268,7 +268,9 @@ def load_transformer(
     another family than the one asked for is refused. Accepts official (BFL / SAI) names, ComfyUI
     ``model.diffusion_model.`` prefixed files and diffusers folders (single or sharded).
     ``variant`` names a registered config (needed where the keys cannot tell, e.g.
-    ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size.
+    ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size: a
+    FluxConfig / MMDiTConfig, or a dict of its fields (the rest: the full-size model's values). A
+    diffusers folder whose size is not registered is described by its own ``config.json``.
     ``quant``: None keeps the file's format (FP8 layers stay FP8, see :mod:`.quantized`); "fp8" or an
     :class:`~fastflow.quant.Fp8Config` quantizes at load, tensor by tensor; "none" dequantizes.
     On a CUDA GPU without FP8 tensor cores FP8 weights are dequantized, with a warning.

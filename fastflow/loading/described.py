@@ -1,0 +1,120 @@
+"""Configs for transformers no registered config fits (fine-tunes with fewer blocks, distilled
+"lite" models, test models): from the diffusers folder's ``config.json``, or from the fields a
+user gives (``fastflow.load(..., config={...})``, CLI ``--config JSON``). Either way the loader
+then checks the config against the tensors, as for a registered one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from ..models import configs as registry
+
+_CLASSES = {"flux": registry.FluxConfig, "sd3": registry.MMDiTConfig}
+
+
+def _get(cfg: dict, key: str, default):
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def flux_from_diffusers(cfg: dict, name: str, kontext: bool = False) -> registry.FluxConfig:
+    """FluxConfig from a FluxTransformer2DModel ``config.json`` (diffusers' own defaults for absent
+    keys). Sampling facts the weights cannot show follow FLUX.1's: guidance-distilled -> dev's,
+    else schnell's."""
+    if _get(cfg, "patch_size", 1) != 1:
+        raise InputError(f"{name}: FLUX config.json with patch_size {cfg['patch_size']} (FLUX.1 models use 1)")
+    heads, head_dim = _get(cfg, "num_attention_heads", 24), _get(cfg, "attention_head_dim", 128)
+    in_channels = _get(cfg, "in_channels", 64)
+    guidance = bool(_get(cfg, "guidance_embeds", False))
+    if kontext:
+        sampling = registry.FLUX_KONTEXT_SAMPLING
+    else:
+        sampling = registry.FLUX_DEV_SAMPLING if guidance else registry.FLUX_SCHNELL_SAMPLING
+    return registry.FluxConfig(
+        name=name,
+        in_channels=in_channels,
+        out_channels=_get(cfg, "out_channels", in_channels),
+        vec_in_dim=_get(cfg, "pooled_projection_dim", 768),
+        context_in_dim=_get(cfg, "joint_attention_dim", 4096),
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        depth=_get(cfg, "num_layers", 19),
+        depth_single_blocks=_get(cfg, "num_single_layers", 38),
+        axes_dim=tuple(_get(cfg, "axes_dims_rope", (16, 56, 56))),
+        guidance_embed=guidance,
+        shift_schedule=guidance,  # dev-like models use the resolution-shifted schedule, schnell-like not
+        kontext=kontext,
+        sampling=sampling,
+    )
+
+
+def mmdit_from_diffusers(cfg: dict, name: str) -> registry.MMDiTConfig:
+    """MMDiTConfig from an SD3Transformer2DModel ``config.json``; SD3.5 sampling defaults where
+    the model has qk-norm (every SD3.5), SD3-medium's otherwise."""
+    heads, head_dim = _get(cfg, "num_attention_heads", 18), _get(cfg, "attention_head_dim", 64)
+    hidden = heads * head_dim
+    caption = _get(cfg, "caption_projection_dim", hidden)
+    if caption != hidden:
+        raise InputError(f"{name}: caption_projection_dim {caption} differs from the width {hidden} (not an MMDiT)")
+    qk_norm = _get(cfg, "qk_norm", None) == "rms_norm"
+    in_channels = _get(cfg, "in_channels", 16)
+    return registry.MMDiTConfig(
+        name=name,
+        depth=_get(cfg, "num_layers", 18),
+        hidden_size=hidden,
+        num_heads=heads,
+        patch_size=_get(cfg, "patch_size", 2),
+        in_channels=in_channels,
+        out_channels=_get(cfg, "out_channels", in_channels),
+        context_in_dim=_get(cfg, "joint_attention_dim", 4096),
+        adm_in_dim=_get(cfg, "pooled_projection_dim", 2048),
+        pos_embed_max_size=_get(cfg, "pos_embed_max_size", 96),
+        qk_norm=qk_norm,
+        dual_attention_layers=tuple(_get(cfg, "dual_attention_layers", ())),
+        sampling=registry.SD35_SAMPLING if qk_norm else registry.SD3_MEDIUM_SAMPLING,
+    )
+
+
+def from_folder_config(family: str, cfg: dict, name: str, kontext: bool = False):
+    """The config a diffusers model folder's ``config.json`` describes, or None when it describes
+    none of ours (no config.json, another class)."""
+    cls = str(cfg.get("_class_name", ""))
+    if family == "flux" and cls == "FluxTransformer2DModel":
+        return flux_from_diffusers(cfg, name, kontext)
+    if family == "sd3" and cls == "SD3Transformer2DModel":
+        return mmdit_from_diffusers(cfg, name)
+    return None
+
+
+def from_fields(family: str, fields: dict, name: str = "custom"):
+    """A config of ``family`` from the fields given (the rest: the full-size model's values)."""
+    cls = _CLASSES.get(family)
+    if cls is None:
+        raise InputError(f"config= describes a transformer (FLUX or SD3), not a {family}")
+    known = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise InputError(f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    values.setdefault("name", name)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config {fields}: {e}") from None
+
+
+def parse_config_arg(text: str) -> dict:
+    """CLI ``--config``: a JSON object, inline or in a file."""
+    path = Path(text).expanduser()
+    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
+    try:
+        fields = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--config must be a JSON object or a .json file holding one: {e}") from None
+    if not isinstance(fields, dict):
+        raise InputError(f"--config must be a JSON object, got {type(fields).__name__}")
+    return fields
