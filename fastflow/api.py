@@ -45,7 +45,7 @@ def load(
     path: str | os.PathLike,
     variant: str | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     vae: str | os.PathLike | None = None,
     text_encoders=None,
     t5_max_length: int | None = None,
@@ -59,14 +59,16 @@ def load(
     transformer file, with ``vae=`` (a file or folder) and ``text_encoders=`` ({"clip_l": folder,
     "clip_g": folder, "t5": folder}; a folder may be a (model, tokenizer) pair; False: none, for use
     with prompt embeddings). ``variant`` where the keys cannot tell (Kontext vs dev, large vs turbo).
-    Sampling defaults come from the model's config. ``quant``: None keeps the transformer file's
+    Sampling defaults come from the model's config. ``dtype`` defaults to bfloat16 on a GPU and
+    float32 on a CPU. ``quant``: None keeps the transformer file's
     format (an FP8 file runs in FP8), "fp8" (or a :class:`fastflow.quant.Fp8Config`) quantizes its
     linear layers to FP8 while loading, "none" loads FP8 files dequantized. ``config``: the
     transformer's config where no registered one fits and no diffusers config.json describes it (a
     FluxConfig / MMDiTConfig or a dict of its fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     """
     path = resolve_model(path)
-    parts = load_components(
-        path, variant, device or _default_device(), dtype, vae, text_encoders, t5_max_length, quant, config
-    )
+    device = device or _default_device()
+    if dtype is None:  # as the CLI: bfloat16 on a GPU, float32 on a CPU (where bf16 is slow and inexact)
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)
     return PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)

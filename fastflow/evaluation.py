@@ -32,7 +32,11 @@ def _unupsample(side: int) -> torch.Tensor:
 
 
 def to_digit_space(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> [N, 64] grey in [0, 1] at 8x8, like the dataset."""
+    """Images [N, H, W, 3] (uint8, or ``output_type="np"`` floats, taken as the 8-bit values a PNG
+    would store) -> [N, 64] grey in [0, 1] at 8x8, like the dataset."""
+    from .pipelines.images import as_uint8
+
+    images = as_uint8(images)
     grey = torch.tensor(images, dtype=torch.float64).mean(-1).reshape(len(images), -1) / 255.0
     return (grey @ _unupsample(images.shape[1]).T).clamp(0, 1).numpy()
 

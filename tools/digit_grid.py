@@ -13,6 +13,7 @@ from PIL import Image
 
 import fastflow
 from fastflow.loading.components import DEFAULT_MODEL
+from fastflow.pipelines.images import as_uint8
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         out = pipe(
             f"a handwritten {word}", num_images_per_prompt=args.per_digit, seed=args.seed + 100 * d, output_type="np"
         )
-        framed = [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=90) for im in out.images]  # grey frame
+        framed = [np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=90) for im in as_uint8(out.images)]  # frame
         rows.append(np.concatenate(framed, axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)

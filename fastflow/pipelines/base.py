@@ -25,7 +25,7 @@ import torch
 
 from ..errors import GenerationInterrupted, InputError, NumericalError
 from ..samplers import Step, get_solver
-from .images import to_pil, to_uint8
+from .images import to_pil
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The running generation's cache runner and work counters (per thread / task, never shared).
@@ -43,6 +43,15 @@ class PipelineOutput:
     settings: dict
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # transformer work (see fastflow.caching.CacheStats)
+
+    def __getitem__(self, key):
+        """diffusers' output access: ``out[0]`` (the images) or ``out["images"]``."""
+        if isinstance(key, str):
+            return getattr(self, key)
+        return (self.images,)[key]
+
+    def to_tuple(self) -> tuple:
+        return (self.images,)
 
 
 @dataclass
@@ -87,12 +96,20 @@ class Timer:
 def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
     if prompt is None:
         raise InputError(f"pass a {what} (or precomputed embeddings)")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError(f"{what} must be a string or a non-empty list of strings")
+        raise InputError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
     if any(not p.strip() for p in prompts) and what == "prompt":
         warnings.warn("empty prompt: the image will be unconditioned on text", UserWarning, stacklevel=3)
     return prompts
+
+
+def check_negatives(negatives: int, prompts: int) -> None:
+    """One negative prompt (or embedding) per prompt."""
+    if negatives != prompts:
+        raise InputError(
+            f"{negatives} negative prompts for {prompts} prompts: pass one negative prompt (a string) or one per prompt"
+        )
 
 
 def resolve_size(height, width, default: tuple[int, int], multiple: int, max_side: int) -> tuple[int, int]:
@@ -166,9 +183,26 @@ def draw_noise(n: int, shape: tuple[int, ...], seed, generator) -> tuple[torch.T
 class DenoiseLoop:
     """Runs a solver with a progress bar, a user callback, interruption and a NaN/Inf check."""
 
-    def __init__(self, pipeline, sampler: str, steps: int, dtype: torch.dtype, callback, progress: bool):
+    def __init__(self, pipeline, sampler: str, steps: int, dtype: torch.dtype, callback, progress: bool,
+                 on_step_end=None):  # fmt: skip
         self.pipeline, self.solver, self.steps = pipeline, get_solver(sampler), steps
         self.dtype, self.callback, self.progress = dtype, callback, progress
+        self.on_step_end = on_step_end  # diffusers' callback_on_step_end(pipe, i, t, {"latents": x})
+
+    def _on_step_end(self, i: int, x: torch.Tensor, sigmas) -> torch.Tensor:
+        """diffusers' ``callback_on_step_end(pipe, i, t, {"latents": x})`` with t = sigma_i * 1000; a
+        returned ``latents`` replaces the state (same shape)."""
+        t = torch.tensor(float(sigmas[i]) * 1000.0)
+        out = self.on_step_end(self.pipeline, i, t, {"latents": x})
+        new = (out or {}).get("latents") if isinstance(out, dict) or out is None else None
+        if out is not None and not isinstance(out, dict):
+            raise InputError(f"callback_on_step_end must return a dict (or None), got {type(out).__name__}")
+        if new is None:
+            return x
+        if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+            raise InputError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', None)}, "
+                             f"expected {tuple(x.shape)}")  # fmt: skip
+        return new.to(device=x.device, dtype=torch.float32)
 
     def run(self, velocity, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         from tqdm.auto import tqdm
@@ -188,8 +222,11 @@ class DenoiseLoop:
                 )
             if self.callback is not None:
                 self.callback(i, self.steps, x)
+            if self.on_step_end is not None:
+                x = self._on_step_end(i, x, sigmas)
             if self.token.is_set():
                 raise GenerationInterrupted(f"interrupted after step {i + 1} of {self.steps}", latents=x, step=i)
+            return x
 
         self.token = threading.Event()  # this generation's own flag: interrupt() sets the running ones
         self.pipeline._running.add(self.token)
@@ -234,6 +271,33 @@ class BasePipeline:
                 "make several calls, or raise pipe.max_images_per_call if the memory allows"
             )
         return n
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """diffusers' ``pipe.to("cuda")`` / ``pipe.to(torch.bfloat16)`` / ``pipe.to("cuda", torch.bfloat16)``:
+        moves (and casts) the transformer, the VAE and the text encoders; returns the pipeline. T5
+        is never cast to float16 (it overflows there): it keeps its dtype, with a warning."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        try:
+            device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"not a device: {device!r} (e.g. 'cuda', 'cuda:1', 'cpu')") from None
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("CUDA is not available to this torch (a CPU-only build, or no GPU)")
+        self.transformer.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype)
+        for name in ("clip_l", "clip_g", "t5"):
+            encoder = getattr(self.text_encoder, name, None)
+            if encoder is None:
+                continue
+            cast = dtype
+            if name == "t5" and dtype == torch.float16:
+                warnings.warn("T5 overflows in float16: it keeps its dtype", UserWarning, stacklevel=2)
+                cast = None
+            encoder.model.to(device=device, dtype=cast)
+        return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
@@ -306,12 +370,53 @@ class BasePipeline:
             noise, seeds = latents.float().cpu(), [None] * n
         return noise.to(self.device), seeds
 
-    def generate(self, output_type: str, callback, progress, cache=None, cache_threshold=None, **request):
-        """The template: ``prepare`` (subclass) -> denoise -> decode -> format."""
+    def generate(
+        self,
+        output_type: str,
+        callback,
+        progress,
+        cache=None,
+        cache_threshold=None,
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        **request,
+    ):
+        """The template: checks -> ``prepare`` (subclass) -> denoise -> decode -> format."""
+        out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
+                             callback_on_step_end_tensor_inputs, request)  # fmt: skip
+        return out if return_dict else out.to_tuple()
+
+    @staticmethod
+    def check_request(request: dict, callback_on_step_end, tensor_inputs) -> None:
+        """Argument errors a diffusers user can make, before any work: both of two ways to say one
+        thing, the wrong types, a diffusers callback asking for tensors we do not hand over."""
+        for a, b in (("prompt", "prompt_embeds"), ("negative_prompt", "negative_prompt_embeds"),
+                     ("seed", "generator")):  # fmt: skip
+            if request.get(a) is not None and request.get(b) is not None:
+                raise InputError(f"pass {a} or {b}, not both")
+        for name in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                     "negative_pooled_prompt_embeds", "latents"):  # fmt: skip
+            value = request.get(name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        generator = request.get("generator")
+        gens = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+            raise InputError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InputError(f"callback_on_step_end must be callable, got {callback_on_step_end!r}")
+        unknown = sorted(set(tensor_inputs or ()) - {"latents"})
+        if unknown:
+            raise InputError(f"callback_on_step_end_tensor_inputs: only 'latents' is handed over, not {unknown}")
+
+    def _generate(self, output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
+                  tensor_inputs, request):  # fmt: skip
         from ..caching import CacheRunner, CacheStats, adapter_for, resolve_policy
 
         timer = Timer()
-        self.check_output_type(output_type)
+        output_type = self.check_output_type(output_type)
+        self.check_request(request, callback_on_step_end, tensor_inputs)
         if cache is None:
             cache = self.defaults.get("cache")  # fastflow.accelerate(pipe, cache=...)
         policy = resolve_policy(cache, cache_threshold, self.config)
@@ -322,7 +427,9 @@ class BasePipeline:
         stats = CacheStats()
         runner = None if policy is None else CacheRunner(policy, self.transformer, stats)
         show = self.progress_bar if progress is None else progress
-        loop = DenoiseLoop(self, plan.sampler, len(plan.sigmas) - 1, self.transformer.dtype, callback, show)
+        loop = DenoiseLoop(
+            self, plan.sampler, len(plan.sigmas) - 1, self.transformer.dtype, callback, show, callback_on_step_end
+        )
         tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
         try:
             with timer.stage("denoise"):
@@ -367,14 +474,18 @@ class BasePipeline:
         }
 
     @staticmethod
-    def check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
+    def check_output_type(output_type: str) -> str:
+        """One of OUTPUT_TYPES (any case, as diffusers accepts "PIL")."""
+        normal = output_type.lower() if isinstance(output_type, str) else output_type
+        if normal not in OUTPUT_TYPES:
             raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return normal
 
     @staticmethod
     def format_images(images: torch.Tensor, output_type: str):
+        """As diffusers: "pil" a list of images, "np" float32 [B, H, W, 3] in [0, 1], "pt" [B, 3, H, W]
+        in [0, 1]."""
         if output_type == "pil":
             return to_pil(images)
-        if output_type == "np":
-            return to_uint8(images)
-        return (images.float() / 2 + 0.5).clamp(0, 1)  # "pt": [B, 3, H, W] in [0, 1]
+        x = (images.float() / 2 + 0.5).clamp(0, 1)
+        return x.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else x

@@ -10,7 +10,7 @@ from ..errors import InputError, MissingComponentError
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_scale, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, check_scale, resolve_size
 from .images import kontext_size, load_image, to_tensor
 
 
@@ -86,6 +86,9 @@ class FluxPipeline(BasePipeline):
         true_cfg_scale: float | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
     ) -> PipelineOutput:
         """Generate images. ``image`` (Kontext): the image to edit; the output size defaults to its
         (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
@@ -134,6 +137,7 @@ class FluxPipeline(BasePipeline):
                 negative = r.negative_prompt if r.negative_prompt is not None else ""
                 negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
                 neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
+            check_negatives(neg_txt.shape[0], txt.shape[0])
             txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
         return txt.repeat_interleave(k, 0).to(self.device), y.repeat_interleave(k, 0).to(self.device), n
 

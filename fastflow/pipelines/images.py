@@ -63,6 +63,14 @@ def to_tensor(image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
+def as_uint8(images: np.ndarray) -> np.ndarray:
+    """``output_type="np"`` images (float in [0, 1], diffusers' convention) as the 8-bit values a
+    PNG stores; uint8 input is returned as it is."""
+    if images.dtype == np.uint8:
+        return images
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8: (x / 2 + 0.5) clamped, x255, rounded."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)

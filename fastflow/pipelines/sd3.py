@@ -7,7 +7,7 @@ import torch
 from ..errors import InputError, MissingComponentError
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_scale, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, check_scale, resolve_size
 
 
 class SD3Pipeline(BasePipeline):
@@ -66,6 +66,9 @@ class SD3Pipeline(BasePipeline):
         cache=None,
         cache_threshold: float | None = None,
         sigmas=None,
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
     ) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance."""
@@ -92,10 +95,9 @@ class SD3Pipeline(BasePipeline):
             negative = [""] * (ctx.shape[0] // k)  # the references encode "", not zeros
         elif isinstance(negative, str):
             negative = [negative] * (ctx.shape[0] // k)
-        neg_ctx, neg_pooled = map(
-            per_image,
-            self._embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt"),
-        )
+        neg = self._embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt")
+        check_negatives(neg[0].shape[0], ctx.shape[0] // k)
+        neg_ctx, neg_pooled = map(per_image, neg)
         return ctx, pooled, (torch.cat((neg_ctx, ctx)), torch.cat((neg_pooled, pooled)))
 
     def prepare(self, timer, r) -> Plan:

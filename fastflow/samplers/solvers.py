@@ -5,7 +5,7 @@ initial noise and a sigma schedule ending in 0, and returns x at the last sigma.
 :class:`Step`: the sigma of the evaluation (it *is* that float, so functions written as
 ``velocity(x, sigma)`` keep working) carrying which solver step and stage it belongs to. The state
 is kept in fp32 whatever the velocity's dtype; ``callback(i, x, sigma_next)`` runs after each step
-and may raise to interrupt.
+and may raise to interrupt, or return a tensor that replaces x.
 """
 
 from __future__ import annotations
@@ -64,6 +64,13 @@ def _sigmas(sigmas) -> list[float]:
     return s
 
 
+def _after(callback, i: int, x: torch.Tensor, sigma_next: float) -> torch.Tensor:
+    """Run the step callback; a tensor it returns replaces the state (diffusers'
+    ``callback_on_step_end`` may hand back new latents)."""
+    out = callback(i, x, sigma_next)
+    return x if out is None else out.float()
+
+
 def euler(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None) -> torch.Tensor:
     """First-order: x += (sigma_next - sigma) v. Exact for a constant velocity field."""
     s, x = _sigmas(sigmas), x.float()
@@ -71,7 +78,7 @@ def euler(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None
     for i in range(n):
         x = euler_step(x, velocity(x, Step(s[i], i, s[i + 1], n)), s[i], s[i + 1])
         if callback:
-            callback(i, x, s[i + 1])
+            x = _after(callback, i, x, s[i + 1])
     return x
 
 
@@ -89,7 +96,7 @@ def heun(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None)
         else:
             x = x_pred
         if callback:
-            callback(i, x, s[i + 1])
+            x = _after(callback, i, x, s[i + 1])
     return x
 
 
@@ -115,7 +122,7 @@ def dpmpp_2m(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = N
             h_last = h
         old_denoised = denoised
         if callback:
-            callback(i, x, sigma_next)
+            x = _after(callback, i, x, sigma_next)
     return x
 
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from fastflow import errors
-from fastflow.pipelines.images import KONTEXT_RESOLUTIONS, kontext_size, load_image
+from fastflow.pipelines.images import KONTEXT_RESOLUTIONS, as_uint8, kontext_size, load_image
 
 KW = {"height": 24, "width": 40, "num_inference_steps": 2}
 
@@ -16,7 +16,8 @@ def test_seed_invariance_alone_or_in_a_batch(load):
     alone = pipe("a handwritten seven", seed=11, output_type="np", **KW)
     batch = pipe("a handwritten seven", seed=10, num_images_per_prompt=3, output_type="np", **KW)
     assert batch.seeds == [10, 11, 12] and alone.seeds == [11]
-    np.testing.assert_array_equal(alone.images[0], batch.images[1])
+    # as the PNG stores it (the batch's GEMMs may differ from one image's in the last float bit)
+    np.testing.assert_array_equal(as_uint8(alone.images[0]), as_uint8(batch.images[1]))
     assert not np.array_equal(batch.images[0], batch.images[1])
 
 

@@ -76,7 +76,7 @@ def test_flux(pipeline_folders, load, variant, guidance):
     ours = pipe(latents=noise, output_type="latent", **kw).images
     theirs = unpack_latents(ref(latents=pack_latents(noise), output_type="latent", **kw).images, H // 2, W // 2)
     assert _rel(ours, theirs) <= 1e-5
-    ours_img = pipe(latents=noise, output_type="np", **kw).images
+    ours_img = _to_uint8(pipe(latents=noise, output_type="np", **kw).images)
     theirs_img = _to_uint8(ref(latents=pack_latents(noise), output_type="np", **kw).images)
     assert np.abs(ours_img.astype(int) - theirs_img.astype(int)).max() <= 1
 
@@ -109,7 +109,7 @@ def test_flux_kontext(pipeline_folders, load):
         **kw,
     ).images
     assert _rel(ours.images, unpack_latents(theirs, 16, 24)) <= 1e-5
-    ours_img = pipe(image=image, latents=noise, auto_resize=False, output_type="np", **kw).images
+    ours_img = _to_uint8(pipe(image=image, latents=noise, auto_resize=False, output_type="np", **kw).images)
     theirs_img = _to_uint8(
         ref(
             image=image,
@@ -146,7 +146,7 @@ def test_sd3(pipeline_folders, load, slg):
     ours = pipe(latents=noise, sampler="euler", output_type="latent", **kw).images
     theirs = ref(latents=noise, output_type="latent", **kw).images
     assert _rel(ours, theirs) <= 1e-5
-    ours_img = pipe(latents=noise, sampler="euler", output_type="np", **kw).images
+    ours_img = _to_uint8(pipe(latents=noise, sampler="euler", output_type="np", **kw).images)
     theirs_img = _to_uint8(ref(latents=noise, output_type="np", **kw).images)
     assert np.abs(ours_img.astype(int) - theirs_img.astype(int)).max() <= 1
 
