@@ -406,7 +406,8 @@ def _site(sdpa: fx.Node):
     if q.rope != k.rope:
         return None
     for sq, sk, sv in zip(q.streams, k.streams, v.streams, strict=True):
-        if len({_proj_shape_dtype(s.proj) for s in (sq, sk, sv)}) != 1:
+        first, *rest = (_proj_shape_dtype(s.proj) for s in (sq, sk, sv))
+        if any(other != first for other in rest):  # compared, not hashed: shapes may be symbolic
             return None
     if len({s.eps for s in q.streams + k.streams}) != 1:
         return None

@@ -69,3 +69,24 @@ def test_accelerate_quant_and_cache_on_a_fastflow_pipeline():
     assert out.images and pipe.defaults["cache"] == "fbcache"
     with pytest.raises(InputError):
         fastflow.accelerate(pipe, compile=False, cache="no-such-policy")
+
+
+def test_diffusers_flux_over_three_resolutions_rewrites_the_dynamic_graph_too():
+    """The recompile for a second resolution traces with symbolic sizes: the attention rewrite must
+    match there as well (shapes compared, never hashed), with at most one recompile in all."""
+    from ..compile.test_backend import _diffusers_flux, _flux_inputs
+
+    model = _diffusers_flux(1, 1)
+    counts = []
+
+    def counting(gm, example_inputs):
+        counts.append(fc.rewrite(gm, example_inputs)["qk_norm_rope"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting)
+    with torch.no_grad():
+        for n in (12, 18, 24):
+            kw = _flux_inputs(n=n)
+            torch.testing.assert_close(compiled(**kw).sample, model(**kw).sample, rtol=1e-5, atol=1e-5)
+    assert len(counts) <= 2 and all(c == 2 for c in counts), counts
