@@ -63,28 +63,72 @@ def check_output(path: Path) -> None:
         ) from None
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def output_path(text: str) -> Path:
+    """``-o``: an image file name (.png, .jpg/.jpeg, .webp) or an existing folder (then
+    ``FOLDER/fastflow.png``); anything else is refused before any work."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path / "fastflow.png"
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise InputError(f"-o {text}: name an image file ending in {', '.join(IMAGE_FORMATS)} (or an existing folder)")
+    return path
+
+
+def a1111_parameters(prompt: str, seed, settings: dict) -> str:
+    """The ``parameters`` text other tools (A1111, ComfyUI readers, civitai) show for an image."""
+    lines = [prompt]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = {
+        "Steps": settings.get("num_inference_steps"),
+        "Sampler": settings.get("sampler"),
+        "CFG scale": settings.get("guidance_scale"),
+        "Seed": seed,
+        "Size": f"{settings.get('width')}x{settings.get('height')}",
+        "Model": settings.get("model"),
+        "Version": f"fastflow {__version__}",
+    }
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
 def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
-    """Write a PNG with the prompt, seed and settings as text chunks; returns the path used.
+    """Write the image (format from the suffix: PNG, JPEG or WebP) with the prompt, seed and
+    settings (PNG: text chunks, plus A1111's ``parameters``; JPEG: that text as the comment);
+    returns the path used.
 
     The name is claimed atomically and the bytes go to a temporary file in the same folder that
     replaces the claim in one rename: concurrent runs never overwrite each other, and an
-    interrupted save leaves no partial PNG behind."""
+    interrupted save leaves no partial file behind."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    info.add_text("prompt", prompt)
-    info.add_text("seed", "" if seed is None else str(seed))
-    info.add_text("settings", json.dumps(settings, sort_keys=True))
-    info.add_text("software", f"fastflow {__version__}")
+    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    parameters = a1111_parameters(prompt, seed, settings)
+    options = {}
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_text("prompt", prompt)
+        info.add_text("seed", "" if seed is None else str(seed))
+        info.add_text("settings", json.dumps(settings, sort_keys=True))
+        info.add_text("parameters", parameters)
+        info.add_text("software", f"fastflow {__version__}")
+        options["pnginfo"] = info
+    elif fmt == "JPEG":
+        options.update(quality=95, comment=parameters.encode("utf-8"))
+    else:
+        options.update(quality=95)
     _output_folder(path)  # writability shows in the claim itself (an OSError becomes an OutputError)
     target = tmp = None
     try:
         target = claim_path(path)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            image.save(f, format=fmt, **options)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -149,6 +193,8 @@ def check_device(name: str) -> str:
 def _cmd_generate(args) -> int:
     from .api import load
 
+    if args.from_image is not None:
+        _settings_from_image(args)
     prompt = args.prompt_opt if args.prompt_opt is not None else args.prompt
     if prompt is None:
         raise InputError('no prompt: fastflow generate "a handwritten seven" (or -p TEXT)')
@@ -158,7 +204,15 @@ def _cmd_generate(args) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.upscale is not None and not 1 <= args.upscale <= MAX_UPSCALE:
         raise InputError(f"--upscale must be from 1 to {MAX_UPSCALE}, got {args.upscale}")
-    check_output(Path(args.output))
+    if not 1 <= args.num_images <= MAX_CLI_IMAGES:
+        raise InputError(f"-n must be from 1 to {MAX_CLI_IMAGES}, got {args.num_images}")
+    for flag, value in (("-H", args.height), ("-W", args.width), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    output = output_path(args.output)
+    check_output(output)
+    if args.no_progress:
+        _quiet_loading_bars()
     config = None
     if args.config is not None:
         from .loading.described import parse_config_arg
@@ -176,6 +230,10 @@ def _cmd_generate(args) -> int:
     }
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
+    if args.true_cfg is not None:
+        if pipe.config.family != "flux":
+            raise InputError("--true-cfg is FLUX's option: SD3 runs CFG with --guidance")
+        kwargs["true_cfg_scale"] = args.true_cfg
     if args.image is not None:
         kwargs["image"] = args.image
     if args.cache is not None:
@@ -186,20 +244,22 @@ def _cmd_generate(args) -> int:
         raise InputError(
             f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE}): pass a smaller --upscale"
         )
+    _warn_size(pipe, args.height, args.width)
     total, done = args.num_images, 0
-    if not 1 <= total <= MAX_CLI_IMAGES:
-        raise InputError(f"-n must be from 1 to {MAX_CLI_IMAGES}, got {total}")
     while done < total:  # batches of at most the pipeline's per-call cap
         count = min(total - done, pipe.max_images_per_call)
         seed = args.seed + done if args.seed not in (None, -1) else args.seed
         out = pipe(prompt, **dict(kwargs, num_images_per_prompt=count, seed=seed))
-        settings = dict(out.settings, model_path=str(model), upscale=upscale)
+        # no absolute paths in what is shared with the image: the model's folder or file name
+        settings = dict(out.settings, model_path=model.name, upscale=upscale)
+        if args.negative_prompt is not None:
+            settings["negative_prompt"] = args.negative_prompt
         for image, image_seed in zip(out.images, out.seeds, strict=True):
             if upscale > 1:
                 from PIL import Image
 
                 image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-            path = save_png(image, Path(args.output), prompt, image_seed, settings)
+            path = save_png(image, output, prompt, image_seed, settings)
             print(f"wrote {path} (seed {image_seed})")
         done += count
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
@@ -208,6 +268,73 @@ def _cmd_generate(args) -> int:
         saved = f", cache {settings['cache']} saved {out.stats['work_saved']:.0%} of block work"
     print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}{saved}")
     return 0
+
+
+_FROM_IMAGE = {  # generate's argument <- the settings key a fastflow image stores
+    "height": "height",
+    "width": "width",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "sampler": "sampler",
+    "negative_prompt": "negative_prompt",
+    "true_cfg": "true_cfg_scale",
+    "upscale": "upscale",
+}
+
+
+def _settings_from_image(args) -> None:
+    """--from IMAGE: the prompt, seed and settings a fastflow PNG stores fill every argument the
+    command line leaves unset (the model too, when it is the embedded one)."""
+    from PIL import Image
+
+    try:
+        with Image.open(args.from_image) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as e:
+        raise InputError(f"--from {args.from_image}: cannot read it as an image ({e})") from None
+    if "settings" not in text or "prompt" not in text:
+        raise InputError(f"--from {args.from_image}: not an image fastflow wrote (no prompt / settings in it)")
+    try:
+        settings = json.loads(text["settings"])
+    except json.JSONDecodeError:
+        raise InputError(f"--from {args.from_image}: its settings are not valid JSON") from None
+    if args.prompt is None and args.prompt_opt is None:
+        args.prompt = text["prompt"]
+    if args.seed is None and text.get("seed"):
+        args.seed = int(text["seed"])
+    for arg, key in _FROM_IMAGE.items():
+        if getattr(args, arg) is None and settings.get(key) is not None:
+            setattr(args, arg, settings[key])
+    if args.model is None and settings.get("model") not in (None, "fastflow-tiny-digits"):
+        raise InputError(
+            f"--from {args.from_image}: it was made with {settings['model']} ({settings.get('model_path')}): "
+            "pass --model with its files"
+        )
+
+
+def _quiet_loading_bars() -> None:
+    """--no-progress also silences the loading bars of transformers / diffusers (text encoders)."""
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(ImportError, AttributeError):
+        import diffusers
+
+        diffusers.utils.logging.disable_progress_bar()
+
+
+def _warn_size(pipe, height, width) -> None:
+    """Sizes beyond twice the model's trained size work but rarely look right: one line on stderr
+    (beyond the pipeline's own limit, 4x, it refuses)."""
+    trained = max(pipe.default_size)
+    side = max(height or 0, width or 0)
+    if 2 * trained < side <= getattr(pipe, "max_side", side):
+        print(
+            f"fastflow: warning: {side} px is beyond {pipe.config.name}'s trained size ({trained} px): "
+            "expect poor images and a long run",
+            file=sys.stderr,
+        )
 
 
 def _read_prompts(args, pipe) -> list[str] | None:
@@ -460,7 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="make images from a prompt (Kontext: edit --image)")
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p)")
     p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
-    p.add_argument("-o", "--output", default="fastflow.png", help="PNG path; never overwritten (numbered instead)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="fastflow.png",
+        help="image path (.png, .jpg, .webp) or a folder; never overwritten (numbered instead)",
+    )
     p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
     p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
     p.add_argument(
@@ -473,10 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-W", "--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
-    p.add_argument("--negative-prompt", default=None, help="SD3 only")
+    p.add_argument("--negative-prompt", default=None, help="SD3 (CFG), or FLUX with --true-cfg > 1")
+    p.add_argument("--true-cfg", type=float, default=None, help="FLUX: true CFG scale against --negative-prompt")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each); -1: random")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to make (1-10000, in batches of 64)")
     p.add_argument("--image", default=None, help="input image to edit (Kontext)")
+    p.add_argument(
+        "--from",
+        dest="from_image",
+        default=None,
+        help="re-run a fastflow image: its prompt, seed and settings fill what the command line leaves unset",
+    )
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")

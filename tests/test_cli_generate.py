@@ -63,7 +63,7 @@ def test_generate_writes_png_with_metadata_and_never_overwrites(model, tmp_path)
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--steps", "0"], "num_inference_steps"),
+        (["--steps", "0"], "--steps must be a positive integer"),
         (["--model", "/nonexistent/model"], "no such file"),
         (["--image", "/nonexistent.png"], "Kontext"),
     ],

@@ -114,7 +114,8 @@ def check_negatives(negatives: int, prompts: int) -> None:
 
 def resolve_size(height, width, default: tuple[int, int], multiple: int, max_side: int) -> tuple[int, int]:
     """Round height/width down to ``multiple`` (with a warning, as the references do)."""
-    height, width = height or default[0], width or default[1]
+    height = default[0] if height is None else height
+    width = default[1] if width is None else width
     if not isinstance(height, int) or not isinstance(width, int):
         raise InputError(f"height and width must be integers, got {height!r} x {width!r}")
     h, w = height // multiple * multiple, width // multiple * multiple

@@ -1,0 +1,97 @@
+"""fastflow generate as a user of other tools expects it: bad values exit 2 with one line before
+any work, -o picks the format from its suffix (or a folder), metadata other tools read and no
+absolute paths, --true-cfg, --from IMAGE re-runs an image's settings."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastflow.cli import main
+
+FAST = ["--steps", "2", "--no-progress", "--device", "cpu"]
+
+
+def _run(capsys, *argv):
+    code = main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["-n", "0"], "-n must be from 1"),
+        (["-H", "0"], "-H must be a positive integer"),
+        (["-W", "-16"], "-W must be a positive integer"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--upscale", "0"], "--upscale must be from 1"),
+        (["-o", "out.gif"], "name an image file ending in .png"),
+        (["-o", "no-suffix"], "name an image file ending in .png"),
+        (["--config", "[1, 2]"], "--config must be a JSON object"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "a seven", *FAST, *argv)  # the case last: it wins over FAST
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("suffix,magic", [(".jpg", b"\xff\xd8"), (".jpeg", b"\xff\xd8"), (".webp", b"RIFF")])
+def test_the_suffix_picks_the_format(capsys, tmp_path, suffix, magic):
+    target = tmp_path / f"out{suffix}"
+    code, out, err = _run(capsys, "a seven", "-o", str(target), "--seed", "1", *FAST)
+    assert code == 0, err
+    assert target.read_bytes()[: len(magic)] == magic
+    if suffix != ".webp":
+        with Image.open(target) as im:
+            assert b"Seed: 1" in im.info.get("comment", b"")
+
+
+def test_a_folder_as_output_gets_numbered_files(capsys, tmp_path):
+    for _ in range(2):
+        assert _run(capsys, "a seven", "-o", str(tmp_path), *FAST)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fastflow-1.png", "fastflow.png"]
+
+
+def test_png_metadata_for_other_tools_and_no_absolute_paths(capsys, tmp_path):
+    target = tmp_path / "a.png"
+    code, _, err = _run(capsys, "a seven", "-o", str(target), "--seed", "4", "--true-cfg", "2.0",
+                        "--negative-prompt", "a three", *FAST)  # fmt: skip
+    assert code == 0, err
+    with Image.open(target) as im:
+        text = dict(im.text)
+    settings = json.loads(text["settings"])
+    assert settings["negative_prompt"] == "a three" and settings["true_cfg_scale"] == 2.0
+    assert not any(str(v).startswith("/") for v in settings.values()), settings
+    lines = text["parameters"].splitlines()
+    assert lines[0] == "a seven" and lines[1] == "Negative prompt: a three"
+    assert "Steps: 2" in lines[2] and "Seed: 4" in lines[2] and "Model: fastflow-tiny-digits" in lines[2]
+
+
+def test_from_an_image_reruns_its_settings(capsys, tmp_path):
+    first = tmp_path / "first.png"
+    assert _run(capsys, "a handwritten four", "-o", str(first), "--seed", "9", "-H", "16", "-W", "32", *FAST)[0] == 0
+    again = tmp_path / "again.png"
+    code, out, err = _run(capsys, "--from", str(first), "-o", str(again), "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.size == b.size  # the model's viewing upscale applies to both
+        assert json.loads(b.text["settings"])["height"] == 16 and json.loads(b.text["settings"])["width"] == 32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.text["prompt"] == b.text["prompt"] and b.text["seed"] == "9"
+    code, _, err = _run(capsys, "--from", str(tmp_path / "nothing.png"), *FAST)
+    assert code == 2 and "cannot read it as an image" in err
+
+
+def test_sizes_beyond_the_trained_range_warn_in_one_line(capsys, tmp_path):
+    code, out, err = _run(capsys, "a seven", "-H", "48", "-W", "48", "--upscale", "1", "-o", str(tmp_path / "w.png"),
+                          *FAST)  # fmt: skip
+    assert code == 0 and err.strip().splitlines() == [
+        "fastflow: warning: 48 px is beyond fastflow-tiny-digits's trained size (16 px): expect poor images and a "
+        "long run"
+    ]
+    code, _, err = _run(capsys, "a seven", "-H", "80", "-o", str(tmp_path / "x.png"), *FAST)  # > 4x: refused
+    assert code == 2 and "limit" in err
