@@ -462,6 +462,17 @@ def _cmd_info(args) -> int:
     from .loading import inspect_checkpoint
 
     print(inspect_checkpoint(args.path, variant=args.variant).summary())
+    folder = Path(args.path)
+    if folder.is_dir():  # a pipeline folder: every component, with its size
+        from .loading.loader import human_bytes
+
+        parts = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors")))
+        if parts:
+            print("components:")
+        for part in parts:
+            files = sorted(part.glob("*.safetensors"))
+            size = sum(f.stat().st_size for f in files)
+            print(f"  {part.name + '/':<17} {human_bytes(size):>10} in {len(files)} file(s)")
     return 0
 
 

@@ -95,3 +95,15 @@ def test_sizes_beyond_the_trained_range_warn_in_one_line(capsys, tmp_path):
     ]
     code, _, err = _run(capsys, "a seven", "-H", "80", "-o", str(tmp_path / "x.png"), *FAST)  # > 4x: refused
     assert code == 2 and "limit" in err
+
+
+def test_info_on_a_folder_lists_every_component_in_human_units(capsys):
+    from fastflow.loading.components import DEFAULT_MODEL
+    from fastflow.loading.loader import human_bytes
+
+    assert main(["info", str(DEFAULT_MODEL)]) == 0
+    out = capsys.readouterr().out
+    assert "size:        2.0 MiB in 1 file(s)" in out and "0.00 GiB" not in out
+    for part in ("transformer/", "vae/", "text_encoder/", "text_encoder_2/"):
+        assert part in out.split("components:")[1]
+    assert [human_bytes(n) for n in (5, 1536, 3 * 2**20, 150 * 2**30)] == ["5 B", "1.5 KiB", "3.0 MiB", "150 GiB"]

@@ -20,7 +20,7 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/digits.png")
+    parser.add_argument("--out", required=True, help="the PNG to write (docs/digits.png for the README)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--per-digit", type=int, default=8)
     parser.add_argument("--scale", type=int, default=8)

@@ -98,7 +98,8 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
                 raise UnsupportedDtypeError(
                     source.file_of(s.key),
                     f"weight {s.key!r} is {DTYPE_NAMES[source.entry(s.key).dtype]}, not a floating-point type",
-                    "use a float checkpoint (quantized files load via fastflow.quant)",
+                    "use a float or FP8 checkpoint: integer-quantized weights (int8 / int4, GGUF, bitsandbytes) "
+                    "are not supported; `fastflow quantize` makes an FP8 file from a float one",
                 )
     if mismatches:
         raise ShapeMismatchError(
@@ -299,6 +300,14 @@ def load_vae(
     return _load(path, "vae", "vae", variant, dtype, device, config, prefer)
 
 
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'; whole bytes below 1 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}" if n < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str
@@ -321,7 +330,7 @@ class CheckpointInfo:
             f"dtypes:      {', '.join(f'{k} x{v}' for k, v in sorted(self.dtypes.items()))}",
             f"quant:       {self.quant or 'none (float weights)'}",
             f"parameters:  {_human(self.num_params)} ({self.num_params:,})",
-            f"size:        {self.nbytes / 2**30:.2f} GiB in {self.num_files} file(s)",
+            f"size:        {human_bytes(self.nbytes)} in {self.num_files} file(s)",
         ]
         if self.other_components:
             lines.append(f"also holds:  {', '.join(self.other_components)}")
