@@ -17,29 +17,42 @@ from fastflow.models.flux import pack_latents, unpack_latents
 from ..conftest import tiny_diffusers_flux, tiny_pipeline_folder
 from .test_parity import H, W, _rel, diffusers_flux
 
-DEPTH, SINGLE = 1, 3  # flux-tiny-dev is 2 + 2: this size is registered nowhere
+DEPTH, SINGLE = 1, 2  # flux-tiny-dev is 2 + 2: this size is registered nowhere
+
+
+def _folder(root, **changes):
+    """flux-tiny-dev's pipeline folder with a transformer of another size."""
+    root = tiny_pipeline_folder(root, "flux-tiny-dev")
+    shutil.rmtree(root / "transformer")
+    tiny_diffusers_flux("flux-tiny-dev", seed=5, **changes).save_pretrained(root / "transformer")
+    return root
 
 
 @pytest.fixture(scope="module")
 def custom_folder(tmp_path_factory):
-    root = tiny_pipeline_folder(tmp_path_factory.mktemp("described") / "lite-flux", "flux-tiny-dev")
-    shutil.rmtree(root / "transformer")
-    model = tiny_diffusers_flux("flux-tiny-dev", seed=5, depth=DEPTH, depth_single_blocks=SINGLE)
-    model.save_pretrained(root / "transformer")
-    return root
+    return _folder(tmp_path_factory.mktemp("described") / "lite-flux", depth=DEPTH, depth_single_blocks=SINGLE)
 
 
-def test_a_diffusers_folder_of_an_unregistered_size_loads_and_matches_diffusers(custom_folder):
-    pipe = fastflow.load(custom_folder, device="cpu", dtype=torch.float32)
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """Another width (3 heads of 32: 96 wide) at the registered depth."""
+    return _folder(tmp_path_factory.mktemp("described") / "wide-flux", hidden_size=96, num_heads=3)
+
+
+@pytest.mark.parametrize("which", ["custom_folder", "wide_folder"])
+def test_a_diffusers_folder_of_an_unregistered_size_loads_and_matches_diffusers(request, which):
+    folder = request.getfixturevalue(which)
+    pipe = fastflow.load(folder, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     cfg = pipe.transformer.config
-    assert (cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed) == (DEPTH, SINGLE, True)
-    assert cfg.name == "custom:lite-flux" and cfg.sampling.guidance == 3.5  # dev-like: guidance-distilled
+    expected = (DEPTH, SINGLE, 64) if which == "custom_folder" else (2, 2, 96)
+    assert (cfg.depth, cfg.depth_single_blocks, cfg.hidden_size) == expected and cfg.guidance_embed
+    assert cfg.name == f"custom:{folder.name}" and cfg.sampling.guidance == 3.5  # dev-like: guidance-distilled
     txt, y = pipe.text_encoder(["a handwritten seven"])
     noise = torch.randn(1, 16, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
     kw = dict(prompt_embeds=txt, pooled_prompt_embeds=y, height=H, width=W, num_inference_steps=3, guidance_scale=3.5)
     ours = pipe(latents=noise, output_type="latent", **kw).images
-    ref = diffusers_flux(custom_folder, dynamic=True)
+    ref = diffusers_flux(folder, dynamic=True)
     theirs = unpack_latents(ref(latents=pack_latents(noise), output_type="latent", **kw).images, H // 2, W // 2)
     assert _rel(ours, theirs) <= 1e-5
 
