@@ -218,8 +218,11 @@ def _cmd_generate(args) -> int:
         from .loading.described import parse_config_arg
 
         config = parse_config_arg(args.config)
+    threads = _threads_arg(args.threads)
     pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant, config=config)
     pipe.set_progress_bar_config(disable=args.no_progress)
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads or cpu_threads(pipe))
     kwargs = {
         "height": args.height,
         "width": args.width,
@@ -280,6 +283,34 @@ _FROM_IMAGE = {  # generate's argument <- the settings key a fastflow image stor
     "true_cfg": "true_cfg_scale",
     "upscale": "upscale",
 }
+
+
+SMALL_MODEL_PARAMS = 50_000_000  # below this, matmuls are too small to share between cores
+
+
+def cpu_threads(pipe) -> int:
+    """Threads for a CPU run: 1 for small models, whose matmuls are too small to share between
+    cores (issue 17 reported the embedded model 15x slower on 2 threads than on 1; re-measured on
+    2 cores on 2026-12-04: denoise 0.13-0.15 s on 1 thread and 0.13-0.16 s on 2, so no loss today,
+    and 1 thread leaves the other core free); torch's default (all cores) for real models."""
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    return 1 if params < SMALL_MODEL_PARAMS else torch.get_num_threads()
+
+
+def _threads_arg(value) -> int | None:
+    """--threads, else FASTFLOW_NUM_THREADS, else None (chosen from the model's size)."""
+    source = "--threads"
+    if value is None and os.environ.get("FASTFLOW_NUM_THREADS"):
+        value, source = os.environ["FASTFLOW_NUM_THREADS"], "FASTFLOW_NUM_THREADS"
+    if value is None:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if not 1 <= threads <= 1024:
+        raise InputError(f"{source} must be a thread count from 1 to 1024, got {value!r}")
+    return threads
 
 
 def _settings_from_image(args) -> None:
@@ -635,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="nearest-neighbour upscale of the saved PNG, for viewing (default: the model's, usually 1)",
+    )
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="CPU threads (default: FASTFLOW_NUM_THREADS, else 1 for small models and all cores for large ones)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

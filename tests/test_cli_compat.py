@@ -107,3 +107,32 @@ def test_info_on_a_folder_lists_every_component_in_human_units(capsys):
     for part in ("transformer/", "vae/", "text_encoder/", "text_encoder_2/"):
         assert part in out.split("components:")[1]
     assert [human_bytes(n) for n in (5, 1536, 3 * 2**20, 150 * 2**30)] == ["5 B", "1.5 KiB", "3.0 MiB", "150 GiB"]
+
+
+def test_cpu_threads_follow_the_model_size_and_can_be_set(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    seen = []
+    assert _run(capsys, "a seven", "-o", str(tmp_path / "a.png"), *FAST)[0] == 0
+    assert seen == [1]  # the embedded model: 1 M parameters, one thread
+    monkeypatch.setenv("FASTFLOW_NUM_THREADS", "3")
+    assert _run(capsys, "a seven", "-o", str(tmp_path / "b.png"), *FAST)[0] == 0
+    assert _run(capsys, "a seven", "-o", str(tmp_path / "c.png"), "--threads", "2", *FAST)[0] == 0
+    assert seen == [1, 3, 2]  # the variable, then the flag over it
+    code, _, err = _run(capsys, "a seven", "-o", str(tmp_path / "d.png"), "--threads", "zero", *FAST)
+    assert code == 2 and "--threads must be a thread count" in err
+    monkeypatch.setenv("FASTFLOW_NUM_THREADS", "-1")
+    code, _, err = _run(capsys, "a seven", "-o", str(tmp_path / "e.png"), *FAST)
+    assert code == 2 and "FASTFLOW_NUM_THREADS must be" in err and seen == [1, 3, 2]
+
+
+def test_cpu_threads_for_a_large_model_are_torchs_default():
+    import types
+
+    import torch
+
+    from fastflow.cli import cpu_threads
+
+    big = types.SimpleNamespace(transformer=torch.nn.Linear(8000, 8000))  # 64 M parameters
+    assert cpu_threads(big) == torch.get_num_threads()
