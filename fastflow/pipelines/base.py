@@ -25,7 +25,7 @@ import torch
 
 from ..errors import GenerationInterrupted, InputError, NumericalError
 from ..samplers import Step, get_solver
-from .images import to_pil
+from .images import to_numpy, to_pil, to_unit
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The running generation's cache runner and work counters (per thread / task, never shared).
@@ -195,9 +195,9 @@ class DenoiseLoop:
         returned ``latents`` replaces the state (same shape)."""
         t = torch.tensor(float(sigmas[i]) * 1000.0)
         out = self.on_step_end(self.pipeline, i, t, {"latents": x})
-        new = (out or {}).get("latents") if isinstance(out, dict) or out is None else None
         if out is not None and not isinstance(out, dict):
             raise InputError(f"callback_on_step_end must return a dict (or None), got {type(out).__name__}")
+        new = None if out is None else out.get("latents")
         if new is None:
             return x
         if not isinstance(new, torch.Tensor) or new.shape != x.shape:
@@ -488,5 +488,4 @@ class BasePipeline:
         in [0, 1]."""
         if output_type == "pil":
             return to_pil(images)
-        x = (images.float() / 2 + 0.5).clamp(0, 1)
-        return x.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else x
+        return to_numpy(images) if output_type == "np" else to_unit(images)

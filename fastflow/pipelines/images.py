@@ -71,10 +71,20 @@ def as_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Decoded [B, 3, H, W] in [-1, 1] -> [B, 3, H, W] in [0, 1]: (x / 2 + 0.5) clamped, in fp32
+    (diffusers' "pt")."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """Decoded [B, 3, H, W] in [-1, 1] -> float32 [B, H, W, 3] in [0, 1] (diffusers' "np")."""
+    return to_unit(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8: (x / 2 + 0.5) clamped, x255, rounded."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8: :func:`to_numpy`, x255, rounded."""
+    return as_uint8(to_numpy(images))
 
 
 def to_pil(images: torch.Tensor) -> list:
