@@ -80,14 +80,14 @@ def _decompose(gm: fx.GraphModule, device: torch.device) -> int:
     return count
 
 
-def rewrite(gm: fx.GraphModule, example_inputs) -> dict[str, int]:
-    """Run every pattern pass on ``gm`` in place, then decompose the ops without a kernel on the
-    graph's device. Returns this graph's counts."""
+def rewrite(gm: fx.GraphModule, example_inputs, decompose: bool = True) -> dict[str, int]:
+    """Run every pattern pass on ``gm`` in place, then (``decompose``) replace the ops without a
+    kernel on the graph's device by their reference bodies. Returns this graph's counts."""
     counts = {}
     for name, fn in PASSES.items():
         counts[name] = fn(gm)
         gm.graph.eliminate_dead_code()
-    decomposed = _decompose(gm, _graph_device(example_inputs))
+    decomposed = _decompose(gm, _graph_device(example_inputs)) if decompose else 0
     gm.graph.lint()
     gm.recompile()
     _COUNTS.update(counts)
