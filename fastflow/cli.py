@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .errors import FastflowError, InputError, OutputError
 from .loading.components import DEFAULT_MODEL
+from .ops.capability import usable_device
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -167,27 +168,8 @@ def parse_cache(text: str):
 
 def device_and_dtype(device: str | None, dtype: str | None = None) -> tuple[str, torch.dtype]:
     """--device (default: cuda if available) checked, and --dtype (default: bf16 on GPU, fp32 on CPU)."""
-    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     return device, DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-
-
-def check_device(name: str) -> str:
-    """A device this torch build can use, checked before loading anything."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
-            raise InputError(f"--device {name}: this machine has {build}; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {name}: fastflow runs on cpu, cuda or mps")
-    return name
 
 
 def _cmd_generate(args) -> int:

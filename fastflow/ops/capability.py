@@ -33,3 +33,27 @@ def device_name(device: torch.device | str) -> str:
         return device.type
     major, minor = torch.cuda.get_device_capability(device)
     return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+
+
+def usable_device(name, label: str = "device", cpu: str | None = None) -> str:
+    """``name`` (a str or torch.device) if this torch build can use it, else an ``InputError`` that
+    names ``label`` (the CLI's ``--device``, or ``pipe.to``) and says what to use instead (``cpu``:
+    how to ask for the CPU there, by default ``{label} cpu``)."""
+    from ..errors import InputError
+
+    cpu = cpu or f"{label} cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{label} {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise InputError(f"{label} {name}: CUDA is not available ({build}); use {cpu}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"{label} {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{label} {name}: MPS is not available on this machine; use {cpu}")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"{label} {name}: fastflow runs on cpu, cuda or mps")
+    return name

@@ -281,12 +281,10 @@ class BasePipeline:
             device, dtype = None, device
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise InputError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        try:
-            device = None if device is None else torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InputError(f"not a device: {device!r} (e.g. 'cuda', 'cuda:1', 'cpu')") from None
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("CUDA is not available to this torch (a CPU-only build, or no GPU)")
+        if device is not None:
+            from ..ops.capability import usable_device
+
+            device = torch.device(usable_device(device, "pipe.to", 'pipe.to("cpu")'))
         self.transformer.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
         for name in ("clip_l", "clip_g", "t5"):
