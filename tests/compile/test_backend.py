@@ -50,15 +50,20 @@ def _relative(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def _eager_and_compiled(fn):
+    """fn(model_callable) run eagerly and under the "fastflow" backend (fullgraph, fresh dynamo and
+    rewrite counts): (expected, got)."""
+    torch._dynamo.reset()
+    fc.reset()
+    with torch.no_grad():
+        return fn(lambda model: model), fn(lambda model: torch.compile(model, backend="fastflow", fullgraph=True))
+
+
 def test_diffusers_flux_every_site_rewritten_and_fp32_parity():
     layers, single = 1, 2
     model = _diffusers_flux(layers, single)
     kw = _flux_inputs()
-    torch._dynamo.reset()
-    fc.reset()
-    with torch.no_grad():
-        expected = model(**kw).sample
-        got = torch.compile(model, backend="fastflow", fullgraph=True)(**kw).sample
+    expected, got = _eager_and_compiled(lambda wrap: wrap(model)(**kw).sample)
     assert _relative(got, expected) <= 1e-5
     # sites: per double block norm1, norm1_context, norm2, norm2_context; per single block norm; norm_out
     assert fc.report() == {
@@ -134,11 +139,7 @@ def test_diffusers_sd3_every_site_rewritten_and_fp32_parity(variant):
         pooled_projections=torch.randn(2, cfg.adm_in_dim, generator=g),
         timestep=torch.tensor([700.0, 250.0]),
     )
-    torch._dynamo.reset()
-    fc.reset()
-    with torch.no_grad():
-        expected = model(**kw).sample
-        got = torch.compile(model, backend="fastflow", fullgraph=True)(**kw).sample
+    expected, got = _eager_and_compiled(lambda wrap: wrap(model)(**kw).sample)
     assert _relative(got, expected) <= 1e-5
     counts = fc.report()
     depth, dual = cfg.depth, len(cfg.dual_attention_layers)
@@ -157,10 +158,7 @@ def test_diffusers_flux_bf16_guidance_rounding_is_kept():
     rounding of guidance x 1000 (28% output error); emulate_precision_casts keeps it."""
     model = _diffusers_flux().to(torch.bfloat16)
     kw = _flux_inputs(dtype=torch.bfloat16, guidance=3.5)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        expected = model(**kw).sample
-        got = torch.compile(model, backend="fastflow", fullgraph=True)(**kw).sample
+    expected, got = _eager_and_compiled(lambda wrap: wrap(model)(**kw).sample)
     # the fused ops round once where diffusers rounds after every bf16 op: a few bf16 ulps apart
     assert _relative(got, expected) <= 1.5e-2  # measured 5e-3; without emulate_precision_casts 3.7e-2
 
@@ -240,8 +238,5 @@ def test_our_mmdit_fullgraph_under_the_backend():
         torch.randn(2, 9, cfg.context_in_dim, generator=g),
         torch.randn(2, cfg.adm_in_dim, generator=g),
     )
-    torch._dynamo.reset()
-    with torch.no_grad():
-        expected = model(*args)
-        got = torch.compile(model, backend="fastflow", fullgraph=True)(*args)
+    expected, got = _eager_and_compiled(lambda wrap: wrap(model)(*args))
     assert _relative(got, expected) <= 1e-5
