@@ -156,7 +156,7 @@ def t5_tokenizer():
     return word_level_tokenizer(WORDS, "t5")
 
 
-def tiny_clip(width, projection, seed, projection_dim=None):
+def tiny_clip(width, projection, seed, projection_dim=None, act="quick_gelu"):
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         vocab_size=len(WORDS) + 4,
@@ -166,6 +166,7 @@ def tiny_clip(width, projection, seed, projection_dim=None):
         num_attention_heads=2,
         max_position_embeddings=77,
         projection_dim=projection_dim or width + 8,
+        hidden_act=act,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,

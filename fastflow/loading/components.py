@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, MissingComponentError
+from ..errors import MissingComponentError
 from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
 from .loader import load_transformer, load_vae
-from .text import check_tokenizer_fits, check_tokenizer_folder, load_text_model
+from .text import load_text_model
+from .tokenizer import check_tokenizer_fits, load_tokenizer
 
 # The embedded default model (tools/train_tiny.py): what `fastflow generate` runs without --model.
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "fastflow-tiny-digits"
@@ -50,50 +51,32 @@ def _found(folder: Path) -> str:
     return ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
 
 
-def _load_tokenizer(folder, what: str):
-    from transformers import AutoTokenizer
-
-    folder = Path(folder).expanduser()
-    check_tokenizer_folder(folder, what)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers / tokenizers fail in many ways (even bare Exception)
-        raise CheckpointError(
-            folder, f"the {what} tokenizer cannot be read ({type(e).__name__}: {e})", "re-download the tokenizer files"
-        ) from None
-    length = tokenizer.model_max_length
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        raise CheckpointError(
-            folder,
-            f"the {what} tokenizer's model_max_length is {length!r}, not a positive integer",
-            "fix tokenizer_config.json",
-        )
-    return tokenizer
-
-
 def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):
-    """A :class:`CLIPEncoder` from a local folder (CLIPTextModelWithProjection for SD3)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    model = load_text_model(model_cls, model_folder, "CLIP text encoder", dtype, device)
+    """A :class:`CLIPEncoder` from a local folder (with ``text_projection`` for SD3)."""
+    model = load_text_model("clip", model_folder, "CLIP text encoder", dtype, device, projection=with_projection)
     tok_folder = Path(tokenizer_folder or model_folder).expanduser()
-    encoder = CLIPEncoder(model, _load_tokenizer(tok_folder, "CLIP text encoder"))
-    check_tokenizer_fits(encoder.tokenizer, model, "CLIP text encoder", tok_folder, encoder.max_length)
+    encoder = CLIPEncoder(model, load_tokenizer(tok_folder, "CLIP text encoder", "clip"))
+    cfg = model.config
+    check_tokenizer_fits(
+        encoder.tokenizer,
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+        "CLIP text encoder",
+        tok_folder,
+        encoder.max_length,
+    )
     return encoder
 
 
 def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="cpu") -> T5Encoder:
     """A :class:`T5Encoder` from a local folder; never in fp16 (bf16 instead, with a warning)."""
-    from transformers import T5EncoderModel
-
     if dtype == torch.float16:
         warnings.warn("T5 overflows in float16; loading it in bfloat16 instead", UserWarning, stacklevel=3)
         dtype = torch.bfloat16
-    model = load_text_model(T5EncoderModel, model_folder, "T5 encoder", dtype, device)
+    model = load_text_model("t5", model_folder, "T5 encoder", dtype, device)
     tok_folder = Path(tokenizer_folder or model_folder).expanduser()
-    tokenizer = _load_tokenizer(tok_folder, "T5 encoder")
-    check_tokenizer_fits(tokenizer, model, "T5 encoder", tok_folder)
+    tokenizer = load_tokenizer(tok_folder, "T5 encoder", "t5")
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, None, "T5 encoder", tok_folder)
     return T5Encoder(model, tokenizer)
 
 
