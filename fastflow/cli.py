@@ -193,8 +193,6 @@ def _cmd_generate(args) -> int:
             raise InputError(f"{flag} must be a positive integer, got {value}")
     output = output_path(args.output)
     check_output(output)
-    if args.no_progress:
-        _quiet_loading_bars()
     config = None
     if args.config is not None:
         from .loading.described import parse_config_arg
@@ -323,18 +321,6 @@ def _settings_from_image(args) -> None:
             f"--from {args.from_image}: it was made with {settings['model']} ({settings.get('model_path')}): "
             "pass --model with its files"
         )
-
-
-def _quiet_loading_bars() -> None:
-    """--no-progress also silences the loading bars of transformers / diffusers (text encoders)."""
-    with contextlib.suppress(ImportError):
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    with contextlib.suppress(ImportError, AttributeError):
-        import diffusers
-
-        diffusers.utils.logging.disable_progress_bar()
 
 
 def _warn_size(pipe, height, width) -> None:

@@ -276,7 +276,7 @@ def _rope_matrices(node, layout: str) -> tuple[fx.Node, tuple] | None:
     if not _is_method(pairs, "reshape") or _upcast_of(pairs.args[0]) is not x:
         return None
     xv, pv, pev, out = _tensor(x), _tensor(pairs), _tensor(pe), _tensor(node)
-    if None in (xv, pv, pev, out) or out.dtype != xv.dtype or xv.dim() != 4:
+    if any(v is None for v in (xv, pv, pev, out)) or out.dtype != xv.dtype or xv.dim() != 4:
         return None
     b, h, seq, d = xv.shape
     if tuple(pv.shape) != (b, h, seq, d // 2, 1, 2) or tuple(pev.shape) != (1, 1, seq, d // 2, 2, 2):

@@ -6,7 +6,8 @@ Backends, read at call time (:func:`set_backend` / :func:`use_backend`):
 
 * ``"kernels"`` (default): call the custom op; the PyTorch dispatcher runs the registered GPU
   kernel for CUDA tensors (the first available of :data:`KERNEL_BACKENDS` that the op has) and the
-  reference body everywhere else.
+  reference body everywhere else. Eager calls on plain CPU tensors skip the dispatcher and run
+  the reference body directly (the same function; see :func:`_plain_cpu`).
 * ``"reference"``: call the plain-torch reference directly (tests, benchmarks, debugging).
 * a named kernel backend (``"triton"``, later ``"cuda_cpp"``): call that implementation directly on
   any device (GPU A/B runs; CPU tensors under ``TRITON_INTERPRET=1`` in the kernel tests); ops
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 KERNEL_BACKENDS = ("triton", "cuda_cpp")  # in order of preference for the "kernels" backend on CUDA
 BACKENDS = ("reference", "kernels", *KERNEL_BACKENDS)
@@ -124,6 +126,23 @@ def _needs_grad(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
+def _plain_cpu(args) -> bool:
+    """Eager calls on plain CPU tensors run the reference body directly: the custom op's CPU
+    dispatch would run the same function, after a first call that imports torch._dynamo (1.3 s,
+    torch.library wraps every registered body in ``_disable_dynamo``) and a dispatcher round trip
+    per call. Traces (torch.compile, export, fake or functional tensors under a dispatch mode)
+    still see the op."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or not a.is_cpu):
+            return False
+    return True
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def kernel_would_run(name: str, *tensors: torch.Tensor) -> bool:
     """Whether op ``name`` would run a kernel (not its reference) for these inputs now. For ops
     that compose others (``ops.linear``) and must pick the same path the kernels would."""
@@ -191,7 +210,7 @@ def defop(
         if _backend == "reference" or _needs_grad(args):
             return reference(*args)
         if _backend == "kernels":
-            return op(*args)
+            return reference(*args) if _plain_cpu(args) else op(*args)
         return opdef.impl(_backend)(*args) if _backend in opdef.impls else reference(*args)
 
     # a code object of its own per op: torch.compile caches (and counts recompiles) per code object

@@ -93,7 +93,8 @@ def _check_joint(qkv_a, qkv_b, a_q_scale, a_k_scale, b_q_scale, b_k_scale, cos, 
     for qkv in (qkv_a, qkv_b):
         _check_qkv(qkv, num_heads)
     _check_streams(qkv_a, qkv_b)
-    if cos is not None and sin is not None and None in (a_q_scale, a_k_scale, b_q_scale, b_k_scale):
+    scales = (a_q_scale, a_k_scale, b_q_scale, b_k_scale)
+    if cos is not None and sin is not None and any(s is None for s in scales):  # `in` would compare tensors
         raise InputError("joint_qk_norm_rope with RoPE needs the q and k norm scales of both streams")
     _check_tables(cos, sin, qkv_a.shape[1] + qkv_b.shape[1], _half(qkv_a, num_heads))
 
