@@ -44,9 +44,26 @@ class EmbedND(nn.Module):
         self.dim = dim
         self.theta = theta
         self.axes_dim = tuple(axes_dim)
+        self._last = None  # (ids, tables) of the previous eager call: every step of a generation asks again
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch_shared_ids(ids, len(self.axes_dim), "position ids")
+        if torch.compiler.is_compiling():
+            return self.tables(ids)
+        last = self._last
+        if (
+            last is not None
+            and last[0].shape == ids.shape
+            and last[0].device == ids.device
+            and torch.equal(last[0], ids)
+        ):
+            return last[1]
+        tables = self.tables(ids)
+        self._last = (ids.clone(), tables)
+        return tables
+
+    def tables(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [L, D/2] fp32 for ids [L, n_axes] (computed, never from the previous call)."""
         pos = ids.to(torch.float64)
         angles = []
         for axis, d in enumerate(self.axes_dim):

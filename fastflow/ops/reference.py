@@ -26,14 +26,26 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, D/2] cos / sin -> [L, D] tables for :func:`rotate`: cos per element, and sin signed so
+    that pair (x[2j], x[2j+1]) becomes (x[2j] cos - x[2j+1] sin, x[2j+1] cos + x[2j] sin)."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
+def rotate(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + swap(x) * sin on :func:`rope_tables`, swap exchanging each pair: bit for bit the
+    pairwise formula of :func:`rope_ref` (negation is exact and the sums have the same two terms)
+    in four kernels instead of seven."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos_full + swapped * sin_signed
+
+
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2j], x[2j+1]) by the angle whose cos/sin are given, in fp32.
 
     x [B, H, L, D] (fp32); cos, sin [L, D/2] fp32.
     """
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, L, D/2] each
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # [B, H, L, D/2, 2]
-    return out.flatten(-2)
+    return rotate(x, *rope_tables(cos, sin))
 
 
 def _heads_view(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -45,6 +57,23 @@ def _heads_view(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(K H D) layout: all of q, then k, then v; [B, L, 3HD] -> 3 x [B, L, HD] views."""
     return qkv.chunk(3, dim=-1)
+
+
+def _stream_into(outs, q, k, v, q_scale, k_scale, tables, num_heads: int, eps: float) -> None:
+    """One stream's q, k, v [B, L, H*D] normed / rotated in fp32 and written (one rounding to the
+    output dtype) into ``outs``, three [B, H, L, D] tensors or slices."""
+    for x, scale, rope, out in ((q, q_scale, True, outs[0]), (k, k_scale, True, outs[1]), (v, None, False, outs[2])):
+        x = _heads_view(x, num_heads)
+        if scale is None and (tables is None or not rope):
+            out.copy_(x)
+            continue
+        y = x.float() if scale is None else rms_norm_ref(x, scale, eps)
+        out.copy_(y if tables is None else rotate(y, *tables))
+
+
+def _outputs(x: torch.Tensor, num_heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = (x.shape[0], num_heads, tokens, x.shape[-1] // num_heads)
+    return tuple(x.new_empty(shape) for _ in range(3))
 
 
 def qkv_norm_rope_ref(
@@ -64,17 +93,10 @@ def qkv_norm_rope_ref(
 
     Returns q, k, v [B, H, L, D], new contiguous tensors (op outputs may not alias the inputs).
     """
-
-    def prep(x, scale, rope=True):
-        x = _heads_view(x, num_heads)
-        if scale is None and (cos is None or not rope):
-            return x.clone(memory_format=torch.contiguous_format)
-        y = x.float() if scale is None else rms_norm_ref(x, scale, eps)
-        if cos is not None:
-            y = rope_ref(y, cos, sin)
-        return y.to(x.dtype).contiguous()
-
-    return prep(q, q_scale), prep(k, k_scale), prep(v, None, rope=False)
+    outs = _outputs(q, num_heads, q.shape[1])
+    tables = None if cos is None else rope_tables(cos, sin)
+    _stream_into(outs, q, k, v, q_scale, k_scale, tables, num_heads, eps)
+    return outs
 
 
 def qk_norm_rope_ref(
@@ -125,14 +147,16 @@ def joint_qkv_norm_rope_ref(
     [B, Lb, H*D], e.g. FLUX's txt and img, SD3's context and x), each with its own q / k norm
     scales: :func:`qkv_norm_rope_ref` per stream (RoPE tables [La + Lb, D/2] in [a | b] order),
     joined along the tokens."""
-    la = q_a.shape[1]
-    rope_a = (None, None) if cos is None else (cos[:la], sin[:la])
-    rope_b = (None, None) if cos is None else (cos[la:], sin[la:])
-    parts = (
-        qkv_norm_rope_ref(q_a, k_a, v_a, a_q_scale, a_k_scale, *rope_a, num_heads, eps),
-        qkv_norm_rope_ref(q_b, k_b, v_b, b_q_scale, b_k_scale, *rope_b, num_heads, eps),
-    )
-    return tuple(torch.cat(pair, dim=2) for pair in zip(*parts, strict=True))
+    la, lb = q_a.shape[1], q_b.shape[1]
+    outs = _outputs(q_a, num_heads, la + lb)
+    tables = None if cos is None else rope_tables(cos, sin)
+    for rows, (q, k, v, q_scale, k_scale) in (
+        (slice(0, la), (q_a, k_a, v_a, a_q_scale, a_k_scale)),
+        (slice(la, la + lb), (q_b, k_b, v_b, b_q_scale, b_k_scale)),
+    ):
+        part = None if tables is None else tuple(t[rows] for t in tables)
+        _stream_into([o[:, :, rows] for o in outs], q, k, v, q_scale, k_scale, part, num_heads, eps)
+    return outs
 
 
 def joint_qk_norm_rope_ref(

@@ -381,9 +381,15 @@ class BasePipeline:
         callback_on_step_end_tensor_inputs=("latents",),
         **request,
     ):
-        """The template: checks -> ``prepare`` (subclass) -> denoise -> decode -> format."""
-        out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, request)  # fmt: skip
+        """The template: checks -> ``prepare`` (subclass) -> denoise -> decode -> format.
+
+        Runs under ``torch.inference_mode`` (no autograd bookkeeping: 10% of a small model's step on
+        a CPU); tensor results are handed back as ordinary tensors, usable anywhere."""
+        with torch.inference_mode():
+            out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
+                                 callback_on_step_end_tensor_inputs, request)  # fmt: skip
+        if isinstance(out.images, torch.Tensor):
+            out.images = out.images.clone()  # outside inference mode: a normal tensor
         return out if return_dict else out.to_tuple()
 
     @staticmethod

@@ -90,3 +90,21 @@ def test_mmdit_split_and_skip_layers_none():
     state = model.blocks(model.embed(x, t, ctx, y), skip_layers=[0])
     torch.testing.assert_close(model.final(state), skipped, rtol=0, atol=0)
     assert (skipped - expected).abs().max() > 0
+
+
+def test_rope_tables_are_reused_only_for_equal_ids():
+    """EmbedND hands back the previous call's tables when the ids are equal (every step of a
+    generation asks again) and recomputes them for any other ids, including a same-shape edit."""
+    from fastflow.models.flux import EmbedND, make_img_ids
+
+    embed = EmbedND(32, 10000, (8, 12, 12))
+    ids = make_img_ids(3, 5)
+    first = embed(ids)
+    assert embed(ids.clone())[0] is first[0]  # equal ids: the same tables
+    moved = ids.clone()
+    moved[4, 2] += 7
+    again = embed(moved)
+    assert again[0] is not first[0]
+    for got, fresh in zip(again, embed.tables(moved), strict=True):
+        assert torch.equal(got, fresh)
+    assert not torch.equal(again[0], first[0])

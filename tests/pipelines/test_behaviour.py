@@ -215,3 +215,13 @@ def test_single_file_with_separate_vae_and_text_encoders(pipeline_folders, tmp_p
     np.testing.assert_array_equal(
         pipe("a cat", seed=3, output_type="np", **KW).images, ref("a cat", seed=3, output_type="np", **KW).images
     )
+
+
+def test_tensor_outputs_are_ordinary_tensors(load):
+    """Generation runs under inference_mode; what it returns works outside it (autograd included)."""
+    pipe = load("flux-tiny-schnell")
+    for output_type in ("pt", "latent"):
+        images = pipe("number nine", seed=1, output_type=output_type, **KW).images
+        assert not images.is_inference()
+        (images.clone().requires_grad_() * 2).sum().backward()
+        images += 0  # in place, outside inference mode
