@@ -191,6 +191,12 @@ def _cmd_generate(args) -> int:
     for flag, value in (("-H", args.height), ("-W", args.width), ("--steps", args.steps)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
+    if args.image is not None and not Path(args.image).expanduser().is_file():
+        raise InputError(f"--image {args.image}: no such file")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise InputError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.strength is not None and args.image is None:
+        raise InputError("--strength needs --image (image-to-image)")
     output = output_path(args.output)
     check_output(output)
     config = None
@@ -219,6 +225,8 @@ def _cmd_generate(args) -> int:
         kwargs["true_cfg_scale"] = args.true_cfg
     if args.image is not None:
         kwargs["image"] = args.image
+    if args.strength is not None:
+        kwargs["strength"] = args.strength
     if args.cache is not None:
         kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
     upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
@@ -594,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="make images from a prompt (Kontext: edit --image)")
+    p = sub.add_parser("generate", help="make images from a prompt (--image: image-to-image, Kontext: edit)")
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p)")
     p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
     p.add_argument(
@@ -619,7 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-cfg", type=float, default=None, help="FLUX: true CFG scale against --negative-prompt")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each); -1: random")
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to make (1-10000, in batches of 64)")
-    p.add_argument("--image", default=None, help="input image to edit (Kontext)")
+    p.add_argument(
+        "--image", default=None, help="input image: image-to-image (dev, schnell, SD3), or the image to edit (Kontext)"
+    )
+    p.add_argument(
+        "--strength", type=float, default=None, help="image-to-image: how much of --image to redraw, (0, 1] (0.6)"
+    )
     p.add_argument(
         "--from",
         dest="from_image",

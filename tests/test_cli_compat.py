@@ -30,6 +30,8 @@ def _run(capsys, *argv):
         (["-o", "out.gif"], "name an image file ending in .png"),
         (["-o", "no-suffix"], "name an image file ending in .png"),
         (["--config", "[1, 2]"], "--config must be a JSON object"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--strength", "1.5"], "--strength must be in (0, 1]"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
@@ -136,3 +138,15 @@ def test_cpu_threads_for_a_large_model_are_torchs_default():
 
     big = types.SimpleNamespace(transformer=torch.nn.Linear(8000, 8000))  # 64 M parameters
     assert cpu_threads(big) == torch.get_num_threads()
+
+
+def test_image_to_image(capsys, tmp_path):
+    """--image on a text-to-image model: image-to-image from --strength (stored in the PNG)."""
+    src = tmp_path / "src.png"
+    assert _run(capsys, "a handwritten seven", "-o", str(src), "--seed", "1", *FAST)[0] == 0
+    code, out, err = _run(capsys, "a handwritten three", "-o", str(tmp_path / "b.png"), "--image", str(src),
+                          "--strength", "0.5", "--seed", "2", *FAST)  # fmt: skip
+    assert code == 0, err
+    with Image.open(tmp_path / "b.png") as im:
+        settings = json.loads(im.text["settings"])
+    assert settings["strength"] == 0.5 and settings["edit"] is True

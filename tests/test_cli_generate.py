@@ -65,7 +65,7 @@ def test_generate_writes_png_with_metadata_and_never_overwrites(model, tmp_path)
     [
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--model", "/nonexistent/model"], "no such file"),
-        (["--image", "/nonexistent.png"], "Kontext"),
+        (["--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model, tmp_path, extra, message):

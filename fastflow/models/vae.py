@@ -175,13 +175,22 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled latent of the posterior mean: scale * (mean - shift)."""
+        return self.scale(self.posterior(x)[0])
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior (mean, std) [B, z, H/f, W/f] of images in [-1, 1]; the log-variance
+        clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution does."""
         f = self.downscale
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[-2] % f or x.shape[-1] % f:
             raise InputError(
                 f"images must be [B, {self.config.in_channels}, H, W] with H, W multiples of {f}, got {list(x.shape)}"
             )
-        mean = self.encoder(x.to(self.dtype)).chunk(2, dim=1)[0]
-        return self.config.scale_factor * (mean - self.config.shift_factor)
+        mean, logvar = self.encoder(x.to(self.dtype)).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """An unscaled latent as the transformer sees it: scale * (z - shift)."""
+        return self.config.scale_factor * (z - self.config.shift_factor)
 
     def decode(self, z: torch.Tensor, tiled: bool | None = None, tile: int = 64, overlap: int = 16) -> torch.Tensor:
         """Image in [-1, 1] (not clamped) from a scaled latent.

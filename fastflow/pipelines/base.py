@@ -25,7 +25,7 @@ import torch
 
 from ..errors import GenerationInterrupted, InputError, NumericalError
 from ..samplers import Step, get_solver
-from .images import to_numpy, to_pil, to_unit
+from .images import load_image, to_numpy, to_pil, to_tensor, to_unit
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The running generation's cache runner and work counters (per thread / task, never shared).
@@ -360,6 +360,7 @@ class BasePipeline:
         return torch.tensor([*values, 0.0], dtype=torch.float32)
 
     def initial_noise(self, n: int, shape: tuple[int, ...], seed, generator, latents) -> tuple[torch.Tensor, list]:
+        # generator: a torch.Generator, or one per image
         """[n, *shape] fp32 noise on the device from seeds / generators, or the given ``latents``."""
         if latents is None:
             noise, seeds = draw_noise(n, shape, seed, generator)
@@ -368,6 +369,48 @@ class BasePipeline:
                 raise InputError(f"latents must be {[n, *shape]}, got {list(latents.shape)}")
             noise, seeds = latents.float().cpu(), [None] * n
         return noise.to(self.device), seeds
+
+    def image_size(self, r) -> tuple[int, int]:
+        """Image-to-image: reads ``r.image`` (kept as the PIL image) and returns the default output
+        (height, width): the image's, scaled down keeping its aspect to at most the model's
+        trained area (a 4000 px photo on a 1024 px model gives about a megapixel), rounded down to
+        the pipeline's multiple."""
+        r.image = load_image(r.image)
+        r.strength = 0.6 if r.strength is None else r.strength  # diffusers' Img2Img default
+        h, w = r.image.height, r.image.width
+        shrink = min(1.0, math.sqrt(self.default_size[0] * self.default_size[1] / (h * w)))
+        m = self.multiple
+        return max(m, int(h * shrink) // m * m), max(m, int(w * shrink) // m * m)
+
+    def image_start(self, r, n: int, height: int, width: int, sigmas: torch.Tensor):
+        """Image-to-image (diffusers' Img2Img pipelines): the start state [n, z, h, w] fp32, the
+        sigmas still to run and the seeds. ``strength`` selects the first step as diffusers does
+        (``t_start = int(steps - min(steps * strength, steps))``); the image is VAE-encoded by
+        sampling its posterior and noised to that sigma: ``sigma * noise + (1 - sigma) * latent``.
+
+        Randomness follows diffusers: per image, the posterior sample is drawn before the noise
+        from that image's generator (a single ``generator`` draws one posterior sample for the
+        batch); ``seed=`` gives each image the generator ``manual_seed(seed_i)``. ``latents``
+        replaces the noise (not the start state)."""
+        strength = r.strength
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+            raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
+        steps = len(sigmas) - 1
+        t_start = int(max(steps - min(steps * strength, steps), 0))  # < steps: strength > 0 runs >= 1 step
+        pixels = to_tensor(load_image(r.image), width, height).to(self.device)
+        generator = r.generator
+        if generator is None:
+            seeds = check_seeds(r.seed, n) or [random.randrange(2**63) for _ in range(n)]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        else:
+            seeds, gens = [None] * n, generator
+        mean, std = self.vae.posterior(pixels)  # [1, z, h, w]
+        draw = [gens] if isinstance(gens, torch.Generator) else gens
+        eps = torch.cat([torch.randn(mean.shape, generator=g, dtype=torch.float32) for g in draw])
+        latent = self.vae.scale(mean.float() + std.float() * eps.to(self.device)).expand(n, -1, -1, -1)
+        noise, _ = self.initial_noise(n, tuple(latent.shape[1:]), None, gens, r.latents)
+        sigma = float(sigmas[t_start])
+        return sigma * noise + (1.0 - sigma) * latent, sigmas[t_start:], seeds
 
     def generate(
         self,

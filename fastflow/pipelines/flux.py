@@ -84,14 +84,18 @@ class FluxPipeline(BasePipeline):
         cache_threshold: float | None = None,
         sigmas=None,
         true_cfg_scale: float | None = None,
+        strength: float | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ) -> PipelineOutput:
-        """Generate images. ``image`` (Kontext): the image to edit; the output size defaults to its
-        (resized) size. ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
+        """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
+        its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
+        ``strength`` (default 0.6) selects, as diffusers' FluxImg2ImgPipeline (output size: the
+        image's, rounded down to a multiple of 16, unless height / width are given).
+        ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
         as diffusers' option of the same name; off by default except for models trained for it."""
         request = dict(locals())
@@ -146,7 +150,16 @@ class FluxPipeline(BasePipeline):
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
         cond_tokens = cond_ids = None
         default_size = self.default_size
-        if r.image is not None:
+        img2img = r.image is not None and not self.config.kontext
+        if r.strength is not None and not img2img:
+            raise InputError(
+                "strength needs an input image (image=)"
+                if r.image is None
+                else f"{self.config.name} reads image= as the image to edit (Kontext); strength does not apply"
+            )
+        if img2img:
+            default_size = self.image_size(r)
+        elif r.image is not None:
             with timer.stage("encode_image"):
                 cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
@@ -154,7 +167,19 @@ class FluxPipeline(BasePipeline):
             txt, y, n = self._text(r, true_cfg)
         f = self.vae.downscale
         h_lat, w_lat = height // f, width // f
-        noise, seeds = self.initial_noise(n, (self.vae.config.z_channels, h_lat, w_lat), r.seed, r.generator, r.latents)
+        tokens = (h_lat // 2) * (w_lat // 2)
+        # mu from the target tokens only (Kontext context tokens excluded, as both references do)
+        if r.sigmas is not None:
+            sigmas = self.given_sigmas(r.sigmas, steps)
+        else:
+            sigmas = flux_schedule(steps, tokens, shift=self.config.shift_schedule)
+        given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
+        if img2img:
+            with timer.stage("encode_image"):
+                noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+        else:
+            shape = (self.vae.config.z_channels, h_lat, w_lat)
+            noise, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
         x = pack_latents(noise)  # [B, N, 64], fp32 state
         img_ids = make_img_ids(h_lat // 2, w_lat // 2, device=self.device)
         txt_ids = torch.zeros(txt.shape[1], 3, device=self.device)
@@ -172,12 +197,9 @@ class FluxPipeline(BasePipeline):
 
         settings = self.base_settings(height, width, steps, guidance, sampler)
         settings.update(edit=r.image is not None, true_cfg_scale=true_cfg if true_cfg > 1.0 else None)
-        # mu from the target tokens only (Kontext context tokens excluded, as both references do)
-        if r.sigmas is not None:
-            sigmas = self.given_sigmas(r.sigmas, steps)
-        else:
-            sigmas = flux_schedule(steps, x.shape[1], shift=self.config.shift_schedule)
-        settings["sigmas"] = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
+        if img2img:
+            settings["strength"] = r.strength
+        settings["sigmas"] = given
         conditioning = self._conditioning(sigmas, batch, y, g)
         return Plan(
             x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat), conditioning

@@ -62,6 +62,7 @@ class SD3Pipeline(BasePipeline):
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
         image=None,
+        strength: float | None = None,
         progress: bool | None = None,
         cache=None,
         cache_threshold: float | None = None,
@@ -71,11 +72,11 @@ class SD3Pipeline(BasePipeline):
         callback_on_step_end_tensor_inputs=("latents",),
     ) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
-        ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance."""
-        if image is not None:
-            raise InputError("SD3 pipelines do not take an input image")
+        ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance.
+        ``image``: image-to-image as diffusers' StableDiffusion3Img2ImgPipeline, from the sigma
+        ``strength`` (default 0.6) selects; the output size defaults to the image's."""
         request = dict(locals())
-        del request["self"], request["image"]
+        del request["self"]
         return self.generate(**request)
 
     def _text(self, r, do_cfg: bool):
@@ -107,16 +108,24 @@ class SD3Pipeline(BasePipeline):
             self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale"
         )
         do_cfg = guidance > 1.0
-        height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, self.max_side)
+        if r.strength is not None and r.image is None:
+            raise InputError("strength needs an input image (image=)")
+        default_size = self.default_size if r.image is None else self.image_size(r)
+        height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         skip = tuple(r.skip_guidance_layers or ())
         if any(not 0 <= i < mcfg.depth for i in skip):
             raise InputError(f"skip_guidance_layers must be block indices below {mcfg.depth}, got {list(skip)}")
         with timer.stage("encode_prompt"):
             ctx, pooled, both = self._text(r, do_cfg)
         n, f = ctx.shape[0], self.vae.downscale
-        x, seeds = self.initial_noise(
-            n, (self.vae.config.z_channels, height // f, width // f), r.seed, r.generator, r.latents
-        )
+        sigmas = sd3_schedule(steps, mcfg.shift) if r.sigmas is None else self.given_sigmas(r.sigmas, steps)
+        given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
+        if r.image is not None:
+            with timer.stage("encode_image"):
+                x, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+        else:
+            shape = (self.vae.config.z_channels, height // f, width // f)
+            x, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
         start, stop = r.skip_layer_guidance_start, r.skip_layer_guidance_stop
         slg_scale = check_scale(r.skip_layer_guidance_scale, "skip_layer_guidance_scale")
 
@@ -133,8 +142,9 @@ class SD3Pipeline(BasePipeline):
 
         settings = self.base_settings(height, width, steps, guidance, sampler)
         settings["skip_guidance_layers"] = list(skip) or None
-        sigmas = sd3_schedule(steps, mcfg.shift) if r.sigmas is None else self.given_sigmas(r.sigmas, steps)
-        settings["sigmas"] = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
+        settings["sigmas"] = given
+        if r.image is not None:
+            settings["strength"] = r.strength
         # the (t, pooled) batches the velocity function runs: CFG's doubled batch, or the
         # conditional one alone; skip-layer guidance adds conditional-only forwards
         batches = [(2 * n, both[1])] if do_cfg else [(n, pooled)]

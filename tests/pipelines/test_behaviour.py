@@ -150,8 +150,8 @@ def test_kontext_edit_defaults_to_input_size_and_chains(load):
     second = pipe.edit("now blue", num_inference_steps=2, seed=0, auto_resize=False)  # edits the last output
     assert second.images[0].size == (48, 28)
     assert not np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
-    with pytest.raises(errors.InputError, match="Kontext"):
-        load("flux-tiny-dev")("x", image=image, **KW)
+    # a text-to-image model reads image= as image-to-image (diffusers' default strength 0.6)
+    assert load("flux-tiny-dev")("x", image=image, **KW).settings["strength"] == 0.6
 
 
 def test_kontext_auto_resize_uses_the_table(load, monkeypatch):
