@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -91,22 +92,27 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         self._backend = backend
+        # padding / truncation are settings of the backend object: one call at a time sets them
+        # (concurrent generations share the tokenizer)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def lengths(self, prompts: list[str]) -> list[int]:
         """Token counts with special tokens, before truncation."""
-        return [len(e.ids) for e in self._backend.encode_batch(prompts)]
+        with self._lock:
+            return [len(e.ids) for e in self._backend.encode_batch(prompts)]
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
-        self._backend.enable_truncation(max_length)
-        self._backend.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
-        try:
-            ids = [e.ids for e in self._backend.encode_batch(prompts)]
-        finally:
-            self._backend.no_padding()
-            self._backend.no_truncation()
+        with self._lock:
+            self._backend.enable_truncation(max_length)
+            self._backend.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
+            try:
+                ids = [e.ids for e in self._backend.encode_batch(prompts)]
+            finally:
+                self._backend.no_padding()
+                self._backend.no_truncation()
         return torch.tensor(ids, dtype=torch.long)
 
 

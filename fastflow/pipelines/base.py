@@ -283,7 +283,9 @@ class BasePipeline:
             raise InputError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if device is not None:
             from ..ops.capability import usable_device
+            from .offload import check_not_offloaded
 
+            check_not_offloaded(self, "pipe.to(device)")
             device = torch.device(usable_device(device, "pipe.to", 'pipe.to("cpu")'))
         self.transformer.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
@@ -298,6 +300,40 @@ class BasePipeline:
             encoder.model.to(device=device, dtype=cast)
         return self
 
+    _offload = None  # a ModelOffload while enable_model_cpu_offload is on
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device="cuda"):
+        """diffusers' memory switch for 12-24 GB GPUs: each component stays in CPU memory and moves
+        to ``device`` (``cuda:gpu_id``) only while its stage runs (see
+        :mod:`fastflow.pipelines.offload`). Returns the pipeline."""
+        from ..ops.capability import usable_device
+        from .offload import ModelOffload, text_modules
+
+        if gpu_id is not None:
+            device = f"{torch.device(device).type}:{gpu_id}"
+        device = torch.device(usable_device(device, "enable_model_cpu_offload", 'device="cpu"'))
+        groups = {"text": text_modules(self.text_encoder), "transformer": [self.transformer], "vae": [self.vae]}
+        self.disable_model_cpu_offload()
+        self._offload = ModelOffload(groups, device)
+        return self
+
+    def disable_model_cpu_offload(self):
+        """Turns the offload off; every component is left in CPU memory (then ``pipe.to(device)``)."""
+        if self._offload is not None:
+            self._offload.release()
+        self._offload = None
+        return self
+
+    def stage(self, name: str):
+        """Context of a pipeline stage ("text", "transformer", "vae"): with model CPU offload on,
+        that component group is on the execution device for the block."""
+        return contextlib.nullcontext() if self._offload is None else self._offload.use(name)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline computes: the transformer's device (with offload: the execution device)."""
+        return self._offload.device if self._offload is not None else self.weights_device
+
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar = not disable
 
@@ -310,7 +346,7 @@ class BasePipeline:
             "precompute_modulation", True
         ):
             return None
-        with torch.no_grad():
+        with torch.no_grad(), self.stage("transformer"):
             return torch.cat([r for s in sigmas for r in rows(float(s))])
 
     def _modulation(self, plan: Plan):
@@ -404,7 +440,8 @@ class BasePipeline:
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         else:
             seeds, gens = [None] * n, generator
-        mean, std = self.vae.posterior(pixels)  # [1, z, h, w]
+        with self.stage("vae"):
+            mean, std = self.vae.posterior(pixels)  # [1, z, h, w]
         draw = [gens] if isinstance(gens, torch.Generator) else gens
         eps = torch.cat([torch.randn(mean.shape, generator=g, dtype=torch.float32) for g in draw])
         latent = self.vae.scale(mean.float() + std.float() * eps.to(self.device)).expand(n, -1, -1, -1)
@@ -428,9 +465,13 @@ class BasePipeline:
 
         Runs under ``torch.inference_mode`` (no autograd bookkeeping: 10% of a small model's step on
         a CPU); tensor results are handed back as ordinary tensors, usable anywhere."""
-        with torch.inference_mode():
-            out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
-                                 callback_on_step_end_tensor_inputs, request)  # fmt: skip
+        try:
+            with torch.inference_mode():
+                out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
+                                     callback_on_step_end_tensor_inputs, request)  # fmt: skip
+        finally:
+            if self._offload is not None:
+                self._offload.release()
         if isinstance(out.images, torch.Tensor):
             out.images = out.images.clone()  # outside inference mode: a normal tensor
         return out if return_dict else out.to_tuple()
@@ -480,7 +521,7 @@ class BasePipeline:
         )
         tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
         try:
-            with timer.stage("denoise"):
+            with timer.stage("denoise"), self.stage("transformer"):
                 with self._modulation(plan):
                     latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
         finally:
@@ -489,7 +530,7 @@ class BasePipeline:
         stats = stats.as_dict()
         if output_type == "latent":
             return PipelineOutput(latent, plan.seeds, plan.settings, timer.done(), stats)
-        with timer.stage("decode"):
+        with timer.stage("decode"), self.stage("vae"):
             pixels = self.vae.decode(latent)
         if not torch.isfinite(pixels).all():
             raise NumericalError(

@@ -28,7 +28,7 @@ class FluxPipeline(BasePipeline):
         self._last_image = None
 
     @property
-    def device(self) -> torch.device:
+    def weights_device(self) -> torch.device:
         return self.transformer.img_in.weight.device
 
     @property
@@ -41,7 +41,8 @@ class FluxPipeline(BasePipeline):
                 "this pipeline has no text encoders: pass prompt_embeds and "
                 "pooled_prompt_embeds, or load the model with its text encoders"
             )
-        return self.text_encoder(prompts)
+        with self.stage("text"):
+            return self.text_encoder(prompts)
 
     def _context_image(self, image, auto_resize: bool):
         """Kontext: the input image, resized, VAE-encoded (mean), packed; its ids have index 1."""
@@ -53,7 +54,7 @@ class FluxPipeline(BasePipeline):
         else:
             width, height = (s // self.multiple * self.multiple for s in pil.size)
         pixels = to_tensor(pil, width, height).to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.stage("vae"):
             latent = self.vae.encode(pixels).float()  # [1, 16, h, w]
         tokens = pack_latents(latent)
         ids = make_img_ids(latent.shape[-2] // 2, latent.shape[-1] // 2, index=1, device=self.device)

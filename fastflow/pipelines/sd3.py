@@ -15,7 +15,7 @@ class SD3Pipeline(BasePipeline):
     defaults come from the model config (``config.sampling``)."""
 
     @property
-    def device(self) -> torch.device:
+    def weights_device(self) -> torch.device:
         return self.transformer.context_embedder.weight.device
 
     @property
@@ -35,7 +35,8 @@ class SD3Pipeline(BasePipeline):
             raise MissingComponentError(
                 "this pipeline has no text encoders: pass prompt embeddings, or load the model with its text encoders"
             )
-        return self.text_encoder(as_prompt_list(prompt, what))
+        with self.stage("text"):
+            return self.text_encoder(as_prompt_list(prompt, what))
 
     @torch.no_grad()
     def __call__(

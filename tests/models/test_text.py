@@ -236,3 +236,29 @@ def test_missing_or_pickle_only_folders(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(errors.CheckpointError, match="pytorch_model.bin"):
         T5Encoder.from_folder(tmp_path / "pickled")
+
+
+def test_tokenizer_is_safe_to_share_between_threads(folders):
+    """Concurrent generations share one tokenizer; its padding / truncation settings must not leak
+    between calls of different lengths."""
+    import threading
+
+    root, _ = folders
+    tok = load_tokenizer(root / "t5", "T5", "t5")
+    expected = {n: tok(PROMPTS, n) for n in (3, 12)}
+    errors_seen = []
+
+    def hammer(n):
+        try:
+            for _ in range(300):
+                assert torch.equal(tok(PROMPTS, n), expected[n])
+                assert tok.lengths(PROMPTS) == [4, 7]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors_seen.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in (3, 12, 3, 12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors_seen, errors_seen[0]
