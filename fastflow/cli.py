@@ -193,6 +193,7 @@ def _cmd_generate(args) -> int:
             raise InputError(f"{flag} must be a positive integer, got {value}")
     if args.image is not None and not Path(args.image).expanduser().is_file():
         raise InputError(f"--image {args.image}: no such file")
+    loras = [parse_lora_arg(spec) for spec in args.lora or ()]
     if args.strength is not None and not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     if args.strength is not None and args.image is None:
@@ -209,6 +210,8 @@ def _cmd_generate(args) -> int:
     pipe.set_progress_bar_config(disable=args.no_progress)
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads or cpu_threads(pipe))
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale)
     kwargs = {
         "height": args.height,
         "width": args.width,
@@ -259,6 +262,20 @@ def _cmd_generate(args) -> int:
         saved = f", cache {settings['cache']} saved {out.stats['work_saved']:.0%} of block work"
     print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}{saved}")
     return 0
+
+
+def parse_lora_arg(spec: str) -> tuple[Path, float]:
+    """--lora PATH[:SCALE] -> (path, scale); the file must exist."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec
+    if not Path(path).expanduser().is_file():
+        raise InputError(f"--lora {path}: no such file")
+    return Path(path).expanduser(), scale
 
 
 _FROM_IMAGE = {  # generate's argument <- the settings key a fastflow image stores
@@ -629,6 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=1, help="images to make (1-10000, in batches of 64)")
     p.add_argument(
         "--image", default=None, help="input image: image-to-image (dev, schnell, SD3), or the image to edit (Kontext)"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="a LoRA file (diffusers, kohya, BFL or XLabs format), scale 1 unless given; repeatable",
     )
     p.add_argument(
         "--strength", type=float, default=None, help="image-to-image: how much of --image to redraw, (0, 1] (0.6)"

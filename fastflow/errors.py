@@ -116,6 +116,11 @@ class InvalidScaleError(CheckpointError):
     a weight that is not FP8."""
 
 
+class LoraError(CheckpointError):
+    """A LoRA file that does not fit the model: a rank or shape mismatch, missing up / down
+    halves, or no key that names a layer of this model."""
+
+
 class InputError(FastflowError, ValueError):
     """A bad argument to a model, op or pipeline call (shape, size, dtype)."""
 

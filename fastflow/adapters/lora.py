@@ -1,0 +1,287 @@
+"""LoRA adapters on fastflow transformers, unfused or fused.
+
+* Unfused (default): each targeted layer is wrapped in a :class:`LoraLinear`, which runs the base
+  layer (nn.Linear, FP8) through :func:`fastflow.ops.linear` and adds ``up @ (down @ x) * scale``.
+  All adapters of a layer are stacked into one down [R, in] / up [out, R] pair with a per-rank
+  scale vector, a buffer: changing scales (switching adapters on and off) changes values only, so
+  a compiled model does not recompile.
+* Fused: the deltas are added into the weights (FP8 weights dequantized, summed in fp32 and
+  re-quantized); the original weights are kept in CPU memory, so unfusing restores them bit for
+  bit. No cost per step.
+
+The math is PEFT's (what diffusers' ``load_lora_weights`` runs): ``base(x) + B(A(x)) * alpha / r``
+per adapter times its scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from ..ops.linear import _apply_epilogue, linear, register_linear
+from .formats import Piece, is_other_component, linear_layers, parse
+
+
+class LoraLinear(nn.Module):
+    """A base linear layer plus the unfused LoRA adapters that target it."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.pieces: dict[str, list[Piece]] = {}  # adapter -> its pieces on this layer
+        self.scales: dict[str, float] = {}
+        out_features, in_features = base.weight.shape
+        dtype = _compute_dtype(base)
+        device = base.weight.device
+        self.register_buffer("lora_down", torch.zeros(0, in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_up", torch.zeros(out_features, 0, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_scale", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add(self, name: str, pieces: list[Piece], scale: float) -> None:
+        self.pieces[name], self.scales[name] = pieces, scale
+        self._stack()
+
+    def remove(self, name: str) -> None:
+        self.pieces.pop(name, None)
+        self.scales.pop(name, None)
+        self._stack()
+
+    def set_scale(self, name: str, scale: float) -> None:
+        """In place: the buffers keep their shapes (no recompile under torch.compile)."""
+        self.scales[name] = scale
+        self.lora_scale.copy_(self._scale_vector())
+
+    def _scale_vector(self) -> torch.Tensor:
+        values = [p.scale * self.scales[n] for n, ps in self.pieces.items() for p in ps for _ in range(p.down.shape[0])]
+        return torch.tensor(values, dtype=self.lora_scale.dtype, device=self.lora_scale.device)
+
+    def _stack(self) -> None:
+        """All adapters as one down [R, in] and a block up [out, R] (zero outside each piece's rows)."""
+        dtype, device = self.lora_down.dtype, self.lora_down.device
+        downs = [p.down for ps in self.pieces.values() for p in ps]
+        rank = sum(d.shape[0] for d in downs)
+        up = torch.zeros(self.lora_up.shape[0], rank, dtype=dtype, device=device)
+        col = 0
+        for ps in self.pieces.values():
+            for p in ps:
+                r = p.down.shape[0]
+                up[p.row : p.row + p.up.shape[0], col : col + r] = p.up.to(device=device, dtype=dtype)
+                col += r
+        self.lora_down = torch.cat(downs).to(device=device, dtype=dtype) if downs else self.lora_down[:0]
+        self.lora_up = up
+        self.lora_scale = self._scale_vector()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _lora_linear(x, self, None)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.pieces)}, rank={self.lora_down.shape[0]}"
+
+
+def _compute_dtype(layer: nn.Module) -> torch.dtype:
+    bias = getattr(layer, "bias", None)
+    if layer.weight.is_floating_point() and layer.weight.element_size() > 1:
+        return layer.weight.dtype
+    return bias.dtype if bias is not None else torch.bfloat16  # FP8 weights: the model dtype
+
+
+@register_linear(LoraLinear)
+def _lora_linear(x: torch.Tensor, layer: LoraLinear, epilogue: str | None) -> torch.Tensor:
+    y = linear(x, layer.base)
+    if layer.lora_down.shape[0]:
+        h = F.linear(x.to(layer.lora_down.dtype), layer.lora_down) * layer.lora_scale
+        y = y + F.linear(h, layer.lora_up).to(y.dtype)
+    return _apply_epilogue(y, epilogue)
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    targets: dict[str, list[Piece]]
+    scale: float
+    fused: bool
+    unmatched: list[str] = field(default_factory=list)
+
+
+class LoraManager:
+    """The adapters of one model; what ``pipe.load_lora`` & co. call."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapters: dict[str, Adapter] = {}
+        self._originals: dict[str, dict[str, torch.Tensor]] = {}  # layer -> its weights before fusing (CPU)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> Adapter:
+        path = Path(path).expanduser()
+        name = name or path.stem
+        if name in self.adapters:
+            raise InputError(f"a LoRA named {name!r} is already loaded: pass name=, or unload_lora({name!r}) first")
+        scale = _check_scale(scale)
+        state = read_lora_file(path)
+        targets, unmatched = parse(state, self.model, path)
+        if unmatched:
+            other = [k for k in unmatched if is_other_component(k)]
+            warnings.warn(
+                f"{path.name}: {len(unmatched)} LoRA key(s) match no layer of the transformer and were not applied"
+                + (f" ({len(other)} are text-encoder keys, not supported yet)" if other else "")
+                + ": "
+                + ", ".join(unmatched[:8])
+                + (" ..." if len(unmatched) > 8 else ""),
+                UserWarning,
+                stacklevel=3,
+            )
+        adapter = Adapter(name, path, targets, scale, fuse, unmatched)
+        self.adapters[name] = adapter
+        if fuse:
+            self._refuse(set(targets))
+        else:
+            for target, pieces in targets.items():
+                self._wrapped(target).add(name, pieces, scale)
+        return adapter
+
+    # -- scales, fusing, unloading ----------------------------------------------------------------
+    def set_scales(self, scales: dict[str, float]) -> None:
+        unknown = sorted(set(scales) - set(self.adapters))
+        if unknown:
+            raise InputError(f"no LoRA named {unknown[0]!r} is loaded (loaded: {sorted(self.adapters)})")
+        refuse = set()
+        for name, scale in scales.items():
+            adapter = self.adapters[name]
+            adapter.scale = _check_scale(scale)
+            if adapter.fused:
+                refuse |= set(adapter.targets)
+            else:
+                for target in adapter.targets:
+                    self._layer(target).set_scale(name, adapter.scale)
+        if refuse:
+            self._refuse(refuse)
+
+    def unload(self, name: str | None = None) -> None:
+        names = list(self.adapters) if name is None else [name]
+        for n in names:
+            if n not in self.adapters:
+                raise InputError(f"no LoRA named {n!r} is loaded (loaded: {sorted(self.adapters)})")
+            adapter = self.adapters.pop(n)
+            if adapter.fused:
+                self._refuse(set(adapter.targets))
+            else:
+                for target in adapter.targets:
+                    layer = self._layer(target)
+                    layer.remove(n)
+                    if not layer.pieces:
+                        _replace(self.model, target, layer.base)
+
+    def set_fused(self, fused: bool, names=None) -> None:
+        """Move adapters between the fused and the unfused form (same outputs, up to rounding)."""
+        touched = set()
+        for name in names or list(self.adapters):
+            adapter = self.adapters[name]
+            if adapter.fused == fused:
+                continue
+            adapter.fused = fused
+            touched |= set(adapter.targets)
+            for target, pieces in adapter.targets.items():
+                if fused:
+                    layer = self._layer(target)
+                    layer.remove(name)
+                    if not layer.pieces:
+                        _replace(self.model, target, layer.base)
+                else:
+                    self._wrapped(target).add(name, pieces, adapter.scale)
+        self._refuse(touched)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _layer(self, target: str) -> nn.Module:
+        return self.model.get_submodule(target)
+
+    def _wrapped(self, target: str) -> LoraLinear:
+        layer = self._layer(target)
+        if not isinstance(layer, LoraLinear):
+            layer = LoraLinear(layer)
+            _replace(self.model, target, layer)
+        return layer
+
+    def _base(self, target: str) -> nn.Module:
+        layer = self._layer(target)
+        return layer.base if isinstance(layer, LoraLinear) else layer
+
+    def _refuse(self, targets: set[str]) -> None:
+        """Recompute each target's weights from its originals plus every fused adapter's delta."""
+        for target in sorted(targets):
+            base = self._base(target)
+            fused = [a for a in self.adapters.values() if a.fused and target in a.targets]
+            original = self._originals.get(target)
+            if original is None:
+                if not fused:
+                    continue
+                original = {k: getattr(base, k).detach().to("cpu", copy=True) for k in _weight_names(base)}
+                self._originals[target] = original
+            if not fused:
+                for k, v in original.items():
+                    getattr(base, k).data = v.to(getattr(base, k).device)
+                del self._originals[target]
+                continue
+            _fuse_into(base, original, [(a.targets[target], a.scale) for a in fused])
+
+
+def _weight_names(layer: nn.Module) -> tuple[str, ...]:
+    return ("weight", "weight_scale") if hasattr(layer, "weight_scale") else ("weight",)
+
+
+def _fuse_into(layer: nn.Module, original: dict[str, torch.Tensor], adapters) -> None:
+    """layer's weights = original + sum of scale * up @ down (fp32 sum, one rounding; FP8 layers
+    dequantized and re-quantized with the same granularity)."""
+    from ..quant.fp8 import dequantize_weight, quantize_weight
+
+    device = layer.weight.device
+    if "weight_scale" in original:
+        w = dequantize_weight(original["weight"].to(device), original["weight_scale"].to(device), torch.float32)
+    else:
+        w = original["weight"].to(device, torch.float32, copy=True)
+    for pieces, scale in adapters:
+        for p in pieces:
+            rows = slice(p.row, p.row + p.up.shape[0])
+            w[rows] += (p.scale * scale) * (p.up.to(device, torch.float32) @ p.down.to(device, torch.float32))
+    if "weight_scale" in original:
+        q, s = quantize_weight(w, layer.weight_granularity)
+        layer.weight.data, layer.weight_scale = q, s
+    else:
+        layer.weight.data = w.to(original["weight"].dtype)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _check_scale(scale) -> float:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -100 <= scale <= 100:
+        raise InputError(f"a LoRA scale must be a number from -100 to 100, got {scale!r}")
+    return float(scale)
+
+
+def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a LoRA safetensors file, through the validated reader (never pickle)."""
+    from ..loading.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(path) as f:
+        return {k: f.tensor(k).clone() for k in f.entries}
+
+
+__all__ = ["LoraLinear", "LoraManager", "linear_layers"]
