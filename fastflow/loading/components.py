@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingComponentError
+from ..errors import CheckpointError, MissingComponentError
 from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
 from .loader import load_transformer, load_vae
 from .text import load_text_model
@@ -51,10 +51,22 @@ def _found(folder: Path) -> str:
     return ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
 
 
+def _tokenizer_folder(model, tokenizer, what: str) -> Path:
+    folder = Path(tokenizer or model).expanduser()
+    if folder.is_file():
+        raise CheckpointError(
+            folder,
+            f"a single-file {what} carries no tokenizer",
+            "pass the file with its tokenizer folder, e.g. text_encoders={'clip_l': ('clip_l.safetensors', "
+            "'./tokenizer')}",
+        )
+    return folder
+
+
 def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):
     """A :class:`CLIPEncoder` from a local folder (with ``text_projection`` for SD3)."""
     model = load_text_model("clip", model_folder, "CLIP text encoder", dtype, device, projection=with_projection)
-    tok_folder = Path(tokenizer_folder or model_folder).expanduser()
+    tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "CLIP text encoder")
     encoder = CLIPEncoder(model, load_tokenizer(tok_folder, "CLIP text encoder", "clip"))
     cfg = model.config
     check_tokenizer_fits(
@@ -74,7 +86,7 @@ def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="c
         warnings.warn("T5 overflows in float16; loading it in bfloat16 instead", UserWarning, stacklevel=3)
         dtype = torch.bfloat16
     model = load_text_model("t5", model_folder, "T5 encoder", dtype, device)
-    tok_folder = Path(tokenizer_folder or model_folder).expanduser()
+    tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "T5 encoder")
     tokenizer = load_tokenizer(tok_folder, "T5 encoder", "t5")
     check_tokenizer_fits(tokenizer, model.config.vocab_size, None, "T5 encoder", tok_folder)
     return T5Encoder(model, tokenizer)

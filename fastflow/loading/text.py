@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ CONFIG_BOUNDS = {
 _HEADS = {"clip": ("hidden_size", "num_attention_heads")}
 # Tensors some writers add that the module does not hold: buffers older transformers saved, and
 # CLIP-L's projection when the model is used without it (FLUX reads the pooled output).
-_IGNORABLE_SUFFIXES = ("position_ids",)
+_IGNORABLE_SUFFIXES = ("position_ids", "logit_scale")
 
 
 def check_text_config(raw: dict, family: str, path: Path) -> None:
@@ -132,18 +133,64 @@ def _ignorable(key: str, model_keys) -> bool:
     return projection and "text_projection.weight" not in model_keys
 
 
+def config_from_shapes(family: str, shapes: dict[str, tuple[int, ...]], path: Path):
+    """The config of a single-file text encoder (no config.json: clip_l / clip_g / t5xxl
+    ``.safetensors``) from its tensor shapes. CLIP's heads are width / 64 and its activation is
+    quick_gelu at width 768 (OpenAI CLIP-L) and gelu otherwise (OpenCLIP, e.g. bigG); T5's heads come
+    from its relative-attention bias table, a gated MLP means gated-GELU."""
+    from ..models.text import CLIPTextConfig, T5EncoderConfig
+
+    def shape(*names):
+        for name in names:
+            for key in (name, "text_model." + name):
+                if key in shapes:
+                    return shapes[key]
+        raise CheckpointError(path, f"not a {family.upper()} text encoder file (no {names[0]})", "check the file")
+
+    def count(pattern):
+        found = {int(m[1]) for k in shapes if (m := re.search(pattern, k))}
+        return max(found) + 1 if found else 0
+
+    if family == "clip":
+        vocab, width = shape("embeddings.token_embedding.weight")
+        projection = shapes.get("text_projection.weight") or shapes.get("text_model.text_projection.weight")
+        return CLIPTextConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
+            num_hidden_layers=count(r"encoder\.layers\.(\d+)\."), num_attention_heads=max(1, width // 64),
+            max_position_embeddings=shape("embeddings.position_embedding.weight")[0],
+            hidden_act="quick_gelu" if width == 768 else "gelu", projection_dim=projection[0] if projection else width,
+        )  # fmt: skip
+    vocab, d_model = shape("shared.weight", "encoder.embed_tokens.weight")
+    buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    gated = any(k.endswith("DenseReluDense.wi_0.weight") for k in shapes)
+    d_ff = shape("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
+    return T5EncoderConfig(
+        vocab_size=vocab, d_model=d_model, d_kv=shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads,
+        d_ff=d_ff, num_layers=count(r"encoder\.block\.(\d+)\."), num_heads=heads,
+        relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu" if gated else "relu",
+    )  # fmt: skip
+
+
 def load_text_model(family: str, folder: Path, what: str, dtype: torch.dtype, device, projection: bool = False):
     """Our CLIP (``family="clip"``, with ``text_projection`` when ``projection``) or T5 encoder
-    from a local folder of safetensors weights and config.json, validated before any weight is read."""
+    from a local folder of safetensors weights and config.json, or from one official single file
+    (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``: the config read from the shapes),
+    validated before any weight is read."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    if not folder.exists():
         raise CheckpointError(folder, f"{what} folder not found", f"pass the local folder holding the {what}")
     with open_checkpoint(folder, "text_encoder") as source:  # headers only; refuses pickle-only folders
-        raw = folder_json(folder, "config.json")
-        if not raw:
-            raise CheckpointError(folder, f"no config.json for the {what}", "pass the text encoder's diffusers folder")
-        check_text_config(raw, family, folder / "config.json")
-        model = _build(family, text_config(raw, family, folder / "config.json"), projection)
+        if folder.is_file():
+            config = config_from_shapes(family, source.shapes(), folder)
+        else:
+            raw = folder_json(folder, "config.json")
+            if not raw:
+                raise CheckpointError(
+                    folder, f"no config.json for the {what}", "pass the text encoder's diffusers folder"
+                )
+            check_text_config(raw, family, folder / "config.json")
+            config = text_config(raw, family, folder / "config.json")
+        model = _build(family, config, projection)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         present = set(source.key_file)
         plan = {k: [Segment(_file_key(k, present))] for k in expected}

@@ -265,8 +265,9 @@ class T5DenseReluDense(nn.Module):
             h = self.act(ops.linear(x, self.wi))
         else:
             h = self.act(ops.linear(x, self.wi_0)) * ops.linear(x, self.wi_1)
-        if h.dtype != self.wo.weight.dtype and self.wo.weight.is_floating_point():
-            h = h.to(self.wo.weight.dtype)
+        w = self.wo.weight
+        if h.dtype != w.dtype and w.is_floating_point() and w.element_size() > 1:  # not FP8 codes
+            h = h.to(w.dtype)
         return ops.linear(h, self.wo)
 
 

@@ -262,3 +262,65 @@ def test_tokenizer_is_safe_to_share_between_threads(folders):
     for t in threads:
         t.join()
     assert not errors_seen, errors_seen[0]
+
+
+@pytest.mark.parametrize("width, act", [(768, "quick_gelu"), (128, "gelu")])
+def test_clip_single_file_config_from_shapes(tmp_path, folders, width, act):
+    """Official single files (clip_l / clip_g .safetensors) have no config.json: the config comes from
+    the shapes (OpenAI CLIP-L at width 768 uses quick_gelu, OpenCLIP widths gelu), keys under the
+    older ``text_model.`` prefix, a logit_scale beside them, the tokenizer from its own folder."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = HFCLIPConfig(vocab_size=len(clip_tokenizer(False)), hidden_size=width, intermediate_size=2 * width,
+                       num_hidden_layers=2, num_attention_heads=width // 64, max_position_embeddings=77,
+                       hidden_act=act, projection_dim=width, eos_token_id=2)  # fmt: skip
+    from transformers import CLIPTextModelWithProjection
+
+    ref = CLIPTextModelWithProjection(cfg).eval()
+    state = {
+        (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+        for k, v in ref.state_dict().items()
+        if not k.endswith("position_ids")
+    }
+    save_file({**state, "logit_scale": torch.tensor(4.6)}, str(tmp_path / "clip.safetensors"))
+    root, _ = folders
+    with pytest.raises(errors.CheckpointError, match="carries no tokenizer"):
+        CLIPEncoder.from_folder(tmp_path / "clip.safetensors", with_projection=True)
+    ours = CLIPEncoder.from_folder(tmp_path / "clip.safetensors", root / "clip_l", with_projection=True)
+    assert ours.model.config.hidden_act == act and ours.model.config.num_hidden_layers == 2
+    ids = ours.tokenize(PROMPTS)
+    with torch.no_grad():
+        expect = ref(ids, output_hidden_states=True)
+    seq, pooled = ours(PROMPTS)
+    torch.testing.assert_close(seq, expect.hidden_states[-2], **TOL)
+    torch.testing.assert_close(pooled, expect.text_embeds, **TOL)
+
+
+def test_t5_single_file_config_from_shapes(tmp_path, folders):
+    from safetensors.torch import save_file
+
+    root, ref = folders
+    model = ref["t5"][0]
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(state, str(tmp_path / "t5xxl.safetensors"))
+    t5 = T5Encoder.from_folder(tmp_path / "t5xxl.safetensors", root / "t5", dtype=torch.float32)
+    cfg = t5.model.config
+    assert (cfg.num_layers, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.gated) == (2, 4, 8, 64, True)
+    ids = t5.tokenizer(PROMPTS, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(t5(PROMPTS, 12), model(ids).last_hidden_state, **TOL)
+
+
+def test_t5_runs_in_fp8(folders):
+    """T5's linears go through ops.linear, so fastflow.quant.quantize_ turns them into FP8 layers."""
+    from fastflow.quant import Fp8Linear, quantize_
+
+    root, _ = folders
+    t5 = T5Encoder.from_folder(root / "t5", dtype=torch.bfloat16)
+    before = t5(PROMPTS, 12).float()
+    quantize_(t5.model)
+    linears = [m for m in t5.model.modules() if isinstance(m, (torch.nn.Linear, Fp8Linear))]
+    assert linears and all(isinstance(m, Fp8Linear) for m in linears)
+    after = t5(PROMPTS, 12).float()
+    assert after.shape == before.shape and (after - before).norm() / before.norm() < 0.1
