@@ -41,8 +41,7 @@ class FluxPipeline(BasePipeline):
                 "this pipeline has no text encoders: pass prompt_embeds and "
                 "pooled_prompt_embeds, or load the model with its text encoders"
             )
-        with self.stage("text"):
-            return self.text_encoder(prompts)
+        return self.encode_text(prompts)
 
     def _context_image(self, image, auto_resize: bool):
         """Kontext: the input image, resized, VAE-encoded (mean), packed; its ids have index 1."""

@@ -35,8 +35,7 @@ class SD3Pipeline(BasePipeline):
             raise MissingComponentError(
                 "this pipeline has no text encoders: pass prompt embeddings, or load the model with its text encoders"
             )
-        with self.stage("text"):
-            return self.text_encoder(as_prompt_list(prompt, what))
+        return self.encode_text(as_prompt_list(prompt, what))
 
     @torch.no_grad()
     def __call__(

@@ -225,3 +225,27 @@ def test_tensor_outputs_are_ordinary_tensors(load):
         assert not images.is_inference()
         (images.clone().requires_grad_() * 2).sum().backward()
         images += 0  # in place, outside inference mode
+
+
+def test_prompt_embeddings_are_reused_until_the_text_encoders_change(load):
+    pipe = load("flux-tiny-schnell")
+    calls = []
+    real = type(pipe.text_encoder).__call__
+
+    class Counting(type(pipe.text_encoder)):
+        def __call__(self, prompts):
+            calls.append(list(prompts))
+            return real(self, prompts)
+
+    pipe.text_encoder.__class__ = Counting
+    first = pipe("a seven", seed=1, output_type="latent", **{**KW, "num_inference_steps": 1}).images
+    again = pipe("a seven", seed=1, output_type="latent", **{**KW, "num_inference_steps": 1}).images
+    assert calls == [["a seven"]] and torch.equal(first, again)  # the second call reused the embeddings
+    with torch.no_grad():
+        pipe.text_encoder.clip_l.model.final_layer_norm.weight.mul_(2)  # weights changed in place
+    changed = pipe("a seven", seed=1, output_type="latent", **{**KW, "num_inference_steps": 1}).images
+    assert len(calls) == 2 and not torch.equal(first, changed)
+    for i in range(6):  # a bounded cache: old prompts fall out
+        pipe(f"number {i}", output_type="latent", **{**KW, "num_inference_steps": 1})
+    pipe("a seven", output_type="latent", **{**KW, "num_inference_steps": 1})
+    assert calls[-1] == ["a seven"]
