@@ -233,3 +233,18 @@ def diffusers_flux_scheduler(dynamic: bool = True):
         max_image_seq_len=4096,
         shift=3.0,
     )
+
+
+def counting_backend():
+    """(backend, reports): a torch.compile backend that runs fastflow's graph rewrites (the front
+    half of the fastflow backend) and records each compile's rewrite report, so a test can count
+    compiles; dynamo's guards decide recompiles, not inductor."""
+    import fastflow.compile as fc
+
+    reports = []
+
+    def backend(gm, example_inputs):
+        reports.append(fc.rewrite(gm, example_inputs))
+        return gm.forward
+
+    return backend, reports

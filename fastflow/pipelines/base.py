@@ -76,33 +76,6 @@ class Timer:
         self.timings: dict[str, float] = {}
         self._start = time.perf_counter()
 
-    PROMPT_CACHE = 4  # prompt lists whose embeddings are kept (the negative "" of every CFG call, seed sweeps)
-
-    def encode_text(self, prompts: list[str]):
-        """The text encoder's output for ``prompts``, reusing the last few prompt lists' results.
-        The cache key holds the prompts and every text-encoder parameter's identity, version,
-        dtype and device, plus the encoders' lengths, so changed or moved weights never hit."""
-        import collections
-
-        te = self.text_encoder
-        models = [getattr(te, n).model for n in ("clip_l", "clip_g", "t5") if getattr(te, n, None) is not None]
-        state = tuple((id(p), p._version, p.dtype, p.device) for m in models for p in m.parameters())
-        key = (tuple(prompts), getattr(te, "max_length", None), getattr(te, "t5_max_length", None), state)
-        if "_prompt_cache" not in self.__dict__:
-            self._prompt_cache, self._prompt_lock = collections.OrderedDict(), threading.Lock()
-        with self._prompt_lock:
-            hit = self._prompt_cache.get(key)
-            if hit is not None:
-                self._prompt_cache.move_to_end(key)
-                return hit
-        with self.stage("text"):
-            out = te(list(prompts))
-        with self._prompt_lock:
-            self._prompt_cache[key] = out
-            while len(self._prompt_cache) > self.PROMPT_CACHE:
-                self._prompt_cache.popitem(last=False)
-        return out
-
     def stage(self, name: str):
         timer = self
 
@@ -404,9 +377,10 @@ class BasePipeline:
         dtype and device, plus the encoders' lengths, so changed or moved weights never hit."""
         import collections
 
+        from .offload import text_modules
+
         te = self.text_encoder
-        models = [getattr(te, n).model for n in ("clip_l", "clip_g", "t5") if getattr(te, n, None) is not None]
-        state = tuple((id(p), p._version, p.dtype, p.device) for m in models for p in m.parameters())
+        state = tuple((id(p), p._version, p.dtype, p.device) for m in text_modules(te) for p in m.parameters())
         key = (tuple(prompts), getattr(te, "max_length", None), getattr(te, "t5_max_length", None), state)
         if "_prompt_cache" not in self.__dict__:
             self._prompt_cache, self._prompt_lock = collections.OrderedDict(), threading.Lock()

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import fastflow
-import fastflow.compile as fc
 from fastflow.errors import InputError
 from fastflow.models import Flux, from_name
 from fastflow.models.flux import make_img_ids
+
+from ..conftest import counting_backend
 
 
 def test_recompiles_over_three_resolutions_at_most_one():
@@ -16,13 +17,7 @@ def test_recompiles_over_three_resolutions_at_most_one():
     (the recompile decisions are dynamo's guards, not inductor's)."""
     torch.manual_seed(0)
     model = Flux(from_name("flux-tiny-dev")).eval()
-    compiles = []
-
-    def counting(gm, example_inputs):
-        compiles.append(1)
-        fc.rewrite(gm, example_inputs)
-        return gm.forward
-
+    counting, compiles = counting_backend()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counting)
     g = torch.Generator().manual_seed(1)
@@ -77,16 +72,12 @@ def test_diffusers_flux_over_three_resolutions_rewrites_the_dynamic_graph_too():
     from ..compile.test_backend import _diffusers_flux, _flux_inputs
 
     model = _diffusers_flux(1, 1)
-    counts = []
-
-    def counting(gm, example_inputs):
-        counts.append(fc.rewrite(gm, example_inputs)["qk_norm_rope"])
-        return gm.forward
-
+    counting, reports = counting_backend()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counting)
     with torch.no_grad():
         for n in (12, 18, 24):
             kw = _flux_inputs(n=n)
             torch.testing.assert_close(compiled(**kw).sample, model(**kw).sample, rtol=1e-5, atol=1e-5)
+    counts = [r["qk_norm_rope"] for r in reports]
     assert len(counts) <= 2 and all(c == 2 for c in counts), counts

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import fastflow.compile as fc
 from fastflow import errors
 from fastflow.cli import main
 from fastflow.models.flux import pack_latents, unpack_latents
 
+from ..conftest import counting_backend
 from .test_parity import SD3_W, H, W, _rel, diffusers_flux, diffusers_sd3
 
 pytest.importorskip("peft")  # diffusers' load_lora_weights runs through PEFT
@@ -205,13 +205,7 @@ def test_switching_adapters_does_not_recompile(load, pipeline_folders, tmp_path)
     for scales in ({a: 1.0, b: 0.0}, {a: 0.0, b: 1.0}, {a: 0.5, b: 0.5}):
         pipe.set_lora_scales(scales)
         eager[tuple(scales.values())] = ours()
-    compiles = []
-
-    def counting(gm, example_inputs):
-        compiles.append(1)
-        fc.rewrite(gm, example_inputs)
-        return gm.forward
-
+    counting, compiles = counting_backend()
     torch._dynamo.reset()
     pipe.transformer = torch.compile(pipe.transformer, backend=counting)
     try:
