@@ -299,3 +299,25 @@ def test_cli_lora_with_scale(tmp_path, capsys, pipeline_folders):
     assert np.array_equal(plain, zero) and not np.array_equal(plain, lora)
     with Image.open(tmp_path / "lora.png") as im:
         assert '"style": 0.7' in im.text["settings"]
+
+
+def test_bfl_format_on_official_names_equals_kohya(load, tmp_path):
+    """BFL's own LoRAs: PEFT keys (lora_A / lora_B) on official module names, also under ComfyUI's
+    ``diffusion_model.`` prefix; the same pairs in kohya form give the same images."""
+    pipe = load("flux-tiny-dev")
+    kohya = _kohya_flux(pipe, 10, alpha=RANK)  # alpha = rank: scale 1, as PEFT files without alpha
+    bfl = {}
+    for key, value in kohya.items():
+        if key.endswith(".alpha"):
+            continue
+        prefix = key.split(".lora_")[0]
+        module = next(n for n, _ in pipe.transformer.named_modules() if "lora_unet_" + n.replace(".", "_") == prefix)
+        role = "lora_A" if "lora_down" in key else "lora_B"
+        bfl[f"diffusion_model.{module}.{role}.weight"] = value
+    kw = {"height": H, "width": W, "num_inference_steps": 2, "seed": 3, "output_type": "latent"}
+    pipe.load_lora(_save(tmp_path, "kohya", kohya))
+    expected = pipe("a seven", **kw).images
+    pipe.unload_lora()
+    pipe.load_lora(_save(tmp_path, "bfl", bfl))
+    assert pipe.loras["bfl"]["layers"] == 4
+    torch.testing.assert_close(pipe("a seven", **kw).images, expected, rtol=0, atol=0)
