@@ -10,6 +10,7 @@ the place of the velocity. The start state is noise times :func:`init_noise_sigm
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -105,6 +106,56 @@ def euler_ancestral(
         x0 = x - sigma * eps  # the denoised estimate
         x = x + (x - x0) / sigma * (down - sigma)
         x = x + noise(i, tuple(x.shape)).to(x.device, x.dtype) * up
+        if callback:
+            x = _after(callback, i, x, nxt)
+    return x
+
+
+def dpm_schedule(steps: int, spacing: str = "linspace", steps_offset: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas [steps + 1] fp32 ending in 0, integer timesteps [steps]) as diffusers'
+    DPMSolverMultistepScheduler sets them (its own spacing rules: "linspace" and "leading" over
+    steps + 1 points without the last, "trailing" as Euler's)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= TRAIN_STEPS:
+        raise InputError(f"num_inference_steps must be an integer from 1 to {TRAIN_STEPS}, got {steps!r}")
+    if spacing not in SPACINGS:
+        raise InputError(f"timestep spacing {spacing!r}: choose one of {SPACINGS}")
+    abar = scaled_linear_alphas_cumprod()
+    n = abar.shape[0]
+    if spacing == "linspace":
+        timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+    elif spacing == "leading":
+        ratio = n // (steps + 1)
+        timesteps = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    else:
+        timesteps = np.arange(n, 0, -n / steps).round().copy().astype(np.int64) - 1
+    table = (((1 - abar) / abar) ** 0.5).numpy()
+    sigmas = np.concatenate([np.interp(timesteps, np.arange(0, n), table), [0.0]]).astype(np.float32)
+    return torch.from_numpy(sigmas), torch.from_numpy(timesteps)
+
+
+def dpmpp_2m_eps(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None) -> torch.Tensor:
+    """DPM-Solver++(2M) for an eps model, in the sigma form (x = x0 + sigma * eps, lambda = -log
+    sigma): first order on the first step and into sigma = 0, second order (midpoint) between; the
+    same updates as diffusers' DPMSolverMultistepScheduler (algorithm "dpmsolver++", order 2) in its
+    alpha-scaled space, divided through by alpha."""
+    s, x = _sigmas(sigmas), x.float()
+    n = len(s) - 1
+    old, h_last = None, None
+    for i in range(n):
+        sigma, nxt = s[i], s[i + 1]
+        eps = velocity(x, Step(sigma, i, nxt, n)).float()
+        x0 = x - sigma * eps
+        if nxt == 0:
+            x = x0  # exp(-h) = 0: the denoised estimate
+        else:
+            h = math.log(sigma) - math.log(nxt)
+            d = x0
+            if old is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
+            x = (nxt / sigma) * x - math.expm1(-h) * d
+            h_last = h
+        old = x0
         if callback:
             x = _after(callback, i, x, nxt)
     return x

@@ -80,3 +80,27 @@ def test_schedule_facts_and_errors():
         discrete_schedule(4, "sideways")
     with pytest.raises(errors.InputError, match="num_inference_steps"):
         discrete_schedule(0)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 8, 25])
+def test_dpmpp_2m_equals_diffusers(spacing, steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from fastflow.samplers.discrete import dpm_schedule, dpmpp_2m_eps
+
+    ref = DPMSolverMultistepScheduler(**SDXL, timestep_spacing=spacing, algorithm_type="dpmsolver++", solver_order=2)
+    ref.set_timesteps(steps)
+    sigmas, timesteps = dpm_schedule(steps, spacing)
+    torch.testing.assert_close(sigmas, ref.sigmas, rtol=1e-6, atol=0)
+    assert timesteps.tolist() == ref.timesteps.tolist()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = noise * ref.init_noise_sigma  # 1: diffusers keeps the alpha-scaled state
+    for t in ref.timesteps:
+        x = ref.step(eps_model(ref.scale_model_input(x, t), t), t, x).prev_sample
+
+    def velocity(x, step):
+        return eps_model(x / model_input_scale(step.sigma), timesteps[step.index])
+
+    ours = dpmpp_2m_eps(velocity, noise * model_input_scale(float(sigmas[0])), sigmas)
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
