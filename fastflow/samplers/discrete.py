@@ -4,13 +4,15 @@ form of diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler.
 A model trained on 1000 discrete timesteps with the scaled-linear beta schedule predicts the noise
 eps of ``x_t``. With ``sigma_t = sqrt((1 - abar_t) / abar_t)`` the state ``x = x0 + sigma * eps``
 moves along ``dx / dsigma = eps``: the model sees ``x / sqrt(sigma^2 + 1)`` at its timestep, and
-the flow solvers of :mod:`fastflow.samplers.solvers` run unchanged on the sigmas below with eps in
-the place of the velocity. The start state is noise times :func:`init_noise_sigma`.
+the solvers of :mod:`fastflow.samplers.solvers` run unchanged on the sigmas below with eps in the
+place of the velocity: ``euler`` is diffusers' EulerDiscreteScheduler, and ``dpmpp_2m`` (the same
+sigma-form update for any x = x0 + sigma * d model) is its DPMSolverMultistepScheduler
+(dpmsolver++, order 2) on :func:`dpm_schedule`'s sigmas. The start state is noise times
+:func:`init_noise_sigma`; only the ancestral sampler needs a solver of its own.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -131,31 +133,3 @@ def dpm_schedule(steps: int, spacing: str = "linspace", steps_offset: int = 1) -
     table = (((1 - abar) / abar) ** 0.5).numpy()
     sigmas = np.concatenate([np.interp(timesteps, np.arange(0, n), table), [0.0]]).astype(np.float32)
     return torch.from_numpy(sigmas), torch.from_numpy(timesteps)
-
-
-def dpmpp_2m_eps(velocity: Velocity, x: torch.Tensor, sigmas, callback: Callback = None) -> torch.Tensor:
-    """DPM-Solver++(2M) for an eps model, in the sigma form (x = x0 + sigma * eps, lambda = -log
-    sigma): first order on the first step and into sigma = 0, second order (midpoint) between; the
-    same updates as diffusers' DPMSolverMultistepScheduler (algorithm "dpmsolver++", order 2) in its
-    alpha-scaled space, divided through by alpha."""
-    s, x = _sigmas(sigmas), x.float()
-    n = len(s) - 1
-    old, h_last = None, None
-    for i in range(n):
-        sigma, nxt = s[i], s[i + 1]
-        eps = velocity(x, Step(sigma, i, nxt, n)).float()
-        x0 = x - sigma * eps
-        if nxt == 0:
-            x = x0  # exp(-h) = 0: the denoised estimate
-        else:
-            h = math.log(sigma) - math.log(nxt)
-            d = x0
-            if old is not None:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
-            x = (nxt / sigma) * x - math.expm1(-h) * d
-            h_last = h
-        old = x0
-        if callback:
-            x = _after(callback, i, x, nxt)
-    return x

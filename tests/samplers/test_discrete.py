@@ -85,9 +85,11 @@ def test_schedule_facts_and_errors():
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 8, 25])
 def test_dpmpp_2m_equals_diffusers(spacing, steps):
+    """The flow solver's DPM++(2M) is the sigma-form update for eps models too."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from fastflow.samplers.discrete import dpm_schedule, dpmpp_2m_eps
+    from fastflow.samplers import dpmpp_2m
+    from fastflow.samplers.discrete import dpm_schedule
 
     ref = DPMSolverMultistepScheduler(**SDXL, timestep_spacing=spacing, algorithm_type="dpmsolver++", solver_order=2)
     ref.set_timesteps(steps)
@@ -102,5 +104,5 @@ def test_dpmpp_2m_equals_diffusers(spacing, steps):
     def velocity(x, step):
         return eps_model(x / model_input_scale(step.sigma), timesteps[step.index])
 
-    ours = dpmpp_2m_eps(velocity, noise * model_input_scale(float(sigmas[0])), sigmas)
+    ours = dpmpp_2m(velocity, noise * model_input_scale(float(sigmas[0])), sigmas)
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
