@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..ops.linear import _apply_epilogue, linear, register_linear
+from ..quant import replace_module
 from .formats import Piece, is_other_component, linear_layers, parse
 
 
@@ -185,7 +186,7 @@ class LoraManager:
                     layer = self._layer(target)
                     layer.remove(n)
                     if not layer.pieces:
-                        _replace(self.model, target, layer.base)
+                        replace_module(self.model, target, layer.base)
 
     def set_fused(self, fused: bool, names=None) -> None:
         """Move adapters between the fused and the unfused form (same outputs, up to rounding)."""
@@ -201,7 +202,7 @@ class LoraManager:
                     layer = self._layer(target)
                     layer.remove(name)
                     if not layer.pieces:
-                        _replace(self.model, target, layer.base)
+                        replace_module(self.model, target, layer.base)
                 else:
                     self._wrapped(target).add(name, pieces, adapter.scale)
         self._refuse(touched)
@@ -214,7 +215,7 @@ class LoraManager:
         layer = self._layer(target)
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(layer)
-            _replace(self.model, target, layer)
+            replace_module(self.model, target, layer)
         return layer
 
     def _base(self, target: str) -> nn.Module:
@@ -263,11 +264,6 @@ def _fuse_into(layer: nn.Module, original: dict[str, torch.Tensor], adapters) ->
         layer.weight.data, layer.weight_scale = q, s
     else:
         layer.weight.data = w.to(original["weight"].dtype)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _check_scale(scale) -> float:

@@ -65,8 +65,8 @@ def _tokenizer_folder(model, tokenizer, what: str) -> Path:
 
 def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):
     """A :class:`CLIPEncoder` from a local folder (with ``text_projection`` for SD3)."""
+    tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "CLIP text encoder")  # before any weight
     model = load_text_model("clip", model_folder, "CLIP text encoder", dtype, device, projection=with_projection)
-    tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "CLIP text encoder")
     encoder = CLIPEncoder(model, load_tokenizer(tok_folder, "CLIP text encoder", "clip"))
     cfg = model.config
     check_tokenizer_fits(
@@ -85,8 +85,8 @@ def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="c
     if dtype == torch.float16:
         warnings.warn("T5 overflows in float16; loading it in bfloat16 instead", UserWarning, stacklevel=3)
         dtype = torch.bfloat16
+    tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "T5 encoder")  # before any weight
     model = load_text_model("t5", model_folder, "T5 encoder", dtype, device)
-    tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "T5 encoder")
     tokenizer = load_tokenizer(tok_folder, "T5 encoder", "t5")
     check_tokenizer_fits(tokenizer, model.config.vocab_size, None, "T5 encoder", tok_folder)
     return T5Encoder(model, tokenizer)

@@ -10,6 +10,7 @@ have one place to plug in.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import math
@@ -26,6 +27,7 @@ import torch
 from ..errors import GenerationInterrupted, InputError, NumericalError
 from ..samplers import Step, get_solver
 from .images import load_image, to_numpy, to_pil, to_tensor, to_unit
+from .offload import text_models
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The running generation's cache runner and work counters (per thread / task, never shared).
@@ -252,6 +254,8 @@ class BasePipeline:
         self.default_size = tuple(default_size or sampling.size)
         self.view_upscale = sampling.view_upscale  # the CLI's default PNG upscale
         self._running: set[threading.Event] = set()  # one token per running generation
+        self._prompt_cache: collections.OrderedDict = collections.OrderedDict()  # see encode_text
+        self._prompt_lock = threading.Lock()
         self.max_images_per_call = MAX_IMAGES_PER_CALL
 
     def interrupt(self) -> None:
@@ -289,15 +293,12 @@ class BasePipeline:
             device = torch.device(usable_device(device, "pipe.to", 'pipe.to("cpu")'))
         self.transformer.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
-        for name in ("clip_l", "clip_g", "t5"):
-            encoder = getattr(self.text_encoder, name, None)
-            if encoder is None:
-                continue
+        for name, model in text_models(self.text_encoder).items():
             cast = dtype
             if name == "t5" and dtype == torch.float16:
                 warnings.warn("T5 overflows in float16: it keeps its dtype", UserWarning, stacklevel=2)
                 cast = None
-            encoder.model.to(device=device, dtype=cast)
+            model.to(device=device, dtype=cast)
         return self
 
     _offload = None  # a ModelOffload while enable_model_cpu_offload is on
@@ -352,12 +353,16 @@ class BasePipeline:
         to ``device`` (``cuda:gpu_id``) only while its stage runs (see
         :mod:`fastflow.pipelines.offload`). Returns the pipeline."""
         from ..ops.capability import usable_device
-        from .offload import ModelOffload, text_modules
+        from .offload import ModelOffload
 
         if gpu_id is not None:
             device = f"{torch.device(device).type}:{gpu_id}"
         device = torch.device(usable_device(device, "enable_model_cpu_offload", 'device="cpu"'))
-        groups = {"text": text_modules(self.text_encoder), "transformer": [self.transformer], "vae": [self.vae]}
+        groups = {
+            "text": list(text_models(self.text_encoder).values()),
+            "transformer": [self.transformer],
+            "vae": [self.vae],
+        }
         self.disable_model_cpu_offload()
         self._offload = ModelOffload(groups, device)
         return self
@@ -375,15 +380,10 @@ class BasePipeline:
         """The text encoder's output for ``prompts``, reusing the last few prompt lists' results.
         The cache key holds the prompts and every text-encoder parameter's identity, version,
         dtype and device, plus the encoders' lengths, so changed or moved weights never hit."""
-        import collections
-
-        from .offload import text_modules
-
         te = self.text_encoder
-        state = tuple((id(p), p._version, p.dtype, p.device) for m in text_modules(te) for p in m.parameters())
+        models = text_models(te).values()
+        state = tuple((id(p), p._version, p.dtype, p.device) for m in models for p in m.parameters())
         key = (tuple(prompts), getattr(te, "max_length", None), getattr(te, "t5_max_length", None), state)
-        if "_prompt_cache" not in self.__dict__:
-            self._prompt_cache, self._prompt_lock = collections.OrderedDict(), threading.Lock()
         with self._prompt_lock:
             hit = self._prompt_cache.get(key)
             if hit is not None:
@@ -469,8 +469,8 @@ class BasePipeline:
         return torch.tensor([*values, 0.0], dtype=torch.float32)
 
     def initial_noise(self, n: int, shape: tuple[int, ...], seed, generator, latents) -> tuple[torch.Tensor, list]:
-        # generator: a torch.Generator, or one per image
-        """[n, *shape] fp32 noise on the device from seeds / generators, or the given ``latents``."""
+        """[n, *shape] fp32 noise on the device from seeds / generators (``generator``: one
+        torch.Generator or one per image), or the given ``latents``."""
         if latents is None:
             noise, seeds = draw_noise(n, shape, seed, generator)
         else:
@@ -497,16 +497,16 @@ class BasePipeline:
         (``t_start = int(steps - min(steps * strength, steps))``); the image is VAE-encoded by
         sampling its posterior and noised to that sigma: ``sigma * noise + (1 - sigma) * latent``.
 
-        Randomness follows diffusers: per image, the posterior sample is drawn before the noise
-        from that image's generator (a single ``generator`` draws one posterior sample for the
-        batch); ``seed=`` gives each image the generator ``manual_seed(seed_i)``. ``latents``
-        replaces the noise (not the start state)."""
+        ``r.image`` is the PIL image :meth:`image_size` read. Randomness follows diffusers: per
+        image, the posterior sample is drawn before the noise from that image's generator (a
+        single ``generator`` draws one posterior sample for the batch); ``seed=`` gives each image
+        the generator ``manual_seed(seed_i)``. ``latents`` replaces the noise (not the start state)."""
         strength = r.strength
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
             raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
         steps = len(sigmas) - 1
         t_start = int(max(steps - min(steps * strength, steps), 0))  # < steps: strength > 0 runs >= 1 step
-        pixels = to_tensor(load_image(r.image), width, height).to(self.device)
+        pixels = to_tensor(r.image, width, height).to(self.device)  # read by image_size
         generator = r.generator
         if generator is None:
             seeds = check_seeds(r.seed, n) or [random.randrange(2**63) for _ in range(n)]

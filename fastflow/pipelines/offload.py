@@ -57,8 +57,9 @@ class ModelOffload:
             self.resident = None
 
 
-def text_modules(text_encoder) -> list[nn.Module]:
-    return [getattr(text_encoder, n).model for n in ("clip_l", "clip_g", "t5") if getattr(text_encoder, n, None)]
+def text_models(text_encoder) -> dict[str, nn.Module]:
+    """role ("clip_l", "clip_g", "t5") -> model of a pipeline's text encoder (empty without one)."""
+    return {n: getattr(text_encoder, n).model for n in ("clip_l", "clip_g", "t5") if getattr(text_encoder, n, None)}
 
 
 def check_not_offloaded(pipe, what: str) -> None:
