@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from .loading.components import load_components
-from .pipelines import FluxPipeline, SD3Pipeline
+from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
 
-PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
+PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
 
 
 def resolve_model(path: str | os.PathLike) -> Path:
@@ -52,7 +52,7 @@ def load(
     quant=None,
     config=None,
 ):
-    """A ready pipeline (FluxPipeline or SD3Pipeline) from local files.
+    """A ready pipeline (FluxPipeline, SD3Pipeline or SDXLPipeline) from local files.
 
     ``path``: the name of an embedded model (``"fastflow-tiny-digits"``), a diffusers pipeline folder
     (transformer/, vae/, text_encoder*/, tokenizer*/) or a single
@@ -71,4 +71,11 @@ def load(
     if dtype is None:  # as the CLI: bfloat16 on a GPU, float32 on a CPU (where bf16 is slow and inexact)
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)
-    return PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)
+    pipe = PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)
+    if parts.family == "sdxl" and path.is_dir():  # the pipeline folder's SDXL setting, where it has one
+        from .loading.sources import folder_json
+
+        zeros = folder_json(path, "model_index.json").get("force_zeros_for_empty_prompt")
+        if isinstance(zeros, bool):
+            pipe.force_zeros_for_empty_prompt = zeros
+    return pipe

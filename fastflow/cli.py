@@ -224,7 +224,7 @@ def _cmd_generate(args) -> int:
         kwargs["negative_prompt"] = args.negative_prompt
     if args.true_cfg is not None:
         if pipe.config.family != "flux":
-            raise InputError("--true-cfg is FLUX's option: SD3 runs CFG with --guidance")
+            raise InputError("--true-cfg is FLUX's option: SD3 and SDXL run CFG with --guidance")
         kwargs["true_cfg_scale"] = args.true_cfg
     if args.image is not None:
         kwargs["image"] = args.image
@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="re-run a fastflow image: its prompt, seed and settings fill what the command line leaves unset",
     )
-    p.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
+    p.add_argument("--sampler", default=None, choices=["euler", "euler_ancestral", "heun", "dpmpp_2m"])
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument(

@@ -127,8 +127,9 @@ def tiny_diffusers_vae(variant: str = "vae-tiny-flux", seed: int = 0):
         norm_num_groups=32,
         scaling_factor=cfg.scale_factor,
         shift_factor=cfg.shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        use_quant_conv=cfg.quant_conv,
+        use_post_quant_conv=cfg.quant_conv,
+        force_upcast=cfg.force_upcast,
     ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -139,6 +140,49 @@ def tiny_diffusers_vae(variant: str = "vae-tiny-flux", seed: int = 0):
                 p.mul_(1.0 + 0.2 * torch.randn_like(p))  # keep diffusers' init scale, perturbed
             else:
                 p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def diffusers_unet_config(cfg) -> dict:
+    """diffusers UNet2DConditionModel arguments of one of our UNetConfigs (SDXL style)."""
+    assert cfg.transformer_depth[-1] == cfg.transformer_depth_middle, "diffusers: mid depth = last level's"
+    widths = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    attn = [d > 0 for d in cfg.transformer_depth]
+    return {
+        "sample_size": 32,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": widths,
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        # (levels without attention ignore theirs; the mid block takes the last level's)
+        "transformer_layers_per_block": tuple(max(d, 1) for d in cfg.transformer_depth),
+        "attention_head_dim": tuple(w // cfg.head_dim for w in widths),  # diffusers' name for heads
+        "cross_attention_dim": cfg.context_dim,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": cfg.time_id_dim,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels,
+        "norm_num_groups": 32,
+    }
+
+
+def tiny_diffusers_unet(variant: str = "sdxl-tiny", seed: int = 0, **changes):
+    """diffusers UNet2DConditionModel of a tiny registered SDXL config (``changes``: other fields),
+    every weight random (norm scales around 1, the rest perturbed around diffusers' init, and the
+    zero-initialised output convs made non-zero)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = from_name(variant).replace(**changes)
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p) + 0.5 * p)
     return model
 
 
@@ -202,6 +246,19 @@ def tiny_pipeline_folder(root, variant: str, seed: int = 0):
             "text_encoder_2": (tiny_t5(cfg.context_in_dim, seed + 3), t5_tokenizer()),
         }
         pipeline_class = "FluxKontextPipeline" if cfg.kontext else "FluxPipeline"
+    elif cfg.family == "sdxl":
+        tiny_diffusers_unet(variant, seed).save_pretrained(root / "unet")
+        tiny_diffusers_vae("vae-tiny-sdxl", seed + 1).save_pretrained(root / "vae")
+        w_l = cfg.context_dim // 2
+        parts = {
+            "text_encoder": (tiny_clip(w_l, False, seed + 2), word_level_tokenizer(WORDS, "clip", False, 77)),
+            "text_encoder_2": (
+                tiny_clip(cfg.context_dim - w_l, True, seed + 3, cfg.pooled_dim, act="gelu"),
+                word_level_tokenizer(WORDS, "clip", True, 77),
+            ),
+        }
+        pipeline_class = "StableDiffusionXLPipeline"
+        diffusers_sdxl_scheduler(cfg).save_pretrained(root / "scheduler")
     else:
         tiny_diffusers_sd3(variant, seed).save_pretrained(root / "transformer")
         tiny_diffusers_vae("vae-tiny-sd3", seed + 1).save_pretrained(root / "vae")
@@ -217,6 +274,23 @@ def tiny_pipeline_folder(root, variant: str, seed: int = 0):
         tok.save_pretrained(root / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"))
     (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
     return root
+
+
+def diffusers_sdxl_scheduler(cfg, ancestral: bool | None = None):
+    """diffusers' SDXL scheduler: Euler with "leading" spacing (base) or Euler ancestral with
+    "trailing" (Turbo), the scaled-linear schedule."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    ancestral = cfg.turbo if ancestral is None else ancestral
+    cls = EulerAncestralDiscreteScheduler if ancestral else EulerDiscreteScheduler
+    return cls(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing=cfg.spacing,
+        prediction_type="epsilon",
+    )
 
 
 def diffusers_flux_scheduler(dynamic: bool = True):

@@ -94,3 +94,20 @@ def test_info_and_doctor(model):
     assert "flux-tiny-dev" in info.stdout and "FLUX.1" in info.stdout
     doctor = run("doctor")
     assert doctor.returncode == 0 and "layernorm_modulate" in doctor.stdout
+
+
+def test_generate_sdxl_turbo_folder(tmp_path):
+    """An SDXL-Turbo pipeline folder through the CLI: detected from its files, sampled with its own
+    defaults (Euler ancestral, trailing spacing, no CFG), the settings in the PNG."""
+    folder = tiny_pipeline_folder(tmp_path / "turbo", "sdxl-tiny-turbo")
+    out = tmp_path / "seven.png"
+    done = run("generate", "a handwritten seven", "-o", out, "--model", folder, "-H", 32, "-W", 48, "--seed", 3,
+               "--steps", 2, "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert image.size == (48, 32)
+        settings = json.loads(image.text["settings"])
+    assert settings["model"] == "sdxl-tiny-turbo" and settings["sampler"] == "euler_ancestral"
+    assert settings["timestep_spacing"] == "trailing" and settings["guidance_scale"] == 0.0
+    refused = run("generate", "a seven", "-o", tmp_path / "x.png", "--model", folder, "--true-cfg", 2, "--no-progress")
+    assert refused.returncode == 2 and "SDXL run CFG with --guidance" in refused.stderr

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import FamilyMismatchError, LoraError
-from ..loading.keymaps import flux_from_diffusers, sd3_from_diffusers
+from ..loading.keymaps import flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
 
 DOWN, UP, ALPHA = "down", "up", "alpha"
 # suffix -> role, longest first (".lora_A.weight" before ".weight" alone)
@@ -86,8 +86,8 @@ def _diffusers_map(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, 
     """diffusers module -> [(our layer, our first row, source first row, rows, half)] for every
     layer; ``half``: the source feeds half of its rows there (the swapped final modulation)."""
     family = model.config.family
-    keymap = flux_from_diffusers if family == "flux" else sd3_from_diffusers
-    width = model.config.hidden_size
+    keymap = {"flux": flux_from_diffusers, "sd3": sd3_from_diffusers, "sdxl": unet_from_diffusers}[family]
+    width = getattr(model.config, "hidden_size", 0)  # FLUX's fused linear1 only
     out: dict[str, list[tuple[str, int, int, int, bool]]] = {}
     for name in layers:
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, MissingComponentError
-from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
+from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, SDXLTextEncoder, T5Encoder
 from .loader import load_transformer, load_vae
 from .text import load_text_model
 from .tokenizer import check_tokenizer_fits, load_tokenizer
@@ -30,6 +30,7 @@ TEXT_LAYOUT = {
         ("text_encoder_2", "tokenizer_2", "clip_g"),
         ("text_encoder_3", "tokenizer_3", "t5"),
     ],
+    "sdxl": [("text_encoder", "tokenizer", "clip_l"), ("text_encoder_2", "tokenizer_2", "clip_g")],
 }
 OPTIONAL_TEXT = {"sd3": {"t5"}}  # SD3 runs without T5 (zeros in its place)
 
@@ -131,6 +132,8 @@ def load_text_encoders(family: str, sources: dict, dtype, device, t5_max_length:
         t5 = load_t5(model, tok, dtype=torch.bfloat16 if dtype == torch.float16 else dtype, device=device)
     if family == "flux":
         return FluxTextEncoder(clip("clip_l", False), t5, max_length=t5_max_length)
+    if family == "sdxl":  # CLIP-L's penultimate states; OpenCLIP-G's too, and its projected pooled output
+        return SDXLTextEncoder(clip("clip_l", False), clip("clip_g", True))
     if t5 is None:
         warnings.warn(
             "no T5 encoder: SD3 will run on CLIP features only (zeros in T5's place)", UserWarning, stacklevel=3

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..models import configs as registry
 
-_CLASSES = {"flux": registry.FluxConfig, "sd3": registry.MMDiTConfig}
+_CLASSES = {"flux": registry.FluxConfig, "sd3": registry.MMDiTConfig, "sdxl": registry.UNetConfig}
 
 
 def _get(cfg: dict, key: str, default):
@@ -79,6 +79,44 @@ def mmdit_from_diffusers(cfg: dict, name: str) -> registry.MMDiTConfig:
     )
 
 
+def _per_level(value, levels: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+def unet_from_diffusers(cfg: dict, name: str) -> registry.UNetConfig:
+    """UNetConfig from an SDXL-style UNet2DConditionModel ``config.json`` ("text_time" added
+    embedding). diffusers' ``attention_head_dim`` counts heads (its old naming) unless
+    ``num_attention_heads`` is given; sampling follows SDXL base's, Turbo's for trailing spacing."""
+    if _get(cfg, "addition_embed_type", None) != "text_time":
+        raise InputError(f"{name}: a UNet without SDXL's text_time conditioning (SD 1.x / 2.x) is not supported")
+    widths = list(_get(cfg, "block_out_channels", (320, 640, 1280)))
+    types = list(_get(cfg, "down_block_types", ()))
+    depth = _per_level(_get(cfg, "transformer_layers_per_block", 1), len(widths))
+    heads = _per_level(_get(cfg, "num_attention_heads", None) or _get(cfg, "attention_head_dim", 8), len(widths))
+    attn = [i for i, t in enumerate(types) if "CrossAttn" in t]
+    head_dims = {widths[i] // heads[i] for i in attn} or {64}
+    if len(head_dims) != 1:
+        raise InputError(f"{name}: UNet levels with different head widths {sorted(head_dims)} are not supported")
+    layers = _get(cfg, "layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise InputError(f"{name}: layers_per_block must be one number for every level, got {layers!r}")
+    in_channels = _get(cfg, "in_channels", 4)
+    return registry.UNetConfig(
+        name=name,
+        in_channels=in_channels,
+        out_channels=_get(cfg, "out_channels", in_channels),
+        model_channels=widths[0],
+        channel_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=layers,
+        transformer_depth=tuple(depth[i] if i in attn else 0 for i in range(len(widths))),
+        transformer_depth_middle=depth[-1],
+        context_dim=_get(cfg, "cross_attention_dim", 2048),
+        head_dim=head_dims.pop(),
+        adm_in_channels=_get(cfg, "projection_class_embeddings_input_dim", 2816),
+        time_id_dim=_get(cfg, "addition_time_embed_dim", 256),
+    )
+
+
 def from_folder_config(family: str, cfg: dict, name: str, kontext: bool = False):
     """The config a diffusers model folder's ``config.json`` describes, or None when it describes
     none of ours (no config.json, another class)."""
@@ -87,6 +125,8 @@ def from_folder_config(family: str, cfg: dict, name: str, kontext: bool = False)
         return flux_from_diffusers(cfg, name, kontext)
     if family == "sd3" and cls == "SD3Transformer2DModel":
         return mmdit_from_diffusers(cfg, name)
+    if family == "sdxl" and cls == "UNet2DConditionModel":
+        return unet_from_diffusers(cfg, name)
     return None
 
 
@@ -94,7 +134,7 @@ def from_fields(family: str, fields: dict, name: str = "custom"):
     """A config of ``family`` from the fields given (the rest: the full-size model's values)."""
     cls = _CLASSES.get(family)
     if cls is None:
-        raise InputError(f"config= describes a transformer (FLUX or SD3), not a {family}")
+        raise InputError(f"config= describes a denoiser (FLUX, SD3 or SDXL), not a {family}")
     known = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
     unknown = sorted(set(fields) - known)
     if unknown:

@@ -26,6 +26,7 @@ from .sources import CheckpointSource
 FAMILY_NAMES = {
     "flux": "a FLUX.1 transformer",
     "sd3": "an SD3/SD3.5 MMDiT transformer",
+    "sdxl": "an SDXL UNet",
     "vae": "a VAE (autoencoder)",
     "text_encoder": "a text encoder (CLIP or T5)",
     "unknown": "no model fastflow knows",
@@ -80,6 +81,10 @@ def _family(keys: list[str]) -> tuple[str, str | None]:
         return "sd3", "official"
     if has(r"transformer_blocks\.\d+\.") and has(r"pos_embed\.proj\."):
         return "sd3", "diffusers"
+    if has(r"input_blocks\.\d+\.") and has(r"label_emb\.0\."):
+        return "sdxl", "official"
+    if has(r"down_blocks\.\d+\.") and has(r"add_embedding\."):
+        return "sdxl", "diffusers"
     if has(r"(first_stage_model\.|vae\.)?(decoder|encoder)\.conv_in\."):
         return "vae", "diffusers" if has(
             r"(first_stage_model\.|vae\.)?(de|en)coder\.(up|down)_blocks\."
@@ -255,7 +260,7 @@ _VAE_PROBES = {
         "block": "encoder.down_blocks.{i}.resnets.{j}.conv1.weight",
     },
 }
-_VAE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_channels")
+_VAE_FIELDS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_channels", "quant_conv")
 
 
 def vae_arch(source: CheckpointSource, layout: Layout) -> tuple:
@@ -275,15 +280,91 @@ def vae_arch(source: CheckpointSource, layout: Layout) -> tuple:
         _check_probe(source, layout, key, shapes[key], 4)
     ch_mult = tuple(shapes[key][0] // ch for key in level_keys)
     n_blocks = sum(1 for j in range(64) if block.format(i=0, j=j) in shapes)
-    return (ch, ch_mult, n_blocks, shapes[probes["z"]][1], in_ch, shapes[probes["out_conv"]][0])
+    quant = "quant_conv.weight" in shapes
+    return (ch, ch_mult, n_blocks, shapes[probes["z"]][1], in_ch, shapes[probes["out_conv"]][0], quant)
 
 
-def describe_arch(arch: tuple) -> str:
-    fields = {len(f): f for f in (_ARCH_FIELDS, _SD3_FIELDS, _VAE_FIELDS)}[len(arch)]
+_UNET_PROBES = {
+    "official": {
+        "conv_in": "input_blocks.0.0.weight",
+        "out_conv": "out.2.weight",
+        "adm": "label_emb.0.0.weight",
+        "down": r"input_blocks\.(\d+)\.0\.op\.",
+        "input": r"input_blocks\.(\d+)\.",
+        "res": "input_blocks.{i}.0.in_layers.2.weight",  # i: level l's first block, 1 + l * (n + 1)
+        "depth": r"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.",
+        "mid": r"middle_block\.1\.transformer_blocks\.(\d+)\.",
+        "context": r"(input|middle|output)_blocks?\.[\d.]*transformer_blocks\.0\.attn2\.to_k\.weight",
+    },
+    "diffusers": {
+        "conv_in": "conv_in.weight",
+        "out_conv": "conv_out.weight",
+        "adm": "add_embedding.linear_1.weight",
+        "level": r"down_blocks\.(\d+)\.",
+        "n_res": r"down_blocks\.0\.resnets\.(\d+)\.",
+        "res": "down_blocks.{l}.resnets.0.conv1.weight",
+        "depth": r"down_blocks\.{l}\.attentions\.0\.transformer_blocks\.(\d+)\.",
+        "mid": r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.",
+        "context": r"(down|mid|up)_blocks?\.[\w.]*transformer_blocks\.0\.attn2\.to_k\.weight",
+    },
+}
+_UNET_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "model_channels",
+    "channel_mult",
+    "num_res_blocks",
+    "transformer_depth",
+    "transformer_depth_middle",
+    "context_dim",
+    "adm_in_channels",
+)
+
+
+def unet_arch(source: CheckpointSource, layout: Layout) -> tuple:
+    """The SDXL UNet architecture tuple (UNetConfig.arch() order) read off the tensor shapes."""
+    probes = _UNET_PROBES[layout.naming]
+    shapes = _shapes_with(source, layout, probes, ("conv_in", "out_conv", "adm"))
+    mc, in_ch = shapes[probes["conv_in"]][:2]
+    if layout.naming == "official":
+        levels = len(_indices(layout, probes["down"])) + 1
+        per = (max(_indices(layout, probes["input"]), default=0) + 1) // levels  # n + 1 blocks a level
+        firsts = [1 + level * per for level in range(levels)]
+        res = [probes["res"].format(i=i) for i in firsts]
+        depths = [len(_indices(layout, probes["depth"].format(i=i))) for i in firsts]
+        n_res = per - 1
+    else:
+        levels = len(_indices(layout, probes["level"]))
+        res = [probes["res"].format(l=level) for level in range(levels)]
+        depths = [len(_indices(layout, probes["depth"].format(l=level))) for level in range(levels)]
+        n_res = len(_indices(layout, probes["n_res"]))
+    missing = [k for k in res if k not in shapes]
+    if missing or n_res < 1:
+        raise MissingKeysError(
+            source.path, [layout.prefix + k for k in missing] or ["(ResNet blocks)"], "the UNet is incomplete"
+        )
+    for key in res:
+        _check_probe(source, layout, key, shapes[key], 4)
+    context = next((shapes[k] for k in layout.keys if re.fullmatch(probes["context"], k)), (0, 0))
+    return (
+        in_ch,
+        shapes[probes["out_conv"]][0],
+        mc,
+        tuple(shapes[k][0] // mc for k in res),
+        n_res,
+        tuple(depths),
+        len(_indices(layout, probes["mid"])),
+        context[1] if len(context) == 2 else 0,
+        shapes[probes["adm"]][1],
+    )
+
+
+def describe_arch(arch: tuple, family: str) -> str:
+    fields = {"flux": _ARCH_FIELDS, "sd3": _SD3_FIELDS, "vae": _VAE_FIELDS, "sdxl": _UNET_FIELDS}[family]
     return ", ".join(f"{f}={v}" for f, v in zip(fields, arch, strict=True))
 
 
-_VAE_SCALES = {"flux": 0.3611, "sd3": 1.5305}
+_VAE_SCALES = {"flux": 0.3611, "sd3": 1.5305, "sdxl": 0.13025}
 
 
 def vae_latent_factors(source: CheckpointSource) -> tuple[float, float] | None:
@@ -331,6 +412,8 @@ def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | 
     ).lower()
     if source.pipeline_class:
         text += " " + source.pipeline_class.lower()
+    if candidates[0].family == "sdxl" and Path(source.path).is_file():  # sd_xl_turbo_1.0_fp16.safetensors
+        text += " " + Path(source.path).stem.lower()
     text += " " + str(source.folder_config.get("_name_or_path", "")).lower()
     named = bool(text.strip())  # something names the model...
     if any(hasattr(c, "kontext") for c in candidates):
@@ -339,6 +422,9 @@ def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | 
         if named:  # ...and not as Kontext (FluxPipeline, "FLUX.1-dev")
             return [c for c in candidates if not c.kontext]
     if any(hasattr(c, "turbo") for c in candidates):
+        spacing = source.scheduler_config.get("timestep_spacing")
+        if candidates[0].family == "sdxl" and spacing in ("trailing", "leading"):  # Turbo's scheduler: trailing
+            return [c for c in candidates if c.turbo == (spacing == "trailing")]
         if "turbo" in text:
             return [c for c in candidates if c.turbo]
         if any(k.startswith("modelspec.") for k in source.metadata):  # the file names itself, not as turbo
@@ -360,9 +446,16 @@ def resolve_config(
     folder's config.json scale/shift always apply (registered values are defaults), except over
     an explicit ``config=``."""
     cfg = _resolve(family, arch, source, variant, config, layout, prefer)
+    if family == "sdxl" and config is None:  # head and time-id widths: config.json's, where it has them
+        told = described.from_folder_config(family, source.folder_config, cfg.name)
+        if told is not None and (told.head_dim, told.time_id_dim) != (cfg.head_dim, cfg.time_id_dim):
+            cfg = cfg.replace(head_dim=told.head_dim, time_id_dim=told.time_id_dim)
     factors = vae_latent_factors(source) if family == "vae" and config is None else None
     if factors is not None and factors != (cfg.scale_factor, cfg.shift_factor):
         cfg = cfg.replace(scale_factor=factors[0], shift_factor=factors[1])
+    upcast = source.folder_config.get("force_upcast") if family == "vae" and config is None else None
+    if isinstance(upcast, bool) and upcast != cfg.force_upcast:  # the fp16-fix SDXL VAE says False
+        cfg = cfg.replace(force_upcast=upcast)
     return cfg
 
 
@@ -381,7 +474,7 @@ def _resolve(family, arch, source, variant, config, layout, prefer):
             raise VariantMismatchError(
                 source.path,
                 f"{cfg.name} does not fit this checkpoint's tensors ({FAMILY_NAMES[family]} with "
-                f"{describe_arch(arch)})",
+                f"{describe_arch(arch, family)})",
                 "pass the variant that matches the file, or leave variant= unset to detect it",
             )
         return cfg
@@ -395,14 +488,15 @@ def _resolve(family, arch, source, variant, config, layout, prefer):
             if cfg.arch() != arch:
                 raise VariantMismatchError(
                     source.path,
-                    f"its config.json describes {describe_arch(cfg.arch())} but the tensors are {describe_arch(arch)}",
+                    f"its config.json describes {describe_arch(cfg.arch(), family)} but the tensors are "
+                    f"{describe_arch(arch, family)}",
                     "fix config.json, or pass config={...} with the fields that describe the tensors",
                 )
             return cfg
         cls = type(registry.configs_of(family)[0]).__name__
         raise UnknownConfigError(
             source.path,
-            f"{FAMILY_NAMES[family]} with {describe_arch(arch)} fits no registered config "
+            f"{FAMILY_NAMES[family]} with {describe_arch(arch, family)} fits no registered config "
             f"(known: {', '.join(registry.list_models(family, include_tiny=True))}) and no diffusers "
             "config.json describes it",
             f"describe it: fastflow.load(..., config={{'depth': ..., ...}}) (fields of {cls}; the rest "

@@ -157,6 +157,8 @@ def sd3_from_diffusers(key: str, config) -> list[Segment]:
 
 def vae_from_diffusers(key: str, config) -> list[Segment]:
     """Sources, in diffusers AutoencoderKL names, of one official (BFL ``ae``) VAE tensor."""
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return [Segment(key)]
     part, rest = key.split(".", 1)  # encoder | decoder
     top = len(config.ch_mult) - 1
 
@@ -182,3 +184,62 @@ def vae_from_diffusers(key: str, config) -> list[Segment]:
         squeezed = m[1] != "norm" and m[2] == "weight"  # 1x1 conv weights stored as Linear [C, C]
         return [Segment(f"{part}.mid_block.attentions.0.{name}.{m[2]}", unsqueeze=2 if squeezed else 0)]
     raise KeyError(f"no diffusers source known for VAE tensor {key!r}")
+
+
+_RESNET_PARTS = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+
+def unet_from_diffusers(key: str, config) -> list[Segment]:
+    """Sources, in diffusers UNet2DConditionModel names, of one official (sgm) SDXL UNet tensor.
+
+    Input block 0 is conv_in; level l's ResNet / transformer j is input block 1 + l * (n + 1) + j
+    (n ResNet blocks a level) and its downsampler the block after; output block l * (n + 1) + j is
+    up block l's j-th (levels counted from the lowest resolution), its upsampler the last layer of
+    the level's last output block."""
+    name, _, param = key.rpartition(".")
+    per = config.num_res_blocks + 1
+    simple = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "label_emb.0.0": "add_embedding.linear_1",
+        "label_emb.0.2": "add_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
+    if name in simple:
+        return [Segment(f"{simple[name]}.{param}")]
+
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d)\.(.+)", name):
+        i, index, rest = int(m[1]) - 1, int(m[2]), m[3]
+        level, j = divmod(i, per)
+        if j == config.num_res_blocks:  # the level's downsampler
+            if rest == "op":
+                return [Segment(f"down_blocks.{level}.downsamplers.0.conv.{param}")]
+        elif index == 0 and rest in _RESNET_PARTS:
+            return [Segment(f"down_blocks.{level}.resnets.{j}.{_RESNET_PARTS[rest]}.{param}")]
+        elif index == 1:
+            return [Segment(f"down_blocks.{level}.attentions.{j}.{rest}.{param}")]
+    if m := re.fullmatch(r"middle_block\.(\d)\.(.+)", name):
+        index, rest = int(m[1]), m[2]
+        if index in (0, 2) and rest in _RESNET_PARTS:
+            return [Segment(f"mid_block.resnets.{index // 2}.{_RESNET_PARTS[rest]}.{param}")]
+        if index == 1:
+            return [Segment(f"mid_block.attentions.0.{rest}.{param}")]
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.(\d)\.(.+)", name):
+        level, j = divmod(int(m[1]), per)
+        index, rest = int(m[2]), m[3]
+        if index == 0 and rest in _RESNET_PARTS:
+            return [Segment(f"up_blocks.{level}.resnets.{j}.{_RESNET_PARTS[rest]}.{param}")]
+        if rest == "conv":
+            return [Segment(f"up_blocks.{level}.upsamplers.0.conv.{param}")]
+        if index == 1:
+            return [Segment(f"up_blocks.{level}.attentions.{j}.{rest}.{param}")]
+    raise KeyError(f"no diffusers source known for SDXL UNet tensor {key!r}")

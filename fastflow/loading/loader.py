@@ -29,12 +29,13 @@ from ..errors import (
 from ..models import configs as registry
 from ..models.flux import Flux
 from ..models.mmdit import MMDiT
+from ..models.unet import UNet
 from ..models.vae import AutoEncoder
 from ..ops.capability import device_name, fp8_runs_natively
 from ..quant import Fp8Config, Fp8Linear, quantizable, replace_module
 from ..quant.fp8 import quantize_weight
-from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, vae_arch
-from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers, vae_from_diffusers
+from .detect import FAMILY_NAMES, Layout, detect_layout, flux_arch, resolve_config, sd3_arch, unet_arch, vae_arch
+from .keymaps import Plan, Segment, flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers, vae_from_diffusers
 from .quantized import FP8_DTYPES, Fp8Source, describe, read_fp8_source
 from .safetensors_io import DTYPE_NAMES
 from .sources import CheckpointSource, open_checkpoint
@@ -43,9 +44,10 @@ from .sources import CheckpointSource, open_checkpoint
 _SUPPORTED = {
     "flux": (Flux, flux_arch, flux_from_diffusers),
     "sd3": (MMDiT, sd3_arch, sd3_from_diffusers),
+    "sdxl": (UNet, unet_arch, unet_from_diffusers),
     "vae": (AutoEncoder, vae_arch, vae_from_diffusers),
 }
-_COMPONENT = {"flux": "transformer", "sd3": "transformer", "vae": "vae"}
+_COMPONENT = {"flux": "transformer", "sd3": "transformer", "sdxl": "transformer", "vae": "vae"}
 
 
 class _SkipInit(torch.overrides.TorchFunctionMode):
@@ -80,6 +82,7 @@ def _check_family(source: CheckpointSource, layout: Layout, family: str) -> None
         hint = {
             "flux": "load it as a FLUX.1 model (leave family= unset to detect it)",
             "sd3": "load it as an SD3/SD3.5 model (leave family= unset to detect it)",
+            "sdxl": "load it as an SDXL model: fastflow.load(path) detects it (leave family= unset)",
             "vae": "pass it as the VAE (vae=...), not as the transformer",
             "text_encoder": "pass it as a text encoder, not as the transformer",
         }.get(layout.family, "check that the path points to the transformer weights")

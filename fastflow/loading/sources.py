@@ -28,6 +28,7 @@ class CheckpointSource:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__ of all shards
     folder_config: dict = field(default_factory=dict)  # config.json of a diffusers model folder
     pipeline_class: str | None = None  # model_index.json _class_name, when there is one
+    scheduler_config: dict = field(default_factory=dict)  # a pipeline folder's scheduler/scheduler_config.json
 
     def entry(self, key: str) -> TensorEntry:
         return self.key_file[key].entries[key]
@@ -105,7 +106,9 @@ def _model_folder(folder: Path, component: str) -> tuple[Path, str | None]:
             raise HeaderError(
                 folder / "model_index.json", "'_class_name' is not a string", "re-download model_index.json"
             )
-        sub = folder / component
+        # the denoiser is transformer/ in FLUX and SD3 folders, unet/ in SDXL's
+        names = ("transformer", "unet") if component == "transformer" else (component,)
+        sub = next((folder / n for n in names if (folder / n).is_dir()), folder / component)
         if not sub.is_dir():
             raise CheckpointError(
                 folder,
@@ -183,10 +186,13 @@ def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> 
         raise CheckpointError(path, "no such file or folder", "check the path")
     folder_config: dict = {}
     pipeline_class = None
+    scheduler: dict = {}
     if path.is_dir():
         folder, pipeline_class = _model_folder(path, component)
         paths, weight_map = _folder_files(folder)
         folder_config = folder_json(folder, "config.json")
+        if pipeline_class is not None and (path / "scheduler").is_dir():
+            scheduler = folder_json(path / "scheduler", "scheduler_config.json")
     else:
         paths, weight_map = [path], None
     files = [SafetensorsFile(p) for p in paths]
@@ -211,7 +217,7 @@ def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> 
                 f"points to (e.g. {sorted(wrong)[:3]})",
                 "re-download the index and its shards",
             )
-    return CheckpointSource(path, files, key_file, metadata, folder_config, pipeline_class)
+    return CheckpointSource(path, files, key_file, metadata, folder_config, pipeline_class, scheduler)
 
 
 __all__ = ["CheckpointSource", "allowed_roots", "folder_json", "inside", "open_checkpoint", "refuse_unsafe_file"]

@@ -40,6 +40,8 @@ FLUX_KONTEXT_SAMPLING = SamplingDefaults(steps=28, guidance=2.5)
 SD3_MEDIUM_SAMPLING = SamplingDefaults(steps=28, guidance=7.0)  # diffusers' SD3-medium defaults
 SD35_SAMPLING = SamplingDefaults(steps=40, guidance=4.5, sampler="dpmpp_2m")  # SAI's sampler
 SD35_TURBO_SAMPLING = SamplingDefaults(steps=4, guidance=0.0)
+SDXL_SAMPLING = SamplingDefaults(steps=30, guidance=5.0)  # REFERENCE.md: SDXL base, Euler, leading
+SDXL_TURBO_SAMPLING = SamplingDefaults(steps=1, guidance=0.0, sampler="euler_ancestral", size=(512, 512))
 
 
 class _Config:
@@ -169,6 +171,9 @@ class VAEConfig(_Config):
     out_channels: int = 3
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    quant_conv: bool = False  # 1x1 quant_conv / post_quant_conv around the latent (SDXL's VAE)
+    # decode a float16 VAE in float32 (SDXL's VAE overflows in fp16; the "fp16-fix" VAE does not)
+    force_upcast: bool = False
 
     family = "vae"
 
@@ -180,7 +185,73 @@ class VAEConfig(_Config):
             raise InputError(f"VAE shift_factor must be a finite number, got {shift!r}")
 
     def arch(self) -> tuple:
-        return (self.ch, tuple(self.ch_mult), self.num_res_blocks, self.z_channels, self.in_channels, self.out_channels)
+        return (
+            self.ch,
+            tuple(self.ch_mult),
+            self.num_res_blocks,
+            self.z_channels,
+            self.in_channels,
+            self.out_channels,
+            self.quant_conv,
+        )
+
+
+@dataclass(frozen=True)
+class UNetConfig(_Config):
+    """The SDXL UNet (Stability's ``sgm`` openaimodel layout). Levels of ``model_channels *
+    channel_mult[i]`` channels with ``num_res_blocks`` ResNet blocks each, ``transformer_depth[i]``
+    transformer blocks per spatial transformer (0: none at that level), heads of ``head_dim``;
+    the added embedding takes the pooled text and six size conditions of ``time_id_dim`` each.
+    ``head_dim`` and ``time_id_dim`` are not visible in the weights (64 and 256 in every SDXL
+    checkpoint; a diffusers folder's config.json states them), so ``arch()`` leaves them out."""
+
+    name: str
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (0, 2, 10)
+    transformer_depth_middle: int = 10
+    context_dim: int = 2048
+    head_dim: int = 64
+    adm_in_channels: int = 2816
+    time_id_dim: int = 256
+    # Sampling facts not visible in the weights (REFERENCE.md: SDXL).
+    spacing: str = "leading"
+    turbo: bool = False
+    sampling: SamplingDefaults = SDXL_SAMPLING
+
+    family = "sdxl"
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.adm_in_channels - 6 * self.time_id_dim
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def arch(self) -> tuple:
+        return (
+            self.in_channels,
+            self.out_channels,
+            self.model_channels,
+            tuple(self.channel_mult),
+            self.num_res_blocks,
+            tuple(self.transformer_depth),
+            self.transformer_depth_middle,
+            self.context_dim,
+            self.adm_in_channels,
+        )
+
+    def __post_init__(self):
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(f"{self.name}: one transformer_depth per level of channel_mult")
+        if any(self.model_channels * m % self.head_dim for m in self.channel_mult):
+            raise ValueError(f"{self.name}: every level's width must be a multiple of head_dim")
+        if self.pooled_dim <= 0:
+            raise ValueError(f"{self.name}: adm_in_channels must exceed 6 * time_id_dim")
 
 
 _REGISTRY: dict[str, object] = {}
@@ -271,6 +342,33 @@ register(_SD3_TINY.replace(name="sd3.5-tiny-large", qk_norm=True, sampling=SD35_
 register(_SD3_TINY.replace(name="sd3.5-tiny-large-turbo", qk_norm=True, turbo=True, sampling=SD35_TURBO_SAMPLING))
 register(_SD3_TINY.replace(name="sd3.5-tiny-medium", qk_norm=True, dual_attention_layers=(0,), sampling=SD35_SAMPLING))
 
+# SDXL (REFERENCE.md: SDXL): base and Turbo share the weights' shapes; sampling differs.
+_SDXL = UNetConfig(name="sdxl-base")
+register(_SDXL)
+register(_SDXL.replace(name="sdxl-turbo", spacing="trailing", turbo=True, sampling=SDXL_TURBO_SAMPLING))
+# Tiny configs: diffusers' tiny SDXL test UNet (widths 32 / 64, heads of 16, context 64, time ids 8).
+_SDXL_TINY = UNetConfig(
+    name="sdxl-tiny",
+    model_channels=32,
+    channel_mult=(1, 2),
+    transformer_depth=(0, 2),
+    transformer_depth_middle=2,
+    context_dim=64,
+    head_dim=16,
+    adm_in_channels=80,
+    time_id_dim=8,
+    sampling=dataclasses.replace(SDXL_SAMPLING, size=(64, 64)),
+)
+register(_SDXL_TINY)
+register(
+    _SDXL_TINY.replace(
+        name="sdxl-tiny-turbo",
+        spacing="trailing",
+        turbo=True,
+        sampling=dataclasses.replace(SDXL_TURBO_SAMPLING, size=(64, 64)),
+    )
+)
+
 # VAEs (REFERENCE.md 3.2-3.3): identical tensors, different latent scale / shift.
 _FLUX_VAE = VAEConfig(name="flux-vae")
 register(_FLUX_VAE)
@@ -281,6 +379,12 @@ register(
         name="vae-tiny-sd3", ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=1.5305, shift_factor=0.0609
     )
 )
+
+_SDXL_VAE = _FLUX_VAE.replace(
+    name="sdxl-vae", z_channels=4, scale_factor=0.13025, shift_factor=0.0, quant_conv=True, force_upcast=True
+)
+register(_SDXL_VAE)
+register(_SDXL_VAE.replace(name="vae-tiny-sdxl", ch=32, ch_mult=(1, 2), num_res_blocks=1))
 
 # The embedded default model (tools/train_tiny.py, fastflow/assets/fastflow-tiny-digits): 16x16
 # digits, a 4-channel latent at 8x8 (4x4 tokens), no guidance embedding (true CFG instead).

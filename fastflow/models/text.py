@@ -428,6 +428,21 @@ class SD3TextEncoder:
         return torch.cat((clip, t5), dim=-2), torch.cat((l_pooled, g_pooled), dim=-1)
 
 
+class SDXLTextEncoder:
+    """prompts -> (context [B, 77, W_l + W_g]: both CLIPs' penultimate hidden states side by side,
+    pooled [B, P]: OpenCLIP-G's projected pooled output), as SDXL is conditioned."""
+
+    def __init__(self, clip_l: CLIPEncoder, clip_g: CLIPEncoder):
+        self.clip_l, self.clip_g = clip_l, clip_g
+
+    def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        l_seq, _ = self.clip_l(prompts)
+        g_seq, g_pooled = self.clip_g(prompts)
+        if l_seq.shape[1] != g_seq.shape[1]:
+            raise InputError(f"the CLIP tokenizers' lengths differ ({l_seq.shape[1]} vs {g_seq.shape[1]})")
+        return torch.cat((l_seq, g_seq.to(l_seq.dtype)), dim=-1), g_pooled
+
+
 def word_level_tokenizer(words, style: str, pad_zero: bool = False, max_length: int | None = None):
     """A lower-casing word-level tokenizer (``tokenizers`` library) with CLIP-style
     (``<|startoftext|> ... <|endoftext|>``, pad = EOS, or id 0 with ``pad_zero``) or T5-style

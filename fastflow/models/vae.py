@@ -1,4 +1,5 @@
-"""The 16-channel AutoencoderKL shared by FLUX.1 and SD3 (official ``ae.safetensors`` names).
+"""The AutoencoderKL of FLUX.1 and SD3 (16 channels, official ``ae.safetensors`` names) and of SDXL
+(4 channels, with ``quant_conv`` / ``post_quant_conv``).
 
 Architecture: REFERENCE.md section 3.3; latent scale/shift: section 3.2. GroupNorm + SiLU runs
 through ``fastflow::groupnorm_silu`` and the mid-block single-head attention through
@@ -164,6 +165,10 @@ class AutoEncoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        if config.quant_conv:
+            z = config.z_channels
+            self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+            self.post_quant_conv = nn.Conv2d(z, z, 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -185,7 +190,10 @@ class AutoEncoder(nn.Module):
             raise InputError(
                 f"images must be [B, {self.config.in_channels}, H, W] with H, W multiples of {f}, got {list(x.shape)}"
             )
-        mean, logvar = self.encoder(x.to(self.dtype)).chunk(2, dim=1)
+        moments = self.encoder(x.to(self.dtype))
+        if self.config.quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
@@ -200,11 +208,14 @@ class AutoEncoder(nn.Module):
         """
         if z.ndim != 4 or z.shape[1] != self.config.z_channels:
             raise InputError(f"latents must be [B, {self.config.z_channels}, h, w], got {list(z.shape)}")
+        decoder = self._decoder()
         z = z.to(self.dtype) / self.config.scale_factor + self.config.shift_factor
+        if self.config.quant_conv:
+            z = decoder(z, self.post_quant_conv)  # pointwise: before tiling
         if tiled:
-            return self._tiled_decode(z, tile, overlap)
+            return self._tiled_decode(z, tile, overlap, decoder)
         try:
-            return self.decoder(z)
+            return decoder(z)
         except torch.OutOfMemoryError:
             if tiled is False:
                 raise
@@ -216,10 +227,28 @@ class AutoEncoder(nn.Module):
             )
             if z.is_cuda:
                 torch.cuda.empty_cache()
-            return self._tiled_decode(z, tile, overlap)
+            return self._tiled_decode(z, tile, overlap, decoder)
 
-    def _tiled_decode(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    def _decoder(self):
+        """decode(z, module=self.decoder): the module run as it is, or, for a float16 VAE whose
+        config says ``force_upcast`` (SDXL's: its activations overflow fp16), run in float32 on
+        fp32 copies of its weights (made once per decode; the module itself is not touched, so
+        concurrent calls are safe). Upcast results are float32."""
+        if not (self.config.force_upcast and self.dtype == torch.float16):
+            return lambda z, module=self.decoder: module(z)
+        copies: dict[nn.Module, dict] = {}
+
+        def run(z, module=self.decoder):
+            if module not in copies:
+                copies[module] = {k: v.float() for k, v in module.state_dict().items()}
+            return torch.func.functional_call(module, copies[module], (z.float(),))
+
+        return run
+
+    def _tiled_decode(self, z: torch.Tensor, tile: int, overlap: int, decoder=None) -> torch.Tensor:
         """Decode overlapping tiles; blend with linear ramps over the overlaps (weights sum to 1)."""
+        upcast = self.config.force_upcast and self.dtype == torch.float16
+        decoder = decoder or self._decoder()
         if not 0 <= overlap < tile:
             raise InputError(f"tile overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
         f = self.downscale
@@ -228,7 +257,7 @@ class AutoEncoder(nn.Module):
         weight = torch.zeros(1, 1, h * f, w * f, device=z.device, dtype=torch.float32)
         for top in _tile_starts(h, tile, overlap):
             for left in _tile_starts(w, tile, overlap):
-                piece = self.decoder(z[:, :, top : top + tile, left : left + tile]).float()
+                piece = decoder(z[:, :, top : top + tile, left : left + tile]).float()
                 if out is None:
                     out = torch.zeros(b, piece.shape[1], h * f, w * f, device=z.device, dtype=torch.float32)
                 ramp = _ramp(piece.shape[-2], overlap * f, top > 0, top + tile < h, z.device)[:, None]
@@ -236,7 +265,7 @@ class AutoEncoder(nn.Module):
                 rows, cols = slice(top * f, top * f + piece.shape[-2]), slice(left * f, left * f + piece.shape[-1])
                 out[:, :, rows, cols] += piece * ramp
                 weight[:, :, rows, cols] += ramp
-        return (out / weight).to(self.dtype)
+        return (out / weight).to(torch.float32 if upcast else self.dtype)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:

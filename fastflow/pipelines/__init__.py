@@ -1,7 +1,8 @@
-"""Pipelines: prompt (and image) -> images, for FLUX.1 (incl. Kontext) and SD3 / SD3.5."""
+"""Pipelines: prompt (and image) -> images, for FLUX.1 (incl. Kontext), SD3 / SD3.5 and SDXL."""
 
 from .base import PipelineOutput
 from .flux import FluxPipeline
 from .sd3 import SD3Pipeline
+from .sdxl import SDXLPipeline
 
-__all__ = ["FluxPipeline", "PipelineOutput", "SD3Pipeline"]
+__all__ = ["FluxPipeline", "PipelineOutput", "SD3Pipeline", "SDXLPipeline"]

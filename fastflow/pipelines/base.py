@@ -71,6 +71,7 @@ class Plan:
     to_latent: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     conditioning: torch.Tensor | None = None  # every step's modulation input [S * group, C] (precompute)
     conditioning_group: int = 1  # rows per forward call
+    solver: Callable | None = None  # instead of the named sampler's (solver(velocity, x, sigmas, callback))
 
 
 class Timer:
@@ -188,7 +189,8 @@ class DenoiseLoop:
 
     def __init__(self, pipeline, sampler: str, steps: int, dtype: torch.dtype, callback, progress: bool,
                  on_step_end=None):  # fmt: skip
-        self.pipeline, self.solver, self.steps = pipeline, get_solver(sampler), steps
+        solver = sampler if callable(sampler) else get_solver(sampler)  # a pipeline's own (SDXL: ancestral)
+        self.pipeline, self.solver, self.steps = pipeline, solver, steps
         self.dtype, self.callback, self.progress = dtype, callback, progress
         self.on_step_end = on_step_end  # diffusers' callback_on_step_end(pipe, i, t, {"latents": x})
 
@@ -590,7 +592,13 @@ class BasePipeline:
         runner = None if policy is None else CacheRunner(policy, self.transformer, stats)
         show = self.progress_bar if progress is None else progress
         loop = DenoiseLoop(
-            self, plan.sampler, len(plan.sigmas) - 1, self.transformer.dtype, callback, show, callback_on_step_end
+            self,
+            plan.solver or plan.sampler,
+            len(plan.sigmas) - 1,
+            self.transformer.dtype,
+            callback,
+            show,
+            callback_on_step_end,
         )
         tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
         try:

@@ -11,7 +11,14 @@ def pipeline_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
     return {
         v: tiny_pipeline_folder(root / v, v)
-        for v in ("flux-tiny-dev", "flux-tiny-schnell", "flux-tiny-kontext", "sd3.5-tiny-medium")
+        for v in (
+            "flux-tiny-dev",
+            "flux-tiny-schnell",
+            "flux-tiny-kontext",
+            "sd3.5-tiny-medium",
+            "sdxl-tiny",
+            "sdxl-tiny-turbo",
+        )  # fmt: skip
     }
 
 

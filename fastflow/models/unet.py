@@ -1,0 +1,269 @@
+"""The SDXL UNet in Stability's ``sgm`` layout (``openaimodel.py`` names: ``input_blocks``,
+``middle_block``, ``output_blocks``, ``time_embed``, ``label_emb``, ``out``).
+
+Latents [B, 4, h, w] -> predicted noise eps [B, 4, h, w] at a discrete timestep t in [0, 1000).
+Math (REFERENCE.md, SDXL): ResNet blocks (GroupNorm + SiLU -> conv, + the projected embedding,
+GroupNorm + SiLU -> conv, + skip), spatial transformers with linear in / out projections and
+blocks of self-attention, cross-attention on the text and a GEGLU feed-forward, pre-LayerNorm
+each. The embedding is the timestep's (sinusoid at ``model_channels``) plus the added
+conditions': the pooled OpenCLIP-G text and the six size numbers (original size, crop top-left,
+target size) each as a sinusoid of ``time_id_dim``. Hot expressions go through ``fastflow.ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..errors import InputError
+from .configs import UNetConfig
+from .layers import merge_heads, timestep_embedding
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return ops.groupnorm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
+class ResBlock(nn.Module):
+    """sgm ``ResBlock``: ``in_layers`` (norm, SiLU, conv), ``emb_layers`` (SiLU, linear),
+    ``out_layers`` (norm, SiLU, dropout, conv), ``skip_connection`` (1x1 conv when widths differ)."""
+
+    def __init__(self, channels: int, emb_dim: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor) -> torch.Tensor:
+        """x [B, C, h, w]; emb_silu: SiLU of the embedding [B, E] (computed once per forward)."""
+        h = self.in_layers[2](_norm_silu(self.in_layers[0], x))
+        h = h + ops.linear(emb_silu, self.emb_layers[1])[:, :, None, None]
+        h = self.out_layers[3](_norm_silu(self.out_layers[0], h))
+        return self.skip_connection(x) + h
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; keys and values from ``context`` (cross) or from x (self)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)  # [B, L, H*D] -> [B, H, L, D]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        kv = x if context is None else context
+        q, k, v = (self._heads(ops.linear(t, proj)) for t, proj in ((x, self.to_q), (kv, self.to_k), (kv, self.to_v)))
+        return ops.linear(merge_heads(ops.attention(q, k, v)), self.to_out[0])
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = ops.linear(x, self.proj).chunk(2, dim=-1)
+        return h * F.gelu(gate)  # exact (erf) GELU, as sgm and diffusers
+
+
+class FeedForward(nn.Module):
+    """``net.0`` GEGLU (dim -> 2 x 4 dim), ``net.1`` dropout, ``net.2`` linear (4 dim -> dim)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(self.net[0](x), self.net[2])
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, head_dim, context_dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (eps 1e-6) -> tokens -> ``proj_in`` -> blocks -> ``proj_out`` -> + input (linear
+    projections: ``use_linear_in_transformer``, as every SDXL checkpoint)."""
+
+    def __init__(self, channels: int, depth: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, channels // head_dim, head_dim, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = F.group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
+        t = ops.linear(t.permute(0, 2, 3, 1).reshape(b, h * w, c), self.proj_in)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        t = ops.linear(t, self.proj_out)
+        return x + t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """sgm's container: each layer gets what it takes (ResBlock: the embedding; transformer: the text)."""
+
+    def forward(self, x: torch.Tensor, emb_silu: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb_silu)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """eps = UNet(x [B, 4, h, w], timesteps [B], context [B, L, 2048], pooled [B, 1280], time_ids [B, 6])."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        mc, emb = cfg.model_channels, cfg.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        )
+
+        def level_layers(channels_in: int, level: int) -> list[nn.Module]:
+            width = mc * cfg.channel_mult[level]
+            layers = [ResBlock(channels_in, emb, width)]
+            if cfg.transformer_depth[level]:
+                layers.append(SpatialTransformer(width, cfg.transformer_depth[level], cfg.head_dim, cfg.context_dim))
+            return layers
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skips, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.input_blocks.append(TimestepEmbedSequential(*level_layers(ch, level)))
+                ch = mc * mult
+                skips.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skips.append(ch)
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb, ch),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.head_dim, cfg.context_dim),
+            ResBlock(ch, emb, ch),
+        )
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = level_layers(ch + skips.pop(), level)
+                ch = mc * cfg.channel_mult[level]
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    @property
+    def downscale(self) -> int:
+        """Latent sides must be multiples of this (one halving per level below the first)."""
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def embedding(self, timesteps: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """The ResBlocks' embedding [B, E]: time_embed(sinusoid(t)) + label_emb([pooled, sinusoids of
+        the six time ids]). Sinusoids in fp32, then the model's dtype (as diffusers)."""
+        cfg, dtype = self.config, self.dtype
+        t_emb = timestep_embedding(timesteps.float(), cfg.model_channels).to(dtype)
+        ids = timestep_embedding(time_ids.to(dtype).float().flatten(), cfg.time_id_dim).reshape(len(time_ids), -1)
+        y = torch.cat((pooled.to(dtype), ids.to(dtype)), dim=-1)
+        mlp, label = self.time_embed, self.label_emb[0]
+        time = ops.linear(F.silu(ops.linear(t_emb, mlp[0])), mlp[2])
+        return time + ops.linear(F.silu(ops.linear(y, label[0])), label[2])
+
+    def check_inputs(self, x, timesteps, context, pooled, time_ids) -> None:
+        cfg, f = self.config, self.downscale
+        b = x.shape[0] if x.ndim == 4 else None
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[-2] % f or x.shape[-1] % f:
+            raise InputError(
+                f"latents must be [B, {cfg.in_channels}, h, w] with h, w multiples of {f}, got {list(x.shape)}"
+            )
+        expected = {
+            "timesteps": (timesteps, (b,)),
+            "pooled": (pooled, (b, cfg.pooled_dim)),
+            "time_ids": (time_ids, (b, 6)),
+        }
+        for name, (t, shape) in expected.items():
+            if tuple(t.shape) != shape:
+                raise InputError(f"{name} must be {list(shape)}, got {list(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
+            raise InputError(f"context must be [{b}, L, {cfg.context_dim}], got {list(context.shape)}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.check_inputs(x, timesteps, context, pooled, time_ids)
+        dtype = self.dtype
+        emb_silu = F.silu(self.embedding(timesteps, pooled, time_ids))
+        context = context.to(dtype)
+        h, skips = x.to(dtype), []
+        for block in self.input_blocks:
+            h = block(h, emb_silu, context)
+            skips.append(h)
+        h = self.middle_block(h, emb_silu, context)
+        for block in self.output_blocks:
+            h = block(torch.cat((h, skips.pop()), dim=1), emb_silu, context)
+        return self.out[2](_norm_silu(self.out[0], h))

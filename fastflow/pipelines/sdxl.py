@@ -1,0 +1,234 @@
+"""SDXL and SDXL-Turbo text-to-image: a discrete-time epsilon UNet, the 4-channel VAE and
+CLIP-L + OpenCLIP-G, sampled as diffusers' StableDiffusionXLPipeline does (REFERENCE.md, SDXL)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..errors import InputError, MissingComponentError
+from ..samplers import cfg as cfg_combine
+from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
+from .base import (
+    BasePipeline,
+    PipelineOutput,
+    Plan,
+    as_prompt_list,
+    check_negatives,
+    check_scale,
+    check_seeds,
+    resolve_size,
+)
+
+SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
+MAX_SIDE = 4096  # no position table limits a UNet; 4x SDXL's trained side
+
+
+def _size_pair(value, name: str, default: tuple[int, int]) -> tuple[int, int]:
+    value = default if value is None else value
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise InputError(f"{name} must be a pair of integers >= 0 (height, width) / (top, left), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+class SDXLPipeline(BasePipeline):
+    """prompt -> images with the SDXL UNet (base or Turbo). Defaults come from the model config:
+    base: Euler, "leading" spacing, 30 steps, CFG 5, 1024x1024; Turbo: Euler ancestral, "trailing"
+    spacing, 1 step, no CFG, 512x512. ``timestep_spacing`` and ``force_zeros_for_empty_prompt``
+    (diffusers' SDXL setting: with CFG and no negative prompt the unconditional embeddings are
+    zeros) are attributes a caller may change."""
+
+    force_zeros_for_empty_prompt = True
+
+    def __init__(self, transformer, vae, text_encoder=None, default_size=None):
+        super().__init__(transformer, vae, text_encoder, default_size)
+        self.timestep_spacing = self.config.spacing
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> str:
+        raise InputError("LoRA is not supported for SDXL yet (FLUX and SD3 only)")
+
+    @property
+    def unet(self):
+        return self.transformer
+
+    @property
+    def weights_device(self) -> torch.device:
+        return self.transformer.out[2].weight.device
+
+    @property
+    def multiple(self) -> int:
+        return self.vae.downscale * self.transformer.downscale
+
+    def _embeds(self, prompt, embeds, pooled, what):
+        if embeds is not None:
+            if pooled is None:
+                raise InputError(f"{what}_embeds needs pooled {what} embeddings too")
+            return embeds, pooled
+        if self.text_encoder is None:
+            raise MissingComponentError(
+                "this pipeline has no text encoders: pass prompt embeddings, or load the model with its text encoders"
+            )
+        return self.encode_text(as_prompt_list(prompt, what))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        seed=None,
+        generator=None,
+        sampler: str | None = None,
+        output_type: str = "pil",
+        callback=None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        progress: bool | None = None,
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        image=None,
+        strength: float | None = None,
+        sigmas=None,
+        cache=None,
+        cache_threshold: float | None = None,
+    ) -> PipelineOutput:
+        """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
+        ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own
+        generator) or "dpmpp_2m". ``original_size`` / ``crops_coords_top_left`` / ``target_size``
+        (and their ``negative_`` twins) are SDXL's micro-conditioning, defaulting to the output size
+        and (0, 0) as in diffusers."""
+        request = dict(locals())
+        del request["self"]
+        return self.generate(**request)
+
+    def _text(self, r, do_cfg: bool):
+        k = r.num_images_per_prompt
+
+        def per_image(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat_interleave(k, 0).to(self.device)
+
+        ctx, pooled = self._embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
+        self.images_per_call(ctx.shape[0], k)
+        n_prompts = ctx.shape[0]
+        ctx, pooled = per_image(ctx), per_image(pooled)
+        if not do_cfg:
+            return ctx, pooled, None
+        negative = r.negative_prompt
+        if r.negative_prompt_embeds is None and negative is None and self.force_zeros_for_empty_prompt:
+            neg = (torch.zeros_like(ctx), torch.zeros_like(pooled))  # diffusers' SDXL default
+        else:
+            if r.negative_prompt_embeds is None:
+                negative = [negative or ""] * n_prompts if isinstance(negative, str) or negative is None else negative
+            neg_ctx, neg_pooled = self._embeds(
+                negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt"
+            )
+            check_negatives(neg_ctx.shape[0], n_prompts)
+            neg = (per_image(neg_ctx), per_image(neg_pooled))
+        return ctx, pooled, neg
+
+    def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
+        """[n, 6]: (original h, w, crop top, left, target h, w), diffusers' defaults."""
+        size = (height, width)
+        original = _size_pair(r.original_size, "original_size", size)
+        crop = _size_pair(r.crops_coords_top_left, "crops_coords_top_left", (0, 0))
+        target = _size_pair(r.target_size, "target_size", size)
+        if negative:
+            original = _size_pair(r.negative_original_size, "negative_original_size", original)
+            crop = _size_pair(r.negative_crops_coords_top_left, "negative_crops_coords_top_left", crop)
+            target = _size_pair(r.negative_target_size, "negative_target_size", target)
+        ids = torch.tensor([[*original, *crop, *target]], dtype=torch.float32)
+        return ids.expand(n, 6).to(self.device)
+
+    @staticmethod
+    def _generators(r, n: int):
+        """The generator(s) of the start noise and the ancestral sampler's noise: the given one
+        (serving the whole batch, as in diffusers) or list, else ``manual_seed(seed_i)`` per image,
+        so that an image depends on its seed alone."""
+        if r.generator is not None:
+            return r.generator, [None] * n
+        seeds = check_seeds(r.seed, n) or [random.randrange(2**63) for _ in range(n)]
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+
+    def prepare(self, timer, r) -> Plan:
+        cfg = self.config
+        if r.image is not None or r.strength is not None:
+            raise InputError("image-to-image is not implemented for SDXL yet: generate from text")
+        if r.sigmas is not None:
+            raise InputError("sigmas= is not supported for SDXL: choose num_inference_steps and the sampler")
+        steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
+        if sampler not in SAMPLERS:
+            raise InputError(f"sampler {sampler!r} is not one of SDXL's: {', '.join(SAMPLERS)}")
+        guidance = check_scale(
+            self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale"
+        )
+        do_cfg = guidance > 1.0
+        height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, MAX_SIDE)
+        with timer.stage("encode_prompt"):
+            ctx, pooled, neg = self._text(r, do_cfg)
+        n, f = ctx.shape[0], self.vae.downscale
+        if pooled.shape[-1] != cfg.pooled_dim or ctx.shape[-1] != cfg.context_dim:
+            raise InputError(
+                f"text embeddings [{ctx.shape[-1]}] / pooled [{pooled.shape[-1]}] do not fit this UNet "
+                f"(context {cfg.context_dim}, pooled {cfg.pooled_dim})"
+            )
+        ids = self._time_ids(r, height, width, n, negative=False)
+        spacing = self.timestep_spacing
+        if sampler == "dpmpp_2m":
+            sigmas, timesteps = dpm_schedule(steps, spacing)
+            start = model_input_scale(float(sigmas[0]))  # diffusers' DPM state is alpha-scaled (std 1)
+        else:
+            sigmas, timesteps = discrete_schedule(steps, spacing)
+            start = init_noise_sigma(sigmas, spacing)
+        gens, seeds = self._generators(r, n)
+        shape = (self.vae.config.z_channels, height // f, width // f)
+        noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
+        timesteps = timesteps.float().to(self.device)
+        if do_cfg:
+            both = (
+                torch.cat((neg[0], ctx)),
+                torch.cat((neg[1], pooled)),
+                torch.cat((self._time_ids(r, height, width, n, negative=True), ids)),
+            )
+
+        def velocity(x, step):  # the predicted noise eps = dx / dsigma
+            t = timesteps[step.index].expand(n)
+            x_in = x / model_input_scale(step.sigma)
+            if not do_cfg:
+                return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids)
+            x2, t2 = torch.cat((x_in, x_in)), torch.cat((t, t))
+            uncond, cond = self.predict(step.with_branch("cfg"), x2, t2, *both).chunk(2)
+            return cfg_combine(cond, uncond, guidance)
+
+        solver = None
+        if sampler == "euler_ancestral":
+
+            def noise_of(i, shape):  # step i's fresh noise, drawn after the model call (diffusers' order)
+                if isinstance(gens, torch.Generator):
+                    return torch.randn(shape, generator=gens)
+                return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens])
+
+            def solver(velocity, x, sigmas, callback=None):
+                return euler_ancestral(velocity, x, sigmas, noise_of, callback)
+
+        settings = self.base_settings(height, width, steps, guidance, sampler)
+        settings["timestep_spacing"] = spacing
+        settings["original_size"] = list(ids[0, :2].int().tolist())
+        settings["crops_coords_top_left"] = list(ids[0, 2:4].int().tolist())
+        settings["target_size"] = list(ids[0, 4:].int().tolist())
+        return Plan(noise * start, sigmas, sampler, velocity, seeds, settings, solver=solver)
