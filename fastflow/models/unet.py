@@ -20,6 +20,7 @@ from .. import ops
 from ..errors import InputError
 from .configs import UNetConfig
 from .layers import merge_heads, timestep_embedding
+from .vae import Upsample  # nearest 2x, then a 3x3 ``conv``: the same module in both
 
 
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -139,15 +140,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..errors import GenerationInterrupted, InputError, NumericalError
+from ..errors import GenerationInterrupted, InputError, MissingComponentError, NumericalError
 from ..samplers import Step, get_solver
 from .images import load_image, to_numpy, to_pil, to_tensor, to_unit
 from .offload import text_models
@@ -398,6 +398,19 @@ class BasePipeline:
             while len(self._prompt_cache) > self.PROMPT_CACHE:
                 self._prompt_cache.popitem(last=False)
         return out
+
+    def pooled_embeds(self, prompt, embeds, pooled, what: str):
+        """(sequence, pooled) embeddings of SD3 / SDXL: the given pair, or the text encoder's for
+        ``prompt`` (through the prompt cache)."""
+        if embeds is not None:
+            if pooled is None:
+                raise InputError(f"{what}_embeds needs pooled {what} embeddings too")
+            return embeds, pooled
+        if self.text_encoder is None:
+            raise MissingComponentError(
+                "this pipeline has no text encoders: pass prompt embeddings, or load the model with its text encoders"
+            )
+        return self.encode_text(as_prompt_list(prompt, what))
 
     def stage(self, name: str):
         """Context of a pipeline stage ("text", "transformer", "vae"): with model CPU offload on,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError, MissingComponentError
+from ..errors import InputError
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, check_scale, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, check_negatives, check_scale, resolve_size
 
 
 class SD3Pipeline(BasePipeline):
@@ -25,17 +25,6 @@ class SD3Pipeline(BasePipeline):
     @property
     def max_side(self) -> int:
         return self.config.pos_embed_max_size * self.multiple
-
-    def _embeds(self, prompt, embeds, pooled, what):
-        if embeds is not None:
-            if pooled is None:
-                raise InputError(f"{what}_embeds needs pooled {what} embeddings too")
-            return embeds, pooled
-        if self.text_encoder is None:
-            raise MissingComponentError(
-                "this pipeline has no text encoders: pass prompt embeddings, or load the model with its text encoders"
-            )
-        return self.encode_text(as_prompt_list(prompt, what))
 
     @torch.no_grad()
     def __call__(
@@ -86,7 +75,7 @@ class SD3Pipeline(BasePipeline):
         def per_image(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(k, 0).to(self.device)
 
-        ctx, pooled = self._embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
+        ctx, pooled = self.pooled_embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
         self.images_per_call(ctx.shape[0], k)
         ctx, pooled = per_image(ctx), per_image(pooled)
         if not do_cfg:
@@ -96,7 +85,7 @@ class SD3Pipeline(BasePipeline):
             negative = [""] * (ctx.shape[0] // k)  # the references encode "", not zeros
         elif isinstance(negative, str):
             negative = [negative] * (ctx.shape[0] // k)
-        neg = self._embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt")
+        neg = self.pooled_embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt")
         check_negatives(neg[0].shape[0], ctx.shape[0] // k)
         neg_ctx, neg_pooled = map(per_image, neg)
         return ctx, pooled, (torch.cat((neg_ctx, ctx)), torch.cat((neg_pooled, pooled)))

@@ -7,14 +7,13 @@ import random
 
 import torch
 
-from ..errors import InputError, MissingComponentError
+from ..errors import InputError
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
 from .base import (
     BasePipeline,
     PipelineOutput,
     Plan,
-    as_prompt_list,
     check_negatives,
     check_scale,
     check_seeds,
@@ -60,17 +59,6 @@ class SDXLPipeline(BasePipeline):
     @property
     def multiple(self) -> int:
         return self.vae.downscale * self.transformer.downscale
-
-    def _embeds(self, prompt, embeds, pooled, what):
-        if embeds is not None:
-            if pooled is None:
-                raise InputError(f"{what}_embeds needs pooled {what} embeddings too")
-            return embeds, pooled
-        if self.text_encoder is None:
-            raise MissingComponentError(
-                "this pipeline has no text encoders: pass prompt embeddings, or load the model with its text encoders"
-            )
-        return self.encode_text(as_prompt_list(prompt, what))
 
     @torch.no_grad()
     def __call__(
@@ -123,7 +111,7 @@ class SDXLPipeline(BasePipeline):
         def per_image(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(k, 0).to(self.device)
 
-        ctx, pooled = self._embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
+        ctx, pooled = self.pooled_embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
         self.images_per_call(ctx.shape[0], k)
         n_prompts = ctx.shape[0]
         ctx, pooled = per_image(ctx), per_image(pooled)
@@ -135,7 +123,7 @@ class SDXLPipeline(BasePipeline):
         else:
             if r.negative_prompt_embeds is None:
                 negative = [negative or ""] * n_prompts if isinstance(negative, str) or negative is None else negative
-            neg_ctx, neg_pooled = self._embeds(
+            neg_ctx, neg_pooled = self.pooled_embeds(
                 negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt"
             )
             check_negatives(neg_ctx.shape[0], n_prompts)
