@@ -64,10 +64,15 @@ def _tokenizer_folder(model, tokenizer, what: str) -> Path:
     return folder
 
 
-def load_clip(model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"):
-    """A :class:`CLIPEncoder` from a local folder (with ``text_projection`` for SD3)."""
+def load_clip(
+    model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu", role=None
+):
+    """A :class:`CLIPEncoder` from a local folder (with ``text_projection`` for SD3 and SDXL's
+    OpenCLIP-G); ``role`` "clip_l" / "clip_g" also reads an SDXL single file's own encoders."""
     tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "CLIP text encoder")  # before any weight
-    model = load_text_model("clip", model_folder, "CLIP text encoder", dtype, device, projection=with_projection)
+    model = load_text_model(
+        "clip", model_folder, "CLIP text encoder", dtype, device, projection=with_projection, role=role
+    )
     encoder = CLIPEncoder(model, load_tokenizer(tok_folder, "CLIP text encoder", "clip"))
     cfg = model.config
     check_tokenizer_fits(
@@ -112,6 +117,13 @@ def require_text(sources: dict, family: str, where: Path) -> None:
     if missing:
         found = _found(where) if where.is_dir() else f"a single file ({where.name})"
         subfolders = {role: sub for sub, _, role in TEXT_LAYOUT[family]}
+        if family == "sdxl" and where.is_file():
+            raise MissingComponentError(
+                f"{where}: text encoder(s) {', '.join(missing)} not given. An SDXL single file holds both "
+                "but no tokenizers: pass text_encoders={'clip_l': (file, './tokenizer'), 'clip_g': (file, "
+                "'./tokenizer_2')} (the file itself with each tokenizer folder), or folders of the encoders, "
+                "or text_encoders=False to use prompt embeddings only"
+            )
         raise MissingComponentError(
             f"{where}: text encoder(s) {', '.join(missing)} not found (found: {found}). Needed: "
             + ", ".join(f"{r} ({subfolders[r]}/ in a diffusers folder)" for r in needed)
@@ -124,7 +136,7 @@ def load_text_encoders(family: str, sources: dict, dtype, device, t5_max_length:
 
     def clip(role, projection):
         model, tok = sources[role]
-        return load_clip(model, tok, with_projection=projection, dtype=dtype, device=device)
+        return load_clip(model, tok, with_projection=projection, dtype=dtype, device=device, role=role)
 
     t5 = None
     if "t5" in sources:

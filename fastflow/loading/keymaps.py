@@ -13,20 +13,26 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Segment:
     key: str
-    half: int | None = None  # None: all rows; 0 / 1: first / second half of dim 0
+    half: int | None = None  # None: all rows; i: the i-th of ``parts`` equal row blocks (halves by default)
     unsqueeze: int = 0  # trailing singleton dims to add (diffusers squeezes 1x1 conv weights)
+    parts: int = 2  # OpenCLIP's fused in_proj: thirds (q, k, v)
+    transpose: bool = False  # a 2-D source stored the other way round (OpenCLIP's text_projection)
 
     def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of this piece, given its source tensor's shape (None: the source cannot give it)."""
-        if not source_shape or (self.half is not None and source_shape[0] % 2):
+        if self.transpose:
+            return tuple(reversed(source_shape)) if len(source_shape) == 2 else None
+        if not source_shape or (self.half is not None and source_shape[0] % self.parts):
             return None if self.half is not None or self.unsqueeze else source_shape
-        rows = source_shape[0] // 2 if self.half is not None else source_shape[0]
+        rows = source_shape[0] // self.parts if self.half is not None else source_shape[0]
         return (rows, *source_shape[1:], *(1,) * self.unsqueeze)
 
     def take(self, src):
         """This piece of the source tensor (a view)."""
+        if self.transpose:
+            return src.t()
         if self.half is not None:
-            n = src.shape[0] // 2
+            n = src.shape[0] // self.parts
             src = src[self.half * n : (self.half + 1) * n]
         return src.reshape(*src.shape, *(1,) * self.unsqueeze) if self.unsqueeze else src
 

@@ -154,7 +154,8 @@ def _assemble(source: CheckpointSource, segs, shape, dtype, device, fp8: Fp8Sour
 def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Source):
     """The file's e4m3 codes and scale as the layer holds them, when no arithmetic is needed
     (one whole e4m3 source; a per-tensor scale serves a per-channel layer by repetition)."""
-    if len(segs) != 1 or segs[0].half is not None or source.entry(segs[0].key).dtype != torch.float8_e4m3fn:
+    one = len(segs) == 1 and segs[0].half is None and not segs[0].transpose
+    if not one or source.entry(segs[0].key).dtype != torch.float8_e4m3fn:
         return None
     key = segs[0].key
     scale = fp8.weight_scales.get(key, torch.ones(1))

@@ -171,15 +171,71 @@ def config_from_shapes(family: str, shapes: dict[str, tuple[int, ...]], path: Pa
     )  # fmt: skip
 
 
-def load_text_model(family: str, folder: Path, what: str, dtype: torch.dtype, device, projection: bool = False):
+# SDXL's official single files hold both text encoders (sgm's ``conditioner.embedders``): CLIP-L
+# with transformers' names, OpenCLIP-G in open_clip's layout.
+SDXL_EMBEDDERS = {"clip_l": "conditioner.embedders.0.transformer.", "clip_g": "conditioner.embedders.1.model."}
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def openclip_source(key: str) -> Segment:
+    """Where open_clip's text-tower layout holds one tensor of our CLIP (transformers' names): q / k
+    / v are thirds of the fused ``in_proj``, ``text_projection`` is stored as [width, proj]."""
+    simple = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    if key in simple:
+        return Segment(simple[key])
+    if key == "text_projection.weight":
+        return Segment("text_projection", transpose=True)
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m:
+        block, part, param = f"transformer.resblocks.{m[1]}", m[2], m[3]
+        qkv = re.fullmatch(r"self_attn\.([qkv])_proj", part)
+        if qkv:
+            return Segment(f"{block}.attn.in_proj_{param}", half="qkv".index(qkv[1]), parts=3)
+        if part in _OPENCLIP_LAYER:
+            return Segment(f"{block}.{_OPENCLIP_LAYER[part]}.{param}")
+    raise KeyError(f"no open_clip source known for CLIP tensor {key!r}")
+
+
+def _embedded(source, role: str | None) -> tuple[str, bool] | None:
+    """(prefix, open_clip layout) of ``role``'s text encoder inside an SDXL single file, or None."""
+    prefix = SDXL_EMBEDDERS.get(role or "")
+    if prefix is None or not any(k.startswith(prefix) for k in source.key_file):
+        return None
+    return prefix, role == "clip_g"
+
+
+def load_text_model(
+    family: str,
+    folder: Path,
+    what: str,
+    dtype: torch.dtype,
+    device,
+    projection: bool = False,
+    role: str | None = None,
+):
     """Our CLIP (``family="clip"``, with ``text_projection`` when ``projection``) or T5 encoder
-    from a local folder of safetensors weights and config.json, or from one official single file
-    (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``: the config read from the shapes),
-    validated before any weight is read."""
+    from a local folder of safetensors weights and config.json, from one official single file
+    (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``: the config read from the shapes), or, for
+    ``role`` "clip_l" / "clip_g", from an SDXL single file's ``conditioner.embedders``; validated
+    before any weight is read."""
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise CheckpointError(folder, f"{what} folder not found", f"pass the local folder holding the {what}")
     with open_checkpoint(folder, "text_encoder") as source:  # headers only; refuses pickle-only folders
+        embedded = _embedded(source, role) if folder.is_file() else None
+        if embedded is not None:
+            return _load_embedded(source, family, folder, embedded, dtype, device, projection)
         if folder.is_file():
             config = config_from_shapes(family, source.shapes(), folder)
         else:
@@ -200,3 +256,41 @@ def load_text_model(family: str, folder: Path, what: str, dtype: torch.dtype, de
         state = materialize(source, plan, expected, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _load_embedded(source, family: str, path: Path, embedded, dtype, device, projection: bool):
+    """One text encoder of an SDXL single file: its keys (under ``prefix``) are planned onto our
+    module; the other components' keys are left alone."""
+    prefix, openclip = embedded
+    own = {k[len(prefix) :]: v for k, v in source.shapes().items() if k.startswith(prefix)}
+    if openclip:  # the shapes config_from_shapes reads, under transformers' names
+        layer0 = "transformer.resblocks.0."
+        named = {
+            "embeddings.token_embedding.weight": own.get("token_embedding.weight"),
+            "embeddings.position_embedding.weight": own.get("positional_embedding"),
+            "encoder.layers.0.mlp.fc1.weight": own.get(layer0 + "mlp.c_fc.weight"),
+            **{f"encoder.layers.{i}.": (1,) for i in range(_count(own, r"transformer\.resblocks\.(\d+)\."))},  # depth
+        }
+        if "text_projection" in own:
+            named["text_projection.weight"] = tuple(reversed(own["text_projection"]))
+        shapes = {k: v for k, v in named.items() if v is not None}
+    else:
+        shapes = own
+    config = config_from_shapes(family, shapes, path)
+    model = _build(family, config, projection)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if openclip:
+        plan = {k: [dataclasses.replace(openclip_source(k), key=prefix + openclip_source(k).key)] for k in expected}
+    else:
+        plan = {k: [Segment(prefix + _file_key(k, own))] for k in expected}
+    used = {s.key for segs in plan.values() for s in segs}
+    keys = tuple(k for k in own if prefix + k in used or not _ignorable(k, expected))
+    validate(source, Layout("text_encoder", None, prefix, keys, (), ()), plan, expected)
+    state = materialize(source, plan, expected, dtype, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _count(shapes, pattern: str) -> int:
+    found = {int(m[1]) for k in shapes if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 import fastflow
@@ -167,29 +168,58 @@ def test_folder_scheduler_tells_base_from_turbo(pipeline_folders):
     assert base.config.name == "sdxl-tiny" and turbo.config.name == "sdxl-tiny-turbo"
 
 
-def test_official_single_file_loads_like_the_folder(pipeline_folders, tmp_path):
-    """The UNet and VAE in the official layout (``model.diffusion_model.`` / ``first_stage_model.``,
-    with a ``conditioner.`` tensor beside them as in Stability's files) plus text-encoder folders
-    give the folder's latents exactly; a file named like SDXL-Turbo's is Turbo."""
-    from safetensors.torch import save_file
+def _openclip(hf: dict) -> dict:
+    """transformers' CLIP names -> open_clip's text tower (SDXL files' ``conditioner.embedders.1.model.``)."""
+    sd = {k.removeprefix("text_model."): v for k, v in hf.items() if "position_ids" not in k}
+    out = {
+        "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        "positional_embedding": sd["embeddings.position_embedding.weight"],
+        "ln_final.weight": sd["final_layer_norm.weight"],
+        "ln_final.bias": sd["final_layer_norm.bias"],
+        "text_projection": sd["text_projection.weight"].t(),
+        "logit_scale": torch.tensor(4.6),
+    }
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
+    for i in layers:
+        ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{theirs}attn.in_proj_{p}"] = torch.cat([sd[f"{ours}self_attn.{x}_proj.{p}"] for x in "qkv"])
+            out |= {f"{theirs}{b}.{p}": sd[f"{ours}{a}.{p}"] for a, b in names.items()}
+    return out
 
+
+def test_official_single_file_loads_like_the_folder(pipeline_folders, tmp_path):
+    """Stability's single-file layout: the UNet (``model.diffusion_model.``), the VAE
+    (``first_stage_model.``) and both text encoders (``conditioner.embedders.0/1``, CLIP-L with
+    transformers' names, OpenCLIP-G in open_clip's), read from the file with the tokenizer folders
+    beside it, give the folder's images exactly; a file named like SDXL-Turbo's is Turbo."""
     folder = pipeline_folders["sdxl-tiny-turbo"]
     ref = fastflow.load(folder, dtype=torch.float32)
+    te = ref.text_encoder
     state = {f"model.diffusion_model.{k}": v for k, v in ref.unet.state_dict().items()}
     state |= {f"first_stage_model.{k}": v for k, v in ref.vae.state_dict().items()}
-    state["conditioner.embedders.1.model.logit_scale"] = torch.ones(())
-    text = {
-        "clip_l": (folder / "text_encoder", folder / "tokenizer"),
-        "clip_g": (folder / "text_encoder_2", folder / "tokenizer_2"),
-    }
+    state |= {f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in te.clip_l.model.state_dict().items()}
+    state |= {f"conditioner.embedders.1.model.{k}": v for k, v in _openclip(te.clip_g.model.state_dict()).items()}
+    kw = dict(height=H, width=W, num_inference_steps=2, seed=4, output_type="latent")
+    expected = ref("a handwritten seven", **kw).images
+    folders = {"clip_l": (folder / "text_encoder", folder / "tokenizer"),
+               "clip_g": (folder / "text_encoder_2", folder / "tokenizer_2")}  # fmt: skip
     for name, variant in [("sd_xl_turbo_1.0_fp16.safetensors", None), ("mine.safetensors", "sdxl-tiny-turbo")]:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / name)
-        pipe = fastflow.load(tmp_path / name, dtype=torch.float32, text_encoders=text, variant=variant)
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        pipe = fastflow.load(path, dtype=torch.float32, text_encoders=folders, variant=variant)
         assert pipe.config.name == "sdxl-tiny-turbo" and pipe.vae.config.scale_factor == 0.13025
-        kw = dict(height=H, width=W, num_inference_steps=2, seed=4, output_type="latent")
-        torch.testing.assert_close(pipe("a handwritten seven", **kw).images, ref("a handwritten seven", **kw).images,
-                                   rtol=0, atol=0)  # fmt: skip
+        torch.testing.assert_close(pipe("a handwritten seven", **kw).images, expected, rtol=0, atol=0)
+    # the text encoders from the file itself, each with its tokenizer folder: the same weights (their
+    # heads and activation follow real SDXL's from the shapes, which these tiny encoders do not share)
+    text = {"clip_l": (path, folder / "tokenizer"), "clip_g": (path, folder / "tokenizer_2")}
+    pipe = fastflow.load(path, dtype=torch.float32, text_encoders=text, variant="sdxl-tiny-turbo")
+    for role in ("clip_l", "clip_g"):
+        mine, theirs = getattr(pipe.text_encoder, role).model.state_dict(), getattr(te, role).model.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     with pytest.raises(AmbiguousVariantError, match="sdxl-tiny"):
         fastflow.load(tmp_path / "mine.safetensors", dtype=torch.float32, text_encoders=text)
-    with pytest.raises(MissingComponentError, match="clip_g"):
-        fastflow.load(tmp_path / "mine.safetensors", variant="sdxl-tiny", text_encoders={"clip_l": text["clip_l"]})
+    with pytest.raises(MissingComponentError, match="holds both but no tokenizers"):
+        fastflow.load(tmp_path / "mine.safetensors", variant="sdxl-tiny")
