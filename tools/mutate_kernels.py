@@ -124,6 +124,13 @@ MUTATIONS = (
         ("tests/kernels/test_gated_residual_layernorm_modulate.py",),
     ),
     Mutation(
+        "geglu: value read from the gate half",
+        "fastflow/kernels/geglu.py",
+        "h = tl.load(x_ptr + src, mask=mask",
+        "h = tl.load(x_ptr + src + INNER, mask=mask",
+        ("tests/kernels/test_geglu.py",),
+    ),
+    Mutation(
         "gelu_tanh constant",
         "fastflow/kernels/gelu_tanh.py",
         "(x + 0.044715 * x * x * x)",

@@ -81,8 +81,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = ops.linear(x, self.proj).chunk(2, dim=-1)
-        return h * F.gelu(gate)  # exact (erf) GELU, as sgm and diffusers
+        return ops.geglu(ops.linear(x, self.proj))  # h * GELU(gate), exact (erf) GELU, as sgm and diffusers
 
 
 class FeedForward(nn.Module):

@@ -18,6 +18,7 @@ from .fp8 import (
 )
 from .gated_residual import gated_residual
 from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
+from .geglu import geglu
 from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
@@ -45,6 +46,7 @@ __all__ = [
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_fp8",
     "gated_residual_modulated_linear",
+    "geglu",
     "gelu_tanh",
     "get_backend",
     "groupnorm_silu",

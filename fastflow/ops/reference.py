@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 
 def layernorm_modulate_ref(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
@@ -207,6 +209,15 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
 def bias_gelu_tanh_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU_tanh(x + bias) in fp32, for a GEMM output x [..., N] computed without its bias [N]."""
     return F.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)
+
+
+def geglu_ref(x: torch.Tensor) -> torch.Tensor:
+    """GEGLU's gate: h * GELU(g) for x [..., 2I] = [h | g], exact (erf) GELU, in fp32, one rounding
+    to x.dtype (diffusers' and sgm's ``h * F.gelu(g)`` rounds twice in bf16 / fp16)."""
+    if x.shape[-1] % 2:
+        raise InputError(f"geglu needs an even last dimension ([value | gate]), got {list(x.shape)}")
+    h, g = x.float().chunk(2, dim=-1)
+    return (h * F.gelu(g)).to(x.dtype)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
