@@ -564,7 +564,17 @@ def _cmd_doctor(args) -> int:
     else:
         print("CUDA: no GPU visible; every op runs its plain-torch reference (FP8 layers dequantize per call)")
     gpu = torch.cuda.is_available()
-    print(f"op backend: {ops.get_backend()} (kernel backends: {', '.join(ops.KERNEL_BACKENDS)})")
+    from .ops import cuda_cpp
+
+    built, why = cuda_cpp.status()
+    print(f"CUDA C++ kernels: {why}" if built else f"CUDA C++ kernels: not built: {why}")
+    if built and gpu:
+        cap = "".join(map(str, torch.cuda.get_device_capability(0)))
+        archs = cuda_cpp.module().ARCHS.split(";")
+        if not any(a.rstrip("a") == cap for a in archs):
+            print(f"  sm_{cap} is not among them: those ops run Triton (NVRTC can compile csrc/ for sm_{cap})")
+    print(f"op backend: {ops.get_backend()} (kernel backends, in order of preference: "
+          f"{' > '.join(ops.KERNEL_BACKENDS)}; set_backend('cuda_cpp') forces the CUDA C++ ones)")  # fmt: skip
     for name, opdef in sorted(ops.OPS.items()):
         backend = opdef.device_backend("cuda")
         where = f"{backend} kernel" if backend and gpu else "reference (torch)"

@@ -10,6 +10,10 @@ configuration, and whether kernels use wgmma / TMA (sm_90) or tcgen05 (sm_100). 
 when a shipped configuration fails to compile, spills, or exceeds shared memory. Runs in a process
 without TRITON_INTERPRET.
 
+Then the CUDA C++ kernels of csrc/ (:func:`cuda_rows`): each compiled by nvcc for sm_80, sm_89,
+sm_90a (and sm_100a / sm_120 where the toolkit has them) with ``-Xptxas -v``, and disassembled with
+cuobjdump to check that the kernels of ``VECTORIZED`` move global memory in 128-bit instructions.
+
     python tools/kernel_report.py [--archs 80 89 90 100 120] [--only attention] [--json report.json]
 """
 
@@ -103,6 +107,108 @@ def compile_config(kernel, signature, constexprs, attrs, options, arch: int) -> 
     return res
 
 
+# -- CUDA C++ (csrc/) ---------------------------------------------------------------------------------
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CUDA_ARCH = {80: "80", 89: "89", 90: "90a", 100: "100a", 120: "120"}  # arch-specific targets where they exist
+# kernels whose global traffic must be 128-bit vectors (a regression to scalar loads is a failure)
+VECTORIZED = {
+    "ff_groupnorm_stats_": ("LDG",),
+    "ff_groupnorm_apply_": ("LDG", "STG"),
+    "ff_fp8_quantize_per_token_": ("LDG",),
+}
+
+
+def cuda_tools() -> tuple[str | None, str | None, dict]:
+    """nvcc, cuobjdump and an environment where cuobjdump finds nvdisasm: the machine's, else the
+    nvidia-cuda-cuobjdump / -nvdisasm wheels' (the test extra installs them)."""
+    import shutil
+
+    env = dict(os.environ)
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is None:
+        with contextlib.suppress(ImportError):
+            import nvidia
+
+            for root in nvidia.__path__:
+                for sub in sorted(os.listdir(root)):
+                    candidate = os.path.join(root, sub, "bin", "cuobjdump")
+                    if os.path.exists(candidate):
+                        cuobjdump = candidate
+                        env["PATH"] = os.path.dirname(candidate) + os.pathsep + env.get("PATH", "")
+    return shutil.which("nvcc"), cuobjdump, env
+
+
+def _cuda_functions(log: str) -> dict[str, dict]:
+    """Per kernel: registers, spills, shared memory from ``ptxas -v``."""
+    out = {}
+    for chunk in log.split("Compiling entry function '")[1:]:
+        name = chunk.split("'", 1)[0]
+        found = _ptxas(chunk)
+        smem = re.search(r"(\d+) bytes smem", chunk)
+        out[name] = {
+            "regs": found.get("regs", 0),
+            "spills": found.get("spill_stores", 0) + found.get("spill_loads", 0),
+            "smem": int(smem[1]) if smem else 0,
+        }
+    return out
+
+
+def _sass_widths(sass: str) -> dict[str, tuple[int, int]]:
+    """Per kernel: the widest global load and store in its SASS (LDG.E.128: 128 bits; LDG.E: 32)."""
+    out = {}
+    for chunk in sass.split("Function : ")[1:]:
+        name = chunk.split(None, 1)[0]
+        widths = []
+        for op in ("LDG", "STG"):
+            tokens = re.findall(rf"\b{op}\.[A-Z0-9_.]+", chunk)
+            sizes = [128 if ".128" in t else 64 if ".64" in t else 32 for t in tokens]
+            widths.append(max(sizes, default=0))
+        out[name] = tuple(widths)
+    return out
+
+
+def cuda_rows(archs, only=None) -> list[dict]:
+    """Every csrc/ kernel compiled by nvcc for each architecture with ``-Xptxas -v`` (registers,
+    spills, shared memory) and disassembled with cuobjdump (the width of its global loads and
+    stores). A row fails on spills, a compile error, or a VECTORIZED kernel without 128-bit access."""
+    import subprocess
+    import tempfile
+
+    nvcc, cuobjdump, env = cuda_tools()
+    if nvcc is None or cuobjdump is None:
+        missing = "nvcc" if nvcc is None else "cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+        return [{"config": "csrc", "arch": 0, "ok": False, "error": f"{missing} not found"}]
+    supported = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in sorted(f for f in os.listdir(CSRC) if f.endswith(".cu")):
+            for arch in archs:
+                target = CUDA_ARCH[arch]
+                if f"compute_{target.rstrip('a')}" not in supported:
+                    continue
+                cubin = os.path.join(tmp, f"{source}.{target}.cubin")
+                cmd = [nvcc, "-cubin", "-O3", "-std=c++17", f"-arch=sm_{target}", "-Xptxas", "-v", f"-I{CSRC}"]
+                done = subprocess.run([*cmd, os.path.join(CSRC, source), "-o", cubin], capture_output=True, text=True)
+                if done.returncode:
+                    rows.append({"config": f"cuda {source}", "arch": arch, "ok": False, "error": done.stderr[-300:]})
+                    continue
+                sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=env).stdout
+                widths = _sass_widths(sass)
+                for name, r in sorted(_cuda_functions(done.stdout + done.stderr).items()):
+                    if only and not any(o in name for o in only):
+                        continue
+                    ld, st = widths.get(name, (0, 0))
+                    need = next((ops for prefix, ops in VECTORIZED.items() if name.startswith(prefix)), ())
+                    narrow = [op for op, w in (("LDG", ld), ("STG", st)) if op in need and w != 128]
+                    row = {"config": f"cuda {name}", "arch": arch, "target": f"sm_{target}", **r,
+                           "ld": str(ld or "-"), "st": str(st or "-")}  # fmt: skip
+                    row["ok"] = r["spills"] == 0 and r["smem"] <= SMEM_LIMIT[arch] and not narrow
+                    if not row["ok"]:
+                        row["error"] = f"spills {r['spills']} B" if r["spills"] else f"not 128-bit: {narrow}"
+                    rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("kernel_report: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
@@ -131,14 +237,30 @@ def main(argv=None) -> int:
             )
         else:
             print(f"{label:58s} sm_{arch:<3} FAIL {r['error']}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     print(
         f"{len(rows) - failed} of {len(rows)} configurations (distinct run-time specializations) compile "
         "without spills within shared memory"
     )
-    return 1 if failed else 0
+    cuda = cuda_rows(args.archs, args.only)
+    cuda_failed = sum(not r["ok"] for r in cuda)
+    for r in cuda:
+        if "regs" in r:
+            note = "" if r["ok"] else " FAIL " + r["error"]
+            print(
+                f"{r['config']:58s} {r['target']:<6} {r['regs']:>5} {r['spills']:>7} "
+                f"{r['smem']:>6}/{SMEM_LIMIT[r['arch']]:<7} {r['ld'] + '/' + r['st']:>10}{note}",
+                flush=True,
+            )
+        else:
+            print(f"{r['config']:58s} sm_{r['arch']:<3} FAIL {r['error']}", flush=True)
+    print(
+        f"{len(cuda) - cuda_failed} of {len(cuda)} CUDA C++ kernels (csrc/, nvcc) compile without spills, "
+        "with 128-bit global loads / stores where they are required"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows + cuda, f, indent=1)
+    return 1 if failed or cuda_failed else 0
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ class OpDef:
         return self._resolved[backend]
 
     def kernel_modules(self) -> list[str]:
-        return sorted({spec.partition(":")[0] for spec in self.impls.values() if isinstance(spec, str)})
+        """The Triton kernel modules (``shipped(arch)``; the CUDA C++ kernels are csrc/'s)."""
+        return sorted(
+            {spec.partition(":")[0] for b, spec in self.impls.items() if b == "triton" and isinstance(spec, str)}
+        )
 
     def device_backend(self, device_type: str = "cuda") -> str | None:
         """The kernel backend the dispatcher runs for this op on ``device_type`` here, if any."""

@@ -96,7 +96,7 @@ fp8_quantize = defop(
     "fp8_quantize",
     fp8_quantize_ref,
     _fake_quantize,
-    impls={"triton": f"{_QUANT}:fp8_quantize_fwd"},
+    impls={"triton": f"{_QUANT}:fp8_quantize_fwd", "cuda_cpp": "fastflow.ops.cuda_cpp:fp8_quantize"},
     check=_check_quantize,
 )
 fp8_scaled_mm = defop(

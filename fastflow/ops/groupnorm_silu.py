@@ -20,6 +20,9 @@ groupnorm_silu = defop(
     "groupnorm_silu",
     groupnorm_silu_ref,
     _fake,
-    impls={"triton": "fastflow.kernels.groupnorm_silu:groupnorm_silu_fwd"},
+    impls={
+        "triton": "fastflow.kernels.groupnorm_silu:groupnorm_silu_fwd",
+        "cuda_cpp": "fastflow.ops.cuda_cpp:groupnorm_silu",  # NHWC (csrc/groupnorm_silu.cu)
+    },
     check=_check,
 )

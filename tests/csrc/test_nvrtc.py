@@ -1,0 +1,45 @@
+"""NVRTC compiles every csrc/ kernel unit to a cubin for sm_80 / sm_89 / sm_90a without a GPU (the
+run-time path for GPUs the built module lacks), and the disk cache serves the second request."""
+
+import pytest
+
+from fastflow.errors import InputError
+from fastflow.ops import nvrtc
+
+try:
+    nvrtc.library()
+except InputError:
+    pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc)", allow_module_level=True)
+
+KERNELS = {
+    "groupnorm_silu": [f"ff_groupnorm_{k}_{t}" for k in ("stats", "apply") for t in ("f32", "f16", "bf16")]
+    + ["ff_groupnorm_finalize"],
+    "fp8_quantize": [f"ff_fp8_quantize_per_token_{t}" for t in ("f32", "f16", "bf16")],
+}
+
+
+@pytest.mark.parametrize("arch", ["80", "89", "90a"])
+@pytest.mark.parametrize("unit", list(nvrtc.UNITS))
+def test_every_unit_compiles(unit, arch):
+    cubin = nvrtc.compile_unit(unit, arch)
+    assert cubin[:4] == b"\x7fELF"
+    missing = [k for k in KERNELS[unit] if k.encode() not in cubin]
+    assert not missing
+
+
+def test_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTFLOW_CACHE", str(tmp_path))
+    calls = []
+    real = nvrtc.compile_unit
+    monkeypatch.setattr(nvrtc, "compile_unit", lambda u, a: calls.append((u, a)) or real(u, a))
+    first = nvrtc.cubin("groupnorm_silu", "89")
+    again = nvrtc.cubin("groupnorm_silu", "89")
+    assert first == again and calls == [("groupnorm_silu", "89")]
+    (entry,) = (tmp_path / "cubin").iterdir()
+    assert entry.name.startswith("groupnorm_silu-sm_89-")
+
+
+def test_a_compile_error_carries_the_log(monkeypatch):
+    monkeypatch.setattr(nvrtc, "sources", lambda: {"groupnorm_silu.cuh": "this is not C++;"})
+    with pytest.raises(RuntimeError, match="groupnorm_silu.cuh"):
+        nvrtc.compile_unit("groupnorm_silu", "80")

@@ -1,0 +1,62 @@
+"""The CUDA C++ backend's op layer (fastflow/ops/cuda_cpp.py): on a CPU every call falls back to the
+op's reference (so ``set_backend("cuda_cpp")`` is safe anywhere); on a GPU the csrc/ kernels are
+compared with the reference and the Triton kernel (requires_cuda)."""
+
+import pytest
+import torch
+
+import fastflow.ops as ops
+from fastflow.ops import cuda_cpp
+from fastflow.ops.reference import fp8_quantize_ref, groupnorm_silu_ref
+
+
+def test_cpu_inputs_run_the_reference():
+    x = torch.randn(2, 64, 6, 10).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64), torch.randn(64)
+    with ops.use_backend("cuda_cpp"):
+        torch.testing.assert_close(ops.groupnorm_silu(x, w, b, 8, 1e-6), groupnorm_silu_ref(x, w, b, 8, 1e-6),
+                                   rtol=0, atol=0)  # fmt: skip
+        q, s = ops.fp8_quantize(torch.randn(5, 32))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5,)
+    assert not cuda_cpp.groupnorm_silu_supported(x, 8)  # not a CUDA tensor
+
+
+def test_registered_as_a_kernel_backend_after_triton():
+    assert ops.KERNEL_BACKENDS.index("triton") < ops.KERNEL_BACKENDS.index("cuda_cpp")
+    for name in ("groupnorm_silu", "fp8_quantize"):
+        assert ops.OPS[name].impls["cuda_cpp"].startswith("fastflow.ops.cuda_cpp:")
+
+
+def test_splits_fill_the_gpu_without_starving_threads():
+    assert cuda_cpp.groupnorm_splits(1, 32, 1024 * 1024, 16, sms=132) == 17  # a 1024^2 VAE decode: split
+    assert cuda_cpp.groupnorm_splits(16, 32, 64, 1, sms=132) == 1  # small: one block per group
+    assert cuda_cpp.groupnorm_splits(1, 32, 16, 1, sms=132) == 1  # tiny spatial size
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 512, 128, 128), (2, 128, 33, 17), (1, 256, 1024, 64)])
+def test_groupnorm_silu_on_gpu(shape, dtype):
+    if not cuda_cpp.status()[0]:
+        pytest.skip("fastflow._C is not built")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(shape, device="cuda", generator=g) * 2 + 0.3).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], device="cuda", generator=g).to(dtype)
+    b = torch.randn(shape[1], device="cuda", generator=g).to(dtype)
+    ours = cuda_cpp.groupnorm_silu(x, w, b, 32, 1e-6)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(ours.float(), groupnorm_silu_ref(x, w, b, 32, 1e-6).float(), rtol=tol, atol=tol)
+    with ops.use_backend("triton"):
+        torch.testing.assert_close(ours.float(), ops.groupnorm_silu(x, w, b, 32, 1e-6).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_quantize_on_gpu(dtype):
+    if not cuda_cpp.status()[0]:
+        pytest.skip("fastflow._C is not built")
+    x = (torch.randn(4096, 3072, device="cuda") * 3).to(dtype)
+    q, s = cuda_cpp.fp8_quantize(x)
+    ref_q, ref_s = fp8_quantize_ref(x)
+    assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
