@@ -11,6 +11,9 @@ int ff_groupnorm_silu_nhwc(int dtype, const void* x, void* y, const float* weigh
                            long long hw, long long c, long long groups, long long splits, float eps, float* workspace,
                            void* stream);
 int ff_fp8_quantize_per_token(int dtype, const void* x, void* q, float* scale, long long m, long long k, void* stream);
+int ff_qk_norm_rope(int dtype, const void* qkv, void* q, void* k, void* v, const float* q_scale, const float* k_scale,
+                    const float* cos, const float* sin, long long batch, long long tokens, long long heads,
+                    long long head_dim, float eps, void* stream);
 const char* ff_error_string(int code);
 int ff_runtime_version();
 int ff_device_count();
@@ -50,4 +53,15 @@ PYBIND11_MODULE(_C, m) {
                                          ptr<void>(stream));
       },
       "e4m3 codes and per-row fp32 scales of x [M, K]; returns a cudaError_t code (0: launched)");
+  m.def(
+      "qk_norm_rope",
+      [](int dtype, std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t q_scale,
+         std::uintptr_t k_scale, std::uintptr_t cos, std::uintptr_t sin, long long batch, long long tokens,
+         long long heads, long long head_dim, float eps, std::uintptr_t stream) {
+        py::gil_scoped_release release;
+        return ff_qk_norm_rope(dtype, ptr<const void>(qkv), ptr<void>(q), ptr<void>(k), ptr<void>(v),
+                               ptr<const float>(q_scale), ptr<const float>(k_scale), ptr<const float>(cos),
+                               ptr<const float>(sin), batch, tokens, heads, head_dim, eps, ptr<void>(stream));
+      },
+      "q, k, v [B, H, L, D] of qkv [B, L, 3HD]: RMSNorm (null scales: none) + RoPE (null tables: none)");
 }

@@ -134,4 +134,30 @@ FF_HD float inv_std(Welford w, float eps) { return 1.0f / sqrtf(w.m2 / w.n + eps
 
 FF_HD float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// Products and sums rounded one at a time: a * b + c * d never contracted into an FMA, so the GPU
+// gives the bits of the references (torch evaluates each product and the sum separately).
+FF_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FF_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// FLUX RoPE of the interleaved pair (x0, x1) by the angle of (c, s): (x0 c - x1 s, x1 c + x0 s).
+FF_HD void rope_pair(float x0, float x1, float c, float s, float* y0, float* y1) {
+  *y0 = add_rn(mul_rn(x0, c), mul_rn(x1, -s));
+  *y1 = add_rn(mul_rn(x1, c), mul_rn(x0, s));
+}
+
+// RMSNorm's factor 1 / sqrt(mean(x^2) + eps) from the sum of squares of d values.
+FF_HD float rms_factor(float sum_squares, int d, float eps) { return 1.0f / sqrtf(sum_squares / (float)d + eps); }
+
 }  // namespace ff

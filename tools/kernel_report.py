@@ -110,11 +110,17 @@ def compile_config(kernel, signature, constexprs, attrs, options, arch: int) -> 
 # -- CUDA C++ (csrc/) ---------------------------------------------------------------------------------
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 CUDA_ARCH = {80: "80", 89: "89", 90: "90a", 100: "100a", 120: "120"}  # arch-specific targets where they exist
-# kernels whose global traffic must be 128-bit vectors (a regression to scalar loads is a failure)
+# kernels whose global traffic must be 128-bit vectors (a regression to scalar loads is a failure),
+# by name prefix. qk_norm_rope's lanes hold D / 32 values: 128-bit where that is 16 bytes; FLUX's
+# D = 128 in bf16 moves 64 bits a lane (its warp still reads 256 contiguous bytes).
 VECTORIZED = {
     "ff_groupnorm_stats_": ("LDG",),
     "ff_groupnorm_apply_": ("LDG", "STG"),
     "ff_fp8_quantize_per_token_": ("LDG",),
+    "ff_qk_norm_rope_bf16_d8": ("LDG", "STG"),
+    "ff_qk_norm_rope_f16_d8": ("LDG", "STG"),
+    "ff_qk_norm_rope_f32_d4": ("LDG", "STG"),
+    "ff_qk_norm_rope_f32_d8": ("LDG", "STG"),
 }
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..errors import InputError
-from .reference import fp8_quantize_ref, groupnorm_silu_ref
+from .reference import fp8_quantize_ref, groupnorm_silu_ref, qk_norm_rope_ref
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 VECTOR_BYTES = 16  # the kernels' loads and stores
@@ -109,3 +109,24 @@ def fp8_quantize(x, static_scale=None, per_token: bool = True):
         DTYPE_CODES[x.dtype], x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, _stream(x.device)
     ))  # fmt: skip
     return q, scale
+
+
+def qk_norm_rope(qkv, q_scale, k_scale, cos, sin, num_heads: int, eps: float = 1e-6):
+    """q / k RMSNorm + FLUX RoPE of a fused projection by csrc/qk_norm_rope.cu (a warp per token
+    and head); the reference for head sizes other than 64 / 128 / 256 or unaligned inputs."""
+    b, tokens, width = qkv.shape
+    d = width // (3 * num_heads)
+    tables = (cos, sin)
+    usable = (
+        qkv.is_cuda and qkv.dtype in DTYPE_CODES and qkv.is_contiguous() and d in (64, 128, 256) and _aligned(qkv)
+        and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) for t in tables)
+    )  # fmt: skip
+    if not usable:
+        return qk_norm_rope_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
+    q, k, v = (qkv.new_empty(b, num_heads, tokens, d) for _ in range(3))
+    qs, ks = (s.detach().float().contiguous() for s in (q_scale, k_scale))
+    _run(module().qk_norm_rope(
+        DTYPE_CODES[qkv.dtype], qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), qs.data_ptr(),
+        ks.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, tokens, num_heads, d, float(eps), _stream(qkv.device),
+    ))  # fmt: skip
+    return q, k, v

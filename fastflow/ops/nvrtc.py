@@ -15,22 +15,31 @@ import functools
 import glob
 import hashlib
 import os
-from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
 
 # The kernel translation units NVRTC compiles: one per op family (their headers are found by name).
-UNITS = {"groupnorm_silu": "groupnorm_silu.cuh", "fp8_quantize": "fp8_quantize.cuh"}
+UNITS = {
+    "groupnorm_silu": "groupnorm_silu.cuh",
+    "fp8_quantize": "fp8_quantize.cuh",
+    "qk_norm_rope": "qk_norm_rope.cuh",
+}
+
+
+def source_dir() -> Path:
+    """csrc/ beside this fastflow: ``fastflow/_csrc`` in an installed wheel, the repository's
+    ``csrc/`` in a source checkout (editable installs included)."""
+    package = Path(__file__).resolve().parents[1]
+    for root in (package / "_csrc", package.parent / "csrc"):
+        if (root / "ff_common.cuh").is_file():
+            return root
+    raise InputError(f"the CUDA C++ sources are missing (looked in {package / '_csrc'} and {package.parent / 'csrc'})")
 
 
 def sources() -> dict[str, str]:
-    """name -> text of every csrc/ header (the package ships them as ``fastflow._csrc``)."""
-    try:
-        root = resources.files("fastflow._csrc")
-    except ModuleNotFoundError:  # a source checkout run without installing: the repository's csrc/
-        root = Path(__file__).resolve().parents[2] / "csrc"
-    return {p.name: p.read_text() for p in root.iterdir() if p.name.endswith((".cuh", ".h"))}
+    """name -> text of every csrc/ header."""
+    return {p.name: p.read_text() for p in sorted(source_dir().iterdir()) if p.name.endswith((".cuh", ".h"))}
 
 
 @functools.cache

@@ -77,7 +77,10 @@ qk_norm_rope = defop(
     "qk_norm_rope",
     qk_norm_rope_ref,
     _fake_rope,
-    impls={"triton": "fastflow.kernels.qk_norm_rope:qk_norm_rope_fwd"},
+    impls={
+        "triton": "fastflow.kernels.qk_norm_rope:qk_norm_rope_fwd",
+        "cuda_cpp": "fastflow.ops.cuda_cpp:qk_norm_rope",
+    },
     check=_check_rope,
 )
 qk_norm = defop(

@@ -66,4 +66,17 @@ void t_fp8_quantize(const float* x, i64 m, i64 k, u8* q, float* scale) {
     for (i64 i = 0; i < k; ++i) q[r * k + i] = fp8_code(x[r * k + i], inv);
   }
 }
+
+// RoPE of interleaved pairs and the RMSNorm factor, as the qk_norm_rope kernel applies them.
+void t_rope(const float* x, const float* cos, const float* sin, i64 pairs, float* out) {
+  for (i64 j = 0; j < pairs; ++j) rope_pair(x[2 * j], x[2 * j + 1], cos[j], sin[j], &out[2 * j], &out[2 * j + 1]);
+}
+void t_rms_norm(const float* x, const float* scale, int d, i64 rows, float eps, float* out) {
+  for (i64 r = 0; r < rows; ++r) {
+    float ss = 0.f;
+    for (int i = 0; i < d; ++i) ss += x[r * d + i] * x[r * d + i];
+    const float f = rms_factor(ss, d, eps);
+    for (int i = 0; i < d; ++i) out[r * d + i] = mul_rn(mul_rn(x[r * d + i], f), scale[i]);
+  }
+}
 }

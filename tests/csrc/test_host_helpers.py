@@ -133,3 +133,31 @@ def test_fp8_per_token_quantization_equals_the_reference(lib, dtype):
     ref_q, ref_scale = fp8_quantize_ref(x)
     assert np.array_equal(scale, ref_scale.numpy())
     assert np.array_equal(q, ref_q.view(torch.uint8).numpy())
+
+
+def test_rope_pair_equals_the_reference_bit_for_bit(lib):
+    from fastflow.ops.reference import rope_ref
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 1, 64, 128, generator=g) * 5
+    angles = torch.rand(64, 64, generator=g) * 50
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    out = np.empty(x.numel(), np.float32)
+    flat = x.numpy().ravel().copy()
+    for t in range(64):  # one token's 64 pairs at a time, with that token's angles
+        part = np.empty(128, np.float32)
+        lib.t_rope(_ptr(flat[t * 128 : (t + 1) * 128].copy()), _ptr(cos[t].numpy().copy()),
+                   _ptr(sin[t].numpy().copy()), ctypes.c_longlong(64), _ptr(part))  # fmt: skip
+        out[t * 128 : (t + 1) * 128] = part
+    assert np.array_equal(out.reshape(x.shape), rope_ref(x, cos, sin).numpy())
+
+
+def test_rms_norm_equals_the_reference(lib):
+    from fastflow.ops.reference import rms_norm_ref
+
+    g = torch.Generator().manual_seed(5)
+    x, scale = torch.randn(300, 128, generator=g) * 4, torch.rand(128, generator=g) + 0.5
+    out = np.empty(x.numel(), np.float32)
+    lib.t_rms_norm(_ptr(x.numpy().copy()), _ptr(scale.numpy().copy()), 128, ctypes.c_longlong(300),
+                   ctypes.c_float(1e-6), _ptr(out))  # fmt: skip
+    torch.testing.assert_close(torch.from_numpy(out).reshape(x.shape), rms_norm_ref(x, scale), rtol=2e-6, atol=2e-6)

@@ -72,6 +72,7 @@ def test_installs_without_nvcc(tmp_path):
     wheel = _wheel(tmp_path, {**os.environ, "PATH": path})
     names = wheel.namelist()
     assert "fastflow/ops/cuda_cpp.py" in names and not [n for n in names if "/_C." in n]
+    assert {"fastflow/_csrc/ff_common.cuh", "fastflow/_csrc/qk_norm_rope.cuh"} <= set(names)  # for NVRTC
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc here")

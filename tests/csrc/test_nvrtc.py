@@ -15,6 +15,7 @@ KERNELS = {
     "groupnorm_silu": [f"ff_groupnorm_{k}_{t}" for k in ("stats", "apply") for t in ("f32", "f16", "bf16")]
     + ["ff_groupnorm_finalize"],
     "fp8_quantize": [f"ff_fp8_quantize_per_token_{t}" for t in ("f32", "f16", "bf16")],
+    "qk_norm_rope": [f"ff_qk_norm_rope_{t}_d{e}" for t in ("f32", "f16", "bf16") for e in (2, 4, 8)],
 }
 
 

@@ -7,7 +7,7 @@ import torch
 
 import fastflow.ops as ops
 from fastflow.ops import cuda_cpp
-from fastflow.ops.reference import fp8_quantize_ref, groupnorm_silu_ref
+from fastflow.ops.reference import fp8_quantize_ref, groupnorm_silu_ref, qk_norm_rope_ref
 
 
 def test_cpu_inputs_run_the_reference():
@@ -17,13 +17,17 @@ def test_cpu_inputs_run_the_reference():
         torch.testing.assert_close(ops.groupnorm_silu(x, w, b, 8, 1e-6), groupnorm_silu_ref(x, w, b, 8, 1e-6),
                                    rtol=0, atol=0)  # fmt: skip
         q, s = ops.fp8_quantize(torch.randn(5, 32))
+        qkv, scale, angles = torch.randn(1, 6, 3 * 2 * 64), torch.rand(64), torch.rand(6, 32)
+        args = (qkv, scale, scale, torch.cos(angles), torch.sin(angles), 2, 1e-6)
+        for mine, ref in zip(ops.qk_norm_rope(*args), qk_norm_rope_ref(*args), strict=True):
+            assert torch.equal(mine, ref)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (5,)
     assert not cuda_cpp.groupnorm_silu_supported(x, 8)  # not a CUDA tensor
 
 
 def test_registered_as_a_kernel_backend_after_triton():
     assert ops.KERNEL_BACKENDS.index("triton") < ops.KERNEL_BACKENDS.index("cuda_cpp")
-    for name in ("groupnorm_silu", "fp8_quantize"):
+    for name in ("groupnorm_silu", "fp8_quantize", "qk_norm_rope"):
         assert ops.OPS[name].impls["cuda_cpp"].startswith("fastflow.ops.cuda_cpp:")
 
 
@@ -60,3 +64,23 @@ def test_fp8_quantize_on_gpu(dtype):
     q, s = cuda_cpp.fp8_quantize(x)
     ref_q, ref_s = fp8_quantize_ref(x)
     assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,d,tokens", [(24, 128, 4608), (2, 64, 77), (3, 256, 5)])
+def test_qk_norm_rope_on_gpu(heads, d, tokens, dtype):
+    if not cuda_cpp.status()[0]:
+        pytest.skip("fastflow._C is not built")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = (torch.randn(2, tokens, 3 * heads * d, device="cuda", generator=g) * 3).to(dtype)
+    qs, ks = (torch.rand(d, device="cuda", generator=g) + 0.5 for _ in range(2))
+    angles = torch.rand(tokens, d // 2, device="cuda", generator=g) * 100
+    args = (qkv, qs.to(dtype), ks.to(dtype), torch.cos(angles), torch.sin(angles), heads, 1e-6)
+    ours = cuda_cpp.qk_norm_rope(*args)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for mine, ref in zip(ours, qk_norm_rope_ref(*args), strict=True):
+        torch.testing.assert_close(mine.float(), ref.float(), rtol=tol, atol=tol)
+    with ops.use_backend("triton"):
+        for mine, tri in zip(ours, ops.qk_norm_rope(*args), strict=True):
+            torch.testing.assert_close(mine.float(), tri.float(), rtol=tol, atol=tol)
