@@ -1,9 +1,10 @@
 """Shared machinery of the per-op benchmarks (bench/bench_<op>.py).
 
 On a GPU: fastflow's kernel vs torch.compile(reference) vs the eager reference, median time, GB/s
-and % of the GPU's peak bandwidth. Without a GPU: the bytes moved by the fused kernel vs the
-unfused eager sequence it replaces, and the roofline time on an H100 (3.35 TB/s, 989 bf16 TFLOP/s),
-printed as a projection: no time is measured.
+and % of the GPU's peak bandwidth; for ops with a Triton and a CUDA C++ kernel, each of the two
+too. Without a GPU: the bytes moved by the fused kernel vs the unfused eager sequence it replaces,
+and the roofline time on an H100 (3.35 TB/s, 989 bf16 TFLOP/s), printed as a projection: no time
+is measured.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def run(op_name: str, fastflow_fn, reference_fn, cases: list[Case], dtype=torch.
             with ops.use_backend("kernels"):
                 t_ff = _time(fastflow_fn, args)
             t_c, t_e = _time(compiled, args), _time(reference_fn, args)
+            # each kernel backend of the op on its own (Triton vs CUDA C++), where there are two
+            backends = {}
+            impls = ops.OPS[op_name].impls if op_name in ops.OPS else {}
+            if len(impls) > 1:
+                for backend in impls:
+                    with ops.use_backend(backend):
+                        backends[f"{backend}_ms"] = _time(fastflow_fn, args) * 1e3
             gbs = case.fused_bytes / t_ff / 1e9
             row = {
                 **meta,
@@ -91,11 +99,13 @@ def run(op_name: str, fastflow_fn, reference_fn, cases: list[Case], dtype=torch.
                 "compile_ms": t_c * 1e3,
                 "eager_ms": t_e * 1e3,
                 "fastflow_GBps": gbs,
+                **backends,
             }
             rows.append(row)
+            each = "".join(f"  {k[:-3]} {v:8.3f} ms" for k, v in backends.items())
             print(
                 f"  {case.name:32s} fastflow {t_ff * 1e3:8.3f} ms ({gbs:7.1f} GB/s)  compile {t_c * 1e3:8.3f} ms  "
-                f"eager {t_e * 1e3:8.3f} ms"
+                f"eager {t_e * 1e3:8.3f} ms{each}"
             )
     else:
         print(

@@ -12,12 +12,14 @@ from fastflow.ops.reference import groupnorm_silu_ref
 SHAPES = VAE_SHAPES  # the shapes the kernel ships for (and the AOT report compiles)
 
 
-def case(name, channels, side, e=2):
+def case(name, channels, side, e=2, channels_last=False):
+    """``channels_last``: NHWC activations (the layout the CUDA C++ kernel takes)."""
     n = channels * side * side
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     return Case(
-        name,
+        name + (" nhwc" if channels_last else ""),
         lambda dev, dt: (
-            torch.randn(1, channels, side, side, device=dev, dtype=dt),
+            torch.randn(1, channels, side, side, device=dev, dtype=dt).contiguous(memory_format=fmt),
             torch.ones(channels, device=dev, dtype=dt),
             torch.zeros(channels, device=dev, dtype=dt),
             32,
@@ -30,4 +32,5 @@ def case(name, channels, side, e=2):
 
 
 if __name__ == "__main__":
-    main("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, [case(k, *v) for k, v in SHAPES.items()], plan)
+    cases = [case(k, *v, channels_last=last) for k, v in SHAPES.items() for last in (False, True)]
+    main("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, cases, plan)

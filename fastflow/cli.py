@@ -569,10 +569,13 @@ def _cmd_doctor(args) -> int:
     built, why = cuda_cpp.status()
     print(f"CUDA C++ kernels: {why}" if built else f"CUDA C++ kernels: not built: {why}")
     if built and gpu:
-        cap = "".join(map(str, torch.cuda.get_device_capability(0)))
-        archs = cuda_cpp.module().ARCHS.split(";")
-        if not any(a.rstrip("a") == cap for a in archs):
-            print(f"  sm_{cap} is not among them: those ops run Triton (NVRTC can compile csrc/ for sm_{cap})")
+        cap = torch.cuda.get_device_capability(0)
+        try:
+            served = cuda_cpp._serves(cuda_cpp.module().ARCHS, cap)
+        except InputError:
+            served = False
+        if not served:
+            print(f"  this GPU: NVRTC compiles csrc/ for sm_{cuda_cpp.nvrtc_arch(cap)} at first use (cached)")
     print(f"op backend: {ops.get_backend()} (kernel backends, in order of preference: "
           f"{' > '.join(ops.KERNEL_BACKENDS)}; set_backend('cuda_cpp') forces the CUDA C++ ones)")  # fmt: skip
     for name, opdef in sorted(ops.OPS.items()):

@@ -42,8 +42,16 @@ def _available(backend: str) -> bool:
     """Whether a kernel backend can run in this installation (not whether a GPU is present)."""
     if backend == "triton":
         return importlib.util.find_spec("triton") is not None
-    if backend == "cuda_cpp":
-        return importlib.util.find_spec("fastflow._C") is not None
+    if backend == "cuda_cpp":  # the built module, or NVRTC to compile csrc/ at run time
+        if importlib.util.find_spec("fastflow._C") is not None:
+            return True
+        from .nvrtc import library
+
+        try:
+            library()
+        except Exception:  # InputError: no libnvrtc here
+            return False
+        return True
     return False
 
 

@@ -2,13 +2,15 @@
 
 Each function here has its op's reference signature. It checks what the kernel needs (a CUDA
 tensor, dtype, layout, 16-byte alignment) and otherwise runs the op's reference, so the backend is
-safe to force with ``set_backend("cuda_cpp")`` on any input. Tensors go to the module as
-``data_ptr()`` integers with the current stream's handle (so launches join CUDA graphs). The module
-is imported on first use; a missing build is a clear error, not an ImportError at import time.
+safe to force with ``set_backend("cuda_cpp")`` on any input. Tensors go to the kernels as
+``data_ptr()`` integers with the current stream's handle (so launches join CUDA graphs). The
+kernels come from the built ``fastflow._C`` where it serves the GPU (its cubins, or its PTX for
+newer GPUs), else from NVRTC at run time (:class:`NvrtcKernels`); neither is imported before use.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 
@@ -35,17 +37,131 @@ def module():
 
 
 def status() -> tuple[bool, str]:
-    """(built, why) for ``fastflow doctor``."""
+    """(usable, how) for ``fastflow doctor``: the built module, or NVRTC at run time, or neither."""
+    from . import nvrtc
+
     try:
         c = module()
     except InputError as e:
-        return False, str(e)
+        try:
+            major, minor = nvrtc.version()
+        except InputError:
+            return False, f"{e}; NVRTC is not installed either (pip install nvidia-cuda-nvrtc)"
+        return True, f"fastflow._C is not built; NVRTC {major}.{minor} compiles csrc/ for the GPU at first use"
     return True, f"fastflow._C built for sm {c.ARCHS}, CUDA runtime {c.runtime_version()}, {c.device_count()} GPU(s)"
 
 
-def _run(code: int) -> None:
+def _serves(archs: str, cap: tuple[int, int]) -> bool:
+    """Whether a build for ``archs`` ("80;89;90a") runs on a GPU of capability ``cap``: a cubin of
+    the same major version and no newer minor (an 'a' cubin only on its own architecture), or the
+    PTX of the newest architecture, which the driver compiles for any newer GPU."""
+    value, built = cap[0] * 10 + cap[1], [a for a in archs.split(";") if a]
+    for arch in built:
+        number = int(arch.rstrip("a"))
+        if number == value or (not arch.endswith("a") and number // 10 == cap[0] and number <= value):
+            return True
+    return bool(built) and value >= max(int(a.rstrip("a")) for a in built)
+
+
+def nvrtc_arch(cap: tuple[int, int]) -> str:
+    """NVRTC's target for a GPU: the arch-specific 'a' targets of sm_90 / sm_100, plain otherwise."""
+    arch = f"{cap[0]}{cap[1]}"
+    return arch + "a" if arch in ("90", "100") else arch
+
+
+class NvrtcKernels:
+    """fastflow._C's functions run from NVRTC-compiled cubins (fastflow.ops.nvrtc): the same kernels
+    with the launch shapes of csrc/*.cu's launchers, for GPUs the built module does not serve or
+    installs without it. Return codes as the C ABI's: 0 launched, -1 a bad argument, else the driver's."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+
+    def _go(self, unit: str, name: str, grid, args, stream: int) -> int:
+        from . import nvrtc
+
+        context = ctypes.c_void_p()
+        nvrtc.driver().cuCtxGetCurrent(ctypes.byref(context))
+        return nvrtc.launch(unit, self.arch, context.value or 0, name, grid, 256, args, stream)
+
+    @staticmethod
+    def error_string(code: int) -> str:
+        return "a size, dtype or layout the CUDA C++ kernel does not take" if code == -1 else f"driver error {code}"
+
+    @staticmethod
+    def groupnorm_silu_workspace_floats(n: int, groups: int, splits: int) -> int:
+        return n * groups * (splits * 3 + 2)
+
+    def groupnorm_silu_nhwc(self, dtype, x, y, weight, bias, n, hw, c, groups, splits, eps, workspace, stream):
+        vec = 4 if dtype == 0 else 8
+        if min(n, hw, c, groups, splits) <= 0 or c % groups or (c // groups) % vec:
+            return -1
+        suffix, partial = _SUFFIX[dtype], workspace
+        stats = workspace + n * groups * splits * 3 * 4  # bytes: after the partials
+        vectors = hw * c // vec
+        code = self._go(
+            "groupnorm_silu",
+            f"ff_groupnorm_stats_{suffix}",
+            (splits, n * groups),
+            [("p", x), ("p", partial), ("i64", hw), ("i64", c), ("i64", groups), ("i64", splits)],
+            stream,
+        )
+        code = code or self._go(
+            "groupnorm_silu",
+            "ff_groupnorm_finalize",
+            (n * groups + 255) // 256,
+            [("p", partial), ("p", stats), ("i64", n * groups), ("i64", splits), ("f32", eps)],
+            stream,
+        )
+        return code or self._go(
+            "groupnorm_silu", f"ff_groupnorm_apply_{suffix}", (min((vectors + 255) // 256, 65535), n),
+            [("p", x), ("p", y), ("p", weight), ("p", bias), ("p", stats), ("i64", hw), ("i64", c), ("i64", groups)],
+            stream,
+        )  # fmt: skip
+
+    def fp8_quantize_per_token(self, dtype, x, q, scale, m, k, stream):
+        if m <= 0 or k <= 0 or k % (4 if dtype == 0 else 8):
+            return -1
+        args = [("p", x), ("p", q), ("p", scale), ("i64", k)]
+        return self._go("fp8_quantize", f"ff_fp8_quantize_per_token_{_SUFFIX[dtype]}", m, args, stream)
+
+    def qk_norm_rope(self, dtype, qkv, q, k, v, q_scale, k_scale, cos, sin, batch, tokens, heads, head_dim, eps,
+                     stream):  # fmt: skip
+        if min(batch, tokens, heads) <= 0 or head_dim not in (64, 128, 256):
+            return -1
+        name = f"ff_qk_norm_rope_{_SUFFIX[dtype]}_d{head_dim // 32}"
+        args = [("p", a) for a in (qkv, q, k, v, q_scale, k_scale, cos, sin)]
+        args += [("i64", batch), ("i64", tokens), ("i64", heads), ("f32", eps)]
+        return self._go("qk_norm_rope", name, ((batch * tokens * heads * 32 + 255) // 256, 3), args, stream)
+
+
+_SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
+_KERNELS: dict[int, object] = {}
+
+
+def kernels(device: torch.device):
+    """What runs the CUDA C++ kernels on ``device``: fastflow._C where it serves the GPU, else
+    NvrtcKernels compiled for it (an InputError when neither is installed)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _KERNELS:
+        cap = torch.cuda.get_device_capability(index)
+        try:
+            c = module()
+            if _serves(c.ARCHS, cap):
+                _KERNELS[index] = c
+                return c
+        except InputError:
+            pass
+        from . import nvrtc
+
+        nvrtc.library()  # an InputError saying what to install when NVRTC is missing too
+        _KERNELS[index] = NvrtcKernels(nvrtc_arch(cap))
+    return _KERNELS[index]
+
+
+def _run(k, code: int) -> None:
     if code != 0:
-        raise RuntimeError(f"fastflow._C: {module().error_string(code)}")
+        raise RuntimeError(f"fastflow CUDA C++ kernel: {k.error_string(code)}")
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -79,7 +195,7 @@ def groupnorm_silu(x, weight, bias, num_groups: int = 32, eps: float = 1e-6):
     """SiLU(GroupNorm(x)) by csrc/groupnorm_silu.cu for channels-last x; the reference otherwise."""
     if not groupnorm_silu_supported(x, num_groups):
         return groupnorm_silu_ref(x, weight, bias, num_groups, eps)
-    c = module()
+    c = kernels(x.device)
     n, channels, h, w = x.shape
     y = torch.empty_like(x)  # channels-last like x
     w32 = weight.detach().float().contiguous()
@@ -88,7 +204,7 @@ def groupnorm_silu(x, weight, bias, num_groups: int = 32, eps: float = 1e-6):
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     splits = groupnorm_splits(n, num_groups, h * w, channels // num_groups // vec, sms)
     workspace = torch.empty(c.groupnorm_silu_workspace_floats(n, num_groups, splits), device=x.device)
-    _run(c.groupnorm_silu_nhwc(
+    _run(c, c.groupnorm_silu_nhwc(
         DTYPE_CODES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(), b32.data_ptr(), n, h * w, channels,
         num_groups, splits, float(eps), workspace.data_ptr(), _stream(x.device),
     ))  # fmt: skip
@@ -105,7 +221,8 @@ def fp8_quantize(x, static_scale=None, per_token: bool = True):
     m, k = x.shape
     q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty(m, device=x.device, dtype=torch.float32)
-    _run(module().fp8_quantize_per_token(
+    c = kernels(x.device)
+    _run(c, c.fp8_quantize_per_token(
         DTYPE_CODES[x.dtype], x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, _stream(x.device)
     ))  # fmt: skip
     return q, scale
@@ -125,7 +242,8 @@ def qk_norm_rope(qkv, q_scale, k_scale, cos, sin, num_heads: int, eps: float = 1
         return qk_norm_rope_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
     q, k, v = (qkv.new_empty(b, num_heads, tokens, d) for _ in range(3))
     qs, ks = (s.detach().float().contiguous() for s in (q_scale, k_scale))
-    _run(module().qk_norm_rope(
+    c = kernels(qkv.device)
+    _run(c, c.qk_norm_rope(
         DTYPE_CODES[qkv.dtype], qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), qs.data_ptr(),
         ks.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, tokens, num_heads, d, float(eps), _stream(qkv.device),
     ))  # fmt: skip

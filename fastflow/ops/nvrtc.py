@@ -3,9 +3,9 @@ installs without it): the same sources, compiled to a cubin for the GPU's archit
 on disk (``$FASTFLOW_CACHE`` or ``~/.cache/fastflow/cubin``), keyed by the sources, the
 architecture and the NVRTC version.
 
-NVRTC is called through ctypes (``libnvrtc``: the ``nvidia-cuda-nvrtc`` wheel's, or the system's):
-no CuPy, no cuda-python, no GPU needed to compile. Loading a cubin and launching from it
-(:func:`load`) uses the CUDA driver and runs only on a GPU.
+NVRTC is called through ctypes (``libnvrtc``: the ``nvidia-cuda-nvrtc`` wheel's, which CUDA builds
+of torch install, or the system's): no CuPy, no cuda-python, no GPU needed to compile. Loading a
+cubin and launching from it (:func:`launch`) uses the CUDA driver (libcuda) and runs only on a GPU.
 """
 
 from __future__ import annotations
@@ -130,3 +130,63 @@ def cubin(unit: str, arch: str) -> bytes:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return data
+
+
+# -- loading and launching on a GPU (CUDA driver API through ctypes) ----------------------------------
+@functools.cache
+def driver() -> ctypes.CDLL:
+    """libcuda (the NVIDIA driver's), initialised; an InputError where there is none (no GPU driver)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        raise InputError("no NVIDIA driver (libcuda.so.1): NVRTC-compiled kernels need a GPU") from None
+    _driver_check(lib.cuInit(0), "cuInit")
+    return lib
+
+
+def _driver_check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"CUDA driver {what} failed with error {code}")
+
+
+class Module:
+    """One unit's cubin loaded into the current CUDA context; kernels looked up by their C names."""
+
+    def __init__(self, image: bytes):
+        self._image = ctypes.create_string_buffer(image, len(image))  # kept alive while loaded
+        self.handle = ctypes.c_void_p()
+        _driver_check(driver().cuModuleLoadData(ctypes.byref(self.handle), self._image), "cuModuleLoadData")
+        self.functions: dict[str, ctypes.c_void_p] = {}
+
+    def function(self, name: str) -> ctypes.c_void_p:
+        if name not in self.functions:
+            fn = ctypes.c_void_p()
+            _driver_check(driver().cuModuleGetFunction(ctypes.byref(fn), self.handle, name.encode()), name)
+            self.functions[name] = fn
+        return self.functions[name]
+
+
+def pack(args) -> tuple[list, ctypes.Array]:
+    """Kernel parameters as the driver takes them: an array of pointers to each value. ``args`` are
+    ("p", address) | ("i64", int) | ("f32", float); returns (the values, kept alive; the array)."""
+    kinds = {"p": ctypes.c_void_p, "i64": ctypes.c_longlong, "f32": ctypes.c_float}
+    values = [kinds[kind](value) for kind, value in args]
+    return values, (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+
+
+_MODULES: dict[tuple[str, str, int], Module] = {}
+
+
+def launch(unit: str, arch: str, context: int, name: str, grid, block: int, args, stream: int) -> int:
+    """Run kernel ``name`` of ``unit`` (compiled for ``arch``, loaded once per CUDA context);
+    returns the driver's error code (0: launched)."""
+    key = (unit, arch, context)
+    if key not in _MODULES:
+        _MODULES[key] = Module(cubin(unit, arch))
+    values, params = pack(args)
+    gx, gy = (grid, 1) if isinstance(grid, int) else grid
+    code = driver().cuLaunchKernel(
+        _MODULES[key].function(name), gx, gy, 1, block, 1, 1, 0, ctypes.c_void_p(stream), params, None
+    )
+    del values
+    return code

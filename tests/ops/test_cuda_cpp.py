@@ -31,6 +31,36 @@ def test_registered_as_a_kernel_backend_after_triton():
         assert ops.OPS[name].impls["cuda_cpp"].startswith("fastflow.ops.cuda_cpp:")
 
 
+def test_which_gpus_the_build_serves():
+    archs = "80;89;90a"
+    served = {cap: cuda_cpp._serves(archs, cap) for cap in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (7, 5)]}
+    # sm_86 runs the sm_80 cubin; sm_100 / sm_120 the compute_90 PTX; sm_75 needs NVRTC
+    assert served == {(8, 0): True, (8, 6): True, (8, 9): True, (9, 0): True, (10, 0): True, (12, 0): True,
+                      (7, 5): False}  # fmt: skip
+    assert not cuda_cpp._serves("89;90a;100a", (8, 6))
+    assert [cuda_cpp.nvrtc_arch(c) for c in [(8, 6), (9, 0), (10, 0), (12, 0)]] == ["86", "90a", "100a", "120"]
+
+
+def test_nvrtc_kernels_refuse_bad_arguments_before_any_launch():
+    k = cuda_cpp.NvrtcKernels("89")
+    assert k.groupnorm_silu_nhwc(2, 0, 0, 0, 0, 1, 64, 60, 8, 1, 1e-6, 0, 0) == -1  # 60 / 8 not a multiple of 8
+    assert k.fp8_quantize_per_token(2, 0, 0, 0, 4, 12, 0) == -1
+    assert k.qk_norm_rope(2, *[0] * 8, 1, 4, 2, 96, 1e-6, 0) == -1
+    assert "does not take" in k.error_string(-1)
+    assert k.groupnorm_silu_workspace_floats(2, 32, 5) == 2 * 32 * 17
+
+
+def test_launch_parameters_point_at_their_values():
+    import ctypes
+
+    from fastflow.ops import nvrtc
+
+    values, params = nvrtc.pack([("p", 0xDEAD0), ("i64", -7), ("f32", 0.5)])
+    assert ctypes.cast(params[0], ctypes.POINTER(ctypes.c_void_p))[0] == 0xDEAD0
+    assert ctypes.cast(params[1], ctypes.POINTER(ctypes.c_longlong))[0] == -7
+    assert ctypes.cast(params[2], ctypes.POINTER(ctypes.c_float))[0] == 0.5
+
+
 def test_splits_fill_the_gpu_without_starving_threads():
     assert cuda_cpp.groupnorm_splits(1, 32, 1024 * 1024, 16, sms=132) == 17  # a 1024^2 VAE decode: split
     assert cuda_cpp.groupnorm_splits(16, 32, 64, 1, sms=132) == 1  # small: one block per group
@@ -84,3 +114,29 @@ def test_qk_norm_rope_on_gpu(heads, d, tokens, dtype):
     with ops.use_backend("triton"):
         for mine, tri in zip(ours, ops.qk_norm_rope(*args), strict=True):
             torch.testing.assert_close(mine.float(), tri.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.requires_cuda
+def test_nvrtc_path_on_gpu(monkeypatch):
+    """The run-time compiled kernels (as on a GPU the build does not serve) give the same results."""
+    from fastflow.ops import nvrtc
+
+    try:
+        nvrtc.library()
+    except Exception:
+        pytest.skip("NVRTC is not installed")
+    cap = torch.cuda.get_device_capability()
+    monkeypatch.setitem(cuda_cpp._KERNELS, torch.cuda.current_device(), cuda_cpp.NvrtcKernels(cuda_cpp.nvrtc_arch(cap)))
+    x = torch.randn(1, 256, 40, 24, device="cuda").bfloat16().to(memory_format=torch.channels_last)
+    w, b = torch.randn(256, device="cuda").bfloat16(), torch.randn(256, device="cuda").bfloat16()
+    torch.testing.assert_close(cuda_cpp.groupnorm_silu(x, w, b, 32, 1e-6).float(),
+                               groupnorm_silu_ref(x, w, b, 32, 1e-6).float(), rtol=1.6e-2, atol=1.6e-2)  # fmt: skip
+    a = torch.randn(64, 512, device="cuda").bfloat16()
+    q, s = cuda_cpp.fp8_quantize(a)
+    ref_q, ref_s = fp8_quantize_ref(a)
+    assert torch.equal(s, ref_s) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    qkv, scale = torch.randn(1, 9, 3 * 2 * 128, device="cuda"), torch.rand(128, device="cuda") + 0.5
+    angles = torch.rand(9, 64, device="cuda")
+    args = (qkv, scale, scale, torch.cos(angles), torch.sin(angles), 2, 1e-6)
+    for mine, ref in zip(cuda_cpp.qk_norm_rope(*args), qk_norm_rope_ref(*args), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=2e-5, atol=2e-5)
