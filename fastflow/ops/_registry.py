@@ -49,7 +49,7 @@ def _available(backend: str) -> bool:
 
         try:
             library()
-        except Exception:  # InputError: no libnvrtc here
+        except Exception:  # InputError: no cuda-python or no libnvrtc here
             return False
         return True
     return False

@@ -10,7 +10,6 @@ newer GPUs), else from NVRTC at run time (:class:`NvrtcKernels`); neither is imp
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 
@@ -46,9 +45,15 @@ def status() -> tuple[bool, str]:
         try:
             major, minor = nvrtc.version()
         except InputError:
-            return False, f"{e}; NVRTC is not installed either (pip install nvidia-cuda-nvrtc)"
+            return False, f"{e}; NVRTC is not installed either ({nvrtc.INSTALL})"
         return True, f"fastflow._C is not built; NVRTC {major}.{minor} compiles csrc/ for the GPU at first use"
-    return True, f"fastflow._C built for sm {c.ARCHS}, CUDA runtime {c.runtime_version()}, {c.device_count()} GPU(s)"
+    try:
+        major, minor = nvrtc.version()
+        fallback = f"NVRTC {major}.{minor} for other GPUs"
+    except InputError:
+        fallback = f"no NVRTC for other GPUs ({nvrtc.INSTALL})"
+    built = f"fastflow._C built for sm {c.ARCHS}, CUDA runtime {c.runtime_version()}, {c.device_count()} GPU(s)"
+    return True, f"{built}; {fallback}"
 
 
 def _serves(archs: str, cap: tuple[int, int]) -> bool:
@@ -80,9 +85,7 @@ class NvrtcKernels:
     def _go(self, unit: str, name: str, grid, args, stream: int) -> int:
         from . import nvrtc
 
-        context = ctypes.c_void_p()
-        nvrtc.driver().cuCtxGetCurrent(ctypes.byref(context))
-        return nvrtc.launch(unit, self.arch, context.value or 0, name, grid, 256, args, stream)
+        return nvrtc.launch(unit, self.arch, nvrtc.current_context(), name, grid, 256, args, stream)
 
     @staticmethod
     def error_string(code: int) -> str:

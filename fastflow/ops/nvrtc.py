@@ -3,16 +3,16 @@ installs without it): the same sources, compiled to a cubin for the GPU's archit
 on disk (``$FASTFLOW_CACHE`` or ``~/.cache/fastflow/cubin``), keyed by the sources, the
 architecture and the NVRTC version.
 
-NVRTC is called through ctypes (``libnvrtc``: the ``nvidia-cuda-nvrtc`` wheel's, which CUDA builds
-of torch install, or the system's): no CuPy, no cuda-python, no GPU needed to compile. Loading a
-cubin and launching from it (:func:`launch`) uses the CUDA driver (libcuda) and runs only on a GPU.
+NVRTC and the CUDA driver are reached through NVIDIA's cuda-python (``cuda-bindings``), which finds
+``libnvrtc`` in the ``nvidia-cuda-nvrtc`` wheel (``pip install "fastflow[cuda]"``) or the system's
+toolkit. Compiling needs no GPU; loading a cubin and launching from it (:func:`launch`) needs the
+NVIDIA driver and runs only on a GPU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import hashlib
 import os
 from pathlib import Path
@@ -25,6 +25,7 @@ UNITS = {
     "fp8_quantize": "fp8_quantize.cuh",
     "qk_norm_rope": "qk_norm_rope.cuh",
 }
+INSTALL = 'pip install "fastflow[cuda]" (cuda-bindings and the nvidia-cuda-nvrtc wheel)'
 
 
 def source_dir() -> Path:
@@ -43,74 +44,62 @@ def sources() -> dict[str, str]:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """libnvrtc: the nvidia-cuda-nvrtc wheel's first, then the system's."""
-    candidates = []
+def library():
+    """cuda-python's ``nvrtc`` module with its library loaded; an InputError saying what to install
+    when cuda-bindings or libnvrtc is missing."""
     try:
-        import nvidia
-
-        for root in nvidia.__path__:
-            candidates += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")))
+        from cuda.bindings import nvrtc
     except ImportError:
-        pass
-    candidates += ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
-    for name in candidates:
-        if "builtins" in name:
-            continue
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    raise InputError("NVRTC is not installed: pip install nvidia-cuda-nvrtc (or install the CUDA toolkit)")
+        raise InputError(f"NVRTC needs cuda-python: {INSTALL}") from None
+    try:
+        nvrtc.nvrtcVersion()
+    except Exception as e:  # cuda.pathfinder's DynamicLibNotFoundError: no libnvrtc anywhere
+        raise InputError(f"NVRTC is not installed ({e}): {INSTALL}, or install the CUDA toolkit") from None
+    return nvrtc
 
 
 def version() -> tuple[int, int]:
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    library().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return major.value, minor.value
+    _, major, minor = library().nvrtcVersion()
+    return major, minor
 
 
-def _check(code: int, what: str, log: str = "") -> None:
-    if code != 0:
-        lib = library()
-        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-        raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(code).decode()}\n{log}")
+def _check(result, what: str, log: str = ""):
+    """The values after an nvrtc call's status; a RuntimeError with NVRTC's message (and the
+    compile log) when the status is not success."""
+    status, *values = result
+    if status != library().nvrtcResult.NVRTC_SUCCESS:
+        message = library().nvrtcGetErrorString(status)[1].decode()
+        raise RuntimeError(f"NVRTC {what}: {message}\n{log}")
+    return values[0] if len(values) == 1 else values
 
 
 def compile_unit(unit: str, arch: str) -> bytes:
     """The cubin of csrc unit ``unit`` (a key of UNITS) for ``arch`` ("80", "89", "90a", ...)."""
-    lib = library()
+    nvrtc = library()
     headers = sources()
-    main = f'#include "{UNITS[unit]}"\n'
     names = list(headers)
-    prog = ctypes.c_void_p()
-    _check(
-        lib.nvrtcCreateProgram(
-            ctypes.byref(prog),
-            main.encode(),
+    prog = _check(
+        nvrtc.nvrtcCreateProgram(
+            f'#include "{UNITS[unit]}"\n'.encode(),
             f"{unit}.cu".encode(),
             len(names),
-            (ctypes.c_char_p * len(names))(*(headers[n].encode() for n in names)),
-            (ctypes.c_char_p * len(names))(*(n.encode() for n in names)),
+            [headers[n].encode() for n in names],
+            [n.encode() for n in names],
         ),
         "create",
     )
     try:
-        options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "--device-as-default-execution-space"]
-        code = lib.nvrtcCompileProgram(
-            prog, len(options), (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-        )
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        _check(code, f"compile of {unit} for sm_{arch}", log.value.decode(errors="replace"))
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        _check(lib.nvrtcGetCUBIN(prog, cubin), "get cubin")
-        return cubin.raw
+        options = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--device-as-default-execution-space"]
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
+        log = b" " * size
+        _check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
+        _check((status,), f"compile of {unit} for sm_{arch}", log.rstrip(b"\0 ").decode(errors="replace"))
+        cubin = b" " * _check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "get cubin")
+        return cubin
     finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        nvrtc.nvrtcDestroyProgram(prog)
 
 
 def cache_dir() -> Path:
@@ -132,46 +121,64 @@ def cubin(unit: str, arch: str) -> bytes:
     return data
 
 
-# -- loading and launching on a GPU (CUDA driver API through ctypes) ----------------------------------
+# -- loading and launching on a GPU (the CUDA driver API through cuda-python) -------------------------
 @functools.cache
-def driver() -> ctypes.CDLL:
-    """libcuda (the NVIDIA driver's), initialised; an InputError where there is none (no GPU driver)."""
+def driver():
+    """cuda-python's ``driver`` module, initialised; an InputError where there is no NVIDIA driver."""
     try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        raise InputError("no NVIDIA driver (libcuda.so.1): NVRTC-compiled kernels need a GPU") from None
-    _driver_check(lib.cuInit(0), "cuInit")
-    return lib
+        from cuda.bindings import driver as cu
+    except ImportError:
+        raise InputError(f"NVRTC-compiled kernels need cuda-python: {INSTALL}") from None
+    try:
+        (status,) = cu.cuInit(0)
+    except Exception as e:  # cuda.pathfinder: libcuda.so.1 not found
+        raise InputError(f"no NVIDIA driver ({e}): NVRTC-compiled kernels need a GPU") from None
+    _driver_check(cu, status, "cuInit")
+    return cu
 
 
-def _driver_check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"CUDA driver {what} failed with error {code}")
+def _driver_check(cu, status, what: str) -> None:
+    if status != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver {what}: {cu.cuGetErrorString(status)[1]!r} ({int(status)})")
+
+
+def current_context() -> int:
+    """The calling thread's CUDA context, as an integer (0: none)."""
+    cu = driver()
+    status, context = cu.cuCtxGetCurrent()
+    _driver_check(cu, status, "cuCtxGetCurrent")
+    return int(context)
 
 
 class Module:
     """One unit's cubin loaded into the current CUDA context; kernels looked up by their C names."""
 
     def __init__(self, image: bytes):
-        self._image = ctypes.create_string_buffer(image, len(image))  # kept alive while loaded
-        self.handle = ctypes.c_void_p()
-        _driver_check(driver().cuModuleLoadData(ctypes.byref(self.handle), self._image), "cuModuleLoadData")
-        self.functions: dict[str, ctypes.c_void_p] = {}
+        cu = driver()
+        self._image = image  # the driver reads it during the load; kept for the module's life
+        status, self.handle = cu.cuModuleLoadData(image)
+        _driver_check(cu, status, "cuModuleLoadData")
+        self.functions: dict[str, object] = {}
 
-    def function(self, name: str) -> ctypes.c_void_p:
+    def function(self, name: str):
         if name not in self.functions:
-            fn = ctypes.c_void_p()
-            _driver_check(driver().cuModuleGetFunction(ctypes.byref(fn), self.handle, name.encode()), name)
+            cu = driver()
+            status, fn = cu.cuModuleGetFunction(self.handle, name.encode())
+            _driver_check(cu, status, f"cuModuleGetFunction({name})")
             self.functions[name] = fn
         return self.functions[name]
 
 
-def pack(args) -> tuple[list, ctypes.Array]:
-    """Kernel parameters as the driver takes them: an array of pointers to each value. ``args`` are
-    ("p", address) | ("i64", int) | ("f32", float); returns (the values, kept alive; the array)."""
-    kinds = {"p": ctypes.c_void_p, "i64": ctypes.c_longlong, "f32": ctypes.c_float}
-    values = [kinds[kind](value) for kind, value in args]
-    return values, (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+KINDS = {"p": ctypes.c_void_p, "i64": ctypes.c_longlong, "f32": ctypes.c_float}
+
+
+def kernel_params(args) -> tuple[tuple, tuple]:
+    """``args`` (("p", address) | ("i64", int) | ("f32", float), in the kernel's parameter order) as
+    cuda-python's ``cuLaunchKernel`` takes them: (the values, their ctypes types)."""
+    bad = [kind for kind, _ in args if kind not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kernel parameter kinds {bad}; use {sorted(KINDS)}")
+    return tuple(value for _, value in args), tuple(KINDS[kind] for kind, _ in args)
 
 
 _MODULES: dict[tuple[str, str, int], Module] = {}
@@ -180,13 +187,11 @@ _MODULES: dict[tuple[str, str, int], Module] = {}
 def launch(unit: str, arch: str, context: int, name: str, grid, block: int, args, stream: int) -> int:
     """Run kernel ``name`` of ``unit`` (compiled for ``arch``, loaded once per CUDA context);
     returns the driver's error code (0: launched)."""
+    cu = driver()
     key = (unit, arch, context)
     if key not in _MODULES:
         _MODULES[key] = Module(cubin(unit, arch))
-    values, params = pack(args)
     gx, gy = (grid, 1) if isinstance(grid, int) else grid
-    code = driver().cuLaunchKernel(
-        _MODULES[key].function(name), gx, gy, 1, block, 1, 1, 0, ctypes.c_void_p(stream), params, None
-    )
-    del values
-    return code
+    fn = _MODULES[key].function(name)
+    (status,) = cu.cuLaunchKernel(fn, gx, gy, 1, block, 1, 1, 0, cu.CUstream(stream), kernel_params(args), 0)
+    return int(status)

@@ -9,7 +9,7 @@ from fastflow.ops import nvrtc
 try:
     nvrtc.library()
 except InputError:
-    pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc)", allow_module_level=True)
+    pytest.skip(f"NVRTC is not installed ({nvrtc.INSTALL})", allow_module_level=True)
 
 KERNELS = {
     "groupnorm_silu": [f"ff_groupnorm_{k}_{t}" for k in ("stats", "apply") for t in ("f32", "f16", "bf16")]

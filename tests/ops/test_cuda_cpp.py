@@ -50,15 +50,56 @@ def test_nvrtc_kernels_refuse_bad_arguments_before_any_launch():
     assert k.groupnorm_silu_workspace_floats(2, 32, 5) == 2 * 32 * 17
 
 
-def test_launch_parameters_point_at_their_values():
+def test_launch_parameters_are_what_cuda_python_packs():
+    """The kernel parameters NvrtcKernels hands to cuda-python's cuLaunchKernel: values with their
+    C types, in the form its parameter packer takes (checked by building that packer, no GPU)."""
     import ctypes
 
     from fastflow.ops import nvrtc
 
-    values, params = nvrtc.pack([("p", 0xDEAD0), ("i64", -7), ("f32", 0.5)])
-    assert ctypes.cast(params[0], ctypes.POINTER(ctypes.c_void_p))[0] == 0xDEAD0
-    assert ctypes.cast(params[1], ctypes.POINTER(ctypes.c_longlong))[0] == -7
-    assert ctypes.cast(params[2], ctypes.POINTER(ctypes.c_float))[0] == 0.5
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        pytest.skip("cuda-python is not installed")
+    params = nvrtc.kernel_params([("p", 0xDEAD0), ("i64", -7), ("f32", 0.5)])
+    assert params == ((0xDEAD0, -7, 0.5), (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_float))
+    driver._HelperKernelParams(params)  # cuda-python's own packing of them
+    with pytest.raises(TypeError):  # the packer checks: an address must be an integer
+        driver._HelperKernelParams(((0.5,), (ctypes.c_void_p,)))
+    with pytest.raises(ValueError, match="u32"):
+        nvrtc.kernel_params([("u32", 1)])
+
+
+def test_doctor_says_which_path_serves(monkeypatch):
+    """fastflow doctor's line: the built module and the NVRTC fallback, NVRTC alone, or neither with
+    what to install."""
+    from fastflow.errors import InputError
+    from fastflow.ops import nvrtc
+
+    class Built:
+        ARCHS = "80;89;90a"
+
+        @staticmethod
+        def runtime_version():
+            return 13000
+
+        @staticmethod
+        def device_count():
+            return 0
+
+    def missing(*_):
+        raise InputError("missing")
+
+    monkeypatch.setattr(cuda_cpp, "module", lambda: Built)
+    monkeypatch.setattr(nvrtc, "version", lambda: (13, 5))
+    assert cuda_cpp.status() == (True, "fastflow._C built for sm 80;89;90a, CUDA runtime 13000, 0 GPU(s); "
+                                       "NVRTC 13.5 for other GPUs")  # fmt: skip
+    monkeypatch.setattr(cuda_cpp, "module", missing)
+    usable, why = cuda_cpp.status()
+    assert usable and "not built" in why and "NVRTC 13.5 compiles" in why
+    monkeypatch.setattr(nvrtc, "version", missing)
+    usable, why = cuda_cpp.status()
+    assert not usable and "fastflow[cuda]" in why
 
 
 def test_splits_fill_the_gpu_without_starving_threads():
