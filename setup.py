@@ -6,11 +6,14 @@ the pure-Python package is installed and every op runs its Triton kernel or refe
 is C ABI + pybind11 only: csrc/*.cu (kernels and ``extern "C"`` launchers) are compiled by nvcc for
 ``FASTFLOW_CUDA_ARCHS`` (default ``80;89;90a``, plus PTX of the newest for later GPUs), the
 bindings by nvcc's host compiler, and the result is linked with the static CUDA runtime: no torch
-header, no libtorch / libc10, so one build works with every torch. Sources compile in parallel
-(a thread per file: the few translation units do not need ninja).
+header, no libtorch / libc10, so one build works with every torch. Sources compile in parallel:
+with ninja where it is on the PATH (a build.ninja in the build directory, with nvcc's header
+dependencies, so a rebuild compiles only what changed; ``FASTFLOW_USE_NINJA=0`` turns it off),
+else a thread per file.
 """
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,7 +24,7 @@ from pathlib import Path
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
 DEFAULT_ARCHS = "80;89;90a"
 
@@ -50,7 +53,7 @@ class BuildCuda(build_ext):
 
         nvcc = shutil.which("nvcc")
         archs = cuda_archs()
-        tmp = Path(self.build_temp) / "csrc"
+        tmp = Path(self.build_temp).resolve() / "csrc"
         tmp.mkdir(parents=True, exist_ok=True)
         common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{CSRC}"]
         jobs = [[nvcc, "-c", *common, *_gencode(archs), str(src), "-o", str(tmp / (src.stem + ".o"))]
@@ -58,21 +61,65 @@ class BuildCuda(build_ext):
         includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
         jobs.append([nvcc, "-c", "-x", "c++", *common, *includes, f'-DFF_ARCHS="{";".join(archs)}"',
                      str(CSRC / "bindings.cpp"), "-o", str(tmp / "bindings.o")])  # fmt: skip
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs))
-        for cmd, done in zip(jobs, results, strict=True):
-            if done.returncode:
-                sys.exit(
-                    f"building fastflow._C failed:\n{' '.join(cmd)}\n{done.stderr}\n"
-                    "set FASTFLOW_SKIP_CUDA_BUILD=1 to install without the CUDA C++ kernels (Triton and the "
-                    "references still run), or FASTFLOW_CUDA_ARCHS to the architectures your nvcc supports"
-                )
-        out = Path(self.get_ext_fullpath(ext.name))
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        link = [nvcc, "-shared", "-cudart", "static", *(str(p) for p in sorted(tmp.glob("*.o"))), "-o", str(out)]
-        done = subprocess.run(link, capture_output=True, text=True)
+        objects = [Path(cmd[-1]) for cmd in jobs]
+        link = [nvcc, "-shared", "-cudart", "static", *map(str, objects), "-o", str(out)]
+        ninja = shutil.which("ninja") if os.environ.get("FASTFLOW_USE_NINJA", "1") not in ("", "0") else None
+        if ninja:
+            _ninja_build(ninja, tmp, jobs, link)
+        else:
+            _thread_build(jobs, link)
+
+
+HINT = (
+    "set FASTFLOW_SKIP_CUDA_BUILD=1 to install without the CUDA C++ kernels (Triton and the references "
+    "still run), or FASTFLOW_CUDA_ARCHS to the architectures your nvcc supports"
+)
+
+
+def _thread_build(jobs: list[list[str]], link: list[str]) -> None:
+    print(f"fastflow._C: {len(jobs)} nvcc jobs in threads (no ninja)", file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs))
+    for cmd, done in zip(jobs, results, strict=True):
         if done.returncode:
-            sys.exit(f"linking fastflow._C failed:\n{' '.join(link)}\n{done.stderr}")
+            sys.exit(f"building fastflow._C failed:\n{shlex.join(cmd)}\n{done.stderr}\n{HINT}")
+    done = subprocess.run(link, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"linking fastflow._C failed:\n{shlex.join(link)}\n{done.stderr}")
+
+
+def _ninja_build(ninja: str, tmp: Path, jobs: list[list[str]], link: list[str]) -> None:
+    """The same commands as a build.ninja: nvcc writes each object's header dependencies (-MD), and
+    ninja reruns a command when its inputs or its command line changed."""
+
+    def esc(text: str) -> str:  # ninja's escapes for paths in build lines
+        return text.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+    lines = [
+        "ninja_required_version = 1.3",
+        "rule nvcc",
+        "  command = $cmd",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = nvcc $in",
+        "rule link",
+        "  command = $cmd",
+        "  description = link $out",
+    ]
+    for cmd in jobs:
+        obj, src = cmd[-1], cmd[-3]
+        full = [*cmd[:-2], "-MD", "-MF", f"{obj}.d", *cmd[-2:]]
+        lines += [f"build {esc(obj)}: nvcc {esc(src)}", f"  cmd = {shlex.join(full).replace('$', '$$')}"]
+    lines += [f"build {esc(link[-1])}: link {' '.join(esc(c[-1]) for c in jobs)}",
+              f"  cmd = {shlex.join(link).replace('$', '$$')}"]  # fmt: skip
+    (tmp / "build.ninja").write_text("\n".join(lines) + "\n")
+    print(f"fastflow._C: building with ninja ({tmp / 'build.ninja'})", file=sys.stderr)
+    done = subprocess.run([ninja, "-C", str(tmp), "-j", str(os.cpu_count() or 2)], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"building fastflow._C failed (ninja):\n{done.stdout}\n{done.stderr}\n{HINT}")
+    print(f"fastflow._C: {done.stdout.strip().splitlines()[-1]}", file=sys.stderr)  # "no work to do" on a rerun
 
 
 def _cuda_extensions():
