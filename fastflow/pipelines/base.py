@@ -72,6 +72,7 @@ class Plan:
     conditioning: torch.Tensor | None = None  # every step's modulation input [S * group, C] (precompute)
     conditioning_group: int = 1  # rows per forward call
     solver: Callable | None = None  # instead of the named sampler's (solver(velocity, x, sigmas, callback))
+    timesteps: torch.Tensor | None = None  # the model's time per step, where it is not sigma * 1000 (SDXL)
 
 
 class Timer:
@@ -188,16 +189,18 @@ class DenoiseLoop:
     """Runs a solver with a progress bar, a user callback, interruption and a NaN/Inf check."""
 
     def __init__(self, pipeline, sampler: str, steps: int, dtype: torch.dtype, callback, progress: bool,
-                 on_step_end=None):  # fmt: skip
+                 on_step_end=None, timesteps=None):  # fmt: skip
         solver = sampler if callable(sampler) else get_solver(sampler)  # a pipeline's own (SDXL: ancestral)
         self.pipeline, self.solver, self.steps = pipeline, solver, steps
         self.dtype, self.callback, self.progress = dtype, callback, progress
         self.on_step_end = on_step_end  # diffusers' callback_on_step_end(pipe, i, t, {"latents": x})
+        self.timesteps = timesteps
 
     def _on_step_end(self, i: int, x: torch.Tensor, sigmas) -> torch.Tensor:
-        """diffusers' ``callback_on_step_end(pipe, i, t, {"latents": x})`` with t = sigma_i * 1000; a
-        returned ``latents`` replaces the state (same shape)."""
-        t = torch.tensor(float(sigmas[i]) * 1000.0)
+        """diffusers' ``callback_on_step_end(pipe, i, t, {"latents": x})`` with t the step's model
+        time as diffusers' scheduler has it (sigma_i * 1000 for the flow models, the discrete
+        timestep for SDXL); a returned ``latents`` replaces the state (same shape)."""
+        t = self.timesteps[i].cpu() if self.timesteps is not None else torch.tensor(float(sigmas[i]) * 1000.0)
         out = self.on_step_end(self.pipeline, i, t, {"latents": x})
         if out is not None and not isinstance(out, dict):
             raise InputError(f"callback_on_step_end must return a dict (or None), got {type(out).__name__}")
@@ -612,6 +615,7 @@ class BasePipeline:
             callback,
             show,
             callback_on_step_end,
+            plan.timesteps,
         )
         tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
         try:

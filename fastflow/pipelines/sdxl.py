@@ -219,4 +219,4 @@ class SDXLPipeline(BasePipeline):
         settings["original_size"] = list(ids[0, :2].int().tolist())
         settings["crops_coords_top_left"] = list(ids[0, 2:4].int().tolist())
         settings["target_size"] = list(ids[0, 4:].int().tolist())
-        return Plan(noise * start, sigmas, sampler, velocity, seeds, settings, solver=solver)
+        return Plan(noise * start, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)

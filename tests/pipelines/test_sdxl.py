@@ -90,6 +90,31 @@ def test_equals_diffusers(pipeline_folders, load, case):
     assert np.abs(_uint8(ours_img) - _uint8(theirs_img)).max() <= 1
 
 
+@pytest.mark.parametrize("variant", ["sdxl-tiny", "sdxl-tiny-turbo"])
+def test_callback_on_step_end_gets_diffusers_timesteps(pipeline_folders, load, variant):
+    """callback_on_step_end(pipe, i, t, ...) sees the scheduler's discrete timestep, as in
+    StableDiffusionXLPipeline (leading spacing for base, trailing for Turbo), and may replace the
+    latents; diffusers' own run records the same i and t."""
+    steps = 4
+
+    def recorder(seen, replace_at=None):
+        def on_step_end(p, i, t, kwargs):
+            seen.append((i, float(t)))
+            if i == replace_at:
+                return {"latents": torch.zeros_like(kwargs["latents"])}
+            return kwargs
+
+        return on_step_end
+
+    ours, theirs = [], []
+    kw = dict(height=H, width=W, num_inference_steps=steps, guidance_scale=0.0, output_type="latent")
+    out = load(variant)("a seven", generator=_gens([1]), callback_on_step_end=recorder(ours, steps - 1), **kw)
+    ref = diffusers_sdxl(pipeline_folders[variant], variant)
+    ref("a seven", generator=_gens([1]), callback_on_step_end=recorder(theirs), **kw)
+    assert ours == theirs and len(ours) == steps and ours[0][1] < 1000
+    assert torch.count_nonzero(out.images) == 0
+
+
 def test_defaults_follow_the_variant(load):
     base, turbo = load("sdxl-tiny"), load("sdxl-tiny-turbo")
     assert base.defaults == {"steps": 30, "guidance": 5.0, "sampler": "euler"} and base.timestep_spacing == "leading"
