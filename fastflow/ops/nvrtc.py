@@ -91,13 +91,14 @@ def compile_unit(unit: str, arch: str) -> bytes:
     try:
         options = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--device-as-default-execution-space"]
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-        size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-        log = b" " * size
+        # NVRTC writes into the buffers: bytearrays, never bytes (b" " * 1 is CPython's shared b" ",
+        # and an empty log, size 1, would overwrite it with a NUL for the whole process)
+        log = bytearray(_check(nvrtc.nvrtcGetProgramLogSize(prog), "log size"))
         _check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-        _check((status,), f"compile of {unit} for sm_{arch}", log.rstrip(b"\0 ").decode(errors="replace"))
-        cubin = b" " * _check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
+        _check((status,), f"compile of {unit} for sm_{arch}", log.rstrip(b"\0").decode(errors="replace"))
+        cubin = bytearray(_check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size"))
         _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "get cubin")
-        return cubin
+        return bytes(cubin)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
