@@ -40,18 +40,17 @@ def status() -> tuple[bool, str]:
     from . import nvrtc
 
     try:
+        major, minor = nvrtc.version()
+        compiler = f"NVRTC {major}.{minor}"
+    except InputError:
+        compiler = None  # no cuda-python or no libnvrtc
+    try:
         c = module()
     except InputError as e:
-        try:
-            major, minor = nvrtc.version()
-        except InputError:
+        if compiler is None:
             return False, f"{e}; NVRTC is not installed either ({nvrtc.INSTALL})"
-        return True, f"fastflow._C is not built; NVRTC {major}.{minor} compiles csrc/ for the GPU at first use"
-    try:
-        major, minor = nvrtc.version()
-        fallback = f"NVRTC {major}.{minor} for other GPUs"
-    except InputError:
-        fallback = f"no NVRTC for other GPUs ({nvrtc.INSTALL})"
+        return True, f"fastflow._C is not built; {compiler} compiles csrc/ for the GPU at first use"
+    fallback = f"{compiler} for other GPUs" if compiler else f"no NVRTC for other GPUs ({nvrtc.INSTALL})"
     built = f"fastflow._C built for sm {c.ARCHS}, CUDA runtime {c.runtime_version()}, {c.device_count()} GPU(s)"
     return True, f"{built}; {fallback}"
 
