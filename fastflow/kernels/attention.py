@@ -183,14 +183,6 @@ def tma_ready(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """The op's GPU implementation: the tuned (or default-order) choice among this kernel,
-    FlashAttention-3, cuDNN and torch SDPA (fastflow/ops/attention_backends.py)."""
-    from fastflow.ops.attention_backends import attention as dispatch
-
-    return dispatch(q, k, v, scale)
-
-
 _SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 170}  # for planning without a GPU
 
 

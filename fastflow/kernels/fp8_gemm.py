@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.ops.reference import fp8_linear_ref, fp8_scaled_mm_ref
-
 from ._common import Launch, arch_family, device_arch, ensure_allocator, meta, short
 from .fp8_quantize import fp8_quantize_fwd, native
 from .gelu_tanh import gelu_tanh_f32
@@ -111,11 +109,16 @@ def config_for(device: torch.device, m: int, arch: int | None = None) -> tuple[i
     return CONFIGS.get((arch_family(arch), "small" if m <= 64 else "large"), DEFAULT)
 
 
+def _weight_ok(b: torch.Tensor) -> bool:
+    """B [N, K] as TMA reads it: unit last stride, 16-byte row stride and base address."""
+    return b.stride(-1) == 1 and b.stride(0) % 16 == 0 and b.data_ptr() % 16 == 0
+
+
 def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
     """TMA-legal operands on a GPU with FP8 tensor cores (or the interpreter on CPU)."""
-    if a.shape[1] % 16 or a.stride(-1) != 1 or b.stride(-1) != 1 or a.stride(0) % 16 or b.stride(0) % 16:
+    if a.shape[1] % 16 or a.stride(-1) != 1 or a.stride(0) % 16 or not _weight_ok(b):
         return False
-    if a.data_ptr() % 16 or b.data_ptr() % 16:  # TMA base addresses (a view may start anywhere)
+    if a.data_ptr() % 16:  # TMA base addresses (a view may start anywhere)
         return False
     return native(a)
 
@@ -142,16 +145,21 @@ def plan(a, a_scale, b, b_scale, bias, gelu: bool, out_dtype: torch.dtype, arch:
 
 
 def fp8_scaled_mm_fwd(a, a_scale, b, b_scale, bias, gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM, or NotImplemented for operands TMA cannot read (the op runs its reference)."""
     if not supported(a, b):
-        return fp8_scaled_mm_ref(a, a_scale, b, b_scale, bias, gelu, out_dtype)
+        return NotImplemented
     launch = plan(a, a_scale, b, b_scale, bias, gelu, out_dtype)
     ensure_allocator(a.device)
     return launch()
 
 
 def fp8_linear_fwd(x, w, w_scale, bias, static_scale, per_token: bool, gelu: bool) -> torch.Tensor:
-    if not native(x):
-        return fp8_linear_ref(x, w, w_scale, bias, static_scale, per_token, gelu)
+    """Quantize x, then the GEMM; NotImplemented where either kernel cannot run (a GPU without FP8
+    conversion, K not a multiple of 16, a misaligned weight): the op runs its reference, which
+    quantizes bit for bit as the kernel does. The quantized x is a fresh contiguous tensor, so
+    K % 16 and the weight decide whether the GEMM can take it."""
+    if not native(x) or x.shape[-1] % 16 or not _weight_ok(w):
+        return NotImplemented
     lead, k = x.shape[:-1], x.shape[-1]
     xq, x_scale = fp8_quantize_fwd(x.reshape(-1, k), static_scale, per_token)  # [M, K], [M] or [1]
     y = fp8_scaled_mm_fwd(xq, x_scale, w, w_scale, bias, gelu, x.dtype)  # [M, N]

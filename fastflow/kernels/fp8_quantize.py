@@ -13,15 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastflow.ops.capability import has_fp8_tensor_cores
-from fastflow.ops.reference import (
-    fp8_quantize_ref,
-    fp8_scales,
-    gated_residual_layernorm_modulate_fp8_ref,
-    layernorm_modulate_fp8_ref,
-)
-
-from ._common import DTYPES, Launch, meta, per_sample, row_block, row_warps, short
+from ._common import DTYPES, Launch, device_arch, meta, per_sample, row_block, row_warps, short
 from .gated_residual_layernorm_modulate import gated_residual_row
 from .layernorm_modulate import modulated_layernorm
 
@@ -121,7 +113,8 @@ def plan_quantize(x: torch.Tensor, static_scale: torch.Tensor | None, per_token:
     elif per_token:
         scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     else:  # per tensor: the amax needs every row first; one reduction, then the static kernel
-        scale = fp8_scales(x.abs().amax().float().clamp(min=MIN_AMAX).reshape(1))[1]
+        amax = x.abs().amax().float().clamp(min=MIN_AMAX).reshape(1)
+        scale = torch.div(amax, torch.full_like(amax, FP8_MAX))  # IEEE, as the reference's fp8_scales
     block = row_block(k)
     return Launch(
         _fp8_quantize_fwd_kernel,
@@ -174,25 +167,26 @@ def plan_gated(x, gate, y, shift, scale, eps: float) -> Launch:
 
 def native(x: torch.Tensor) -> bool:
     """Triton converts to e4m3 only from sm_89 on; older GPUs run the references (the loader
-    dequantizes FP8 weights for them, so this serves models quantized by hand)."""
-    return x.device.type != "cuda" or has_fp8_tensor_cores(x.device)
+    dequantizes FP8 weights for them, so this serves models quantized by hand). The launchers
+    return NotImplemented there: the op runs its reference (fastflow.ops._registry)."""
+    return x.device.type != "cuda" or device_arch(x.device) >= 89
 
 
 def gated_residual_layernorm_modulate_fp8_fwd(x, gate, y, shift, scale, eps: float):
     if not native(x):
-        return gated_residual_layernorm_modulate_fp8_ref(x, gate, y, shift, scale, eps)
+        return NotImplemented
     return plan_gated(x, gate, y, shift, scale, eps)()
 
 
 def fp8_quantize_fwd(x: torch.Tensor, static_scale: torch.Tensor | None, per_token: bool):
     if not native(x):
-        return fp8_quantize_ref(x, static_scale, per_token)
+        return NotImplemented
     return plan_quantize(x, static_scale, per_token)()
 
 
 def layernorm_modulate_fp8_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     if not native(x):
-        return layernorm_modulate_fp8_ref(x, shift, scale, eps)
+        return NotImplemented
     return plan_layernorm_modulate(x, shift, scale, eps)()
 
 

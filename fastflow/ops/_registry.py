@@ -13,6 +13,10 @@ Backends, read at call time (:func:`set_backend` / :func:`use_backend`):
   any device (GPU A/B runs; CPU tensors under ``TRITON_INTERPRET=1`` in the kernel tests); ops
   without an implementation for it run their reference.
 
+An implementation returns ``NotImplemented`` for inputs it cannot take (a head size, an alignment,
+a GPU without FP8 conversion): the op then runs its reference. So the kernels (fastflow/kernels,
+below this package) never import the references, and the choice is made here, in one place.
+
 Autograd: kernels are inference-only, so whenever grad is enabled and an input requires it the
 wrapper takes the reference path, which differentiates like any torch code.
 
@@ -66,6 +70,7 @@ class OpDef:
     fake: Callable
     impls: dict[str, str | Callable] = field(default_factory=dict)
     check: Callable | None = None
+    kernels: tuple[str, ...] = ()  # Triton modules behind an implementation that lives in ops
     op: object = None  # the torch.library CustomOpDef
     call: Callable | None = None  # the public wrapper
     _resolved: dict[str, Callable] = field(default_factory=dict, repr=False)
@@ -85,11 +90,17 @@ class OpDef:
                 self._resolved[backend] = getattr(importlib.import_module(module), attr)
         return self._resolved[backend]
 
+    def run(self, backend: str, args: tuple):
+        """``backend``'s implementation on ``args``, or the reference where it returns NotImplemented."""
+        out = self.impl(backend)(*args)
+        return self.reference(*args) if out is NotImplemented else out
+
     def kernel_modules(self) -> list[str]:
-        """The Triton kernel modules (``shipped(arch)``; the CUDA C++ kernels are csrc/'s)."""
-        return sorted(
-            {spec.partition(":")[0] for b, spec in self.impls.items() if b == "triton" and isinstance(spec, str)}
-        )
+        """The Triton kernel modules (``shipped(arch)``; the CUDA C++ kernels are csrc/'s): those the
+        Triton implementation names, and ``kernels`` where that implementation is in ops (attention's
+        choice among backends)."""
+        named = {spec.partition(":")[0] for b, spec in self.impls.items() if b == "triton" and isinstance(spec, str)}
+        return sorted({m for m in named if m.startswith("fastflow.kernels.")} | set(self.kernels))
 
     def device_backend(self, device_type: str = "cuda") -> str | None:
         """The kernel backend the dispatcher runs for this op on ``device_type`` here, if any."""
@@ -171,16 +182,18 @@ def defop(
     fake: Callable,
     impls: dict[str, str] | None = None,
     check: Callable | None = None,
+    kernels: tuple[str, ...] = (),
 ) -> Callable:
     """Declare ``fastflow::<name>``: the custom op (schema from ``reference``'s annotations), its
     fake, a CUDA kernel registration that runs the best available backend, and the wrapper.
 
     The wrapper has ``reference``'s signature and docstring; ``check(*args)`` validates inputs on
-    every backend. Returns the wrapper.
+    every backend; ``kernels`` names the Triton modules of an implementation that lives in ops.
+    Returns the wrapper.
     """
     if name in OPS:
         raise ValueError(f"fastflow op {name!r} is already defined")
-    opdef = OpDef(name, reference, fake, dict(impls or {}), check)
+    opdef = OpDef(name, reference, fake, dict(impls or {}), check, tuple(kernels))
     unknown = set(opdef.impls) - set(KERNEL_BACKENDS)
     if unknown:
         raise ValueError(f"{name}: unknown kernel backends {sorted(unknown)}; known: {KERNEL_BACKENDS}")
@@ -206,7 +219,7 @@ def defop(
         def run(*args, **kwargs):
             backend = opdef.device_backend(device)
             args = positional(args, dict(kwargs))
-            return opdef.impl(backend)(*args) if backend else reference(*args)
+            return opdef.run(backend, args) if backend else reference(*args)
 
         return run
 
@@ -222,7 +235,7 @@ def defop(
             return reference(*args)
         if _backend == "kernels":
             return reference(*args) if _plain_cpu(args) else op(*args)
-        return opdef.impl(_backend)(*args) if _backend in opdef.impls else reference(*args)
+        return opdef.run(_backend, args) if _backend in opdef.impls else reference(*args)
 
     # a code object of its own per op: torch.compile caches (and counts recompiles) per code object
     call.__code__ = call.__code__.replace(co_name=name)

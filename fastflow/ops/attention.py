@@ -11,4 +11,13 @@ def _fake(q, k, v, scale):
     return q.new_empty_strided((b, h, m, d), (m * h * d, d, h * d, 1))
 
 
-attention = defop("attention", attention_ref, _fake, impls={"triton": "fastflow.kernels.attention:attention"})
+# The GPU implementation is the tuned (or default-order) choice among fastflow's Triton kernel,
+# FlashAttention-3, cuDNN and torch SDPA (attention_backends.py); the kernel report compiles the
+# Triton kernel's module.
+attention = defop(
+    "attention",
+    attention_ref,
+    _fake,
+    impls={"triton": "fastflow.ops.attention_backends:attention"},
+    kernels=("fastflow.kernels.attention",),
+)
