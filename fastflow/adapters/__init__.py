@@ -2,6 +2,7 @@
 beside the base layers or fused into the weights. Pipelines expose ``load_lora``,
 ``set_lora_scales``, ``unload_lora``, ``fuse_lora`` and ``unfuse_lora``."""
 
-from .lora import LoraLinear, LoraManager
+from .layers import LoraLinear
+from .lora import LoraManager
 
 __all__ = ["LoraLinear", "LoraManager"]

@@ -20,13 +20,13 @@ layer's modulation halves are swapped, through the same key maps the checkpoint 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import FamilyMismatchError, LoraError
 from ..loading.keymaps import flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
+from .layers import LoraLinear, Piece
 
 DOWN, UP, ALPHA = "down", "up", "alpha"
 # suffix -> role, longest first (".lora_A.weight" before ".weight" alone)
@@ -51,22 +51,9 @@ _FAMILY_HINTS = {
 }
 
 
-@dataclass
-class Piece:
-    """One LoRA product for rows [row, row + up.shape[0]) of a target layer's output."""
-
-    down: torch.Tensor  # [r, in]
-    up: torch.Tensor  # [rows, r]
-    scale: float  # alpha / r
-    row: int
-    key: str  # the file's module name, for messages
-
-
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Our layers a LoRA can target: every module with a 2-D ``weight`` ([out, in]) that runs as a
     linear layer (nn.Linear, FP8 linears, LoRA-wrapped layers)."""
-    from .lora import LoraLinear
-
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
