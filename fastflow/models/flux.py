@@ -17,7 +17,7 @@ from .. import ops
 from ..errors import InputError
 from .configs import FluxConfig
 from .layers import GELUTanh, batch_shared_ids, merge_heads, timestep_embedding
-from .modulation import modulation
+from .modulation import Modulation, modulation
 
 _FP16_MAX = 65504.0
 
@@ -99,18 +99,6 @@ class SelfAttention(nn.Module):
 
 def qk_norm_rope(qkv, norm: QKNorm, cos, sin, num_heads):
     return ops.qk_norm_rope(qkv, norm.query_norm.scale, norm.key_norm.scale, cos, sin, num_heads, 1e-6)
-
-
-class Modulation(nn.Module):
-    """SiLU(vec) -> Linear -> chunks (shift, scale, gate[, shift2, scale2, gate2]), each [B, C]."""
-
-    def __init__(self, dim: int, double: bool):
-        super().__init__()
-        self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
-
-    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return modulation(self.lin, vec).chunk(self.multiplier, dim=-1)
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,6 @@ def _batched_linear(layer: nn.Module, x: torch.Tensor, group: int) -> torch.Tens
 
 def _modulation_layers(model: nn.Module) -> list[nn.Linear]:
     """The linear layer of every adaLN modulation (SiLU then linear) of a FLUX or MMDiT model."""
-    from .flux import Modulation
-
     out = []
     for module in model.modules():
         if isinstance(module, Modulation):
@@ -89,6 +87,19 @@ def modulation(linear: nn.Module, vec: torch.Tensor) -> torch.Tensor:
         if rows is not None:
             return out[rows]
     return linear(F.silu(vec))
+
+
+class Modulation(nn.Module):
+    """SiLU(vec) -> Linear -> chunks (shift, scale, gate[, shift2, scale2, gate2]), each [B, C]: BFL's
+    FLUX layer (FLUX's blocks use it; it lives beside :func:`modulation`, which it runs)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return modulation(self.lin, vec).chunk(self.multiplier, dim=-1)
 
 
 def modulation_weight_bytes(model: nn.Module) -> int:
