@@ -54,8 +54,6 @@ def accelerate(
             raise InputError(f"quant must be 'fp8', 'none' or a fastflow.quant.Fp8Config, got {quant!r}")
         quantize_(transformer, quant)
     if compile:
-        import fastflow.compile  # noqa: F401  (the backend by name also without the entry point)
-
         if _is_fastflow(pipe):  # its table lookup is data-dependent: it would break the compiled graph
             pipe.defaults["precompute_modulation"] = False
         options = {"backend": "fastflow", "dynamic": dynamic, "mode": mode}
