@@ -134,7 +134,7 @@ def test_cpu_threads_for_a_large_model_are_torchs_default():
 
     import torch
 
-    from fastflow.cli import cpu_threads
+    from fastflow.cli.common import cpu_threads
 
     big = types.SimpleNamespace(transformer=torch.nn.Linear(8000, 8000))  # 64 M parameters
     assert cpu_threads(big) == torch.get_num_threads()

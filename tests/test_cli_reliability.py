@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fastflow import cli
+from fastflow.cli import generate, output
 
 
 def run(*args, cwd=None):
@@ -82,14 +83,14 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
     def broken(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli, "_cmd_generate", broken)
+    monkeypatch.setattr(generate, "run", broken)
     assert cli.main(["generate", "x", "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
 
 
 def test_output_names_are_claimed_atomically(tmp_path):
     target = tmp_path / "a.png"
-    claimed = [cli.claim_path(target) for _ in range(3)]
+    claimed = [output.claim_path(target) for _ in range(3)]
     assert [p.name for p in claimed] == ["a.png", "a-1.png", "a-2.png"]
 
 
@@ -102,7 +103,7 @@ def test_an_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        cli.save_png(image, tmp_path / "x.png", "p", 0, {})
+        output.save_png(image, tmp_path / "x.png", "p", 0, {})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,0 +1,66 @@
+"""``fastflow doctor``: torch / Triton / GPU versions and which kernel runs each op here."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import __version__
+from ..errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="report torch / triton / GPU and which kernels will run")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import platform
+
+    from .. import ops
+    from ..ops.capability import has_fp8_tensor_cores
+
+    print(f"fastflow {__version__}, python {platform.python_version()}, torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed (GPU kernels unavailable; reference ops will run)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            fp8 = (
+                "FP8 tensor cores"
+                if has_fp8_tensor_cores(f"cuda:{i}")
+                else "no FP8 tensor cores: FP8 loads dequantized"
+            )
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)} sm_{cap[0]}{cap[1]} ({fp8})")
+    else:
+        print("CUDA: no GPU visible; every op runs its plain-torch reference (FP8 layers dequantize per call)")
+    gpu = torch.cuda.is_available()
+    from ..ops import cuda_cpp
+
+    built, why = cuda_cpp.status()
+    print(f"CUDA C++ kernels: {why}" if built else f"CUDA C++ kernels: not built: {why}")
+    if built and gpu:
+        cap = torch.cuda.get_device_capability(0)
+        try:
+            served = cuda_cpp._serves(cuda_cpp.module().ARCHS, cap)
+        except InputError:
+            served = False
+        if not served:
+            print(f"  this GPU: NVRTC compiles csrc/ for sm_{cuda_cpp.nvrtc_arch(cap)} at first use (cached)")
+    print(f"op backend: {ops.get_backend()} (kernel backends, in order of preference: "
+          f"{' > '.join(ops.KERNEL_BACKENDS)}; set_backend('cuda_cpp') forces the CUDA C++ ones)")  # fmt: skip
+    for name, opdef in sorted(ops.OPS.items()):
+        backend = opdef.device_backend("cuda")
+        where = f"{backend} kernel" if backend and gpu else "reference (torch)"
+        have = ", ".join(opdef.impls) or "none"
+        print(f"  {name:<34} {where:<20} kernels: {have}")
+    if gpu:
+        from ..ops import attention_backends as ab
+
+        table = ab.read_table().get(ab.machine_key(torch.device("cuda")), {})
+        tuned = ", ".join(f"{k}: {v['backend']}" for k, v in sorted(table.items())) or "not tuned (`fastflow tune`)"
+        print(f"  attention implementation: {tuned}; default order {' > '.join(ab.DEFAULT_ORDER)}")
+    return 0

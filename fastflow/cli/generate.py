@@ -1,0 +1,241 @@
+"""``fastflow generate``: images from a prompt (text-to-image, image-to-image, Kontext edits),
+each saved with its prompt, seed and settings; ``--from IMAGE`` re-runs a saved one."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..loading.components import DEFAULT_MODEL
+from .common import DTYPES, cpu_threads, device_and_dtype, parse_cache, parse_lora_arg, threads_arg
+from .output import check_output, output_path, save_png
+
+MAX_UPSCALE = 64
+MAX_CLI_IMAGES = 10_000  # -n beyond the pipeline's per-call cap runs in batches
+MAX_SAVED_SIDE = 16384
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="make images from a prompt (--image: image-to-image, Kontext: edit)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p)")
+    p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="fastflow.png",
+        help="image path (.png, .jpg, .webp) or a folder; never overwritten (numbered instead)",
+    )
+    p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
+    p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="JSON (inline or a .json file): the transformer's config fields where no registered config "
+        'fits and no config.json describes it, e.g. \'{"depth": 2, "depth_single_blocks": 4}\'',
+    )
+    p.add_argument("-H", "--height", type=int, default=None)
+    p.add_argument("-W", "--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
+    p.add_argument("--negative-prompt", default=None, help="SD3 (CFG), or FLUX with --true-cfg > 1")
+    p.add_argument("--true-cfg", type=float, default=None, help="FLUX: true CFG scale against --negative-prompt")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (then +1 each); -1: random")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images to make (1-10000, in batches of 64)")
+    p.add_argument(
+        "--image", default=None, help="input image: image-to-image (dev, schnell, SD3), or the image to edit (Kontext)"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="a LoRA file (diffusers, kohya, BFL or XLabs format), scale 1 unless given; repeatable",
+    )
+    p.add_argument(
+        "--strength", type=float, default=None, help="image-to-image: how much of --image to redraw, (0, 1] (0.6)"
+    )
+    p.add_argument(
+        "--from",
+        dest="from_image",
+        default=None,
+        help="re-run a fastflow image: its prompt, seed and settings fill what the command line leaves unset",
+    )
+    p.add_argument("--sampler", default=None, choices=["euler", "euler_ancestral", "heun", "dpmpp_2m"])
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument(
+        "--upscale",
+        type=int,
+        default=None,
+        help="nearest-neighbour upscale of the saved PNG, for viewing (default: the model's, usually 1)",
+    )
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="CPU threads (default: FASTFLOW_NUM_THREADS, else 1 for small models and all cores for large ones)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="feature caching: fbcache|teacache|taylorseer|dbcache[:THRESHOLD] or a schedule .json (tune-cache)",
+    )
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=["fp8", "none"],
+        help="fp8: quantize the transformer's linear layers while loading; none: dequantize an FP8 file "
+        "(default: as the file is)",
+    )
+    p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..api import load
+
+    if args.from_image is not None:
+        _settings_from_image(args)
+    prompt = args.prompt_opt if args.prompt_opt is not None else args.prompt
+    if prompt is None:
+        raise InputError('no prompt: fastflow generate "a handwritten seven" (or -p TEXT)')
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    if not args.model and not model.is_dir():
+        raise InputError("no default model is installed with this build: pass --model <folder or file>")
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    if args.upscale is not None and not 1 <= args.upscale <= MAX_UPSCALE:
+        raise InputError(f"--upscale must be from 1 to {MAX_UPSCALE}, got {args.upscale}")
+    if not 1 <= args.num_images <= MAX_CLI_IMAGES:
+        raise InputError(f"-n must be from 1 to {MAX_CLI_IMAGES}, got {args.num_images}")
+    for flag, value in (("-H", args.height), ("-W", args.width), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    if args.image is not None and not Path(args.image).expanduser().is_file():
+        raise InputError(f"--image {args.image}: no such file")
+    loras = [parse_lora_arg(spec) for spec in args.lora or ()]
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise InputError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.strength is not None and args.image is None:
+        raise InputError("--strength needs --image (image-to-image)")
+    output = output_path(args.output)
+    check_output(output)
+    config = None
+    if args.config is not None:
+        from ..loading.described import parse_config_arg
+
+        config = parse_config_arg(args.config)
+    threads = threads_arg(args.threads)
+    pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant, config=config)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads or cpu_threads(pipe))
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale)
+    kwargs = {
+        "height": args.height,
+        "width": args.width,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "sampler": args.sampler,
+    }
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    if args.true_cfg is not None:
+        if pipe.config.family != "flux":
+            raise InputError("--true-cfg is FLUX's option: SD3 and SDXL run CFG with --guidance")
+        kwargs["true_cfg_scale"] = args.true_cfg
+    if args.image is not None:
+        kwargs["image"] = args.image
+    if args.strength is not None:
+        kwargs["strength"] = args.strength
+    if args.cache is not None:
+        kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
+    upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
+    side = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1]) * upscale
+    if side > MAX_SAVED_SIDE:
+        raise InputError(
+            f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE}): pass a smaller --upscale"
+        )
+    _warn_size(pipe, args.height, args.width)
+    total, done = args.num_images, 0
+    while done < total:  # batches of at most the pipeline's per-call cap
+        count = min(total - done, pipe.max_images_per_call)
+        seed = args.seed + done if args.seed not in (None, -1) else args.seed
+        out = pipe(prompt, **dict(kwargs, num_images_per_prompt=count, seed=seed))
+        # no absolute paths in what is shared with the image: the model's folder or file name
+        settings = dict(out.settings, model_path=model.name, upscale=upscale)
+        if args.negative_prompt is not None:
+            settings["negative_prompt"] = args.negative_prompt
+        for image, image_seed in zip(out.images, out.seeds, strict=True):
+            if upscale > 1:
+                from PIL import Image
+
+                image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+            path = save_png(image, output, prompt, image_seed, settings)
+            print(f"wrote {path} (seed {image_seed})")
+        done += count
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
+    saved = ""
+    if settings["cache"]:
+        saved = f", cache {settings['cache']} saved {out.stats['work_saved']:.0%} of block work"
+    print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}{saved}")
+    return 0
+
+
+_FROM_IMAGE = {  # generate's argument <- the settings key a fastflow image stores
+    "height": "height",
+    "width": "width",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "sampler": "sampler",
+    "negative_prompt": "negative_prompt",
+    "true_cfg": "true_cfg_scale",
+    "upscale": "upscale",
+}
+
+
+def _settings_from_image(args) -> None:
+    """--from IMAGE: the prompt, seed and settings a fastflow PNG stores fill every argument the
+    command line leaves unset (the model too, when it is the embedded one)."""
+    from PIL import Image
+
+    try:
+        with Image.open(args.from_image) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as e:
+        raise InputError(f"--from {args.from_image}: cannot read it as an image ({e})") from None
+    if "settings" not in text or "prompt" not in text:
+        raise InputError(f"--from {args.from_image}: not an image fastflow wrote (no prompt / settings in it)")
+    try:
+        settings = json.loads(text["settings"])
+    except json.JSONDecodeError:
+        raise InputError(f"--from {args.from_image}: its settings are not valid JSON") from None
+    if args.prompt is None and args.prompt_opt is None:
+        args.prompt = text["prompt"]
+    if args.seed is None and text.get("seed"):
+        args.seed = int(text["seed"])
+    for arg, key in _FROM_IMAGE.items():
+        if getattr(args, arg) is None and settings.get(key) is not None:
+            setattr(args, arg, settings[key])
+    if args.model is None and settings.get("model") not in (None, "fastflow-tiny-digits"):
+        raise InputError(
+            f"--from {args.from_image}: it was made with {settings['model']} ({settings.get('model_path')}): "
+            "pass --model with its files"
+        )
+
+
+def _warn_size(pipe, height, width) -> None:
+    """Sizes beyond twice the model's trained size work but rarely look right: one line on stderr
+    (beyond the pipeline's own limit, 4x, it refuses)."""
+    trained = max(pipe.default_size)
+    side = max(height or 0, width or 0)
+    if 2 * trained < side <= getattr(pipe, "max_side", side):
+        print(
+            f"fastflow: warning: {side} px is beyond {pipe.config.name}'s trained size ({trained} px): "
+            "expect poor images and a long run",
+            file=sys.stderr,
+        )
