@@ -2,9 +2,10 @@
 
 Errors from bad input print one line and exit with status 2; an interrupted run exits 130.
 
-Each command module (generate, tuning: tune-cache and tune-steps, quantize, info, smoke, tune,
-doctor) exposes ``add_parser(sub)``, which registers its arguments and sets ``func``; common.py
-holds the argument types several commands share, output.py the writing of images. A command
+Each command module (generate, tune_cache, tune_steps, quantize, info, smoke, tune, doctor)
+exposes ``add_parser(sub)``, which registers its arguments and sets ``func``; common.py holds the
+argument types several commands share, output.py the writing of images, calibration.py what the
+two tuners share. A command
 module imports at its top only what building the parser needs (argparse, pathlib, torch,
 fastflow.errors): what a command runs (fastflow.api, tuning, caching, quant, kernels) is imported
 inside its run function, so ``fastflow generate`` loads only what it runs (tests/test_cli_imports.py).
@@ -21,9 +22,9 @@ import traceback
 
 from .. import __version__
 from ..errors import FastflowError
-from . import doctor, generate, info, quantize, smoke, tune, tuning
+from . import doctor, generate, info, quantize, smoke, tune, tune_cache, tune_steps
 
-COMMANDS = (generate, tuning, quantize, info, smoke, tune, doctor)  # in `fastflow --help` order
+COMMANDS = (generate, tune_cache, tune_steps, quantize, info, smoke, tune, doctor)  # in `fastflow --help` order
 
 
 def build_parser() -> argparse.ArgumentParser:
