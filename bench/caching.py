@@ -32,7 +32,7 @@ from _ops_common import git_sha, write_json
 import fastflow
 from fastflow.caching import DBCache, FBCache, Schedule, TaylorSeer, TeaCache
 from fastflow.evaluation import PER_DIGIT, Yardstick, generate, psnr, ssim
-from fastflow.loading.components import DEFAULT_MODEL
+from fastflow.loading import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = HERE / "schedules"

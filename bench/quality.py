@@ -43,7 +43,7 @@ def _value(text: str):
 
 def main(argv=None) -> int:
     import fastflow
-    from fastflow.loading.components import DEFAULT_MODEL
+    from fastflow.loading import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))

@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from .loading.components import load_components
+from .loading import folder_json, load_components, resolve_model
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
-
-
-def resolve_model(path: str | os.PathLike) -> Path:
-    """A model's files: ``path`` itself, or for a bare name the embedded model of that name
-    (``"fastflow-tiny-digits"``). A registered config's name that has no files here is an error
-    saying what to pass instead."""
-    from .errors import InputError
-    from .loading.components import DEFAULT_MODEL
-    from .models import configs
-
-    given = Path(path).expanduser()
-    name = str(path)
-    if given.exists() or os.sep in name or "/" in name:
-        return given
-    embedded = DEFAULT_MODEL.parent / name
-    if embedded.is_dir():
-        return embedded
-    if name in configs.list_models(include_tiny=True):
-        raise InputError(
-            f"{name!r} is a registered model config, not files on this machine (fastflow never downloads): "
-            f"pass the path of its files (a diffusers folder or a transformer file), with variant={name!r} "
-            "where the files cannot tell"
-        )
-    return given
 
 
 def _default_device() -> str:
@@ -73,8 +48,6 @@ def load(
     parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)
     pipe = PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)
     if parts.family == "sdxl" and path.is_dir():  # the pipeline folder's SDXL setting, where it has one
-        from .loading.sources import folder_json
-
         zeros = folder_json(path, "model_index.json").get("force_zeros_for_empty_prompt")
         if isinstance(zeros, bool):
             pipe.force_zeros_for_empty_prompt = zeros

@@ -100,7 +100,7 @@ def test_sizes_beyond_the_trained_range_warn_in_one_line(capsys, tmp_path):
 
 
 def test_info_on_a_folder_lists_every_component_in_human_units(capsys):
-    from fastflow.loading.components import DEFAULT_MODEL
+    from fastflow.loading import DEFAULT_MODEL
     from fastflow.loading.loader import human_bytes
 
     assert main(["info", str(DEFAULT_MODEL)]) == 0

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import fastflow
-from fastflow.loading.components import DEFAULT_MODEL
+from fastflow.loading import DEFAULT_MODEL
 from fastflow.pipelines.images import as_uint8
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

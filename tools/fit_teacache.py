@@ -18,7 +18,7 @@ import torch
 import fastflow
 from fastflow.caching import relative_change
 from fastflow.evaluation import NUMBER_WORDS
-from fastflow.loading.components import DEFAULT_MODEL
+from fastflow.loading import DEFAULT_MODEL
 
 
 class Recorder:

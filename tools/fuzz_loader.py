@@ -47,7 +47,7 @@ def build_seeds(root: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from fastflow.loading.components import DEFAULT_MODEL
+    from fastflow.loading import DEFAULT_MODEL
     from fastflow.models import AutoEncoder, Flux, from_name
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def _load(seed: str, folder: Path):
     import torch
 
     import fastflow
-    from fastflow.loading.components import load_clip, load_t5
+    from fastflow.loading import load_clip, load_t5
 
     f32 = torch.float32
     if seed in ("flux_file", "fp8_file"):

@@ -16,11 +16,9 @@ import torch
 from ..errors import CheckpointError, MissingComponentError
 from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, SDXLTextEncoder, T5Encoder
 from .loader import load_transformer, load_vae
+from .source import DEFAULT_MODEL as DEFAULT_MODEL  # the CLI's import path (canonical: fastflow.loading)
 from .text import load_text_model
 from .tokenizer import check_tokenizer_fits, load_tokenizer
-
-# The embedded default model (tools/train_tiny.py): what `fastflow generate` runs without --model.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "fastflow-tiny-digits"
 
 # diffusers pipeline-folder text components per family: (subfolder, tokenizer subfolder, role)
 TEXT_LAYOUT = {

@@ -1,19 +1,23 @@
-"""Configs for transformers no registered config fits (fine-tunes with fewer blocks, distilled
+"""What a folder's ``config.json`` or the user says about a config, for the description stage.
+
+Configs for transformers no registered config fits (fine-tunes with fewer blocks, distilled
 "lite" models, test models): from the diffusers folder's ``config.json``, or from the fields a
 user gives (``fastflow.load(..., config={...})``, CLI ``--config JSON``). Either way the loader
-then checks the config against the tensors, as for a registered one.
+then checks the config against the tensors, as for a registered one. Also what a folder's
+``config.json`` adds to a registered config (SDXL's head / time-id widths, a VAE's latent scale,
+shift and upcast). :mod:`.families` names each family's readers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..models import configs as registry
-
-_CLASSES = {"flux": registry.FluxConfig, "sd3": registry.MMDiTConfig, "sdxl": registry.UNetConfig}
+from .source import CheckpointSource
 
 
 def _get(cfg: dict, key: str, default):
@@ -117,22 +121,74 @@ def unet_from_diffusers(cfg: dict, name: str) -> registry.UNetConfig:
     )
 
 
-def from_folder_config(family: str, cfg: dict, name: str, kontext: bool = False):
-    """The config a diffusers model folder's ``config.json`` describes, or None when it describes
-    none of ours (no config.json, another class)."""
-    cls = str(cfg.get("_class_name", ""))
-    if family == "flux" and cls == "FluxTransformer2DModel":
-        return flux_from_diffusers(cfg, name, kontext)
-    if family == "sd3" and cls == "SD3Transformer2DModel":
-        return mmdit_from_diffusers(cfg, name)
-    if family == "sdxl" and cls == "UNet2DConditionModel":
-        return unet_from_diffusers(cfg, name)
-    return None
+def _class_name(source: CheckpointSource) -> str:
+    return str(source.folder_config.get("_class_name", ""))
 
 
-def from_fields(family: str, fields: dict, name: str = "custom"):
-    """A config of ``family`` from the fields given (the rest: the full-size model's values)."""
-    cls = _CLASSES.get(family)
+# A family's folder reader: the config a diffusers model folder's ``config.json`` describes, or
+# None when it describes none of ours (no config.json, another class).
+def flux_from_folder(source: CheckpointSource, name: str) -> registry.FluxConfig | None:
+    if _class_name(source) != "FluxTransformer2DModel":
+        return None
+    naming = f"{source.pipeline_class or ''} {source.folder_config.get('_name_or_path', '')}".lower()
+    return flux_from_diffusers(source.folder_config, name, kontext="kontext" in naming)
+
+
+def mmdit_from_folder(source: CheckpointSource, name: str) -> registry.MMDiTConfig | None:
+    if _class_name(source) != "SD3Transformer2DModel":
+        return None
+    return mmdit_from_diffusers(source.folder_config, name)
+
+
+def unet_from_folder(source: CheckpointSource, name: str) -> registry.UNetConfig | None:
+    if _class_name(source) != "UNet2DConditionModel":
+        return None
+    return unet_from_diffusers(source.folder_config, name)
+
+
+# A family's refinement: what a folder's config.json changes in the registered config that fits
+# the tensors (applied unless the user gave config=).
+def unet_refined(cfg: registry.UNetConfig, source: CheckpointSource) -> registry.UNetConfig:
+    """Head and time-id widths: config.json's, where it has them."""
+    told = unet_from_folder(source, cfg.name)
+    if told is not None and (told.head_dim, told.time_id_dim) != (cfg.head_dim, cfg.time_id_dim):
+        cfg = cfg.replace(head_dim=told.head_dim, time_id_dim=told.time_id_dim)
+    return cfg
+
+
+def vae_latent_factors(source: CheckpointSource) -> tuple[float, float] | None:
+    """(scale, shift) from a diffusers VAE folder's config.json, checked; None when it has none."""
+    cfg = source.folder_config
+    if "scaling_factor" not in cfg:
+        return None
+    scale, shift = cfg["scaling_factor"], cfg.get("shift_factor")
+    shift = 0.0 if shift is None else shift
+    for name, value, nonzero in (("scaling_factor", scale, True), ("shift_factor", shift, False)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (nonzero and value == 0):
+            raise CheckpointError(
+                source.path,
+                f"config.json {name} is {value!r}; it must be a finite{' non-zero' if nonzero else ''} number",
+                "fix config.json (the latent scale/shift the VAE was trained with) or re-download it",
+            )
+    return float(scale), float(shift)
+
+
+def vae_refined(cfg: registry.VAEConfig, source: CheckpointSource) -> registry.VAEConfig:
+    """A VAE folder's config.json scale / shift always apply (registered values are defaults), and
+    its force_upcast (the fp16-fix SDXL VAE says False)."""
+    factors = vae_latent_factors(source)
+    if factors is not None and factors != (cfg.scale_factor, cfg.shift_factor):
+        cfg = cfg.replace(scale_factor=factors[0], shift_factor=factors[1])
+    upcast = source.folder_config.get("force_upcast")
+    if isinstance(upcast, bool) and upcast != cfg.force_upcast:
+        cfg = cfg.replace(force_upcast=upcast)
+    return cfg
+
+
+def from_fields(family: str, cls: type | None, fields: dict, name: str = "custom"):
+    """A config of ``family`` (its config class ``cls``, None for a family config= cannot describe)
+    from the fields given (the rest: the full-size model's values)."""
     if cls is None:
         raise InputError(f"config= describes a denoiser (FLUX, SD3 or SDXL), not a {family}")
     known = {f.name for f in dataclasses.fields(cls)} - {"sampling"}

@@ -5,7 +5,8 @@ files wherever a symlink points and builds whatever size ``config.json`` asks fo
 is bounded to the sizes of the known families, our module (:mod:`fastflow.models.text`) is built on
 the meta device, every file name, shape and dtype is checked against it (missing tensors are a
 :class:`MissingKeysError`, never random init), and only then are the weights copied, through the
-same validated reader as the transformer's. transformers is not imported.
+same validated reader as the transformer's: the same stages (source -> config -> plan ->
+materialize), with the config from ``config.json`` or the tensor shapes. transformers is not imported.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, TooLargeError
-from .detect import Layout
 from .keymaps import Segment
-from .loader import materialize, on_meta, validate
-from .sources import folder_json, open_checkpoint
+from .layout import Layout
+from .materialize import materialize
+from .plan import LoadPlan, on_meta, validate
+from .source import folder_json, open_checkpoint
 
 # Bounds of config.json fields per family (CLIP-L: 12 x 768; OpenCLIP-G: 32 x 1280; T5-XXL: 24 x
 # 4096, d_ff 10240, 64 heads), wide enough for every released size and for tiny test models.
@@ -253,9 +255,7 @@ def load_text_model(
         used = {segs[0].key for segs in plan.values()}
         keys = tuple(k for k in present if k in used or not _ignorable(k, expected))
         validate(source, Layout("text_encoder", None, "", keys, (), ()), plan, expected)
-        state = materialize(source, plan, expected, dtype, device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+        return materialize(source, LoadPlan(model, plan, expected, dtype, device))
 
 
 def _load_embedded(source, family: str, path: Path, embedded, dtype, device, projection: bool):
@@ -286,9 +286,7 @@ def _load_embedded(source, family: str, path: Path, embedded, dtype, device, pro
     used = {s.key for segs in plan.values() for s in segs}
     keys = tuple(k for k in own if prefix + k in used or not _ignorable(k, expected))
     validate(source, Layout("text_encoder", None, prefix, keys, (), ()), plan, expected)
-    state = materialize(source, plan, expected, dtype, device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return materialize(source, LoadPlan(model, plan, expected, dtype, device))
 
 
 def _count(shapes, pattern: str) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CheckpointError, TooLargeError
 from .files import open_regular
-from .sources import inside
+from .source import inside
 
 MAX_TOKENIZER_FILE = 64 * 1024 * 1024
 _TOKENIZER_SUFFIXES = (".json", ".txt", ".model")

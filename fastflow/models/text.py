@@ -339,15 +339,6 @@ class CLIPEncoder:
         self.model, self.tokenizer = model, tokenizer
         self.max_length = max_length or min(CLIP_MAX_LENGTH, tokenizer.model_max_length or CLIP_MAX_LENGTH)
 
-    @classmethod
-    def from_folder(
-        cls, model_folder, tokenizer_folder=None, with_projection: bool = False, dtype=torch.float32, device="cpu"
-    ) -> CLIPEncoder:
-        """Delegates to :func:`fastflow.loading.components.load_clip` (kept for convenience)."""
-        from ..loading.components import load_clip
-
-        return load_clip(model_folder, tokenizer_folder, with_projection=with_projection, dtype=dtype, device=device)
-
     def tokenize(self, prompts) -> torch.Tensor:
         return _tokenize(self.tokenizer, prompts, self.max_length, "CLIP text encoder")
 
@@ -366,13 +357,6 @@ class T5Encoder:
         if model.dtype == torch.float16:
             raise InputError("T5 overflows in float16 (NaN / black images): load it in bfloat16 or float32")
         self.model, self.tokenizer = model, tokenizer
-
-    @classmethod
-    def from_folder(cls, model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="cpu") -> T5Encoder:
-        """Delegates to :func:`fastflow.loading.components.load_t5` (kept for convenience)."""
-        from ..loading.components import load_t5
-
-        return load_t5(model_folder, tokenizer_folder, dtype=dtype, device=device)
 
     @property
     def width(self) -> int:

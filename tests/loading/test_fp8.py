@@ -185,10 +185,10 @@ def test_static_activations_need_scales(bfl_file):
 
 
 def test_gpus_without_fp8_tensor_cores_get_dequantized_weights(monkeypatch, scaled_file):
-    import fastflow.loading.loader as loader
+    import fastflow.loading.plan as plan
 
-    monkeypatch.setattr(loader, "fp8_runs_natively", lambda device: False)
-    monkeypatch.setattr(loader, "device_name", lambda device: "NVIDIA A100-SXM4-80GB (sm_80)")
+    monkeypatch.setattr(plan, "fp8_runs_natively", lambda device: False)
+    monkeypatch.setattr(plan, "device_name", lambda device: "NVIDIA A100-SXM4-80GB (sm_80)")
     with pytest.warns(UserWarning, match="A100.*no FP8 tensor cores"):
         model = _load(scaled_file)
     assert not fp8_layers(model) and not any(isinstance(m, Fp8Linear) for m in model.modules())

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import fastflow
 from fastflow import errors
-from fastflow.loading.components import DEFAULT_MODEL, load_clip, load_t5
+from fastflow.loading import DEFAULT_MODEL, load_clip, load_t5
 from fastflow.loading.safetensors_io import MAX_TENSORS, SafetensorsFile
 
 from .conftest import write_raw

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from fastflow.errors import MissingKeysError
-from fastflow.loading.components import load_clip
+from fastflow.loading import load_clip
 
 from ..conftest import WORDS, clip_tokenizer, tiny_clip
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastflow
-from fastflow.loading.components import DEFAULT_MODEL
+from fastflow.loading import DEFAULT_MODEL
 from fastflow.models import Flux, from_name
 from fastflow.models.modulation import modulation_weight_bytes, precomputed_modulation
 

@@ -12,9 +12,10 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel
 
 from fastflow import errors
+from fastflow.loading import load_clip, load_t5
 from fastflow.loading.text import load_text_model
 from fastflow.loading.tokenizer import load_tokenizer
-from fastflow.models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, T5Encoder
+from fastflow.models.text import FluxTextEncoder, SD3TextEncoder, T5Encoder
 
 from ..conftest import clip_tokenizer, t5_tokenizer, tiny_clip, tiny_t5
 
@@ -45,8 +46,8 @@ def _ref_ids(tokenizer, prompts, length):
 
 def test_flux_outputs_equal_transformers(folders):
     root, ref = folders
-    clip = CLIPEncoder.from_folder(root / "clip_l")
-    t5 = T5Encoder.from_folder(root / "t5", dtype=torch.float32)
+    clip = load_clip(root / "clip_l")
+    t5 = load_t5(root / "t5", dtype=torch.float32)
     txt, y = FluxTextEncoder(clip, t5, max_length=12)(PROMPTS)
     ids_l, ids_t = _ref_ids(ref["clip_l"][1], PROMPTS, 77), _ref_ids(ref["t5"][1], PROMPTS, 12)
     assert torch.equal(clip.tokenize(PROMPTS), ids_l) and torch.equal(t5.tokenizer(PROMPTS, 12), ids_t)
@@ -60,9 +61,9 @@ def test_flux_outputs_equal_transformers(folders):
 
 def test_sd3_assembly(folders):
     root, ref = folders
-    clip_l = CLIPEncoder.from_folder(root / "clip_l_proj", with_projection=True)
-    clip_g = CLIPEncoder.from_folder(root / "clip_g", with_projection=True)
-    t5 = T5Encoder.from_folder(root / "t5", dtype=torch.float32)
+    clip_l = load_clip(root / "clip_l_proj", with_projection=True)
+    clip_g = load_clip(root / "clip_g", with_projection=True)
+    t5 = load_t5(root / "t5", dtype=torch.float32)
     context, pooled = SD3TextEncoder(clip_l, clip_g, t5, t5_max_length=20)(PROMPTS)
     assert context.shape == (2, 77 + 20, 48) and pooled.shape == (2, 24 + 32)
 
@@ -122,8 +123,8 @@ def test_t5_variants_and_long_sequences(tmp_path, proj):
 def test_bf16_close_to_fp32(folders):
     """bf16 text features stay within bf16's reach of fp32 (no fp32-only assumption in the forward)."""
     root, _ = folders
-    t5_32, t5_16 = (T5Encoder.from_folder(root / "t5", dtype=d) for d in (torch.float32, torch.bfloat16))
-    clip_32, clip_16 = (CLIPEncoder.from_folder(root / "clip_l", dtype=d) for d in (torch.float32, torch.bfloat16))
+    t5_32, t5_16 = (load_t5(root / "t5", dtype=d) for d in (torch.float32, torch.bfloat16))
+    clip_32, clip_16 = (load_clip(root / "clip_l", dtype=d) for d in (torch.float32, torch.bfloat16))
     a, b = t5_32(PROMPTS, 12), t5_16(PROMPTS, 12)
     assert b.dtype == torch.bfloat16 and (b.float() - a).norm() / a.norm() < 3e-2
     a, b = clip_32(PROMPTS)[1], clip_16(PROMPTS)[1]
@@ -206,15 +207,15 @@ def test_unsupported_activation_is_typed(tmp_path):
 
 def test_sd3_without_t5_uses_zeros(folders):
     root, _ = folders
-    clip_l = CLIPEncoder.from_folder(root / "clip_l_proj", with_projection=True)
-    clip_g = CLIPEncoder.from_folder(root / "clip_g", with_projection=True)
+    clip_l = load_clip(root / "clip_l_proj", with_projection=True)
+    clip_g = load_clip(root / "clip_g", with_projection=True)
     context, _ = SD3TextEncoder(clip_l, clip_g, None, t5_max_length=256, context_width=64)(PROMPTS)
     assert context.shape == (2, 77 + 256, 64) and torch.count_nonzero(context[:, 77:]) == 0
 
 
 def test_over_long_prompt_is_truncated_with_a_warning(folders):
     root, _ = folders
-    t5 = T5Encoder.from_folder(root / "t5", dtype=torch.float32)
+    t5 = load_t5(root / "t5", dtype=torch.float32)
     with pytest.warns(UserWarning, match="truncated"):
         out = t5(["a cat on the mat " * 5], 8)
     assert out.shape == (1, 8, 48)
@@ -223,7 +224,7 @@ def test_over_long_prompt_is_truncated_with_a_warning(folders):
 def test_t5_never_runs_in_fp16(folders):
     root, _ = folders
     with pytest.warns(UserWarning, match="bfloat16"):
-        t5 = T5Encoder.from_folder(root / "t5", dtype=torch.float16)
+        t5 = load_t5(root / "t5", dtype=torch.float16)
     assert t5.model.dtype == torch.bfloat16
     with pytest.raises(errors.InputError, match="float16"):
         T5Encoder(t5.model.half(), t5.tokenizer)
@@ -231,11 +232,11 @@ def test_t5_never_runs_in_fp16(folders):
 
 def test_missing_or_pickle_only_folders(tmp_path):
     with pytest.raises(errors.CheckpointError, match="not found"):
-        CLIPEncoder.from_folder(tmp_path / "nope")
+        load_clip(tmp_path / "nope")
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(errors.CheckpointError, match="pytorch_model.bin"):
-        T5Encoder.from_folder(tmp_path / "pickled")
+        load_t5(tmp_path / "pickled")
 
 
 def test_tokenizer_is_safe_to_share_between_threads(folders):
@@ -286,8 +287,8 @@ def test_clip_single_file_config_from_shapes(tmp_path, folders, width, act):
     save_file({**state, "logit_scale": torch.tensor(4.6)}, str(tmp_path / "clip.safetensors"))
     root, _ = folders
     with pytest.raises(errors.CheckpointError, match="carries no tokenizer"):
-        CLIPEncoder.from_folder(tmp_path / "clip.safetensors", with_projection=True)
-    ours = CLIPEncoder.from_folder(tmp_path / "clip.safetensors", root / "clip_l", with_projection=True)
+        load_clip(tmp_path / "clip.safetensors", with_projection=True)
+    ours = load_clip(tmp_path / "clip.safetensors", root / "clip_l", with_projection=True)
     assert ours.model.config.hidden_act == act and ours.model.config.num_hidden_layers == 2
     ids = ours.tokenize(PROMPTS)
     with torch.no_grad():
@@ -304,7 +305,7 @@ def test_t5_single_file_config_from_shapes(tmp_path, folders):
     model = ref["t5"][0]
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
     save_file(state, str(tmp_path / "t5xxl.safetensors"))
-    t5 = T5Encoder.from_folder(tmp_path / "t5xxl.safetensors", root / "t5", dtype=torch.float32)
+    t5 = load_t5(tmp_path / "t5xxl.safetensors", root / "t5", dtype=torch.float32)
     cfg = t5.model.config
     assert (cfg.num_layers, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.gated) == (2, 4, 8, 64, True)
     ids = t5.tokenizer(PROMPTS, 12)
@@ -317,7 +318,7 @@ def test_t5_runs_in_fp8(folders):
     from fastflow.quant import Fp8Linear, quantize_
 
     root, _ = folders
-    t5 = T5Encoder.from_folder(root / "t5", dtype=torch.bfloat16)
+    t5 = load_t5(root / "t5", dtype=torch.bfloat16)
     before = t5(PROMPTS, 12).float()
     quantize_(t5.model)
     linears = [m for m in t5.model.modules() if isinstance(m, (torch.nn.Linear, Fp8Linear))]

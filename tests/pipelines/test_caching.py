@@ -18,7 +18,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def digits():
     import fastflow
-    from fastflow.loading.components import DEFAULT_MODEL
+    from fastflow.loading import DEFAULT_MODEL
 
     pipe = fastflow.load(DEFAULT_MODEL, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -1,10 +1,14 @@
-"""Turn a user's path into a set of validated safetensors files and a key -> file map.
+"""Stage 1 of loading, the source: what the user gave -> an opened :class:`CheckpointSource`.
 
-Accepted: a single ``.safetensors`` file; a diffusers model folder (``diffusion_pytorch_model
-.safetensors`` or a sharded ``*.safetensors.index.json``, plus ``config.json``); or a diffusers
-pipeline folder, from which the ``transformer/`` subfolder is taken. Every file an index or a
-symlink names must resolve inside the model folder (the Hugging Face cache's ``blobs/`` folder of
-the same repository is accepted too, since its snapshots are symlinks into it).
+Takes a name (an embedded model such as ``"fastflow-tiny-digits"``, :func:`resolve_model`) or a path:
+a single ``.safetensors`` file; a diffusers model folder (``diffusion_pytorch_model.safetensors`` or
+a sharded ``*.safetensors.index.json``, plus ``config.json``); or a diffusers pipeline folder, from
+which the component's subfolder (``transformer/``, ``unet/``, ``vae/``) is taken. Hands on every
+file validated (headers only, no tensor data read), a key -> file map, the safetensors metadata and
+the folder's ``config.json`` / ``model_index.json`` / scheduler facts (:mod:`.describe` reads them).
+Every file an index or a symlink names must resolve inside the model folder (the Hugging Face
+cache's ``blobs/`` folder of the same repository is accepted too, since its snapshots are symlinks
+into it).
 """
 
 from __future__ import annotations
@@ -13,9 +17,33 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, HeaderError, PickleRefusedError, UnsafePathError
+from ..errors import CheckpointError, HeaderError, InputError, PickleRefusedError, UnsafePathError
+from ..models import configs
 from .files import read_json
 from .safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, TensorEntry, refuse_unsafe_file
+
+# The embedded default model (tools/train_tiny.py): what `fastflow generate` runs without --model.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "fastflow-tiny-digits"
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """A model's files: ``path`` itself, or for a bare name the embedded model of that name
+    (``"fastflow-tiny-digits"``). A registered config's name that has no files here is an error
+    saying what to pass instead."""
+    given = Path(path).expanduser()
+    name = str(path)
+    if given.exists() or os.sep in name or "/" in name:
+        return given
+    embedded = DEFAULT_MODEL.parent / name
+    if embedded.is_dir():
+        return embedded
+    if name in configs.list_models(include_tiny=True):
+        raise InputError(
+            f"{name!r} is a registered model config, not files on this machine (fastflow never downloads): "
+            f"pass the path of its files (a diffusers folder or a transformer file), with variant={name!r} "
+            "where the files cannot tell"
+        )
+    return given
 
 
 @dataclass
@@ -220,4 +248,13 @@ def open_checkpoint(path: str | os.PathLike, component: str = "transformer") -> 
     return CheckpointSource(path, files, key_file, metadata, folder_config, pipeline_class, scheduler)
 
 
-__all__ = ["CheckpointSource", "allowed_roots", "folder_json", "inside", "open_checkpoint", "refuse_unsafe_file"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "CheckpointSource",
+    "allowed_roots",
+    "folder_json",
+    "inside",
+    "open_checkpoint",
+    "refuse_unsafe_file",
+    "resolve_model",
+]

@@ -1,0 +1,46 @@
+"""Where a component's tensors sit in a checkpoint: its prefix, its own keys, other components' keys
+(all-in-one files), foreign keys and FP8 scale keys. :mod:`.describe` adds the family and naming
+the keys show (:func:`fastflow.loading.describe.detect_layout`); the probes and the plan read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .keymaps import COMPONENT_PREFIXES, OTHER_COMPONENT_PREFIXES
+from .quantized import split_quant_keys
+
+
+@dataclass(frozen=True)
+class Layout:
+    family: str  # flux | sd3 | sdxl | vae | text_encoder | unknown
+    naming: str | None  # "official" (BFL/SAI names) or "diffusers"
+    prefix: str  # stripped from the component's keys ("", "model.diffusion_model.", "first_stage_model.")
+    keys: tuple[str, ...]  # the component's keys with the prefix stripped
+    other_keys: tuple[str, ...]  # keys of other components (left for their loaders)
+    foreign_keys: tuple[str, ...]  # keys that belong to nothing known
+    quant_keys: tuple[str, ...] = ()  # FP8 scales and format markers, prefix stripped (loading/quantized.py)
+
+
+def _is_other_component(key: str) -> bool:
+    return key.startswith(OTHER_COMPONENT_PREFIXES)
+
+
+def split_keys(keys, component: str = "transformer") -> tuple[str, list[str], list[str], list[str], list[str]]:
+    """(prefix, the component's own keys with it stripped, other known components' keys (all-in-one
+    files), foreign keys, FP8 scale keys)."""
+    keys = list(keys)
+    own = COMPONENT_PREFIXES[component]
+    prefix = next((p for p in own if any(k.startswith(p) for k in keys)), "")
+    mine, other, foreign = [], [], []
+    for k in keys:
+        if prefix and k.startswith(prefix):
+            mine.append(k[len(prefix) :])
+        elif _is_other_component(k):
+            other.append(k)
+        elif prefix:
+            foreign.append(k)
+        else:
+            mine.append(k)
+    mine, quant = split_quant_keys(mine)
+    return prefix, mine, other, foreign, quant

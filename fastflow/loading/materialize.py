@@ -1,0 +1,83 @@
+"""Stage 4 of loading, materialize: a :class:`~.plan.LoadPlan` and its open checkpoint -> the
+module with every tensor filled, in eval mode with grads off.
+
+Tensors are built one at a time from the memory map straight into their final dtype and device
+(FP8 pieces dequantized on the copy, or kept / quantized into the plan's Fp8Linear layers), and
+each source's pages are released as soon as it is copied: peak memory is the loaded model plus
+one assembled tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import Fp8Linear
+from ..quant.fp8 import quantize_weight
+from .plan import LoadPlan
+from .quantized import FP8_DTYPES, Fp8Source
+from .source import CheckpointSource
+
+
+def _assemble(source: CheckpointSource, segs, shape, dtype, device, fp8: Fp8Source) -> torch.Tensor:
+    """One target tensor from its source pieces, FP8 pieces dequantized (codes x scale) on the copy."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    row = 0
+    for s in segs:
+        src = s.take(fp8.dequantized(s.key, source.key_file[s.key].tensor(s.key)))
+        out[row : row + src.shape[0]].copy_(src)
+        row += src.shape[0]
+    return out
+
+
+def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Source):
+    """The file's e4m3 codes and scale as the layer holds them, when no arithmetic is needed
+    (one whole e4m3 source; a per-tensor scale serves a per-channel layer by repetition)."""
+    one = len(segs) == 1 and segs[0].half is None and not segs[0].transpose
+    if not one or source.entry(segs[0].key).dtype != torch.float8_e4m3fn:
+        return None
+    key = segs[0].key
+    scale = fp8.weight_scales.get(key, torch.ones(1))
+    rows = layer.out_features
+    if layer.weight_granularity == "per-channel":
+        scale = scale.expand(rows).clone() if scale.numel() == 1 else scale
+    elif scale.numel() != 1:
+        return None
+    return source.key_file[key].tensor(key), scale
+
+
+def build_state(source: CheckpointSource, plan: LoadPlan) -> dict[str, torch.Tensor]:
+    """Build each target tensor from its sources, casting on the copy; release pages as we go.
+
+    ``plan.fp8_layers`` (weight key -> Fp8Linear on meta) are filled with e4m3 codes and scales: the
+    file's own where they fit the layer, else quantized from the assembled tensor (in ``dtype``,
+    or fp32 when the source is FP8). Peak memory: the loaded model plus one assembled tensor."""
+    state = {}
+    fp8, expected, dtype, device = plan.fp8, plan.expected, plan.dtype, plan.device
+    for key, segs in plan.keys.items():
+        layer = plan.fp8_layers.get(key)
+        if layer is None:
+            state[key] = _assemble(source, segs, expected[key], dtype, device, fp8)
+        else:
+            stem = key[: -len("weight")]
+            found = _passthrough(source, segs, layer, fp8)
+            if found is not None:  # views of the map (and the checked scale): copy
+                found = found[0].to(device, copy=True), found[1].to(device, copy=True)
+            else:
+                from_fp8 = any(source.entry(s.key).dtype in FP8_DTYPES for s in segs)
+                full = _assemble(source, segs, expected[key], torch.float32 if from_fp8 else dtype, device, fp8)
+                found = quantize_weight(full, layer.weight_granularity)
+                del full
+            state[key], state[stem + "weight_scale"] = found
+            if layer.activation == "static":
+                state[stem + "input_scale"] = layer.input_scale.to(device, copy=True)
+        for s in segs:
+            source.key_file[s.key].release(s.key)
+    return state
+
+
+def materialize(source: CheckpointSource, plan: LoadPlan) -> nn.Module:
+    """The plan's module with its tensors from ``source``, in eval mode with grads off."""
+    state = build_state(source, plan)
+    plan.model.load_state_dict(state, strict=True, assign=True)
+    return plan.model.eval().requires_grad_(False)
