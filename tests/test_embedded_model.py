@@ -12,7 +12,7 @@ from PIL import Image
 
 import fastflow
 from fastflow import evaluation
-from fastflow.loading.components import DEFAULT_MODEL
+from fastflow.loading import DEFAULT_MODEL
 
 ROOT = Path(__file__).parent.parent
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

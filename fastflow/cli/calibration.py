@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from ..loading.components import DEFAULT_MODEL
+from ..loading.source import DEFAULT_MODEL
 from .common import device_and_dtype
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..loading.components import DEFAULT_MODEL
+from ..loading.source import DEFAULT_MODEL
 from .common import DTYPES, cpu_threads, device_and_dtype, parse_cache, parse_lora_arg, threads_arg
 from .output import check_output, output_path, save_png
 

@@ -16,7 +16,6 @@ import torch
 from ..errors import CheckpointError, MissingComponentError
 from ..models.text import CLIPEncoder, FluxTextEncoder, SD3TextEncoder, SDXLTextEncoder, T5Encoder
 from .loader import load_transformer, load_vae
-from .source import DEFAULT_MODEL as DEFAULT_MODEL  # the CLI's import path (canonical: fastflow.loading)
 from .text import load_text_model
 from .tokenizer import check_tokenizer_fits, load_tokenizer
 
