@@ -147,13 +147,6 @@ def check_steps(steps) -> int:
     return steps
 
 
-def check_scale(value, name: str) -> float:
-    """A guidance-type scale: a finite number >= 0 (NaN or negative would silently turn guidance off)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def check_seeds(seed, n: int) -> list[int] | None:
     """n seeds from ``seed`` (an int: seed, seed + 1, ...; a list: one per image; None or -1:
     random), each in [0, 2**64)."""

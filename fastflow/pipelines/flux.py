@@ -6,11 +6,11 @@ import warnings
 
 import torch
 
-from ..errors import InputError, MissingComponentError
+from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, check_scale, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, resolve_size
 from .images import kontext_size, load_image, to_tensor
 
 

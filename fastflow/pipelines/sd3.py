@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import BasePipeline, PipelineOutput, Plan, check_negatives, check_scale, resolve_size
+from .base import BasePipeline, PipelineOutput, Plan, check_negatives, resolve_size
 
 
 class SD3Pipeline(BasePipeline):

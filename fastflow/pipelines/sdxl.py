@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
 from .base import (
@@ -15,7 +15,6 @@ from .base import (
     PipelineOutput,
     Plan,
     check_negatives,
-    check_scale,
     check_seeds,
     resolve_size,
 )
