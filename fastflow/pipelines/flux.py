@@ -10,8 +10,12 @@ from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, resolve_size
+from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
+from .outputs import PipelineOutput
+from .prompts import as_prompt_list, check_negatives
+from .settings import resolve_size
+from .template import Plan
 
 
 class FluxPipeline(BasePipeline):

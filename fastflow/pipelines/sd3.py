@@ -7,7 +7,11 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import BasePipeline, PipelineOutput, Plan, check_negatives, resolve_size
+from .base import BasePipeline
+from .outputs import PipelineOutput
+from .prompts import check_negatives
+from .settings import resolve_size
+from .template import Plan
 
 
 class SD3Pipeline(BasePipeline):

@@ -10,14 +10,12 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
-from .base import (
-    BasePipeline,
-    PipelineOutput,
-    Plan,
-    check_negatives,
-    check_seeds,
-    resolve_size,
-)
+from .base import BasePipeline
+from .noise import check_seeds
+from .outputs import PipelineOutput
+from .prompts import check_negatives
+from .settings import resolve_size
+from .template import Plan
 
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 MAX_SIDE = 4096  # no position table limits a UNet; 4x SDXL's trained side
