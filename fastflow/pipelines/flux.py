@@ -13,7 +13,7 @@ from ..samplers import flux_schedule
 from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
 from .outputs import PipelineOutput
-from .prompts import as_prompt_list, check_negatives
+from .prompts import as_prompt_list
 from .settings import resolve_size
 from .template import Plan
 
@@ -46,6 +46,15 @@ class FluxPipeline(BasePipeline):
                 "pooled_prompt_embeds, or load the model with its text encoders"
             )
         return self.encode_text(prompts)
+
+    def pooled_embeds(self, prompt, embeds, pooled, what: str):
+        """(txt, y): the given pair, or CLIP-L + T5's for ``prompt``; FLUX's messages name the
+        diffusers arguments."""
+        if embeds is None:
+            return self.encode_prompt(as_prompt_list(prompt, what))
+        if pooled is None:
+            raise InputError(f"{what}_embeds needs {what.replace('prompt', 'pooled_prompt')}_embeds too")
+        return embeds, pooled
 
     def _context_image(self, image, auto_resize: bool):
         """Kontext: the input image, resized, VAE-encoded (mean), packed; its ids have index 1."""
@@ -128,27 +137,6 @@ class FluxPipeline(BasePipeline):
             )
         return None, true_cfg
 
-    def _text(self, r, true_cfg: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(txt, y) on the device, repeated per image, [cond ; uncond] with true CFG; and n images."""
-        if r.prompt_embeds is None:
-            txt, y = self.encode_prompt(as_prompt_list(r.prompt))
-        elif r.pooled_prompt_embeds is None:
-            raise InputError("prompt_embeds needs pooled_prompt_embeds too")
-        else:
-            txt, y = r.prompt_embeds, r.pooled_prompt_embeds
-        k = r.num_images_per_prompt
-        n = self.images_per_call(txt.shape[0], k)
-        if true_cfg > 1.0:
-            if r.negative_prompt_embeds is not None:
-                neg_txt, neg_y = r.negative_prompt_embeds, r.negative_pooled_prompt_embeds
-            else:
-                negative = r.negative_prompt if r.negative_prompt is not None else ""
-                negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
-                neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
-            check_negatives(neg_txt.shape[0], txt.shape[0])
-            txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
-        return txt.repeat_interleave(k, 0).to(self.device), y.repeat_interleave(k, 0).to(self.device), n
-
     def prepare(self, timer, r) -> Plan:
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
@@ -168,7 +156,8 @@ class FluxPipeline(BasePipeline):
                 cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         with timer.stage("encode_prompt"):
-            txt, y, n = self._text(r, true_cfg)
+            text = self.prepare_text(r, true_cfg > 1.0, uncond_first=False)  # [cond ; uncond] with true CFG
+        (txt, y), n = text.batch(), text.images
         f = self.vae.downscale
         h_lat, w_lat = height // f, width // f
         tokens = (h_lat // 2) * (w_lat // 2)

@@ -9,7 +9,6 @@ from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
 from .base import BasePipeline
 from .outputs import PipelineOutput
-from .prompts import check_negatives
 from .settings import resolve_size
 from .template import Plan
 
@@ -72,28 +71,6 @@ class SD3Pipeline(BasePipeline):
         del request["self"]
         return self.generate(**request)
 
-    def _text(self, r, do_cfg: bool):
-        """(context, pooled) on the device, repeated per image; with CFG also the [uncond ; cond] pair."""
-        k = r.num_images_per_prompt
-
-        def per_image(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(k, 0).to(self.device)
-
-        ctx, pooled = self.pooled_embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
-        self.images_per_call(ctx.shape[0], k)
-        ctx, pooled = per_image(ctx), per_image(pooled)
-        if not do_cfg:
-            return ctx, pooled, None
-        negative = r.negative_prompt
-        if r.negative_prompt_embeds is None and negative is None:
-            negative = [""] * (ctx.shape[0] // k)  # the references encode "", not zeros
-        elif isinstance(negative, str):
-            negative = [negative] * (ctx.shape[0] // k)
-        neg = self.pooled_embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt")
-        check_negatives(neg[0].shape[0], ctx.shape[0] // k)
-        neg_ctx, neg_pooled = map(per_image, neg)
-        return ctx, pooled, (torch.cat((neg_ctx, ctx)), torch.cat((neg_pooled, pooled)))
-
     def prepare(self, timer, r) -> Plan:
         mcfg = self.config
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
@@ -109,7 +86,8 @@ class SD3Pipeline(BasePipeline):
         if any(not 0 <= i < mcfg.depth for i in skip):
             raise InputError(f"skip_guidance_layers must be block indices below {mcfg.depth}, got {list(skip)}")
         with timer.stage("encode_prompt"):
-            ctx, pooled, both = self._text(r, do_cfg)
+            text = self.prepare_text(r, do_cfg)
+        (ctx, pooled), both = text.cond, text.batch()  # both: [uncond ; cond] with CFG
         n, f = ctx.shape[0], self.vae.downscale
         sigmas = sd3_schedule(steps, mcfg.shift) if r.sigmas is None else self.given_sigmas(r.sigmas, steps)
         given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]

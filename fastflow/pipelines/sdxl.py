@@ -13,7 +13,6 @@ from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral
 from .base import BasePipeline
 from .noise import check_seeds
 from .outputs import PipelineOutput
-from .prompts import check_negatives
 from .settings import resolve_size
 from .template import Plan
 
@@ -102,31 +101,6 @@ class SDXLPipeline(BasePipeline):
         del request["self"]
         return self.generate(**request)
 
-    def _text(self, r, do_cfg: bool):
-        k = r.num_images_per_prompt
-
-        def per_image(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(k, 0).to(self.device)
-
-        ctx, pooled = self.pooled_embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
-        self.images_per_call(ctx.shape[0], k)
-        n_prompts = ctx.shape[0]
-        ctx, pooled = per_image(ctx), per_image(pooled)
-        if not do_cfg:
-            return ctx, pooled, None
-        negative = r.negative_prompt
-        if r.negative_prompt_embeds is None and negative is None and self.force_zeros_for_empty_prompt:
-            neg = (torch.zeros_like(ctx), torch.zeros_like(pooled))  # diffusers' SDXL default
-        else:
-            if r.negative_prompt_embeds is None:
-                negative = [negative or ""] * n_prompts if isinstance(negative, str) or negative is None else negative
-            neg_ctx, neg_pooled = self.pooled_embeds(
-                negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt"
-            )
-            check_negatives(neg_ctx.shape[0], n_prompts)
-            neg = (per_image(neg_ctx), per_image(neg_pooled))
-        return ctx, pooled, neg
-
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
         """[n, 6]: (original h, w, crop top, left, target h, w), diffusers' defaults."""
         size = (height, width)
@@ -165,7 +139,8 @@ class SDXLPipeline(BasePipeline):
         do_cfg = guidance > 1.0
         height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, MAX_SIDE)
         with timer.stage("encode_prompt"):
-            ctx, pooled, neg = self._text(r, do_cfg)
+            text = self.prepare_text(r, do_cfg, zeros_for_empty_negative=self.force_zeros_for_empty_prompt)
+        ctx, pooled = text.cond
         n, f = ctx.shape[0], self.vae.downscale
         if pooled.shape[-1] != cfg.pooled_dim or ctx.shape[-1] != cfg.context_dim:
             raise InputError(
@@ -185,11 +160,7 @@ class SDXLPipeline(BasePipeline):
         noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
         timesteps = timesteps.float().to(self.device)
         if do_cfg:
-            both = (
-                torch.cat((neg[0], ctx)),
-                torch.cat((neg[1], pooled)),
-                torch.cat((self._time_ids(r, height, width, n, negative=True), ids)),
-            )
+            both = (*text.batch(), torch.cat((self._time_ids(r, height, width, n, negative=True), ids)))
 
         def velocity(x, step):  # the predicted noise eps = dx / dsigma
             t = timesteps[step.index].expand(n)
