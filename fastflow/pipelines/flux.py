@@ -10,6 +10,7 @@ from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
+from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
 from .outputs import PipelineOutput
@@ -72,38 +73,10 @@ class FluxPipeline(BasePipeline):
         ids = make_img_ids(latent.shape[-2] // 2, latent.shape[-1] // 2, index=1, device=self.device)
         return tokens, ids, (height, width)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        negative_prompt=None,
-        image=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed=None,
-        generator=None,
-        sampler: str | None = None,
-        output_type: str = "pil",
-        callback=None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        auto_resize: bool = True,
-        progress: bool | None = None,
-        cache=None,
-        cache_threshold: float | None = None,
-        sigmas=None,
-        true_cfg_scale: float | None = None,
-        strength: float | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-    ) -> PipelineOutput:
+    @call_arguments(*PROMPTS, "image", *STANDARD, "latents", arg("auto_resize", "bool", True), "progress",
+                    *CACHE, "sigmas", arg("true_cfg_scale", "float | None"), "strength", *NEGATIVE_EMBEDS,
+                    *STEP_END)  # fmt: skip
+    def __call__(self, **request) -> PipelineOutput:
         """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
         its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
         ``strength`` (default 0.6) selects, as diffusers' FluxImg2ImgPipeline (output size: the
@@ -111,8 +84,6 @@ class FluxPipeline(BasePipeline):
         ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
         as diffusers' option of the same name; off by default except for models trained for it."""
-        request = dict(locals())
-        del request["self"]
         return self.generate(**request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:

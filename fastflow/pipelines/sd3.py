@@ -7,10 +7,18 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
+from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .outputs import PipelineOutput
 from .settings import resolve_size
 from .template import Plan
+
+SKIP_LAYER_GUIDANCE = (  # SD3.5's __call__ arguments beyond the common ones (diffusers' names and defaults)
+    arg("skip_guidance_layers", "list[int] | None"),
+    arg("skip_layer_guidance_scale", "float", 2.8),
+    arg("skip_layer_guidance_start", "float", 0.01),
+    arg("skip_layer_guidance_stop", "float", 0.2),
+)
 
 
 class SD3Pipeline(BasePipeline):
@@ -29,46 +37,13 @@ class SD3Pipeline(BasePipeline):
     def max_side(self) -> int:
         return self.config.pos_embed_max_size * self.multiple
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        negative_prompt=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed=None,
-        generator=None,
-        sampler: str | None = None,
-        output_type: str = "pil",
-        callback=None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        skip_guidance_layers: list[int] | None = None,
-        skip_layer_guidance_scale: float = 2.8,
-        skip_layer_guidance_start: float = 0.01,
-        skip_layer_guidance_stop: float = 0.2,
-        image=None,
-        strength: float | None = None,
-        progress: bool | None = None,
-        cache=None,
-        cache_threshold: float | None = None,
-        sigmas=None,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-    ) -> PipelineOutput:
+    @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *SKIP_LAYER_GUIDANCE, "image", "strength",
+                    "progress", *CACHE, "sigmas", *STEP_END)  # fmt: skip
+    def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance.
         ``image``: image-to-image as diffusers' StableDiffusion3Img2ImgPipeline, from the sigma
         ``strength`` (default 0.6) selects; the output size defaults to the image's."""
-        request = dict(locals())
-        del request["self"]
         return self.generate(**request)
 
     def prepare(self, timer, r) -> Plan:

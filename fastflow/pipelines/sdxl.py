@@ -10,6 +10,7 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
+from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .noise import check_seeds
 from .outputs import PipelineOutput
@@ -18,6 +19,15 @@ from .template import Plan
 
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 MAX_SIDE = 4096  # no position table limits a UNet; 4x SDXL's trained side
+SIZE = "tuple[int, int] | None"
+MICRO_CONDITIONING = (  # SDXL's __call__ arguments beyond the common ones (diffusers' names and defaults)
+    arg("original_size", SIZE),
+    arg("crops_coords_top_left", "tuple[int, int]", (0, 0)),
+    arg("target_size", SIZE),
+    arg("negative_original_size", SIZE),
+    arg("negative_crops_coords_top_left", SIZE),
+    arg("negative_target_size", SIZE),
+)
 
 
 def _size_pair(value, name: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -56,49 +66,14 @@ class SDXLPipeline(BasePipeline):
     def multiple(self) -> int:
         return self.vae.downscale * self.transformer.downscale
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        negative_prompt=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed=None,
-        generator=None,
-        sampler: str | None = None,
-        output_type: str = "pil",
-        callback=None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] | None = None,
-        negative_target_size: tuple[int, int] | None = None,
-        progress: bool | None = None,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-        image=None,
-        strength: float | None = None,
-        sigmas=None,
-        cache=None,
-        cache_threshold: float | None = None,
-    ) -> PipelineOutput:
+    @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *MICRO_CONDITIONING, "progress", *STEP_END,
+                    "image", "strength", "sigmas", *CACHE)  # fmt: skip
+    def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
         ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own
         generator) or "dpmpp_2m". ``original_size`` / ``crops_coords_top_left`` / ``target_size``
         (and their ``negative_`` twins) are SDXL's micro-conditioning, defaulting to the output size
         and (0, 0) as in diffusers."""
-        request = dict(locals())
-        del request["self"]
         return self.generate(**request)
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
