@@ -1,4 +1,5 @@
-"""Every error fastflow raises on bad user input, in one place.
+"""Every error fastflow raises on bad user input, in one place, and the argument checks that more
+than one room makes (a guidance-type scale), so that every room can import them.
 
 Each error names the file (where there is one) and says what to do. All derive from
 :class:`FastflowError`; checkpoint problems derive from :class:`CheckpointError` (also a
@@ -7,6 +8,7 @@ Each error names the file (where there is one) and says what to do. All derive f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -152,3 +154,10 @@ class GenerationInterrupted(FastflowError):
         super().__init__(message)
         self.latents = latents
         self.step = step
+
+
+def check_scale(value, name: str) -> float:
+    """A guidance-type scale: a finite number >= 0 (NaN or negative would silently turn guidance off)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -286,8 +286,8 @@ def fine_trajectory(pipe, prompt: str, seed: int, grid: torch.Tensor) -> torch.T
     import inspect
     from types import SimpleNamespace
 
-    from .pipelines.base import Timer
     from .pipelines.sd3 import SD3Pipeline
+    from .pipelines.template import Timer
     from .samplers import Step
 
     request = {k: p.default for k, p in inspect.signature(pipe.__call__).parameters.items()}

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..pipelines.base import check_scale
+from ..errors import InputError, check_scale
 from .runner import Residual
 
 

@@ -1,7 +1,7 @@
 """Pipelines: prompt (and image) -> images, for FLUX.1 (incl. Kontext), SD3 / SD3.5 and SDXL."""
 
-from .base import PipelineOutput
 from .flux import FluxPipeline
+from .outputs import PipelineOutput
 from .sd3 import SD3Pipeline
 from .sdxl import SDXLPipeline
 

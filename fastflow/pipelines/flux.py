@@ -6,12 +6,17 @@ import warnings
 
 import torch
 
-from ..errors import InputError, MissingComponentError
+from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .base import BasePipeline, PipelineOutput, Plan, as_prompt_list, check_negatives, check_scale, resolve_size
+from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
+from .outputs import PipelineOutput
+from .prompts import as_prompt_list
+from .settings import resolve_size
+from .template import Plan
 
 
 class FluxPipeline(BasePipeline):
@@ -43,6 +48,15 @@ class FluxPipeline(BasePipeline):
             )
         return self.encode_text(prompts)
 
+    def pooled_embeds(self, prompt, embeds, pooled, what: str):
+        """(txt, y): the given pair, or CLIP-L + T5's for ``prompt``; FLUX's messages name the
+        diffusers arguments."""
+        if embeds is None:
+            return self.encode_prompt(as_prompt_list(prompt, what))
+        if pooled is None:
+            raise InputError(f"{what}_embeds needs {what.replace('prompt', 'pooled_prompt')}_embeds too")
+        return embeds, pooled
+
     def _context_image(self, image, auto_resize: bool):
         """Kontext: the input image, resized, VAE-encoded (mean), packed; its ids have index 1."""
         if not self.config.kontext:
@@ -59,38 +73,10 @@ class FluxPipeline(BasePipeline):
         ids = make_img_ids(latent.shape[-2] // 2, latent.shape[-1] // 2, index=1, device=self.device)
         return tokens, ids, (height, width)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        negative_prompt=None,
-        image=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed=None,
-        generator=None,
-        sampler: str | None = None,
-        output_type: str = "pil",
-        callback=None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        auto_resize: bool = True,
-        progress: bool | None = None,
-        cache=None,
-        cache_threshold: float | None = None,
-        sigmas=None,
-        true_cfg_scale: float | None = None,
-        strength: float | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-    ) -> PipelineOutput:
+    @call_arguments(*PROMPTS, "image", *STANDARD, "latents", arg("auto_resize", "bool", True), "progress",
+                    *CACHE, "sigmas", arg("true_cfg_scale", "float | None"), "strength", *NEGATIVE_EMBEDS,
+                    *STEP_END)  # fmt: skip
+    def __call__(self, **request) -> PipelineOutput:
         """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
         its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
         ``strength`` (default 0.6) selects, as diffusers' FluxImg2ImgPipeline (output size: the
@@ -98,8 +84,6 @@ class FluxPipeline(BasePipeline):
         ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
         as diffusers' option of the same name; off by default except for models trained for it."""
-        request = dict(locals())
-        del request["self"]
         return self.generate(**request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
@@ -124,27 +108,6 @@ class FluxPipeline(BasePipeline):
             )
         return None, true_cfg
 
-    def _text(self, r, true_cfg: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(txt, y) on the device, repeated per image, [cond ; uncond] with true CFG; and n images."""
-        if r.prompt_embeds is None:
-            txt, y = self.encode_prompt(as_prompt_list(r.prompt))
-        elif r.pooled_prompt_embeds is None:
-            raise InputError("prompt_embeds needs pooled_prompt_embeds too")
-        else:
-            txt, y = r.prompt_embeds, r.pooled_prompt_embeds
-        k = r.num_images_per_prompt
-        n = self.images_per_call(txt.shape[0], k)
-        if true_cfg > 1.0:
-            if r.negative_prompt_embeds is not None:
-                neg_txt, neg_y = r.negative_prompt_embeds, r.negative_pooled_prompt_embeds
-            else:
-                negative = r.negative_prompt if r.negative_prompt is not None else ""
-                negative = [negative] * txt.shape[0] if isinstance(negative, str) else negative
-                neg_txt, neg_y = self.encode_prompt(as_prompt_list(negative, "negative_prompt"))
-            check_negatives(neg_txt.shape[0], txt.shape[0])
-            txt, y = torch.cat((txt, neg_txt)), torch.cat((y, neg_y))  # [cond ; uncond]
-        return txt.repeat_interleave(k, 0).to(self.device), y.repeat_interleave(k, 0).to(self.device), n
-
     def prepare(self, timer, r) -> Plan:
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
@@ -164,7 +127,8 @@ class FluxPipeline(BasePipeline):
                 cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         with timer.stage("encode_prompt"):
-            txt, y, n = self._text(r, true_cfg)
+            text = self.prepare_text(r, true_cfg > 1.0, uncond_first=False)  # [cond ; uncond] with true CFG
+        (txt, y), n = text.batch(), text.images
         f = self.vae.downscale
         h_lat, w_lat = height // f, width // f
         tokens = (h_lat // 2) * (w_lat // 2)

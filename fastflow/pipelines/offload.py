@@ -6,12 +6,14 @@ all of them (FLUX.1-dev in bf16: 23.8 GB transformer, 9.5 GB T5, 0.2 GB VAE); th
 host-to-device copy of each component per generation.
 
 ``pipe.enable_model_cpu_offload()`` (diffusers' name) turns it on; stages are marked in the
-pipelines with ``pipe.stage(name)``.
+pipelines with ``pipe.stage(name)``. :class:`OffloadMixin` holds a pipeline's placement methods
+(``to``, the offload switch, ``stage``, ``device``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -65,3 +67,68 @@ def text_models(text_encoder) -> dict[str, nn.Module]:
 def check_not_offloaded(pipe, what: str) -> None:
     if getattr(pipe, "_offload", None) is not None:
         raise InputError(f"{what}: model CPU offload is on; call pipe.disable_model_cpu_offload() first")
+
+
+class OffloadMixin:
+    """Where a pipeline's components are and compute: ``pipe.to(...)``, model CPU offload on / off,
+    the stage context, the execution device (the family gives ``weights_device``)."""
+
+    _offload = None  # a ModelOffload while enable_model_cpu_offload is on
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """diffusers' ``pipe.to("cuda")`` / ``pipe.to(torch.bfloat16)`` / ``pipe.to("cuda", torch.bfloat16)``:
+        moves (and casts) the transformer, the VAE and the text encoders; returns the pipeline. T5
+        is never cast to float16 (it overflows there): it keeps its dtype, with a warning."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if device is not None:
+            from ..ops.capability import usable_device
+
+            check_not_offloaded(self, "pipe.to(device)")
+            device = torch.device(usable_device(device, "pipe.to", 'pipe.to("cpu")'))
+        self.transformer.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype)
+        for name, model in text_models(self.text_encoder).items():
+            cast = dtype
+            if name == "t5" and dtype == torch.float16:
+                warnings.warn("T5 overflows in float16: it keeps its dtype", UserWarning, stacklevel=2)
+                cast = None
+            model.to(device=device, dtype=cast)
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device="cuda"):
+        """diffusers' memory switch for 12-24 GB GPUs: each component stays in CPU memory and moves
+        to ``device`` (``cuda:gpu_id``) only while its stage runs (see
+        :mod:`fastflow.pipelines.offload`). Returns the pipeline."""
+        from ..ops.capability import usable_device
+
+        if gpu_id is not None:
+            device = f"{torch.device(device).type}:{gpu_id}"
+        device = torch.device(usable_device(device, "enable_model_cpu_offload", 'device="cpu"'))
+        groups = {
+            "text": list(text_models(self.text_encoder).values()),
+            "transformer": [self.transformer],
+            "vae": [self.vae],
+        }
+        self.disable_model_cpu_offload()
+        self._offload = ModelOffload(groups, device)
+        return self
+
+    def disable_model_cpu_offload(self):
+        """Turns the offload off; every component is left in CPU memory (then ``pipe.to(device)``)."""
+        if self._offload is not None:
+            self._offload.release()
+        self._offload = None
+        return self
+
+    def stage(self, name: str):
+        """Context of a pipeline stage ("text", "transformer", "vae"): with model CPU offload on,
+        that component group is on the execution device for the block."""
+        return contextlib.nullcontext() if self._offload is None else self._offload.use(name)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline computes: the transformer's device (with offload: the execution device)."""
+        return self._offload.device if self._offload is not None else self.weights_device

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .base import BasePipeline, PipelineOutput, Plan, check_negatives, check_scale, resolve_size
+from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .base import BasePipeline
+from .outputs import PipelineOutput
+from .settings import resolve_size
+from .template import Plan
+
+SKIP_LAYER_GUIDANCE = (  # SD3.5's __call__ arguments beyond the common ones (diffusers' names and defaults)
+    arg("skip_guidance_layers", "list[int] | None"),
+    arg("skip_layer_guidance_scale", "float", 2.8),
+    arg("skip_layer_guidance_start", "float", 0.01),
+    arg("skip_layer_guidance_stop", "float", 0.2),
+)
 
 
 class SD3Pipeline(BasePipeline):
@@ -26,69 +37,14 @@ class SD3Pipeline(BasePipeline):
     def max_side(self) -> int:
         return self.config.pos_embed_max_size * self.multiple
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        negative_prompt=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed=None,
-        generator=None,
-        sampler: str | None = None,
-        output_type: str = "pil",
-        callback=None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        skip_guidance_layers: list[int] | None = None,
-        skip_layer_guidance_scale: float = 2.8,
-        skip_layer_guidance_start: float = 0.01,
-        skip_layer_guidance_stop: float = 0.2,
-        image=None,
-        strength: float | None = None,
-        progress: bool | None = None,
-        cache=None,
-        cache_threshold: float | None = None,
-        sigmas=None,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-    ) -> PipelineOutput:
+    @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *SKIP_LAYER_GUIDANCE, "image", "strength",
+                    "progress", *CACHE, "sigmas", *STEP_END)  # fmt: skip
+    def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance.
         ``image``: image-to-image as diffusers' StableDiffusion3Img2ImgPipeline, from the sigma
         ``strength`` (default 0.6) selects; the output size defaults to the image's."""
-        request = dict(locals())
-        del request["self"]
         return self.generate(**request)
-
-    def _text(self, r, do_cfg: bool):
-        """(context, pooled) on the device, repeated per image; with CFG also the [uncond ; cond] pair."""
-        k = r.num_images_per_prompt
-
-        def per_image(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(k, 0).to(self.device)
-
-        ctx, pooled = self.pooled_embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
-        self.images_per_call(ctx.shape[0], k)
-        ctx, pooled = per_image(ctx), per_image(pooled)
-        if not do_cfg:
-            return ctx, pooled, None
-        negative = r.negative_prompt
-        if r.negative_prompt_embeds is None and negative is None:
-            negative = [""] * (ctx.shape[0] // k)  # the references encode "", not zeros
-        elif isinstance(negative, str):
-            negative = [negative] * (ctx.shape[0] // k)
-        neg = self.pooled_embeds(negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt")
-        check_negatives(neg[0].shape[0], ctx.shape[0] // k)
-        neg_ctx, neg_pooled = map(per_image, neg)
-        return ctx, pooled, (torch.cat((neg_ctx, ctx)), torch.cat((neg_pooled, pooled)))
 
     def prepare(self, timer, r) -> Plan:
         mcfg = self.config
@@ -105,7 +61,8 @@ class SD3Pipeline(BasePipeline):
         if any(not 0 <= i < mcfg.depth for i in skip):
             raise InputError(f"skip_guidance_layers must be block indices below {mcfg.depth}, got {list(skip)}")
         with timer.stage("encode_prompt"):
-            ctx, pooled, both = self._text(r, do_cfg)
+            text = self.prepare_text(r, do_cfg)
+        (ctx, pooled), both = text.cond, text.batch()  # both: [uncond ; cond] with CFG
         n, f = ctx.shape[0], self.vae.downscale
         sigmas = sd3_schedule(steps, mcfg.shift) if r.sigmas is None else self.given_sigmas(r.sigmas, steps)
         given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]

@@ -7,21 +7,27 @@ import random
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
-from .base import (
-    BasePipeline,
-    PipelineOutput,
-    Plan,
-    check_negatives,
-    check_scale,
-    check_seeds,
-    resolve_size,
-)
+from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .base import BasePipeline
+from .noise import check_seeds
+from .outputs import PipelineOutput
+from .settings import resolve_size
+from .template import Plan
 
 SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 MAX_SIDE = 4096  # no position table limits a UNet; 4x SDXL's trained side
+SIZE = "tuple[int, int] | None"
+MICRO_CONDITIONING = (  # SDXL's __call__ arguments beyond the common ones (diffusers' names and defaults)
+    arg("original_size", SIZE),
+    arg("crops_coords_top_left", "tuple[int, int]", (0, 0)),
+    arg("target_size", SIZE),
+    arg("negative_original_size", SIZE),
+    arg("negative_crops_coords_top_left", SIZE),
+    arg("negative_target_size", SIZE),
+)
 
 
 def _size_pair(value, name: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -60,75 +66,15 @@ class SDXLPipeline(BasePipeline):
     def multiple(self) -> int:
         return self.vae.downscale * self.transformer.downscale
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        negative_prompt=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        num_images_per_prompt: int = 1,
-        seed=None,
-        generator=None,
-        sampler: str | None = None,
-        output_type: str = "pil",
-        callback=None,
-        prompt_embeds: torch.Tensor | None = None,
-        pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] | None = None,
-        negative_target_size: tuple[int, int] | None = None,
-        progress: bool | None = None,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
-        image=None,
-        strength: float | None = None,
-        sigmas=None,
-        cache=None,
-        cache_threshold: float | None = None,
-    ) -> PipelineOutput:
+    @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *MICRO_CONDITIONING, "progress", *STEP_END,
+                    "image", "strength", "sigmas", *CACHE)  # fmt: skip
+    def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
         ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own
         generator) or "dpmpp_2m". ``original_size`` / ``crops_coords_top_left`` / ``target_size``
         (and their ``negative_`` twins) are SDXL's micro-conditioning, defaulting to the output size
         and (0, 0) as in diffusers."""
-        request = dict(locals())
-        del request["self"]
         return self.generate(**request)
-
-    def _text(self, r, do_cfg: bool):
-        k = r.num_images_per_prompt
-
-        def per_image(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(k, 0).to(self.device)
-
-        ctx, pooled = self.pooled_embeds(r.prompt, r.prompt_embeds, r.pooled_prompt_embeds, "prompt")
-        self.images_per_call(ctx.shape[0], k)
-        n_prompts = ctx.shape[0]
-        ctx, pooled = per_image(ctx), per_image(pooled)
-        if not do_cfg:
-            return ctx, pooled, None
-        negative = r.negative_prompt
-        if r.negative_prompt_embeds is None and negative is None and self.force_zeros_for_empty_prompt:
-            neg = (torch.zeros_like(ctx), torch.zeros_like(pooled))  # diffusers' SDXL default
-        else:
-            if r.negative_prompt_embeds is None:
-                negative = [negative or ""] * n_prompts if isinstance(negative, str) or negative is None else negative
-            neg_ctx, neg_pooled = self.pooled_embeds(
-                negative, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds, "negative_prompt"
-            )
-            check_negatives(neg_ctx.shape[0], n_prompts)
-            neg = (per_image(neg_ctx), per_image(neg_pooled))
-        return ctx, pooled, neg
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
         """[n, 6]: (original h, w, crop top, left, target h, w), diffusers' defaults."""
@@ -168,7 +114,8 @@ class SDXLPipeline(BasePipeline):
         do_cfg = guidance > 1.0
         height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, MAX_SIDE)
         with timer.stage("encode_prompt"):
-            ctx, pooled, neg = self._text(r, do_cfg)
+            text = self.prepare_text(r, do_cfg, zeros_for_empty_negative=self.force_zeros_for_empty_prompt)
+        ctx, pooled = text.cond
         n, f = ctx.shape[0], self.vae.downscale
         if pooled.shape[-1] != cfg.pooled_dim or ctx.shape[-1] != cfg.context_dim:
             raise InputError(
@@ -188,11 +135,7 @@ class SDXLPipeline(BasePipeline):
         noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
         timesteps = timesteps.float().to(self.device)
         if do_cfg:
-            both = (
-                torch.cat((neg[0], ctx)),
-                torch.cat((neg[1], pooled)),
-                torch.cat((self._time_ids(r, height, width, n, negative=True), ids)),
-            )
+            both = (*text.batch(), torch.cat((self._time_ids(r, height, width, n, negative=True), ids)))
 
         def velocity(x, step):  # the predicted noise eps = dx / dsigma
             t = timesteps[step.index].expand(n)

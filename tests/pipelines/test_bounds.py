@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastflow import errors
-from fastflow.pipelines.base import MAX_STEPS
+from fastflow.pipelines.settings import MAX_STEPS
 
 KW = {"height": 32, "width": 48, "num_inference_steps": 2, "output_type": "latent"}
 
