@@ -18,3 +18,22 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     for step in tests.split(" && "):
         assert step in ci, f"README test step {step!r} is not in .ci/run"
+
+
+def test_the_one_line_for_the_embedded_model_runs(tmp_path, monkeypatch):
+    """The README's one Python line (the embedded model) runs as written and saves an image."""
+    import torch
+    from PIL import Image
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    line = blocks[0].strip()
+    assert line.startswith('import fastflow; fastflow.load("fastflow-tiny-digits")') and "\n" not in line
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 2-core CI machine: small models contend with 2 threads
+    try:
+        exec(compile(line, "README.md", "exec"), {})
+    finally:
+        torch.set_num_threads(threads)
+    with Image.open(tmp_path / "seven.png") as image:
+        assert image.size == (16, 16)
