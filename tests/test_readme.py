@@ -26,13 +26,13 @@ def test_the_one_line_for_the_embedded_model_runs(tmp_path, monkeypatch):
     from PIL import Image
 
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    line = blocks[0].strip()
-    assert line.startswith('import fastflow; fastflow.load("fastflow-tiny-digits")') and "\n" not in line
+    code = blocks[0].strip()
+    assert code.startswith('import fastflow\n\nfastflow.load("fastflow-tiny-digits")') and code.count("\n") == 2
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2-core CI machine: small models contend with 2 threads
     try:
-        exec(compile(line, "README.md", "exec"), {})
+        exec(compile(code, "README.md", "exec"), {})
     finally:
         torch.set_num_threads(threads)
     with Image.open(tmp_path / "seven.png") as image:
