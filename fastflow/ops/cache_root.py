@@ -112,8 +112,10 @@ def _open_folder(path: Path, dir_fd: int | None = None, follow: bool = True) -> 
 def folder(sub: str | None = None, base: Path | None = None):
     """``(descriptor, path)`` of the checked cache root (or ``base``), or of its subfolder ``sub``."""
     base = root() if base is None else base
-    if base.parent != base:
+    try:
         base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UnsafeCacheError(f"cannot create the fastflow cache folder {base} ({e.strerror}): set {ENV}") from None
     fd = _open_folder(base)
     try:
         if sub is None:

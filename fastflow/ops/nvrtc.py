@@ -148,12 +148,15 @@ def cubin(unit: str, arch: str) -> bytes:
         with cache_root.folder("cubin") as (fd, where):
             try:
                 data = _verified(key, cache_root.read_entry(fd, where / name, MAX_CUBIN_BYTES))
-            except CheckpointError as e:  # a symlink, FIFO, device or huge file at the entry's name
+            except (CheckpointError, OSError) as e:  # a symlink, FIFO, device or huge file at its name
                 _log.warning("recompiling over an unusable cubin cache entry: %s", e)
                 data = None
             if data is None:
                 data = compile_unit(unit, arch)
-                cache_root.write_entry(fd, name, _entry(key, data))
+                try:
+                    cache_root.write_entry(fd, name, _entry(key, data))
+                except OSError as e:  # a full disk: the cubin is still good
+                    _log.warning("could not cache the cubin %s (%s)", where / name, e)
             return data
     except UnsafeCacheError as e:
         if str(e) not in _warned:

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from fastflow.errors import UnsafeCacheError
+from fastflow.errors import InputError, UnsafeCacheError
 from fastflow.ops import attention_backends as ab
 
 Q = torch.randn(1, 2, 8, 80, dtype=torch.bfloat16)  # no FA3 or Triton on CPU: the default order ends at sdpa
@@ -106,3 +106,12 @@ def test_tune_never_follows_a_planted_temporary(table_dir, tmp_path, monkeypatch
     table = table_dir / "attention.json"
     assert not table.is_symlink() and json.loads(table.read_text())[_machine()]["16/float32"]["backend"] == "sdpa"
     assert ab.read_table()[_machine()]["16/float32"] == {"backend": "sdpa", "ms": 1.0}
+
+
+def test_a_relative_cache_root_is_refused_by_tune(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTFLOW_CACHE_DIR", "cache")
+    monkeypatch.setattr(ab, "BACKENDS", {"sdpa": ab.BACKENDS["sdpa"]})
+    with pytest.raises(InputError, match="FASTFLOW_CACHE_DIR='cache' is not an absolute path"):
+        ab.tune("cpu", {"a": (1, 16, 8)}, dtypes=(torch.float32,), timer=lambda fn: 1.0)
+    assert list(tmp_path.iterdir()) == []

@@ -167,3 +167,11 @@ def test_write_entry_is_atomic_and_exclusive(tmp_path):
         assert cache_root.read_entry(fd, where / "x", 10) == b"two"
         assert cache_root.read_entry(fd, where / "missing", 10) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_full_disk_still_returns_the_compiled_cubin(root, compiled, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_root, "write_entry", full)
+    assert nvrtc.cubin("groupnorm_silu", "89") == FAKE_CUBIN
