@@ -14,8 +14,10 @@ unset (a warning says so; both set to different folders is an error). It holds `
   This check is the real protection: whoever can write the folder can write any entry, and any
   digest beside it.
 * Folders are opened once and used through their descriptor (``dir_fd``), so a folder swapped
-  after the check is never followed. Entries are opened with ``O_NOFOLLOW | O_NONBLOCK`` and must
-  be regular files of bounded size (a symlink, FIFO or device is refused by type, never read).
+  after the check is never followed. The root may be a symlink to a folder of the user's own (the
+  check is on the folder it opens); ``cubin/`` and the entries may not be symlinks.
+  Entries are opened with ``O_NOFOLLOW | O_NONBLOCK`` and must be regular files of bounded size
+  (a symlink, FIFO or device is refused by type, never read).
 * Writes go to a fresh ``O_CREAT | O_EXCL | O_NOFOLLOW`` temporary with a random name in the same
   folder, then ``os.replace``: a planted symlink at any predictable name is never followed.
 """
