@@ -127,6 +127,11 @@ class InputError(FastflowError, ValueError):
     """A bad argument to a model, op or pipeline call (shape, size, dtype)."""
 
 
+class UnsafeCacheError(InputError):
+    """fastflow's cache folder is not safely the user's own (another owner, writable by group or
+    others, not a folder): its entries could have been planted, so it is never used."""
+
+
 class UnknownModelError(FastflowError, KeyError):
     """A config or variant name that is not registered."""
 

@@ -7,15 +7,14 @@ JSON goes through :func:`read_json` (size, nesting depth and non-finite numbers 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
-import re
 import stat
 from pathlib import Path
 
 from ..errors import CheckpointError, HeaderError, NotARegularFileError, TooLargeError
+from ..ops.cache_root import json_depth  # in ops, which reads the attention table with it
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a T5 tokenizer.json is 2.4 MB, a sharded index ~100 KB
 MAX_JSON_DEPTH = 64  # real configs nest 3-5 levels
@@ -81,17 +80,6 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"number {text[:40]} is out of range")
     return value
-
-
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
-_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
-def json_depth(text: str) -> int:
-    """Maximum nesting of ``[``/``{`` outside strings, without recursion (run before parsing)."""
-    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
-    return max(itertools.accumulate(_DEPTH_STEP[c] for c in brackets), default=0)
 
 
 def parse_json(

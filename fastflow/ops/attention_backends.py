@@ -10,8 +10,8 @@ alignment):
 
 ``fastflow tune`` times every candidate on the user's GPU at the real model shapes, checks each
 against the reference (a wrong or failing candidate never wins) and stores the fastest per
-(head dim, dtype) in ``<cache dir>/attention.json``, keyed by GPU name and torch / Triton
-versions. Without a table for this GPU and software, the documented default order applies:
+(head dim, dtype) in ``attention.json`` of fastflow's cache root (:mod:`.cache_root`), keyed by
+GPU name and torch / Triton versions. Without a table for this GPU and software, the documented default order applies:
 ``fa3``, then ``triton``, then ``sdpa``.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError, UnsafeCacheError
+from . import cache_root
 from .reference import attention_layout, attention_ref
 
 _log = logging.getLogger(__name__)
@@ -127,13 +128,74 @@ BACKENDS: dict[str, Backend] = {
 
 
 # -- the tuned table -------------------------------------------------------------------------------
+TABLE = "attention.json"
+MAX_TABLE_BYTES = 1024 * 1024  # a table is a few hundred bytes per GPU and software version
+MAX_TABLE_DEPTH = 3  # {machine: {"64/bfloat16": {"backend": ..., "ms": ...}}}
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("FASTFLOW_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastflow")
-    return Path(root)
+    """fastflow's cache root (:mod:`fastflow.ops.cache_root`: ``$FASTFLOW_CACHE_DIR``, absolute)."""
+    return cache_root.root()
 
 
 def table_path() -> Path:
-    return cache_dir() / "attention.json"
+    return cache_dir() / TABLE
+
+
+def _valid_table(data) -> bool:
+    """{machine: {"<head dim>/<dtype>": {"backend": name, "ms": number}}} and nothing else."""
+
+    def entry(e) -> bool:
+        ms = e.get("ms", 0.0) if isinstance(e, dict) else None
+        return (
+            isinstance(e, dict)
+            and set(e) <= {"backend", "ms"}
+            and isinstance(e.get("backend"), str)
+            and isinstance(ms, (int, float))
+            and not isinstance(ms, bool)
+            and math.isfinite(ms)
+        )
+
+    return isinstance(data, dict) and all(
+        isinstance(m, str) and isinstance(t, dict) and all(isinstance(k, str) and entry(e) for k, e in t.items())
+        for m, t in data.items()
+    )
+
+
+def read_table(path: Path | None = None, strict: bool = False) -> dict:
+    """The tuned table; {} where there is none. A table that cannot be used (not a regular file,
+    too large, too deep, not JSON, not the table's shape) is ignored with a warning, so a bad table
+    never raises inside an attention call. A cache folder that is not safely the user's own is
+    ignored with a warning too, or refused (:class:`UnsafeCacheError`) with ``strict``."""
+    path = path or table_path()
+    if not path.parent.exists():
+        return {}
+    try:
+        with cache_root.folder(base=path.parent) as (fd, _):
+            raw = cache_root.read_entry(fd, path, MAX_TABLE_BYTES)
+        if raw is None:
+            return {}
+        text = raw.decode("utf-8")
+        if cache_root.json_depth(text) > MAX_TABLE_DEPTH:
+            raise ValueError(f"it nests deeper than {MAX_TABLE_DEPTH} levels")
+        data = json.loads(text)
+        if not _valid_table(data):
+            raise ValueError("it is not {GPU: {head dim/dtype: {backend, ms}}}")
+        return data
+    except UnsafeCacheError as e:
+        if strict:
+            raise
+        problem = str(e)
+    except (InputError, OSError, ValueError, RecursionError) as e:  # CheckpointError, UnicodeError, JSON
+        if isinstance(e, InputError) and not isinstance(e, CheckpointError):
+            raise  # a bad FASTFLOW_CACHE_DIR setting: the user's to fix
+        problem = str(e)
+    _log.warning(
+        "ignoring the attention tuning table %s (%s); using the default order; run `fastflow tune` to rewrite it",
+        path,
+        problem,
+    )
+    return {}
 
 
 @functools.cache
@@ -154,26 +216,18 @@ def entry_key(head_dim: int, dtype: torch.dtype) -> str:
     return f"{head_dim}/{str(dtype).removeprefix('torch.')}"
 
 
-def read_table(path: Path | None = None) -> dict:
-    path = path or table_path()
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        _log.warning("ignoring the attention tuning table %s (%s); run `fastflow tune` to rewrite it", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 @functools.cache
+def _table() -> dict:
+    return read_table()  # read (and warned about) once, until forget()
+
+
 def _tuned(machine: str, key: str) -> str | None:
-    return read_table().get(machine, {}).get(key, {}).get("backend")
+    return _table().get(machine, {}).get(key, {}).get("backend")
 
 
 def forget() -> None:
     """Drop the in-memory copy of the table (after ``tune`` rewrote it)."""
-    _tuned.cache_clear()
+    _table.cache_clear()
 
 
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:
@@ -257,11 +311,9 @@ def tune(
         row["chosen"] = (
             best.get(entry_key(row["head_dim"], getattr(torch, row["dtype"])), {}).get("backend") == row["backend"]
         )
-    table = read_table(path)
+    table = read_table(path, strict=True)
     table[machine] = best
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    tmp.replace(path)
+    with cache_root.folder(base=path.parent) as (fd, _):  # checked: refuses a folder not safely ours
+        cache_root.write_entry(fd, path.name, json.dumps(table, indent=1, sort_keys=True).encode())
     forget()
     return rows

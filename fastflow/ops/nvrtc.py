@@ -1,7 +1,13 @@
 """Run-time compilation of csrc/'s kernels with NVRTC, for GPUs the built ``fastflow._C`` lacks (or
 installs without it): the same sources, compiled to a cubin for the GPU's architecture and cached
-on disk (``$FASTFLOW_CACHE`` or ``~/.cache/fastflow/cubin``), keyed by the sources, the
-architecture and the NVRTC version.
+on disk in ``cubin/`` of fastflow's cache root (``$FASTFLOW_CACHE_DIR`` or ``~/.cache/fastflow``,
+see :mod:`fastflow.ops.cache_root`), keyed by the sources, the architecture and the NVRTC version.
+
+Each entry is ``MAGIC``, the sha256 of (its key, the cubin), then the cubin: an entry that is
+truncated, planted under another key or not a cubin is recompiled and rewritten, never launched.
+A digest only proves the entry is whole: whoever can write the folder could write a matching
+digest too, so the real protection is the folder check (owned by this user, writable by nobody
+else; otherwise fastflow compiles without caching and warns once).
 
 NVRTC and the CUDA driver are reached through NVIDIA's cuda-python (``cuda-bindings``), which finds
 ``libnvrtc`` in the ``nvidia-cuda-nvrtc`` wheel (``pip install "fastflow[cuda]"``) or the system's
@@ -14,10 +20,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import os
+import logging
+import warnings
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError, UnsafeCacheError
+from . import cache_root
+
+_log = logging.getLogger(__name__)
 
 # The kernel translation units NVRTC compiles: one per op family (their headers are found by name).
 UNITS = {
@@ -103,23 +113,56 @@ def compile_unit(unit: str, arch: str) -> bytes:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+MAGIC = b"fastflow-cubin-v1\n"
+MAX_CUBIN_BYTES = 64 * 1024 * 1024  # the units' cubins are ~0.1-1 MB
+_warned: set[str] = set()
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("FASTFLOW_CACHE", Path.home() / ".cache" / "fastflow")) / "cubin"
+    return cache_root.root() / "cubin"
+
+
+def _entry(key: str, data: bytes) -> bytes:
+    return MAGIC + hashlib.sha256(key.encode() + data).digest() + data
+
+
+def _verified(key: str, raw: bytes | None) -> bytes | None:
+    """The cubin of a cache entry, or None unless it is whole and written for ``key``."""
+    if raw is None or not raw.startswith(MAGIC):
+        return None
+    head = len(MAGIC) + 32
+    data = raw[head:]
+    if raw[len(MAGIC) : head] != hashlib.sha256(key.encode() + data).digest() or data[:4] != b"\x7fELF":
+        return None
+    return data
 
 
 def cubin(unit: str, arch: str) -> bytes:
-    """compile_unit through the disk cache (written atomically; a corrupt entry is recompiled)."""
+    """compile_unit through the disk cache: an entry is used only after its digest checks (else
+    it is recompiled and rewritten, atomically through a fresh temporary); with no safe cache
+    folder the cubin is compiled every time, with one warning."""
     text = "".join(f"{k}\n{v}" for k, v in sorted(sources().items()))
     key = hashlib.sha256(f"{unit}|{arch}|{version()}|{text}".encode()).hexdigest()[:32]
-    path = cache_dir() / f"{unit}-sm_{arch}-{key}.cubin"
-    if path.is_file() and path.stat().st_size > 0:
-        return path.read_bytes()
-    data = compile_unit(unit, arch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return data
+    name = f"{unit}-sm_{arch}-{key}.cubin"
+    try:
+        with cache_root.folder("cubin") as (fd, where):
+            try:
+                data = _verified(key, cache_root.read_entry(fd, where / name, MAX_CUBIN_BYTES))
+            except (CheckpointError, OSError) as e:  # a symlink, FIFO, device or huge file at its name
+                _log.warning("recompiling over an unusable cubin cache entry: %s", e)
+                data = None
+            if data is None:
+                data = compile_unit(unit, arch)
+                try:
+                    cache_root.write_entry(fd, name, _entry(key, data))
+                except OSError as e:  # a full disk: the cubin is still good
+                    _log.warning("could not cache the cubin %s (%s)", where / name, e)
+            return data
+    except UnsafeCacheError as e:
+        if str(e) not in _warned:
+            _warned.add(str(e))
+            warnings.warn(f"{e}; compiling without the cache", stacklevel=2)
+        return compile_unit(unit, arch)
 
 
 # -- loading and launching on a GPU (the CUDA driver API through cuda-python) -------------------------
