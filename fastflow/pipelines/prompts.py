@@ -18,7 +18,12 @@ def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
         raise InputError(f"pass a {what} (or precomputed embeddings)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
+        raise InputError(f"{what} must be a string or a non-empty list of strings, got {prompt!r:.200}")
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"{what} is not valid UTF-8 text ({e.reason} at character {e.start})") from None
     if any(not p.strip() for p in prompts) and what == "prompt":
         warnings.warn("empty prompt: the image will be unconditioned on text", UserWarning, stacklevel=3)
     return prompts
