@@ -121,6 +121,8 @@ def _tokenizer_json_ids(data, path: Path, what: str) -> list[int]:
     stack = [data.get("post_processor")]
     while stack:  # TemplateProcessing special_tokens.*.ids, Roberta / Bert cls and sep, Sequence
         part = stack.pop()
+        if isinstance(part, dict) and part.get("type") == "TemplateProcessing":
+            _check_template(part, path, what)
         if isinstance(part, dict):
             for key, value in part.items():
                 if key == "ids" and isinstance(value, list):
@@ -134,6 +136,31 @@ def _tokenizer_json_ids(data, path: Path, what: str) -> list[int]:
     if any(i < 0 for i in ids):
         raise _bad(path, what, "names a negative token id")
     return ids
+
+
+def _check_template(part: dict, path: Path, what: str) -> None:
+    """A TemplateProcessing post-processor's special tokens are defined (the tokenizers package
+    panics at the first prompt on a template naming an undefined one)."""
+    specials = part.get("special_tokens", {})
+    if not isinstance(specials, dict) or not all(
+        isinstance(v, dict)
+        and isinstance(v.get("ids"), list)
+        and isinstance(v.get("tokens"), list)
+        and len(v["ids"]) == len(v["tokens"])
+        and all(_is_int(i) for i in v["ids"])
+        for v in specials.values()
+    ):
+        raise _bad(path, what, "post-processor's special_tokens are not {name: {ids: [int], tokens: [str]}}")
+    for side in ("single", "pair"):
+        items = part.get(side, [])
+        if not isinstance(items, list):
+            raise _bad(path, what, f"post-processor's {side} template is not a list")
+        for item in items:
+            special = item.get("SpecialToken") if isinstance(item, dict) else None
+            if isinstance(special, dict) and special.get("id") not in specials:
+                raise _bad(
+                    path, what, f"post-processor names special token {str(special.get('id'))[:80]!r} it does not define"
+                )
 
 
 def library_call(folder: Path, what: str, call, *args):
@@ -290,12 +317,9 @@ def _transformers_tokenizer(folder: Path, what: str) -> TransformersTokenizer:
             "files",
         ) from None
     warnings.warn(f"{folder}: no tokenizer.json, reading the tokenizer with transformers", UserWarning, stacklevel=4)
-    try:
-        return TransformersTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - transformers / tokenizers fail in many ways (even bare Exception)
-        raise CheckpointError(
-            folder, f"the {what} tokenizer cannot be read ({type(e).__name__}: {e})", "re-download the tokenizer files"
-        ) from None
+    # transformers / tokenizers fail in many ways (even bare Exception, or a Rust panic)
+    tok = library_call(folder, what, lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return library_call(folder, what, TransformersTokenizer, tok)
 
 
 def load_tokenizer(folder, what: str, style: str):

@@ -137,6 +137,15 @@ def test_post_processor_id_beyond_the_embedding_is_refused_at_load(clip_folder):
         load_clip(clip_folder)
 
 
+def test_template_naming_an_undefined_special_token_is_refused_at_load(clip_folder):
+    """The tokenizers package panicked (a Rust backtrace on stderr) at the first prompt before."""
+    data = _tok_json(clip_folder)
+    data["post_processor"]["special_tokens"] = {}
+    (clip_folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(errors.CheckpointError, match="does not define"):
+        load_tokenizer(clip_folder, "CLIP text encoder", "clip")
+
+
 def test_encoder_refuses_a_tokenizer_bigger_than_its_embedding(clip_folder):
     """Every path (also an encoder built by hand) checks the ids against the embedding."""
     enc = load_clip(clip_folder)
@@ -218,10 +227,27 @@ def _mutations(data: dict, rng: random.Random):
     yield json.dumps({**data, "post_processor": {"type": "TemplateProcessing", "single": 1}})
     yield "{" * 5000
     yield '{"a": 1e400}'
-    b = bytearray(raw.encode())
-    for _ in range(20):
-        b[rng.randrange(len(b))] = rng.randrange(256)
-    yield bytes(b)
+    for _ in range(40):  # random byte flips, and random values at random places of the structure
+        b = bytearray(raw.encode())
+        for _ in range(rng.randrange(1, 20)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        yield bytes(b)
+        yield _replace_random(data, rng)
+
+
+def _replace_random(data, rng: random.Random) -> str:
+    data = json.loads(json.dumps(data))
+    node = data
+    for _ in range(rng.randrange(1, 4)):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
+        if not keys:
+            break
+        key = rng.choice(keys)
+        if rng.random() < 0.5 or not isinstance(node[key], (dict, list)):
+            node[key] = rng.choice([None, -1, 2**70, 1.5, "x", [], {}, "\ud800", True, 10**6])
+            break
+        node = node[key]
+    return json.dumps(data)
 
 
 def test_fuzz_broken_tokenizer_folders_and_prompts_are_typed(tmp_path):
@@ -253,4 +279,4 @@ def test_fuzz_broken_tokenizer_folders_and_prompts_are_typed(tmp_path):
         except errors.FastflowError:
             pass
         cases += 1
-    assert cases > 25
+    assert cases > 100
