@@ -18,7 +18,7 @@ def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
         raise InputError(f"pass a {what} (or precomputed embeddings)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError(f"{what} must be a string or a non-empty list of strings, got {prompt!r:.200}")
+        raise InputError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
     for p in prompts:
         try:
             p.encode("utf-8")
