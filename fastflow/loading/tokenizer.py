@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, TooLargeError
-from .files import open_regular
+from ..errors import CheckpointError, HeaderError, TooLargeError
+from .files import open_regular, parse_json, read_limited
 from .source import inside
 
 MAX_TOKENIZER_FILE = 64 * 1024 * 1024
@@ -59,15 +59,129 @@ def check_tokenizer_folder(folder: Path, what: str) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A tokenizer JSON file as an object: bounded size and depth, UTF-8, every failure typed."""
     if not path.is_file():
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"the {what} tokenizer file is not valid JSON ({e})", "re-download it") from None
+    value = _parse(path, what)
     if not isinstance(value, dict):
         raise CheckpointError(path, f"the {what} tokenizer file is not a JSON object", "re-download it")
     return value
+
+
+def _parse(path: Path, what: str):
+    return parse_json(read_limited(path, f"{what} {path.name}", MAX_TOKENIZER_FILE), path, f"the {what} {path.name}")
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return read_limited(path, f"{what} {path.name}", MAX_TOKENIZER_FILE).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderError(path, f"the {what} {path.name} is not UTF-8 text ({e})", "re-download it") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bad(path: Path, what: str, problem: str) -> CheckpointError:
+    return CheckpointError(path, f"the {what} {path.name} {problem}", "re-download it")
+
+
+def _check_vocab(vocab, path: Path, what: str) -> None:
+    """vocab.json / a BPE, WordLevel or WordPiece vocabulary: token -> id >= 0."""
+    if not isinstance(vocab, dict) or not all(_is_int(i) and i >= 0 for i in vocab.values()):
+        raise _bad(path, what, "vocabulary is not a map of tokens to non-negative integer ids")
+
+
+def _tokenizer_json_ids(data, path: Path, what: str) -> list[int]:
+    """Checks the types of tokenizer.json's parts before the tokenizers package reads it (its errors
+    are bare Exceptions or Rust panics) and returns every id it can emit: the vocabulary's, the
+    added tokens' and the ids its post-processor inserts."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise _bad(path, what, "is not a tokenizer (no 'model' object)")
+    model, ids = data["model"], []
+    vocab = model.get("vocab")
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]; the id is the position
+        if not all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) for v in vocab):
+            raise _bad(path, what, "Unigram vocabulary is not a list of [piece, score]")
+        ids.append(len(vocab) - 1)
+    elif vocab is not None:
+        _check_vocab(vocab, path, what)
+        ids.extend(vocab.values())
+    merges = model.get("merges")
+    if merges is not None and not isinstance(merges, list):
+        raise _bad(path, what, "merges are not a list")
+    added = data.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and _is_int(t.get("id")) and t["id"] >= 0 and isinstance(t.get("content"), str)
+        for t in added
+    ):
+        raise _bad(path, what, "added_tokens are not a list of {id: integer >= 0, content: string}")
+    ids.extend(t["id"] for t in added)
+    stack = [data.get("post_processor")]
+    while stack:  # TemplateProcessing special_tokens.*.ids, Roberta / Bert cls and sep, Sequence
+        part = stack.pop()
+        if isinstance(part, dict) and part.get("type") == "TemplateProcessing":
+            _check_template(part, path, what)
+        if isinstance(part, dict):
+            for key, value in part.items():
+                if key == "ids" and isinstance(value, list):
+                    ids.extend(v for v in value if _is_int(v))
+                elif key in ("cls", "sep") and isinstance(value, list) and len(value) == 2 and _is_int(value[1]):
+                    ids.append(value[1])
+                else:
+                    stack.append(value)
+        elif isinstance(part, list):
+            stack.extend(part)
+    if any(i < 0 for i in ids):
+        raise _bad(path, what, "names a negative token id")
+    return ids
+
+
+def _check_template(part: dict, path: Path, what: str) -> None:
+    """A TemplateProcessing post-processor's special tokens are defined (the tokenizers package
+    panics at the first prompt on a template naming an undefined one)."""
+    specials = part.get("special_tokens", {})
+    if not isinstance(specials, dict) or not all(
+        isinstance(v, dict)
+        and isinstance(v.get("ids"), list)
+        and isinstance(v.get("tokens"), list)
+        and len(v["ids"]) == len(v["tokens"])
+        and all(_is_int(i) for i in v["ids"])
+        for v in specials.values()
+    ):
+        raise _bad(path, what, "post-processor's special_tokens are not {name: {ids: [int], tokens: [str]}}")
+    for side in ("single", "pair"):
+        items = part.get(side, [])
+        if not isinstance(items, list):
+            raise _bad(path, what, f"post-processor's {side} template is not a list")
+        for item in items:
+            special = item.get("SpecialToken") if isinstance(item, dict) else None
+            if isinstance(special, dict) and special.get("id") not in specials:
+                raise _bad(
+                    path, what, f"post-processor names special token {str(special.get('id'))[:80]!r} it does not define"
+                )
+
+
+def library_call(folder: Path, what: str, call, *args):
+    """Runs a call into the tokenizers package; its failures become typed errors naming the folder.
+
+    A Rust panic arrives as pyo3_runtime.PanicException, which derives from BaseException (not
+    Exception), so it is caught here by name; KeyboardInterrupt / SystemExit pass through."""
+    try:
+        return call(*args)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers package raises bare Exception on bad files
+        raise CheckpointError(
+            folder, f"the {what} tokenizer cannot be used ({type(e).__name__}: {e})", "re-download the tokenizer files"
+        ) from None
+    except BaseException as e:  # noqa: BLE001 - pyo3 PanicException
+        if type(e).__name__ != "PanicException":
+            raise
+        raise CheckpointError(
+            folder, f"the tokenizers package panicked on the {what} tokenizer ({e})", "re-download the tokenizer files"
+        ) from None
 
 
 def _token(value) -> str | None:
@@ -80,11 +194,11 @@ def _token(value) -> str | None:
 class Tokenizer:
     """prompts -> token ids [B, N] (transformers' padding="max_length", truncation=True)."""
 
-    def __init__(self, backend, pad_token: str, model_max_length: int | None, folder: Path, what: str):
+    def __init__(self, backend, pad_token, model_max_length: int | None, folder: Path, what: str, extra_ids=()):
         self.folder, self.what = folder, what
         self.model_max_length = model_max_length
         self.pad_token = pad_token
-        self.pad_id = backend.token_to_id(pad_token)
+        self.pad_id = library_call(folder, what, backend.token_to_id, pad_token)
         if self.pad_id is None:
             raise CheckpointError(
                 folder, f"the {what} tokenizer's pad token {pad_token!r} is not in its vocabulary", "re-download it"
@@ -92,27 +206,32 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         self._backend = backend
+        vocab = library_call(folder, what, backend.get_vocab, True)
+        self.max_id = max([*vocab.values(), *extra_ids, self.pad_id], default=0)
         # padding / truncation are settings of the backend object: one call at a time sets them
         # (concurrent generations share the tokenizer)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return self._backend.get_vocab_size(with_added_tokens=True)
+        return library_call(self.folder, self.what, self._backend.get_vocab_size, True)
 
     def lengths(self, prompts: list[str]) -> list[int]:
         """Token counts with special tokens, before truncation."""
         with self._lock:
-            return [len(e.ids) for e in self._backend.encode_batch(prompts)]
+            return [len(e.ids) for e in library_call(self.folder, self.what, self._backend.encode_batch, prompts)]
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
-        with self._lock:
+        def encode():
             self._backend.enable_truncation(max_length)
             self._backend.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
             try:
-                ids = [e.ids for e in self._backend.encode_batch(prompts)]
+                return [e.ids for e in self._backend.encode_batch(prompts)]
             finally:
                 self._backend.no_padding()
                 self._backend.no_truncation()
+
+        with self._lock:
+            ids = library_call(self.folder, self.what, encode)
         return torch.tensor(ids, dtype=torch.long)
 
 
@@ -123,6 +242,7 @@ class TransformersTokenizer:
         self._tok = tokenizer
         self.model_max_length = tokenizer.model_max_length
         self.pad_id = tokenizer.pad_token_id
+        self.max_id = max([*tokenizer.get_vocab().values(), self.pad_id or 0], default=0)
 
     def __len__(self) -> int:
         return len(self._tok)
@@ -141,13 +261,21 @@ def _clip_bpe(folder: Path, specials: dict, what: str):
     from tokenizers.models import BPE
 
     vocab = _read_json(folder / "vocab.json", what)
+    _check_vocab(vocab, folder / "vocab.json", what)
     merges = []
-    for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(_read_text(folder / "merges.txt", what).splitlines(), 1):
         if line.startswith("#version") or not line.strip():
             continue
         pair = line.split()
         if len(pair) != 2:
-            raise CheckpointError(folder / "merges.txt", f"line {line!r} is not a merge pair", "re-download it")
+            raise CheckpointError(folder / "merges.txt", f"line {line[:80]!r} is not a merge pair", "re-download it")
+        unknown = [t for t in (*pair, pair[0] + pair[1]) if t not in vocab]
+        if unknown:  # the tokenizers package raises a bare Exception on these
+            raise CheckpointError(
+                folder / "merges.txt",
+                f"line {n} merges {pair[0][:40]!r} and {pair[1][:40]!r} but {unknown[0][:80]!r} is not in vocab.json",
+                "use the vocab.json and merges.txt of the same tokenizer",
+            )
         merges.append(tuple(pair))
     bos, eos, unk = (specials[k] for k in ("bos_token", "eos_token", "unk_token"))
     missing = [t for t in (bos, eos, unk) if t not in vocab]
@@ -155,9 +283,12 @@ def _clip_bpe(folder: Path, specials: dict, what: str):
         raise CheckpointError(
             folder / "vocab.json", f"special tokens {missing} are not in vocab.json", "re-download it"
         )
-    tok = Tokenizer(
-        BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=unk)
+    bpe = library_call(
+        folder,
+        what,
+        lambda: BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=unk),
     )
+    tok = Tokenizer(bpe)
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
@@ -186,12 +317,9 @@ def _transformers_tokenizer(folder: Path, what: str) -> TransformersTokenizer:
             "files",
         ) from None
     warnings.warn(f"{folder}: no tokenizer.json, reading the tokenizer with transformers", UserWarning, stacklevel=4)
-    try:
-        return TransformersTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - transformers / tokenizers fail in many ways (even bare Exception)
-        raise CheckpointError(
-            folder, f"the {what} tokenizer cannot be read ({type(e).__name__}: {e})", "re-download the tokenizer files"
-        ) from None
+    # transformers / tokenizers fail in many ways (even bare Exception, or a Rust panic)
+    tok = library_call(folder, what, lambda: AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return library_call(folder, what, TransformersTokenizer, tok)
 
 
 def load_tokenizer(folder, what: str, style: str):
@@ -214,26 +342,28 @@ def load_tokenizer(folder, what: str, style: str):
         )
     from tokenizers import Tokenizer as Backend
 
+    extra_ids = ()
     if (folder / "tokenizer.json").is_file():
-        try:
-            backend = Backend.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # noqa: BLE001 - the tokenizers package raises bare Exception on bad files
-            raise CheckpointError(
-                folder / "tokenizer.json", f"the {what} tokenizer cannot be read ({e})", "re-download tokenizer.json"
-            ) from None
+        path = folder / "tokenizer.json"
+        data = _parse(path, what)  # bounded size and depth before the tokenizers package parses it
+        extra_ids = _tokenizer_json_ids(data, path, what)
+        backend = library_call(path, what, Backend.from_str, json.dumps(data))
     elif style == "clip" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         backend = _clip_bpe(folder, specials, what)
     else:
         return _transformers_tokenizer(folder, what)
-    return Tokenizer(backend, specials["pad_token"], length, folder, what)
+    return Tokenizer(backend, specials["pad_token"], length, folder, what, extra_ids)
 
 
 def check_tokenizer_fits(tokenizer, vocab: int, positions: int | None, what: str, folder: Path, max_length=None):
-    """Token ids must index the embedding table, and CLIP's positions must cover the prompt length."""
-    if len(tokenizer) > vocab:
+    """Token ids must index the embedding table (every id the tokenizer can emit: its vocabulary,
+    added tokens, post-processor and pad ids), and CLIP's positions must cover the prompt length."""
+    top = max(len(tokenizer) - 1, getattr(tokenizer, "max_id", -1))
+    if top >= vocab:
         raise CheckpointError(
             folder,
-            f"the {what} tokenizer has {len(tokenizer)} tokens but the model's embedding holds {vocab}",
+            f"the {what} tokenizer has {len(tokenizer)} tokens with ids up to {top} but the model's embedding "
+            f"holds {vocab}",
             "use the tokenizer that belongs to this text encoder",
         )
     if positions is not None and max_length is not None and max_length > positions:

@@ -16,7 +16,6 @@ transformers' (the parity tests hold it to 1e-5 in fp32):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..errors import InputError
+from .prompt_tokens import check_vocabulary, tokenize_prompts
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -319,28 +319,17 @@ class T5EncoderModel(_Module):
 CLIP_MAX_LENGTH = 77
 
 
-def _tokenize(tokenizer, prompts: list[str], max_length: int, what: str) -> torch.Tensor:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    ids = tokenizer(prompts, max_length)
-    if max(tokenizer.lengths(prompts), default=0) > max_length:
-        warnings.warn(
-            f"a prompt is longer than the {what}'s {max_length} tokens and was truncated", UserWarning, stacklevel=3
-        )
-    return ids
-
-
 class CLIPEncoder:
     """CLIP text encoder + tokenizer. ``with_projection``: CLIPTextModelWithProjection (SD3)."""
 
     def __init__(self, model, tokenizer, max_length: int | None = None):
         # 77 for every real CLIP; a tokenizer may ask for fewer (tiny models)
+        check_vocabulary(tokenizer, model.embeddings.token_embedding, "CLIP text encoder")
         self.model, self.tokenizer = model, tokenizer
         self.max_length = max_length or min(CLIP_MAX_LENGTH, tokenizer.model_max_length or CLIP_MAX_LENGTH)
 
     def tokenize(self, prompts) -> torch.Tensor:
-        return _tokenize(self.tokenizer, prompts, self.max_length, "CLIP text encoder")
+        return tokenize_prompts(self.tokenizer, prompts, self.max_length, "CLIP text encoder")
 
     @torch.no_grad()
     def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,6 +345,7 @@ class T5Encoder:
     def __init__(self, model, tokenizer):
         if model.dtype == torch.float16:
             raise InputError("T5 overflows in float16 (NaN / black images): load it in bfloat16 or float32")
+        check_vocabulary(tokenizer, model.shared, "T5 encoder")
         self.model, self.tokenizer = model, tokenizer
 
     @property
@@ -365,7 +355,7 @@ class T5Encoder:
     @torch.no_grad()
     def __call__(self, prompts, max_length: int) -> torch.Tensor:
         """-> last_hidden_state [B, max_length, d_model], prompts padded / truncated to max_length."""
-        ids = _tokenize(self.tokenizer, prompts, max_length, "T5 encoder").to(self.model.device)
+        ids = tokenize_prompts(self.tokenizer, prompts, max_length, "T5 encoder").to(self.model.device)
         return self.model(ids)
 
 
