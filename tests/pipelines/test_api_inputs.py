@@ -270,3 +270,19 @@ def test_latent_output_is_the_vae_latent_for_every_family(digits, load):
         lat = pipe("a seven", num_inference_steps=1, height=32, width=16, output_type="latent").images
         f = pipe.vae.downscale
         assert lat.ndim == 4 and lat.shape[0] == 1 and lat.shape[2:] == (32 // f, 16 // f)
+
+
+# -- cache defaults, as the README documents them -----------------------------------------------
+def test_the_readme_cache_examples_save_work_on_the_embedded_model(digits):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = re.search(r"cache=fastflow\.caching\.(DBCache\([^)]*\))", readme).group(1)
+    policy = eval(example, {"DBCache": fastflow.caching.DBCache})
+    out = digits("a fox", seed=0, num_inference_steps=28, output_type="latent", cache=policy)
+    assert out.stats["work_saved"] > 0.1, example
+    documented = re.search(r"there `cache_threshold=([\d.]+)` saves (\d+)%\s+\(fbcache\)", readme)
+    out = digits(["a handwritten seven", "number two", "a three", "digit 8"], seed=0, num_inference_steps=28,
+                 output_type="latent", cache="fbcache", cache_threshold=float(documented.group(1)))  # fmt: skip
+    assert round(100 * out.stats["work_saved"]) == int(documented.group(2))
