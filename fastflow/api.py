@@ -6,10 +6,26 @@ import os
 
 import torch
 
+from .errors import InputError
 from .loading import folder_json, load_components, resolve_model
+from .ops.capability import usable_device
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+def _dtype(dtype) -> torch.dtype:
+    """``dtype=`` as torch names it (torch.float16, "float16", "torch.float16") or by its short
+    name ("fp16", "bf16", "half"); fastflow computes in float32, float16 or bfloat16."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.strip().lower().removeprefix("torch.")]
+    raise InputError(f"fastflow.load: dtype={dtype!r} is not one fastflow computes in: use torch.float32, "
+                     f"torch.bfloat16 or torch.float16 (or the names {', '.join(DTYPES)})")  # fmt: skip
 
 
 def _default_device() -> str:
@@ -41,8 +57,11 @@ def load(
     transformer's config where no registered one fits and no diffusers config.json describes it (a
     FluxConfig / MMDiTConfig or a dict of its fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     """
+    device = str(usable_device(device if device is not None else _default_device(), "fastflow.load: device",
+                               'device="cpu"'))  # fmt: skip
+    if dtype is not None:
+        dtype = _dtype(dtype)
     path = resolve_model(path)
-    device = device or _default_device()
     if dtype is None:  # as the CLI: bfloat16 on a GPU, float32 on a CPU (where bf16 is slow and inexact)
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)

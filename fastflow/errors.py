@@ -132,6 +132,11 @@ class UnsafeCacheError(InputError):
     others, not a folder): its entries could have been planted, so it is never used."""
 
 
+class ArgumentError(InputError, TypeError):
+    """A call with an argument the function does not take (a mistyped keyword, too many positional
+    ones). Also a ``TypeError``, as Python's own binding error, so ``except TypeError`` keeps working."""
+
+
 class UnknownModelError(FastflowError, KeyError):
     """A config or variant name that is not registered."""
 
@@ -161,8 +166,19 @@ class GenerationInterrupted(FastflowError):
         self.step = step
 
 
+def plain_number(value):
+    """``value`` as a Python int / float where it is a numpy integer or float scalar, a 0-d numpy
+    array or a 0-d torch tensor of such a dtype (what numpy and torch users pass); anything else
+    unchanged (a numpy bool stays one, so integer checks still refuse it)."""
+    if isinstance(value, (int, float)) or getattr(value, "ndim", None) != 0 or not hasattr(value, "item"):
+        return value
+    item = value.item()
+    return item if isinstance(item, (int, float)) and not isinstance(item, bool) else value
+
+
 def check_scale(value, name: str) -> float:
     """A guidance-type scale: a finite number >= 0 (NaN or negative would silently turn guidance off)."""
+    value = plain_number(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, plain_number
 from ..quant import replace_module
 from .formats import is_other_component, linear_layers, parse
 from .layers import LoraLinear, Piece
@@ -77,9 +77,9 @@ class LoraManager:
 
     # -- scales, fusing, unloading ----------------------------------------------------------------
     def set_scales(self, scales: dict[str, float]) -> None:
-        unknown = sorted(set(scales) - set(self.adapters))
-        if unknown:
-            raise InputError(f"no LoRA named {unknown[0]!r} is loaded (loaded: {sorted(self.adapters)})")
+        if not isinstance(scales, dict):
+            raise InputError(f"LoRA scales must be a dict of name -> scale, got {type(scales).__name__}")
+        self._names(list(scales))
         refuse = set()
         for name, scale in scales.items():
             adapter = self.adapters[name]
@@ -93,10 +93,7 @@ class LoraManager:
             self._refuse(refuse)
 
     def unload(self, name: str | None = None) -> None:
-        names = list(self.adapters) if name is None else [name]
-        for n in names:
-            if n not in self.adapters:
-                raise InputError(f"no LoRA named {n!r} is loaded (loaded: {sorted(self.adapters)})")
+        for n in self._names(name):
             adapter = self.adapters.pop(n)
             if adapter.fused:
                 self._refuse(set(adapter.targets))
@@ -110,7 +107,7 @@ class LoraManager:
     def set_fused(self, fused: bool, names=None) -> None:
         """Move adapters between the fused and the unfused form (same outputs, up to rounding)."""
         touched = set()
-        for name in names or list(self.adapters):
+        for name in self._names(names or None):  # [] or None: all
             adapter = self.adapters[name]
             if adapter.fused == fused:
                 continue
@@ -127,6 +124,18 @@ class LoraManager:
         self._refuse(touched)
 
     # -- internals ---------------------------------------------------------------------------------
+    def _names(self, names) -> list[str]:
+        """``names`` (None: all; a name; a list of names) checked to be loaded LoRAs."""
+        names = list(self.adapters) if names is None else [names] if isinstance(names, str) else names
+        try:
+            names = list(names)
+        except TypeError:
+            raise InputError(f"LoRA names must be a name or a list of names, got {names!r}") from None
+        for n in names:
+            if not isinstance(n, str) or n not in self.adapters:
+                raise InputError(f"no LoRA named {n!r} is loaded (loaded: {sorted(self.adapters)})")
+        return names
+
     def _layer(self, target: str) -> nn.Module:
         return self.model.get_submodule(target)
 
@@ -186,6 +195,7 @@ def _fuse_into(layer: nn.Module, original: dict[str, torch.Tensor], adapters) ->
 
 
 def _check_scale(scale) -> float:
+    scale = plain_number(scale)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -100 <= scale <= 100:
         raise InputError(f"a LoRA scale must be a number from -100 to 100, got {scale!r}")
     return float(scale)

@@ -203,15 +203,30 @@ class Schedule:
     name = "schedule"
 
     def __init__(self, mask, groups=None, source: str | None = None, info: dict | None = None):
+        where = f"cache schedule {source}" if source else "a cache schedule"
+        flag = (0, 1)  # bools and the 0 / 1 that to_json writes
+        if (
+            not isinstance(mask, (list, tuple))
+            or not all(isinstance(r, (list, tuple)) for r in mask)
+            or not all(type(v) in (bool, int) and v in flag for r in mask for v in r)
+        ):
+            raise InputError(f"{where}: the mask must be a list of rows of 0 / 1 (one row per step)")
         rows = [[bool(v) for v in row] for row in mask]
         if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
-            raise InputError("a cache schedule's mask must be a non-empty list of equal-length rows")
+            raise InputError(f"{where}: the mask must be a non-empty list of equal-length rows")
         if not all(rows[0]):
-            raise InputError("a cache schedule must compute every block group at step 0")
+            raise InputError(f"{where} must compute every block group at step 0")
         self.mask, self.source, self.info = rows, source, dict(info or {})
+        if groups is not None:
+            pairs = isinstance(groups, (list, tuple)) and all(
+                isinstance(g, (list, tuple)) and len(g) == 2 and all(type(v) is int for v in g) and 0 <= g[0] < g[1]
+                for g in groups
+            )
+            if not pairs:
+                raise InputError(f"{where}: groups must be a list of [start, end] block ranges, got {groups!r:.200}")
         self.groups = None if groups is None else [tuple(int(v) for v in g) for g in groups]
         if self.groups is not None and len(self.groups) != len(rows[0]):
-            raise InputError(f"the schedule has {len(rows[0])} mask columns but {len(self.groups)} groups")
+            raise InputError(f"{where}: {len(rows[0])} mask columns but {len(self.groups)} groups")
 
     def describe(self) -> str:
         return f"schedule:{Path(self.source).name}" if self.source else f"schedule:{len(self.mask)}x{len(self.mask[0])}"
@@ -265,7 +280,7 @@ class Schedule:
         if not path.is_file():
             raise InputError(f"cache schedule {path} not found")
         data = read_json(path, "cache schedule")
-        if data.get("kind") != SCHEDULE_KIND or not isinstance(data.get("mask"), list):
+        if not isinstance(data, dict) or data.get("kind") != SCHEDULE_KIND or not isinstance(data.get("mask"), list):
             raise InputError(f"{path} is not a fastflow cache schedule (written by fastflow tune-cache)")
         info = {k: v for k, v in data.items() if k not in ("kind", "mask", "groups")}
         return cls(data["mask"], data.get("groups"), source=str(path), info=info)

@@ -3,13 +3,16 @@ parsing of --cache, --lora and --threads (with the CPU thread count chosen from 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from ..ops.capability import usable_device
+from ..pipelines.threads import SMALL_MODEL_PARAMS, cpu_threads, env_threads
+
+__all__ = ["DTYPES", "SMALL_MODEL_PARAMS", "cpu_threads", "device_and_dtype", "parse_cache", "parse_lora_arg",
+           "threads_arg"]  # fmt: skip
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -51,29 +54,6 @@ def parse_lora_arg(spec: str) -> tuple[Path, float]:
     return Path(path).expanduser(), scale
 
 
-SMALL_MODEL_PARAMS = 50_000_000  # below this, matmuls are too small to share between cores
-
-
-def cpu_threads(pipe) -> int:
-    """Threads for a CPU run: 1 for small models, whose matmuls are too small to share between
-    cores (issue 17 reported the embedded model 15x slower on 2 threads than on 1; re-measured on
-    2 cores on 2026-12-04: denoise 0.13-0.15 s on 1 thread and 0.13-0.16 s on 2, so no loss today,
-    and 1 thread leaves the other core free); torch's default (all cores) for real models."""
-    params = sum(p.numel() for p in pipe.transformer.parameters())
-    return 1 if params < SMALL_MODEL_PARAMS else torch.get_num_threads()
-
-
 def threads_arg(value) -> int | None:
-    """--threads, else FASTFLOW_NUM_THREADS, else None (chosen from the model's size)."""
-    source = "--threads"
-    if value is None and os.environ.get("FASTFLOW_NUM_THREADS"):
-        value, source = os.environ["FASTFLOW_NUM_THREADS"], "FASTFLOW_NUM_THREADS"
-    if value is None:
-        return None
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = 0
-    if not 1 <= threads <= 1024:
-        raise InputError(f"{source} must be a thread count from 1 to 1024, got {value!r}")
-    return threads
+    """--threads, else FASTFLOW_NUM_THREADS, else None (chosen from the model's size: cpu_threads)."""
+    return env_threads(value, "--threads")

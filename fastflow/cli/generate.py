@@ -132,6 +132,7 @@ def run(args) -> int:
     pipe.set_progress_bar_config(disable=args.no_progress)
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads or cpu_threads(pipe))
+        pipe.num_threads = None  # set for the whole run here; the pipeline call leaves it
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
     kwargs = {

@@ -5,11 +5,15 @@ binding rules, so positional calls, help() and ``inspect.signature`` see every a
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Callable
 
 import torch
+
+from ..errors import ArgumentError, plain_number
+from .threads import threads_for_call
 
 EMPTY = inspect.Parameter.empty
 TENSOR = "torch.Tensor | None"
@@ -61,11 +65,24 @@ CACHE = ("cache", "cache_threshold")
 STEP_END = ("return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 
 
+TENSORS = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+           "latents", "image", "sigmas", "generator"}  # fmt: skip
+
+
+def plain_numbers(value):
+    """numpy / 0-d torch scalars (and lists of them, as seeds) as Python numbers (errors.plain_number)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_number(v) for v in value)
+    return plain_number(value)
+
+
 def call_arguments(*arguments: str | inspect.Parameter) -> Callable[[Callable], Callable]:
     """Decorates a family's ``__call__(self, **request)``: it takes ``arguments`` (the names of
     common ones, or the family's own :func:`arg`), each positional or keyword, with their defaults,
-    and its body gets all of them as keywords, under ``torch.no_grad``. A wrong call raises
-    Python's own TypeError."""
+    and its body gets all of them as keywords, under ``torch.no_grad`` and, on a CPU, the thread
+    rule of :mod:`.threads`. A wrong call raises an :class:`~fastflow.errors.ArgumentError` (an
+    InputError and a TypeError) with Python's own message, and for an unknown keyword the closest
+    valid name."""
     params = [COMMON[a] if isinstance(a, str) else a for a in arguments]
     defaults = {p.name: p.default for p in params}
 
@@ -78,16 +95,20 @@ def call_arguments(*arguments: str | inspect.Parameter) -> Callable[[Callable], 
         def call(self, *args, **kwargs):
             name = call.__qualname__
             if len(args) > len(params):
-                raise TypeError(f"{name}() takes from 1 to {len(params) + 1} positional arguments "
+                raise ArgumentError(f"{name}() takes from 1 to {len(params) + 1} positional arguments "
                                 f"but {len(args) + 1} were given")  # fmt: skip
             given = dict(zip(defaults, args, strict=False))
             for key, value in kwargs.items():
                 if key == "self" or key in given:
-                    raise TypeError(f"{name}() got multiple values for argument {key!r}")
+                    raise ArgumentError(f"{name}() got multiple values for argument {key!r}")
                 if key not in defaults:
-                    raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+                    close = difflib.get_close_matches(str(key), list(defaults), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(defaults)}"
+                    raise ArgumentError(f"{name}() got an unexpected keyword argument {key!r}{hint}")
                 given[key] = value
-            with torch.no_grad():
+            for key in given.keys() - TENSORS:
+                given[key] = plain_numbers(given[key])
+            with torch.no_grad(), threads_for_call(self):
                 return func(self, **{key: given.get(key, default) for key, default in defaults.items()})
 
         call.__signature__ = signature

@@ -26,6 +26,9 @@ class BasePipeline(TemplateMixin, SettingsMixin, PromptMixin, NoiseMixin, LoraMi
     prepare -> denoise -> decode template."""
 
     progress_bar = True
+    # CPU threads during a call (pipelines/threads.py): "auto" applies the thread rule (1 for small
+    # models, FASTFLOW_NUM_THREADS overrides), an int that count, None leaves torch's setting alone
+    num_threads: int | str | None = "auto"
 
     def __init__(self, transformer, vae, text_encoder=None, default_size: tuple[int, int] | None = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder

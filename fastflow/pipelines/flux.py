@@ -14,7 +14,7 @@ from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg,
 from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
 from .outputs import PipelineOutput
-from .prompts import as_prompt_list
+from .prompts import as_prompt_list, check_embeds
 from .settings import resolve_size
 from .template import Plan
 
@@ -55,6 +55,7 @@ class FluxPipeline(BasePipeline):
             return self.encode_prompt(as_prompt_list(prompt, what))
         if pooled is None:
             raise InputError(f"{what}_embeds needs {what.replace('prompt', 'pooled_prompt')}_embeds too")
+        check_embeds(embeds, pooled, what)
         return embeds, pooled
 
     def _context_image(self, image, auto_resize: bool):

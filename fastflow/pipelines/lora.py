@@ -24,6 +24,8 @@ class LoraMixin:
 
     def set_lora_scales(self, scales=None, **named) -> None:
         """``pipe.set_lora_scales({"style": 0.8, "detail": 0.0})`` (or as keywords); 0 switches one off."""
+        if scales is not None and not isinstance(scales, dict):
+            raise InputError(f"set_lora_scales takes a dict of LoRA name -> scale, got {type(scales).__name__}")
         self._loras().set_scales({**(scales or {}), **named})
 
     def unload_lora(self, name: str | None = None) -> None:

@@ -95,6 +95,8 @@ class NoiseMixin:
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         else:
             seeds, gens = [None] * n, generator
+            if isinstance(gens, list) and len(gens) != n:
+                raise InputError(f"got {len(gens)} generators for {n} images: pass one per image, or a single one")
         with self.stage("vae"):
             mean, std = self.vae.posterior(pixels)  # [1, z, h, w]
         draw = [gens] if isinstance(gens, torch.Generator) else gens

@@ -58,6 +58,18 @@ class Text:
         return torch.cat((first[0], second[0])), torch.cat((first[1], second[1]))
 
 
+def check_embeds(embeds: torch.Tensor, pooled: torch.Tensor, what: str) -> None:
+    """Given embeddings: floating [B, L, D] sequence and [B, P] pooled ones of one batch size B."""
+    pooled_name = "pooled_prompt_embeds" if what == "prompt" else "negative_pooled_prompt_embeds"
+    for name, t, ndim in ((f"{what}_embeds", embeds, 3), (pooled_name, pooled, 2)):
+        if not isinstance(t, torch.Tensor) or t.ndim != ndim or not t.is_floating_point() or 0 in t.shape:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"{name} must be a non-empty floating tensor with {ndim} dims, got {shape}")
+    if embeds.shape[0] != pooled.shape[0]:
+        raise InputError(f"{what}_embeds has batch size {embeds.shape[0]} but {pooled_name} has "
+                         f"{pooled.shape[0]}: pass one pooled embedding per prompt")  # fmt: skip
+
+
 class PromptMixin:
     """A pipeline's text encoding (``self.text_encoder``, in the "text" stage), with the prompt
     cache that ``BasePipeline.__init__`` creates."""
@@ -91,6 +103,7 @@ class PromptMixin:
         if embeds is not None:
             if pooled is None:
                 raise InputError(f"{what}_embeds needs pooled {what} embeddings too")
+            check_embeds(embeds, pooled, what)
             return embeds, pooled
         if self.text_encoder is None:
             raise MissingComponentError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError, check_scale
+from ..errors import InputError, check_scale, plain_number
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
 from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
@@ -19,6 +19,16 @@ SKIP_LAYER_GUIDANCE = (  # SD3.5's __call__ arguments beyond the common ones (di
     arg("skip_layer_guidance_start", "float", 0.01),
     arg("skip_layer_guidance_stop", "float", 0.2),
 )
+
+
+def check_layers(layers) -> tuple[int, ...]:
+    """``skip_guidance_layers``: None or a list / tuple of block indices (ints, numpy ints too)."""
+    if layers is None:
+        return ()
+    values = [plain_number(i) for i in layers] if isinstance(layers, (list, tuple)) else None
+    if values is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+        raise InputError(f"skip_guidance_layers must be a list of block indices (ints), got {layers!r}")
+    return tuple(values)
 
 
 class SD3Pipeline(BasePipeline):
@@ -57,7 +67,7 @@ class SD3Pipeline(BasePipeline):
             raise InputError("strength needs an input image (image=)")
         default_size = self.default_size if r.image is None else self.image_size(r)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
-        skip = tuple(r.skip_guidance_layers or ())
+        skip = check_layers(r.skip_guidance_layers)
         if any(not 0 <= i < mcfg.depth for i in skip):
             raise InputError(f"skip_guidance_layers must be block indices below {mcfg.depth}, got {list(skip)}")
         with timer.stage("encode_prompt"):

@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 
+from fastflow import errors
 from fastflow.pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
 
 E = inspect.Parameter.empty
@@ -124,8 +125,11 @@ def test_call_hands_every_argument_to_generate(cls):
 @pytest.mark.parametrize("cls", FAMILIES, ids=lambda c: c.__name__)
 def test_wrong_arguments_fail_as_python_says(cls):
     pipe = _bare(cls)
-    with pytest.raises(TypeError, match=rf"^{cls.__name__}\.__call__\(\) got an unexpected keyword argument 'x'$"):
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\.__call__\(\) got an unexpected keyword argument 'x'; "):
         pipe("a cat", x=1)
+    # issue 31: also an InputError (errors.ArgumentError), naming the closest valid keyword
+    with pytest.raises(errors.InputError, match=r"argument 'promt'; did you mean 'prompt'\?$"):
+        pipe(promt="a cat")
     with pytest.raises(TypeError, match=rf"^{cls.__name__}\.__call__\(\) got multiple values for argument 'prompt'$"):
         pipe("a cat", prompt="a dog")
     n = len(EXPECTED[cls]) + 1  # with self
