@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError, NonFiniteWeightsError
 from ..quant import Fp8Linear
 from ..quant.fp8 import quantize_weight
 from .plan import LoadPlan
@@ -77,7 +78,11 @@ def build_state(source: CheckpointSource, plan: LoadPlan) -> dict[str, torch.Ten
             else:
                 from_fp8 = any(source.entry(s.key).dtype in FP8_DTYPES for s in segs)
                 full = _assemble(source, segs, expected[key], torch.float32 if from_fp8 else dtype, device, fp8)
-                found = quantize_weight(full, layer.weight_granularity)
+                try:  # its amax pass refuses NaN / inf: named here
+                    found = quantize_weight(full, layer.weight_granularity)
+                except InputError as e:
+                    raise NonFiniteWeightsError(source.file_of(segs[0].key), f"tensor {key!r}: {e}",
+                                                "the file is corrupt: re-download it") from None  # fmt: skip
                 del full
             state[key], state[stem + "weight_scale"] = found
             if layer.activation == "static":

@@ -12,6 +12,7 @@ from fastflow.errors import FastflowError, InvalidScaleError, NonFiniteWeightsEr
 from .test_fp8 import E4M3, E5M2, PREFIX, _scaled_fp8
 
 MODES = ["keep", "none", "per-channel"]
+KEY = "double_blocks.0.img_attn.qkv.weight"
 
 
 def _load(path, mode="keep", dtype=torch.float32):
@@ -91,3 +92,15 @@ def test_fuzzed_fp8_files_are_typed_errors_or_finite_models(tmp_path, bfl_state)
                 continue
             for name, value in model.state_dict().items():
                 assert torch.isfinite(value.float()).all(), (i, mode, name)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_quantizing_a_weight_with_nan_or_inf_names_it(tmp_path, bfl_state, value):
+    """(fastflow quantize and quant="fp8" at load)"""
+    tensors = dict(bfl_state)
+    tensors[KEY] = tensors[KEY].clone()
+    tensors[KEY][0, 0] = value
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(NonFiniteWeightsError, match=r"img_attn\.qkv\.weight.*NaN or Inf"):
+        _load(path, "per-channel")
