@@ -34,8 +34,9 @@ from .safetensors_io import DTYPE_NAMES
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-# uint8 view: (mask, value) of the non-finite codes (e4m3fn: S.1111.111; e5m2: S.11111.xx)
-_NONFINITE = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C)}
+# uint8 view: the bits set in every non-finite code (e4m3fn NaN: S.1111.111; e5m2: S.11111.xx)
+_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+_SCAN_CHUNK = 1 << 22  # bytes of codes checked at a time
 _TINY = torch.finfo(torch.float32).tiny
 WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
@@ -161,13 +162,17 @@ def check_codes(key: str, codes: torch.Tensor, where) -> None:
     """Refuse NaN / inf codes in an FP8 tensor (one pass over its bytes)."""
     if codes.dtype not in _NONFINITE or not codes.numel():
         return
-    mask, value = _NONFINITE[codes.dtype]
-    if (codes.view(torch.uint8) & mask).eq_(value).any():
-        raise NonFiniteWeightsError(
-            where,
-            f"FP8 tensor {key!r} holds NaN or inf codes",
-            "the file is corrupt: re-download or re-quantize it",
-        )
+    mask = _NONFINITE[codes.dtype]  # a code is NaN / inf when all the mask's bits are set
+    flat = codes.reshape(-1).view(torch.uint8)
+    buffer = torch.empty(min(flat.numel(), _SCAN_CHUNK), dtype=torch.uint8, device=codes.device)
+    for i in range(0, flat.numel(), _SCAN_CHUNK):  # in chunks: no temporary the size of the tensor
+        part = flat[i : i + _SCAN_CHUNK]
+        if torch.bitwise_and(part, mask, out=buffer[: part.numel()]).amax().item() == mask:
+            raise NonFiniteWeightsError(
+                where,
+                f"FP8 tensor {key!r} holds NaN or inf codes",
+                "the file is corrupt: re-download or re-quantize it",
+            )
 
 
 def describe(source, prefix: str, keys, quant_keys) -> str | None:
