@@ -118,6 +118,10 @@ class InvalidScaleError(CheckpointError):
     a weight that is not FP8."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A weight tensor holds NaN or inf values (or FP8 NaN / inf codes)."""
+
+
 class LoraError(CheckpointError):
     """A LoRA file that does not fit the model: a rank or shape mismatch, missing up / down
     halves, or no key that names a layer of this model."""

@@ -15,6 +15,14 @@ Every LoRA becomes, per target layer of ours, a list of :class:`Piece` (down A [
 [rows, r], scale alpha / r, the row range of the target it writes). diffusers' separate q / k / v
 (and FLUX's single-block MLP) land in their rows of our fused ``qkv`` / ``linear1``, and the final
 layer's modulation halves are swapped, through the same key maps the checkpoint loader uses.
+
+Refused with :class:`~fastflow.errors.LoraError` naming the key (never cast or applied silently):
+integer / bool weights (an integer alpha is read as its number); NaN or inf in any weight or
+alpha; an alpha that is not one number; any
+|down| or |up| element above ``MAX_LORA_VALUE`` (1e4) or |alpha / rank| above
+``MAX_ALPHA_OVER_RANK`` (1e4): trained LoRAs stay orders of magnitude below both, and such values
+overflow fp16 products; rank 0; and two keys writing the same rows of one layer (the same module
+under two prefixes, or diffusers and official names for the same rows), naming both keys.
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ _SUFFIXES = (
     (".up.weight", UP),
     (".alpha", ALPHA),
 )
+# Bounds (refused, not warned: past them the image is garbage or the product overflows fp16):
+# |value| of any down / up element, and |alpha / rank|. Trained LoRAs stay below ~10 and ~16.
+MAX_LORA_VALUE = 1e4
+MAX_ALPHA_OVER_RANK = 1e4
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "unet.")
 _XLABS = re.compile(r"(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)")
 # keys that name another component (text encoders): reported as not applied
@@ -129,6 +141,23 @@ def _xlabs_target(module: str) -> tuple[str, int, bool] | None:
     return f"single_blocks.{block}.linear1", 0, True  # the q, k, v rows (the first 3 x hidden)
 
 
+def _check_tensor(path, key: str, role: str, tensor: torch.Tensor) -> None:
+    """Refuse what would be cast silently into garbage: integer / bool tensors, NaN / inf, an alpha
+    that is not one number, and values beyond :data:`MAX_LORA_VALUE`."""
+    integer_alpha = role == ALPHA and tensor.dtype not in (torch.bool, torch.uint8)  # kohya alphas may be ints
+    if not tensor.is_floating_point() and not integer_alpha:
+        raise LoraError(path, f"tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, not a float type",
+                        "LoRA weights are fp32 / bf16 / fp16: the file is corrupt or not a LoRA")  # fmt: skip
+    if role == ALPHA and tensor.numel() != 1:
+        raise LoraError(path, f"alpha {key!r} has shape {list(tensor.shape)}, not one number", "the file is corrupt")
+    values = tensor.float()
+    if not torch.isfinite(values).all():
+        raise LoraError(path, f"tensor {key!r} holds NaN or inf values", "the file is corrupt: re-download it")
+    if role != ALPHA and values.numel() and values.abs().max() > MAX_LORA_VALUE:
+        raise LoraError(path, f"tensor {key!r} holds |values| up to {values.abs().max().item():.3g}, beyond "
+                        f"{MAX_LORA_VALUE:g}", "no trained LoRA has such values: the file is corrupt")  # fmt: skip
+
+
 def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[str, list[Piece]], list[str]]:
     """(target layer -> pieces, keys that match no layer of ``model``). Raises :class:`LoraError`
     for a file with no LoRA key, a missing half, a rank or shape mismatch (naming the first bad
@@ -145,6 +174,7 @@ def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[
             unmatched.append(key)
             continue
         module, role = split
+        _check_tensor(path, key, role, tensor)
         groups.setdefault(module, {})[role] = tensor
     if not groups:
         raise LoraError(path, "no LoRA tensors in this file (no lora_A / lora_B / lora_down / lora_up keys)",
@@ -168,7 +198,12 @@ def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[
             )  # fmt: skip
         rank = down.shape[0]
         alpha = parts.get(ALPHA)
-        scale = 1.0 if alpha is None else float(alpha) / rank
+        if rank == 0:
+            raise LoraError(path, f"{module}: rank 0 (down {list(down.shape)})", "re-download the file")
+        scale = 1.0 if alpha is None else float(alpha.reshape(())) / rank
+        if not abs(scale) <= MAX_ALPHA_OVER_RANK:
+            raise LoraError(path, f"{module}.alpha: alpha / rank = {scale:g} is beyond +-{MAX_ALPHA_OVER_RANK:g}",
+                            "the file is corrupt: re-download it")  # fmt: skip
         name = _strip(module)
         # (our layer, our first row, source first row, source rows expected or None: the layer's)
         if name in layers or module in kohya:
@@ -194,6 +229,12 @@ def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[
                     f"names ({target}, [{out_features}, {in_features}])",
                     "this LoRA was made for another model size or variant",
                 )
+            for other in targets.get(target, []):
+                if other.row < row + rows and row < other.row + other.up.shape[0]:
+                    raise LoraError(
+                        path, f"{other.key} and {module} both target rows of {target}",
+                        "the file holds the same layer twice (two prefixes or two formats): keep one",
+                    )  # fmt: skip
             targets.setdefault(target, []).append(Piece(down, up[src : src + rows], scale, row, module))
     if not targets:
         raise LoraError(path, f"no key of this LoRA names a layer of {model.config.name} "

@@ -12,11 +12,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError, NonFiniteWeightsError
 from ..quant import Fp8Linear
 from ..quant.fp8 import quantize_weight
 from .plan import LoadPlan
-from .quantized import FP8_DTYPES, Fp8Source
+from .quantized import FP8_DTYPES, Fp8Source, check_codes, check_scale_range
 from .source import CheckpointSource
+
+
+def _read(source: CheckpointSource, key: str, dtype: torch.dtype, fp8: Fp8Source) -> torch.Tensor:
+    """The file's tensor ``key``; FP8 codes checked on the way (no NaN / inf code, the largest code
+    x scale finite in ``dtype``), in the one pass that copies them."""
+    codes = source.key_file[key].tensor(key)
+    if codes.dtype in FP8_DTYPES:
+        where = source.file_of(key)
+        check_codes(key, codes, where)
+        check_scale_range(key, fp8.weight_scales.get(key, torch.ones(1)), codes.dtype, dtype, where)
+    return codes
 
 
 def _assemble(source: CheckpointSource, segs, shape, dtype, device, fp8: Fp8Source) -> torch.Tensor:
@@ -24,13 +36,13 @@ def _assemble(source: CheckpointSource, segs, shape, dtype, device, fp8: Fp8Sour
     out = torch.empty(shape, dtype=dtype, device=device)
     row = 0
     for s in segs:
-        src = s.take(fp8.dequantized(s.key, source.key_file[s.key].tensor(s.key)))
+        src = s.take(fp8.dequantized(s.key, _read(source, s.key, dtype, fp8)))
         out[row : row + src.shape[0]].copy_(src)
         row += src.shape[0]
     return out
 
 
-def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Source):
+def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Source, dtype: torch.dtype):
     """The file's e4m3 codes and scale as the layer holds them, when no arithmetic is needed
     (one whole e4m3 source; a per-tensor scale serves a per-channel layer by repetition)."""
     one = len(segs) == 1 and segs[0].half is None and not segs[0].transpose
@@ -43,7 +55,7 @@ def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Sourc
         scale = scale.expand(rows).clone() if scale.numel() == 1 else scale
     elif scale.numel() != 1:
         return None
-    return source.key_file[key].tensor(key), scale
+    return _read(source, key, dtype, fp8), scale
 
 
 def build_state(source: CheckpointSource, plan: LoadPlan) -> dict[str, torch.Tensor]:
@@ -60,13 +72,17 @@ def build_state(source: CheckpointSource, plan: LoadPlan) -> dict[str, torch.Ten
             state[key] = _assemble(source, segs, expected[key], dtype, device, fp8)
         else:
             stem = key[: -len("weight")]
-            found = _passthrough(source, segs, layer, fp8)
+            found = _passthrough(source, segs, layer, fp8, dtype)
             if found is not None:  # views of the map (and the checked scale): copy
                 found = found[0].to(device, copy=True), found[1].to(device, copy=True)
             else:
                 from_fp8 = any(source.entry(s.key).dtype in FP8_DTYPES for s in segs)
                 full = _assemble(source, segs, expected[key], torch.float32 if from_fp8 else dtype, device, fp8)
-                found = quantize_weight(full, layer.weight_granularity)
+                try:  # its amax pass refuses NaN / inf: named here
+                    found = quantize_weight(full, layer.weight_granularity)
+                except InputError as e:
+                    raise NonFiniteWeightsError(source.file_of(segs[0].key), f"tensor {key!r}: {e}",
+                                                "the file is corrupt: re-download it") from None  # fmt: skip
                 del full
             state[key], state[stem + "weight_scale"] = found
             if layer.activation == "static":

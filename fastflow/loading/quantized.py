@@ -8,7 +8,17 @@ Formats read (official, ``model.diffusion_model.``-prefixed and diffusers names 
 * fastflow's own (``fastflow quantize``): ``<layer>.weight_scale`` per output channel ([N]) or per
   tensor, optional ``<layer>.input_scale``, ``__metadata__`` ``fastflow.quant = "fp8-e4m3"``.
 
-Scales must be finite and positive; a scale without an FP8 weight is refused (typed errors).
+Checked, each a typed error naming the tensor (:class:`~fastflow.errors.InvalidScaleError`):
+
+* scales are finite, positive and normal fp32 numbers (>= 1.2e-38: a denormal scale loses its
+  precision and gives wrong weights), and the largest code times the scale (448 for e4m3fn, 57344
+  for e5m2) stays finite in fp32 (read with the header) and in the model dtype the weights are
+  dequantized to or computed in (checked as each tensor is materialized: bf16 allows the fp32
+  range, fp16 a scale up to 65504 / 448 = 146 for e4m3fn);
+* no code is NaN or inf (e4m3fn NaN: 0x7F / 0xFF; e5m2 inf / NaN: every code with all exponent
+  bits set), scanned tensor by tensor as the loader copies it (:func:`check_codes`), never as a
+  separate pass over the file;
+* a scale without an FP8 weight is refused.
 """
 
 from __future__ import annotations
@@ -18,11 +28,16 @@ from math import prod
 
 import torch
 
-from ..errors import InvalidScaleError
+from ..errors import InvalidScaleError, NonFiniteWeightsError
 from ..quant.fp8 import dequantize_weight
 from .safetensors_io import DTYPE_NAMES
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+# uint8 view: the bits set in every non-finite code (e4m3fn NaN: S.1111.111; e5m2: S.11111.xx)
+_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+_SCAN_CHUNK = 1 << 22  # bytes of codes checked at a time
+_TINY = torch.finfo(torch.float32).tiny
 WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
 MARKERS = ("scaled_fp8",)
@@ -117,8 +132,47 @@ def read_fp8_source(source, prefix: str, quant_keys) -> Fp8Source:
                 f"scale {key!r} holds {value[bad][0].item()} (scales must be finite and positive)",
                 "the file is corrupt: re-download or re-quantize it",
             )
+        small = value < _TINY
+        if small.any():
+            raise InvalidScaleError(
+                where,
+                f"scale {key!r} holds {value[small][0].item():.3g}, a denormal number (scales must be >= {_TINY:.3g})",
+                "the file is corrupt: re-download or re-quantize it",
+            )
+        if is_weight_scale:
+            check_scale_range(key, value, source.entry(weight).dtype, torch.float32, where)
         (weight_scales if is_weight_scale else input_scales)[weight] = value if value.numel() > 1 else value[:1]
     return Fp8Source(fp8, weight_scales, input_scales, source.metadata.get(ACTIVATION_KEY))
+
+
+def check_scale_range(key: str, scale: torch.Tensor, code_dtype: torch.dtype, dtype: torch.dtype, where) -> None:
+    """The largest code times ``scale`` must be finite in ``dtype`` (fp32 at read, the model dtype
+    when materialized)."""
+    limit = torch.finfo(dtype).max / FP8_MAX[code_dtype]
+    if scale.numel() and scale.max().item() > limit:
+        raise InvalidScaleError(
+            where,
+            f"{key!r}: its scale {scale.max().item():.3g} x the largest code {FP8_MAX[code_dtype]:g} overflows "
+            f"{str(dtype).removeprefix('torch.')} (scales up to {limit:.3g})",
+            "the file is corrupt, or load it in another dtype (bfloat16 / float32)",
+        )
+
+
+def check_codes(key: str, codes: torch.Tensor, where) -> None:
+    """Refuse NaN / inf codes in an FP8 tensor (one pass over its bytes)."""
+    if codes.dtype not in _NONFINITE or not codes.numel():
+        return
+    mask = _NONFINITE[codes.dtype]  # a code is NaN / inf when all the mask's bits are set
+    flat = codes.reshape(-1).view(torch.uint8)
+    buffer = torch.empty(min(flat.numel(), _SCAN_CHUNK), dtype=torch.uint8, device=codes.device)
+    for i in range(0, flat.numel(), _SCAN_CHUNK):  # in chunks: no temporary the size of the tensor
+        part = flat[i : i + _SCAN_CHUNK]
+        if torch.bitwise_and(part, mask, out=buffer[: part.numel()]).amax().item() == mask:
+            raise NonFiniteWeightsError(
+                where,
+                f"FP8 tensor {key!r} holds NaN or inf codes",
+                "the file is corrupt: re-download or re-quantize it",
+            )
 
 
 def describe(source, prefix: str, keys, quant_keys) -> str | None:
