@@ -99,6 +99,7 @@ FAMILIES: dict[str, FamilySpec] = {
         arch_fields=probes.VAE_FIELDS,
         key_map=vae_from_diffusers,
         mismatch_hint="pass it as the VAE (vae=...), not as the transformer",
+        from_folder=described.vae_from_folder,
         refine=described.vae_refined,
     ),
 }
