@@ -194,6 +194,34 @@ def vae_latent_factors(source: CheckpointSource) -> tuple[float, float] | None:
     return float(scale), float(shift)
 
 
+def flow_refined(cfg, source: CheckpointSource):
+    """FLUX / SD3: a pipeline folder's scheduler_config.json checked (:data:`.fields.FLOW_SCHEDULER`);
+    SD3's ``shift`` and FLUX's ``use_dynamic_shifting`` honoured."""
+    scheduler = source.scheduler_config
+    if not scheduler:
+        return cfg
+    fields.check("flow_scheduler", scheduler, source.path, "scheduler_config.json")
+    shift, dynamic = scheduler.get("shift", 1.0), scheduler.get("use_dynamic_shifting", False)
+    flux = cfg.family == "flux"
+    ok_shift = isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0
+    if not isinstance(dynamic, bool) or not ok_shift or dynamic and not flux or flux and not dynamic and shift != 1.0:
+        raise CheckpointError(
+            source.path,
+            f"scheduler_config.json shift {shift!r} / use_dynamic_shifting {dynamic!r}: fastflow's "
+            + (
+                "FLUX shifts by resolution (dynamic) or not at all (shift 1.0)"
+                if flux
+                else "SD3 takes a fixed shift > 0"
+            ),
+            "use diffusers for this model, or fix scheduler_config.json",
+        )
+    if flux and dynamic != cfg.shift_schedule:
+        return cfg.replace(shift_schedule=dynamic)
+    if not flux and float(shift) != cfg.shift:
+        return cfg.replace(shift=float(shift))
+    return cfg
+
+
 def vae_from_folder(source: CheckpointSource, name: str) -> registry.VAEConfig | None:
     """VAEConfig from an AutoencoderKL ``config.json`` (widths, depth, latent channels, groups,
     scale / shift, upcast; :data:`.fields.VAE`), for VAEs no registered config fits."""

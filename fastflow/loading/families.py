@@ -52,6 +52,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mismatch_hint="load it as a FLUX.1 model (leave family= unset to detect it)",
         config_class=registry.FluxConfig,
         from_folder=described.flux_from_folder,
+        refine=described.flow_refined,
     ),
     "sd3": FamilySpec(
         title="an SD3/SD3.5 MMDiT transformer",
@@ -67,6 +68,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mismatch_hint="load it as an SD3/SD3.5 model (leave family= unset to detect it)",
         config_class=registry.MMDiTConfig,
         from_folder=described.mmdit_from_folder,
+        refine=described.flow_refined,
     ),
     "sdxl": FamilySpec(
         title="an SDXL UNet",

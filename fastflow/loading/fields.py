@@ -161,9 +161,84 @@ SDXL_SCHEDULER = {
     "skip_prk_steps": _NO_MATH,
 }
 
+# FLUX / SD3's scheduler_config.json (FlowMatchEulerDiscreteScheduler).
+FLOW_SCHEDULER = {
+    "_class_name": ("irrelevant", "the sampler is the caller's choice (sampler=)"),
+    "_diffusers_version": _NAME,
+    "num_train_timesteps": ("refused", (1000,)),
+    "shift": ("honoured", "SD3: MMDiTConfig.shift; FLUX: refused unless 1.0 without dynamic shifting"),
+    "use_dynamic_shifting": ("honoured", "FLUX: FluxConfig.shift_schedule; SD3: refused unless False"),
+    "base_shift": ("refused", (0.5,)),
+    "max_shift": ("refused", (1.15,)),
+    "base_image_seq_len": ("refused", (256,)),
+    "max_image_seq_len": ("refused", (4096,)),
+    "invert_sigmas": ("refused", (False,)),
+    "shift_terminal": ("refused", (None,)),
+    "use_karras_sigmas": ("refused", (False,)),
+    "use_exponential_sigmas": ("refused", (False,)),
+    "use_beta_sigmas": ("refused", (False,)),
+    "time_shift_type": ("refused", ("exponential",)),
+    "stochastic_sampling": ("refused", (False,)),
+}
+
+# transformers' CLIPTextConfig / T5Config (text encoders, loading/text.py): the size fields are
+# honoured (models/text.py's config), the rest below.
+_HF_GENERIC = {
+    "transformers_version": _NAME,
+    "architectures": _NAME,
+    "_name_or_path": _NAME,
+    "model_type": _NAME,
+    "output_hidden_states": ("irrelevant", "fastflow picks the hidden states each pipeline needs"),
+    "return_dict": ("irrelevant", "an API choice of transformers"),
+    "dtype": ("irrelevant", "the load dtype is fastflow.load's dtype="),
+    "torch_dtype": ("irrelevant", "the load dtype is fastflow.load's dtype="),
+    "chunk_size_feed_forward": ("irrelevant", "chunking computes the same feed-forward"),
+    "id2label": _NAME,
+    "label2id": _NAME,
+    "problem_type": _NO_MATH,
+    "initializer_range": _NO_MATH,
+    "initializer_factor": _NO_MATH,
+    "pad_token_id": ("irrelevant", "padding comes from the tokenizer"),
+}
+_HONOURED = ("honoured", "models/text.py's config (checked against the tensors)")
+CLIP = {
+    **_HF_GENERIC,
+    **{f: _HONOURED for f in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim")},
+    **{f: _HONOURED for f in ("num_hidden_layers", "num_attention_heads", "max_position_embeddings")},
+    "hidden_act": ("honoured", "refused unless an activation fastflow implements"),
+    "layer_norm_eps": ("honoured", "the LayerNorms' eps"),
+    "eos_token_id": ("honoured", "where the pooled token is read"),
+    "bos_token_id": ("irrelevant", "the tokenizer adds it"),
+    "attention_dropout": ("irrelevant", "dropout is off at inference"),
+    "is_encoder_decoder": ("refused", (False,)),
+}
+T5 = {
+    **_HF_GENERIC,
+    **{f: _HONOURED for f in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")},
+    **{f: _HONOURED for f in ("relative_attention_num_buckets", "relative_attention_max_distance")},
+    "feed_forward_proj": ("honoured", "gated or not, and the activation (refused unless implemented)"),
+    "layer_norm_epsilon": ("honoured", "the RMS norms' eps"),
+    "is_encoder_decoder": ("irrelevant", "fastflow loads the encoder only"),
+    "num_decoder_layers": ("irrelevant", "fastflow loads the encoder only"),
+    "is_decoder": ("refused", (False,)),
+    "dropout_rate": ("irrelevant", "dropout is off at inference"),
+    "classifier_dropout": ("irrelevant", "dropout is off at inference"),
+    "use_cache": ("irrelevant", "a decoder cache; the encoder has none"),
+    "eos_token_id": ("irrelevant", "the tokenizer adds it"),
+}
+
 SPACINGS = ("leading", "trailing", "linspace")  # samplers/discrete.py's
 
-TABLES = {"sdxl": UNET, "vae": VAE, "flux": FLUX, "sd3": SD3, "sdxl_scheduler": SDXL_SCHEDULER}
+TABLES = {
+    "sdxl": UNET,
+    "vae": VAE,
+    "flux": FLUX,
+    "sd3": SD3,
+    "sdxl_scheduler": SDXL_SCHEDULER,
+    "flow_scheduler": FLOW_SCHEDULER,
+    "clip": CLIP,
+    "t5": T5,
+}
 
 _LISTS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 

@@ -27,10 +27,12 @@ def test_every_diffusers_field_is_in_the_table():
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
         FluxTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
     )
+    from transformers import CLIPTextConfig, T5Config
 
     for kind, classes in {
         "sdxl": [UNet2DConditionModel],
@@ -38,6 +40,9 @@ def test_every_diffusers_field_is_in_the_table():
         "flux": [FluxTransformer2DModel],
         "sd3": [SD3Transformer2DModel],
         "sdxl_scheduler": [EulerDiscreteScheduler, EulerAncestralDiscreteScheduler],
+        "flow_scheduler": [FlowMatchEulerDiscreteScheduler],
+        "clip": [CLIPTextConfig],
+        "t5": [T5Config],
     }.items():
         table = fields.TABLES[kind]
         for cls in classes:
@@ -196,3 +201,31 @@ def test_sgm_engine_buffers_are_skipped_and_unnamed_sdxl_file_is_base(tmp_path):
     assert any("denoiser.sigmas" in t for t in text) and any("variant='sdxl-turbo'" in t for t in text)
     assert loaded.config.name == "sdxl-tiny" and not loaded.config.turbo
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def _flow_source(scheduler: dict):
+    return SimpleNamespace(scheduler_config=scheduler, path="/m/transformer")
+
+
+def test_flow_scheduler_fields_honoured_or_refused():
+    flux = [configs.from_name(n) for n in configs.list_models("flux", include_tiny=True)]
+    dev = next(c for c in flux if c.shift_schedule)
+    schnell = next(c for c in flux if not c.shift_schedule)
+    assert described.flow_refined(dev, _flow_source({"shift": 3.0, "use_dynamic_shifting": True})) == dev
+    assert described.flow_refined(schnell, _flow_source({"shift": 1.0, "use_dynamic_shifting": False})) == schnell
+    assert described.flow_refined(schnell, _flow_source({"use_dynamic_shifting": True})).shift_schedule
+    with pytest.raises(CheckpointError, match="shift 3.0 / use_dynamic_shifting False"):
+        described.flow_refined(dev, _flow_source({"shift": 3.0, "use_dynamic_shifting": False}))
+    with pytest.raises(CheckpointError, match="scheduler_config.json max_shift is 2.0"):
+        described.flow_refined(dev, _flow_source({"max_shift": 2.0, "use_dynamic_shifting": True}))
+    mmdit = configs.from_name(configs.list_models("sd3", include_tiny=True)[0])
+    assert described.flow_refined(mmdit, _flow_source({"shift": 6.0})).shift == 6.0
+    with pytest.raises(CheckpointError, match="use_dynamic_shifting True"):
+        described.flow_refined(mmdit, _flow_source({"shift": 3.0, "use_dynamic_shifting": True}))
+
+
+def test_text_encoder_config_fields_refused():
+    from fastflow.loading.text import text_config
+
+    with pytest.raises(CheckpointError, match="config.json is_decoder is True"):
+        text_config({"is_decoder": True, "d_model": 64}, "t5", "/m/config.json")
