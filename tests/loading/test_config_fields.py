@@ -145,7 +145,9 @@ def test_unet_with_8_groups_matches_diffusers(tmp_path):
     assert _rel(ours, theirs) <= 1e-5
 
 
-def test_vae_of_another_width_and_depth_loads_from_its_config_and_matches_diffusers(tmp_path):
+def _narrow_vae():
+    """A FLUX-style AutoencoderKL of another width and depth than any registered VAE (32 x (1,1,1,1),
+    one block per level, 8 groups), random weights."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
@@ -165,6 +167,11 @@ def test_vae_of_another_width_and_depth_loads_from_its_config_and_matches_diffus
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(0.1 * torch.randn_like(p) + 0.5 * p)
+    return ref
+
+
+def test_vae_of_another_width_and_depth_loads_from_its_config_and_matches_diffusers(tmp_path):
+    ref = _narrow_vae()
     ref.save_pretrained(tmp_path / "vae")
     ours = load_vae(tmp_path / "vae", dtype=torch.float32)
     assert (ours.config.ch, ours.config.ch_mult, ours.config.num_res_blocks) == (32, (1, 1, 1, 1), 1)
@@ -229,3 +236,27 @@ def test_text_encoder_config_fields_refused():
 
     with pytest.raises(CheckpointError, match="config.json is_decoder is True"):
         text_config({"is_decoder": True, "d_model": 64}, "t5", "/m/config.json")
+
+
+def test_flux_pipeline_folder_with_a_narrow_vae_loads(tmp_path):
+    import shutil
+
+    from ..conftest import tiny_pipeline_folder
+
+    folder = tiny_pipeline_folder(tmp_path / "flux", "flux-tiny-dev")
+    shutil.rmtree(folder / "vae")
+    _narrow_vae().save_pretrained(folder / "vae")
+    pipe = fastflow.load(folder, dtype=torch.float32)
+    assert (pipe.vae.config.ch, pipe.vae.config.ch_mult, pipe.vae.config.norm_groups) == (32, (1, 1, 1, 1), 8)
+
+
+def test_sdxl_pipeline_folder_with_v_prediction_is_refused(tmp_path):
+    import json
+
+    from ..conftest import tiny_pipeline_folder
+
+    folder = tiny_pipeline_folder(tmp_path / "sdxl", "sdxl-tiny")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.raises(CheckpointError, match="prediction_type is 'v_prediction'"):
+        fastflow.load(folder, dtype=torch.float32)
