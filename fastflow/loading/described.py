@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, InputError
 from ..models import configs as registry
+from . import fields
 from .source import CheckpointSource
 
 
@@ -29,6 +30,7 @@ def flux_from_diffusers(cfg: dict, name: str, kontext: bool = False) -> registry
     """FluxConfig from a FluxTransformer2DModel ``config.json`` (diffusers' own defaults for absent
     keys). Sampling facts the weights cannot show follow FLUX.1's: guidance-distilled -> dev's,
     else schnell's."""
+    fields.check("flux", cfg, name)
     if _get(cfg, "patch_size", 1) != 1:
         raise InputError(f"{name}: FLUX config.json with patch_size {cfg['patch_size']} (FLUX.1 models use 1)")
     heads, head_dim = _get(cfg, "num_attention_heads", 24), _get(cfg, "attention_head_dim", 128)
@@ -59,6 +61,7 @@ def flux_from_diffusers(cfg: dict, name: str, kontext: bool = False) -> registry
 def mmdit_from_diffusers(cfg: dict, name: str) -> registry.MMDiTConfig:
     """MMDiTConfig from an SD3Transformer2DModel ``config.json``; SD3.5 sampling defaults where
     the model has qk-norm (every SD3.5), SD3-medium's otherwise."""
+    fields.check("sd3", cfg, name)
     heads, head_dim = _get(cfg, "num_attention_heads", 18), _get(cfg, "attention_head_dim", 64)
     hidden = heads * head_dim
     caption = _get(cfg, "caption_projection_dim", hidden)
@@ -91,6 +94,7 @@ def unet_from_diffusers(cfg: dict, name: str) -> registry.UNetConfig:
     """UNetConfig from an SDXL-style UNet2DConditionModel ``config.json`` ("text_time" added
     embedding). diffusers' ``attention_head_dim`` counts heads (its old naming) unless
     ``num_attention_heads`` is given; sampling follows SDXL base's, Turbo's for trailing spacing."""
+    fields.check("sdxl", cfg, name)
     if _get(cfg, "addition_embed_type", None) != "text_time":
         raise InputError(f"{name}: a UNet without SDXL's text_time conditioning (SD 1.x / 2.x) is not supported")
     widths = list(_get(cfg, "block_out_channels", (320, 640, 1280)))
@@ -118,6 +122,7 @@ def unet_from_diffusers(cfg: dict, name: str) -> registry.UNetConfig:
         head_dim=head_dims.pop(),
         adm_in_channels=_get(cfg, "projection_class_embeddings_input_dim", 2816),
         time_id_dim=_get(cfg, "addition_time_embed_dim", 256),
+        norm_groups=_get(cfg, "norm_num_groups", 32),
     )
 
 
@@ -149,10 +154,25 @@ def unet_from_folder(source: CheckpointSource, name: str) -> registry.UNetConfig
 # A family's refinement: what a folder's config.json changes in the registered config that fits
 # the tensors (applied unless the user gave config=).
 def unet_refined(cfg: registry.UNetConfig, source: CheckpointSource) -> registry.UNetConfig:
-    """Head and time-id widths: config.json's, where it has them."""
+    """Head and time-id widths and GroupNorm groups: config.json's, where it has them; the
+    timestep spacing: scheduler_config.json's, whose other fields are checked (:mod:`.fields`)."""
     told = unet_from_folder(source, cfg.name)
-    if told is not None and (told.head_dim, told.time_id_dim) != (cfg.head_dim, cfg.time_id_dim):
-        cfg = cfg.replace(head_dim=told.head_dim, time_id_dim=told.time_id_dim)
+    if told is not None:
+        seen = (told.head_dim, told.time_id_dim, told.norm_groups)
+        if seen != (cfg.head_dim, cfg.time_id_dim, cfg.norm_groups):
+            cfg = cfg.replace(head_dim=seen[0], time_id_dim=seen[1], norm_groups=seen[2])
+    scheduler = source.scheduler_config
+    if scheduler:
+        fields.check("sdxl_scheduler", scheduler, source.path, "scheduler_config.json")
+        spacing = scheduler.get("timestep_spacing", "linspace")  # diffusers' default
+        if spacing not in fields.SPACINGS:
+            raise CheckpointError(
+                source.path,
+                f"scheduler_config.json timestep_spacing is {spacing!r}; fastflow knows {', '.join(fields.SPACINGS)}",
+                "fix scheduler_config.json",
+            )
+        if spacing != cfg.spacing:
+            cfg = cfg.replace(spacing=spacing)
     return cfg
 
 
@@ -174,9 +194,76 @@ def vae_latent_factors(source: CheckpointSource) -> tuple[float, float] | None:
     return float(scale), float(shift)
 
 
+def flow_refined(cfg, source: CheckpointSource):
+    """FLUX / SD3: a pipeline folder's scheduler_config.json checked (:data:`.fields.FLOW_SCHEDULER`);
+    SD3's ``shift`` and FLUX's ``use_dynamic_shifting`` honoured."""
+    scheduler = source.scheduler_config
+    if not scheduler:
+        return cfg
+    fields.check("flow_scheduler", scheduler, source.path, "scheduler_config.json")
+    shift, dynamic = scheduler.get("shift", 1.0), scheduler.get("use_dynamic_shifting", False)
+    flux = cfg.family == "flux"
+    ok_shift = isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0
+    if not isinstance(dynamic, bool) or not ok_shift or dynamic and not flux or flux and not dynamic and shift != 1.0:
+        raise CheckpointError(
+            source.path,
+            f"scheduler_config.json shift {shift!r} / use_dynamic_shifting {dynamic!r}: fastflow's "
+            + (
+                "FLUX shifts by resolution (dynamic) or not at all (shift 1.0)"
+                if flux
+                else "SD3 takes a fixed shift > 0"
+            ),
+            "use diffusers for this model, or fix scheduler_config.json",
+        )
+    if flux and dynamic != cfg.shift_schedule:
+        return cfg.replace(shift_schedule=dynamic)
+    if not flux and float(shift) != cfg.shift:
+        return cfg.replace(shift=float(shift))
+    return cfg
+
+
+def vae_from_folder(source: CheckpointSource, name: str) -> registry.VAEConfig | None:
+    """VAEConfig from an AutoencoderKL ``config.json`` (widths, depth, latent channels, groups,
+    scale / shift, upcast; :data:`.fields.VAE`), for VAEs no registered config fits."""
+    cfg = source.folder_config
+    if _class_name(source) != "AutoencoderKL":
+        return None
+    fields.check("vae", cfg, source.path)
+    widths = list(_get(cfg, "block_out_channels", (64,)))
+    quant, post = bool(_get(cfg, "use_quant_conv", True)), bool(_get(cfg, "use_post_quant_conv", True))
+    if quant != post or not widths or any(w % widths[0] for w in widths):
+        raise CheckpointError(
+            source.path,
+            f"config.json block_out_channels {widths} / use_quant_conv {quant} / use_post_quant_conv {post}: "
+            "fastflow needs widths that are multiples of the first and both quant convs or neither",
+            "use diffusers for this VAE, or fix config.json",
+        )
+    factors = vae_latent_factors(source) or (0.18215, 0.0)  # diffusers' default scaling_factor
+    return registry.VAEConfig(
+        name=name,
+        ch=widths[0],
+        ch_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=_get(cfg, "layers_per_block", 1),
+        z_channels=_get(cfg, "latent_channels", 4),
+        in_channels=_get(cfg, "in_channels", 3),
+        out_channels=_get(cfg, "out_channels", 3),
+        scale_factor=factors[0],
+        shift_factor=factors[1],
+        quant_conv=quant,
+        force_upcast=bool(_get(cfg, "force_upcast", True)),
+        norm_groups=_get(cfg, "norm_num_groups", 32),
+    )
+
+
 def vae_refined(cfg: registry.VAEConfig, source: CheckpointSource) -> registry.VAEConfig:
     """A VAE folder's config.json scale / shift always apply (registered values are defaults), and
-    its force_upcast (the fp16-fix SDXL VAE says False)."""
+    its force_upcast (the fp16-fix SDXL VAE says False) and norm_num_groups; its other fields
+    are checked (:data:`.fields.VAE`)."""
+    if _class_name(source) == "AutoencoderKL":
+        fields.check("vae", source.folder_config, source.path)
+        groups = source.folder_config.get("norm_num_groups", 32)
+        if groups != cfg.norm_groups:
+            cfg = cfg.replace(norm_groups=groups)
     factors = vae_latent_factors(source)
     if factors is not None and factors != (cfg.scale_factor, cfg.shift_factor):
         cfg = cfg.replace(scale_factor=factors[0], shift_factor=factors[1])

@@ -52,6 +52,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mismatch_hint="load it as a FLUX.1 model (leave family= unset to detect it)",
         config_class=registry.FluxConfig,
         from_folder=described.flux_from_folder,
+        refine=described.flow_refined,
     ),
     "sd3": FamilySpec(
         title="an SD3/SD3.5 MMDiT transformer",
@@ -67,6 +68,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mismatch_hint="load it as an SD3/SD3.5 model (leave family= unset to detect it)",
         config_class=registry.MMDiTConfig,
         from_folder=described.mmdit_from_folder,
+        refine=described.flow_refined,
     ),
     "sdxl": FamilySpec(
         title="an SDXL UNet",
@@ -99,6 +101,7 @@ FAMILIES: dict[str, FamilySpec] = {
         arch_fields=probes.VAE_FIELDS,
         key_map=vae_from_diffusers,
         mismatch_hint="pass it as the VAE (vae=...), not as the transformer",
+        from_folder=described.vae_from_folder,
         refine=described.vae_refined,
     ),
 }

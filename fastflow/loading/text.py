@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, TooLargeError
+from .fields import check as check_fields
 from .keymaps import Segment
 from .layout import Layout
 from .materialize import materialize
@@ -85,6 +86,7 @@ def text_config(raw: dict, family: str, path: Path):
     from ..models.text import ACTIVATIONS, CLIPTextConfig, T5EncoderConfig
 
     cls = CLIPTextConfig if family == "clip" else T5EncoderConfig
+    check_fields(family, raw, path)
     fields = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
     if family == "t5" and raw.get("is_decoder"):
         raise CheckpointError(path, "config.json describes a T5 decoder", "pass the T5 encoder's folder")

@@ -7,6 +7,7 @@ description stage (:mod:`.describe`).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ..errors import AmbiguousVariantError, UnknownConfigError, VariantMismatchError
@@ -63,6 +64,15 @@ def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | 
             return [c for c in candidates if c.turbo]
         if any(k.startswith("modelspec.") for k in source.metadata):  # the file names itself, not as turbo
             return [c for c in candidates if not c.turbo]
+        if candidates[0].family == "sdxl" and Path(source.path).is_file():  # unnamed: almost all are base
+            base = [c for c in candidates if not c.turbo]
+            if len(base) == 1:
+                warnings.warn(
+                    f"{Path(source.path).name}: nothing names the SDXL variant; loading it as "
+                    f"{base[0].name!r} (pass variant='sdxl-turbo' for a Turbo model)",
+                    stacklevel=2,
+                )
+            return base
     return []
 
 

@@ -158,6 +158,12 @@ class MMDiTConfig(_TransformerConfig):
             raise ValueError(f"{self.name}: dual_attention_layers must be block indices < depth")
 
 
+def _check_groups(name: str, groups, widths: list[int]) -> None:
+    """GroupNorm groups: a positive int dividing every level's width."""
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0 or any(w % groups for w in widths):
+        raise InputError(f"{name}: norm_num_groups {groups!r} must be a positive number dividing every width {widths}")
+
+
 @dataclass(frozen=True)
 class VAEConfig(_Config):
     """AutoencoderKL (FLUX ae / SD3 VAE share the architecture; scale and shift differ)."""
@@ -174,6 +180,7 @@ class VAEConfig(_Config):
     quant_conv: bool = False  # 1x1 quant_conv / post_quant_conv around the latent (SDXL's VAE)
     # decode a float16 VAE in float32 (SDXL's VAE overflows in fp16; the "fp16-fix" VAE does not)
     force_upcast: bool = False
+    norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups; not visible in the weights)
 
     family = "vae"
 
@@ -183,6 +190,7 @@ class VAEConfig(_Config):
             raise InputError(f"VAE scale_factor must be a finite non-zero number, got {scale!r}")
         if not (isinstance(shift, (int, float)) and math.isfinite(shift)):
             raise InputError(f"VAE shift_factor must be a finite number, got {shift!r}")
+        _check_groups(self.name, self.norm_groups, [self.ch * m for m in self.ch_mult])
 
     def arch(self) -> tuple:
         return (
@@ -217,6 +225,7 @@ class UNetConfig(_Config):
     head_dim: int = 64
     adm_in_channels: int = 2816
     time_id_dim: int = 256
+    norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups; not visible in the weights)
     # Sampling facts not visible in the weights (REFERENCE.md: SDXL).
     spacing: str = "leading"
     turbo: bool = False
@@ -252,6 +261,7 @@ class UNetConfig(_Config):
             raise ValueError(f"{self.name}: every level's width must be a multiple of head_dim")
         if self.pooled_dim <= 0:
             raise ValueError(f"{self.name}: adm_in_channels must exceed 6 * time_id_dim")
+        _check_groups(self.name, self.norm_groups, [self.model_channels * m for m in self.channel_mult])
 
 
 _REGISTRY: dict[str, object] = {}

@@ -20,7 +20,7 @@ from .. import ops
 from ..errors import InputError
 from .configs import UNetConfig
 from .layers import merge_heads, timestep_embedding
-from .vae import Upsample  # nearest 2x, then a 3x3 ``conv``: the same module in both
+from .vae import Upsample, set_groups  # nearest 2x, then a 3x3 ``conv``: the same module in both
 
 
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +198,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        set_groups(self, cfg.norm_groups)
 
     @property
     def dtype(self) -> torch.dtype:

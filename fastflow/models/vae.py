@@ -23,6 +23,14 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
+def set_groups(module: nn.Module, groups: int) -> None:
+    """Every GroupNorm of ``module`` with ``groups`` groups (the config's norm_num_groups; the
+    weights are per channel, so only the grouping changes)."""
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.num_groups = groups
+
+
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return ops.groupnorm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
 
@@ -169,6 +177,7 @@ class AutoEncoder(nn.Module):
             z = config.z_channels
             self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
             self.post_quant_conv = nn.Conv2d(z, z, 1)
+        set_groups(self, config.norm_groups)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 import fastflow
-from fastflow.errors import AmbiguousVariantError, FamilyMismatchError, InputError, MissingComponentError
+from fastflow.errors import FamilyMismatchError, InputError, MissingComponentError
 from fastflow.models import configs
 
 from ..conftest import diffusers_sdxl_scheduler
@@ -244,7 +244,9 @@ def test_official_single_file_loads_like_the_folder(pipeline_folders, tmp_path):
     for role in ("clip_l", "clip_g"):
         mine, theirs = getattr(pipe.text_encoder, role).model.state_dict(), getattr(te, role).model.state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    with pytest.raises(AmbiguousVariantError, match="sdxl-tiny"):
-        fastflow.load(tmp_path / "mine.safetensors", dtype=torch.float32, text_encoders=text)
+    # nothing names the variant: base, with a one-line note naming variant= (issue 31)
+    with pytest.warns(UserWarning, match="variant='sdxl-turbo'"):
+        pipe = fastflow.load(tmp_path / "mine.safetensors", dtype=torch.float32, text_encoders=text)
+    assert pipe.transformer.config.name == "sdxl-tiny" and not pipe.transformer.config.turbo
     with pytest.raises(MissingComponentError, match="holds both but no tokenizers"):
         fastflow.load(tmp_path / "mine.safetensors", variant="sdxl-tiny")
