@@ -114,6 +114,7 @@ class Runner:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, *self.args), daemon=True)
         self.proc.start()
+        child.close()  # so a worker that dies is an EOF here at once, not a wait for the time limit
         if not self.conn.poll(300) or self.conn.recv() != "ready":
             raise RuntimeError("the fuzz worker did not start")
 
