@@ -49,7 +49,15 @@ def plan(cases: int, seed: int, surfaces: list[str]) -> list[tuple[str, int]]:
     return [(rng.choices(surfaces, weights)[0], i) for i in range(cases)]
 
 
-def fuzz(cases: int, seed: int = 0, surfaces=None, timeout: float = 30.0, memory_gb: float = 3.0, progress=True):
+def fuzz(
+    cases: int,
+    seed: int = 0,
+    surfaces=None,
+    timeout: float = 30.0,
+    memory_gb: float = 3.0,
+    progress=True,
+    json_path=None,
+):
     import importlib
 
     surfaces = list(surfaces or SURFACES)
@@ -69,6 +77,8 @@ def fuzz(cases: int, seed: int = 0, surfaces=None, timeout: float = 30.0, memory
                 r.setdefault("surface", case[0])
                 r["seconds"] = round(time.perf_counter() - t0, 3)
                 results.append(r)
+                if json_path and n % 25 == 0:  # a long round can be read (and stopped) part way
+                    Path(json_path).write_text(json.dumps(results, indent=1))
                 if progress and n % 50 == 0:
                     print(f"{n}/{len(todo)} {counts_line(results)}", file=sys.stderr, flush=True)
         finally:
@@ -99,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write every case's result here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    results = fuzz(args.cases, args.seed, args.surface, args.timeout, args.memory_gb)
+    results = fuzz(args.cases, args.seed, args.surface, args.timeout, args.memory_gb, json_path=args.json)
     print(summarize(results, time.perf_counter() - t0))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
