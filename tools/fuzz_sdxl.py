@@ -18,17 +18,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 H, W = 32, 32
 CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "model_index.json")
-# fields whose value does not change the computation of an image (bookkeeping, training-only)
-IRRELEVANT = {"_diffusers_version", "_class_name", "_name_or_path", "force_upcast", "sample_size", "trained_betas",
-              "clip_sample_range", "sample_max_value", "dynamic_thresholding_ratio", "thresholding",
-              "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr",
-              "lower_order_final", "euler_at_final", "final_sigmas_type", "solver_order", "algorithm_type",
-              "solver_type", "variance_type", "use_lu_lambdas", "lambda_min_clipped", "timestep_type",
-              "interpolation_type", "clip_sample", "set_alpha_to_one", "skip_prk_steps", "scheduler",
-              "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
-              "image_encoder", "feature_extractor", "force_zeros_for_empty_prompt", "add_watermarker",
-              "mid_block_only_cross_attention", "use_post_quant_conv", "use_quant_conv",
-              "latents_mean", "latents_std", "shift_factor"}  # fmt: skip
+# fields whose value does not change an image here: bookkeeping, training-only, other schedulers'
+# options, fp16-only switches, and sigma_min / sigma_max (diffusers' Euler reads them only with
+# karras / exponential / beta sigmas)
+IRRELEVANT = {"_diffusers_version", "_class_name", "_name_or_path", "force_upcast", "sample_size",
+              "clip_sample", "clip_sample_range", "sample_max_value", "dynamic_thresholding_ratio", "thresholding",
+              "lower_order_final", "euler_at_final", "solver_order", "algorithm_type", "solver_type",
+              "variance_type", "use_lu_lambdas", "lambda_min_clipped", "set_alpha_to_one", "skip_prk_steps",
+              "sigma_min", "sigma_max", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+              "unet", "vae", "image_encoder", "feature_extractor", "force_zeros_for_empty_prompt",
+              "add_watermarker", "shift_factor"}  # fmt: skip
 SGM_EXTRAS = ("denoiser.sigmas", "denoiser.log_sigmas", "alphas_cumprod", "alphas_cumprod_prev", "betas",
               "model_ema.decay", "model_ema.num_updates",
               "conditioner.embedders.0.transformer.text_model.embeddings.position_ids")  # fmt: skip
