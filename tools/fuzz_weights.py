@@ -47,7 +47,8 @@ def _lora_seeds(pipe, family: str) -> dict[str, dict]:
         c = pipe.transformer.config.hidden_size
         xl = {}
         for key, rows in (("double_blocks.0.processor.qkv_lora1", 3 * c), ("single_blocks.0.processor.proj_lora", c)):
-            xl[f"{key}.down.weight"] = torch.randn(4, c, generator=g) * 0.1
+            cols = pipe.transformer.single_blocks[0].linear2.in_features if key.startswith("single") else c
+            xl[f"{key}.down.weight"] = torch.randn(4, cols, generator=g) * 0.1
             xl[f"{key}.up.weight"] = torch.randn(rows, 4, generator=g) * 0.1
         out["xlabs"] = xl
     return out
