@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -33,6 +32,9 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fuzz_common import Runner, peak_rss, peak_rss_reset  # noqa: E402
 
 FAILURES = ("untyped", "mismatch", "timeout", "memory")
 SEEDS = ("flux_file", "flux_sharded", "fp8_file", "vae_folder", "clip_folder", "t5_folder", "pipeline")
@@ -395,23 +397,6 @@ def clean_resave(case_dir: Path, clean_dir: Path) -> None:
         save_file(tensors, str(path), metadata=metadata)
 
 
-def _peak_rss_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run_case(index: int, seed: int, seeds_root: Path, work: Path) -> dict:
     """One case in this process: build, load, judge."""
     from fastflow.errors import FastflowError
@@ -421,7 +406,7 @@ def run_case(index: int, seed: int, seeds_root: Path, work: Path) -> dict:
     result = {"case": index}
     try:
         result["seed"], result["kind"], result["file"] = make_case(rng, seeds_root, case_dir)
-        _peak_rss_reset()
+        peak_rss_reset()
         t0 = time.perf_counter()
         try:
             state = _load(result["seed"], case_dir)
@@ -449,70 +434,11 @@ def run_case(index: int, seed: int, seeds_root: Path, work: Path) -> dict:
                 if result["outcome"] == "mismatch":
                     result["error"] = "loaded tensors differ from a clean re-save's"
         result["seconds"] = round(time.perf_counter() - t0, 3)
-        result["peak_rss"] = _peak_rss()
+        result["peak_rss"] = peak_rss()
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)
         shutil.rmtree(work / f"clean{index}", ignore_errors=True)
     return result
-
-
-def _worker(conn, seeds_root: str, work: str, seed: int, memory_bytes: int) -> None:
-    import resource
-    import warnings
-
-    import transformers  # noqa: F401
-
-    import fastflow  # noqa: F401  (imports before the cap, so the cap measures loads only)
-
-    warnings.simplefilter("ignore")
-    transformers.logging.set_verbosity_error()
-    vm = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    resource.setrlimit(resource.RLIMIT_AS, (vm + memory_bytes, resource.RLIM_INFINITY))
-    conn.send("ready")
-    while True:
-        index = conn.recv()
-        if index is None:
-            return
-        conn.send(run_case(index, seed, Path(seeds_root), Path(work)))
-
-
-class Runner:
-    """A worker process fed one case at a time; restarted after a timeout or a crash."""
-
-    def __init__(self, seeds_root: Path, work: Path, seed: int, timeout: float, memory_bytes: int):
-        self.args = (str(seeds_root), str(work), seed, memory_bytes)
-        self.timeout, self.proc = timeout, None
-
-    def _start(self):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, *self.args), daemon=True)
-        self.proc.start()
-        if not self.conn.poll(300) or self.conn.recv() != "ready":
-            raise RuntimeError("the fuzz worker did not start")
-
-    def run(self, index: int) -> dict:
-        if self.proc is None or not self.proc.is_alive():
-            self._start()
-        self.conn.send(index)
-        if self.conn.poll(self.timeout):
-            try:
-                return self.conn.recv()
-            except EOFError:
-                pass
-        alive = self.proc.is_alive()
-        self.proc.kill()
-        self.proc.join()
-        code = self.proc.exitcode
-        self.proc = None
-        # a worker that died on its own: killed by the kernel's OOM killer (-9) or crashed
-        outcome = "timeout" if alive else "memory" if code == -9 else "untyped"
-        return {"case": index, "outcome": outcome, "error": f"worker {'timed out' if alive else f'exit code {code}'}"}
-
-    def close(self):
-        if self.proc is not None and self.proc.is_alive():
-            self.conn.send(None)
-            self.proc.join(10)
 
 
 def fuzz(cases: int, seed: int = 0, timeout: float = 30.0, memory_gb: float = 2.0, progress: bool = True) -> list[dict]:
@@ -520,7 +446,7 @@ def fuzz(cases: int, seed: int = 0, timeout: float = 30.0, memory_gb: float = 2.
         root = Path(tmp)
         build_seeds(root / "seeds")
         (root / "work").mkdir()
-        runner = Runner(root / "seeds", root / "work", seed, timeout, int(memory_gb * 2**30))
+        runner = Runner("fuzz_loader:run_case", (seed, root / "seeds", root / "work"), timeout, int(memory_gb * 2**30))
         results = []
         try:
             for i in range(cases):
