@@ -148,6 +148,9 @@ def _check_tensor(path, key: str, role: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point() and not integer_alpha:
         raise LoraError(path, f"tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, not a float type",
                         "LoRA weights are fp32 / bf16 / fp16: the file is corrupt or not a LoRA")  # fmt: skip
+    if role != ALPHA and tensor.dim() != 2:
+        raise LoraError(path, f"tensor {key!r} has shape {list(tensor.shape)}, not a [rank, features] matrix",
+                        "the file is corrupt or not a LoRA of linear layers")  # fmt: skip
     if role == ALPHA and tensor.numel() != 1:
         raise LoraError(path, f"alpha {key!r} has shape {list(tensor.shape)}, not one number", "the file is corrupt")
     values = tensor.float()

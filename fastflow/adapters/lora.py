@@ -15,6 +15,7 @@ per adapter times its scale.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class LoraManager:
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> Adapter:
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"load_lora takes the path of a .safetensors LoRA file, got {type(path).__name__}")
         path = Path(path).expanduser()
         name = name or path.stem
         if name in self.adapters:

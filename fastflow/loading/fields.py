@@ -251,10 +251,24 @@ def _equal(value, allowed) -> bool:
     return value == allowed
 
 
+# switches diffusers types as bool: any other JSON value (a string, a number) is a broken file, not a
+# truthy setting (bool("squaredcos_cap_v2") would silently read as True)
+BOOLEANS = frozenset({
+    "center_input_sample", "clip_sample", "dual_cross_attention", "flip_sin_to_cos", "force_upcast",
+    "guidance_embeds", "invert_sigmas", "is_decoder", "is_encoder_decoder", "rescale_betas_zero_snr",
+    "set_alpha_to_one", "stochastic_sampling", "upcast_attention", "use_beta_sigmas", "use_cache",
+    "use_dynamic_shifting", "use_exponential_sigmas", "use_karras_sigmas", "use_linear_projection",
+    "use_post_quant_conv", "use_quant_conv",
+})  # fmt: skip
+
+
 def check(kind: str, cfg: dict, path, file: str = "config.json") -> None:
     """Raise CheckpointError naming the first field of ``cfg`` (a ``kind`` table's file) whose value
     fastflow cannot compute with; fields absent from the file take diffusers' defaults, which the
     table accepts. Fields the table does not know are not diffusers' and diffusers ignores them."""
+    for field in TABLES[kind]:
+        if field in BOOLEANS and field in cfg and cfg[field] is not None and not isinstance(cfg[field], bool):
+            raise CheckpointError(path, f"{file} {field} is {cfg[field]!r}, not true or false", "fix the file")
     for field, (rule, allowed) in TABLES[kind].items():
         if rule != "refused" or field not in cfg:
             continue

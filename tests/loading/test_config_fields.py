@@ -194,6 +194,21 @@ def test_vae_config_fields_that_change_the_math_are_refused(tmp_path):
         load_vae(tmp_path / "vae", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("value", ["squaredcos_cap_v2", 1, 0.0])
+def test_a_switch_that_is_not_true_or_false_is_refused(tmp_path, value):
+    """bool("squaredcos_cap_v2") is True: a string in a switch read as truthy would pass silently."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    config["use_post_quant_conv"] = value
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="use_post_quant_conv is .*not true or false"):
+        load_vae(tmp_path / "vae", dtype=torch.float32)
+
+
 def test_sgm_engine_buffers_are_skipped_and_unnamed_sdxl_file_is_base(tmp_path):
     from ..conftest import tiny_diffusers_unet
 

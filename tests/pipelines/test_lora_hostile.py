@@ -182,3 +182,18 @@ def test_fuzzed_lora_files_give_typed_errors_or_clean_loads(pipe, tmp_path):
         assert name in pipe.loras
         pipe.unload_lora()
     assert sum(outcomes.values()) > 20, outcomes
+
+
+@pytest.mark.parametrize("shape", [(), (RANK,), (1, RANK, 4)], ids=["0-d", "1-d", "3-d"])
+def test_a_lora_weight_that_is_not_a_matrix_is_refused(pipe, tmp_path, shape):
+    state = _good(pipe)
+    state[DOWN] = torch.ones(shape)
+    with pytest.raises(errors.LoraError, match=rf"{DOWN}.*not a \[rank, features\] matrix"):
+        pipe.load_lora(_save(tmp_path, "dims", state))
+    assert pipe.loras == {}
+
+
+@pytest.mark.parametrize("path", [5, None, ["a.safetensors"]])
+def test_load_lora_of_something_not_a_path_is_an_input_error(pipe, path):
+    with pytest.raises(errors.InputError, match="load_lora takes the path"):
+        pipe.load_lora(path)
