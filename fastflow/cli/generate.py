@@ -16,6 +16,7 @@ from .output import check_output, output_path, save_png
 MAX_UPSCALE = 64
 MAX_CLI_IMAGES = 10_000  # -n beyond the pipeline's per-call cap runs in batches
 MAX_SAVED_SIDE = 16384
+TEXT_ROLES = {"clip-l": "CLIP-L", "clip-g": "OpenCLIP-G", "t5": "T5"}  # --ROLE: text_encoders={"clip_l": ...}
 
 
 def add_parser(sub) -> None:
@@ -38,6 +39,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
     p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
+    p.add_argument("--vae", default=None, help="with a single-file --model: the VAE (a .safetensors file or folder)")
+    for role, name in TEXT_ROLES.items():
+        p.add_argument(
+            f"--{role}",
+            default=None,
+            metavar="FILE_OR_FOLDER",
+            help=f"with a single-file --model: the {name} text encoder (a folder, or a file with --{role}-tokenizer)",
+        )
+        p.add_argument(f"--{role}-tokenizer", default=None, metavar="FOLDER", help=f"the {name} tokenizer folder")
     p.add_argument(
         "--config",
         default=None,
@@ -120,7 +130,8 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
     if args.image is not None and not Path(args.image).expanduser().is_file():
-        raise InputError(f"--image {args.image}: no such file")
+        missing = not Path(args.image).expanduser().exists()
+        raise InputError(f"--image {args.image}: {'no such file' if missing else 'not a regular file'}")
     loras = [parse_lora_arg(spec) for spec in args.lora or ()]
     if args.strength is not None and not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
@@ -134,7 +145,17 @@ def run(args) -> int:
 
         config = parse_config_arg(args.config)
     threads = threads_arg(args.threads)
-    pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant, config=config)
+    vae, text_encoders = _components(args)
+    pipe = load(
+        model,
+        variant=args.variant,
+        device=device,
+        dtype=dtype,
+        quant=args.quant,
+        config=config,
+        vae=vae,
+        text_encoders=text_encoders,
+    )
     pipe.set_progress_bar_config(disable=args.no_progress)
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads or cpu_threads(pipe))
@@ -209,6 +230,34 @@ def _generate(pipe, prompt, args, kwargs, model, output, upscale):
             print(f"wrote {path} (seed {image_seed})")
         done += count
     return out, settings
+
+
+def _components(args):
+    """--vae and --clip-l / --clip-g / --t5 (each with its --ROLE-tokenizer) -> load()'s vae= and
+    text_encoders= (None where none is given: the model folder's own)."""
+    vae = None if args.vae is None else _existing(args.vae, "--vae")
+    encoders = {}
+    for role in TEXT_ROLES:
+        attr = role.replace("-", "_")
+        model, tokenizer = getattr(args, attr), getattr(args, attr + "_tokenizer")
+        if model is None:
+            if tokenizer is not None:
+                raise InputError(f"--{role}-tokenizer needs --{role} (the text encoder it belongs to)")
+            continue
+        model = _existing(model, f"--{role}")
+        if tokenizer is None and model.is_file():
+            raise InputError(f"--{role} {model} is a single file: pass its tokenizer folder with --{role}-tokenizer")
+        encoders[attr] = model if tokenizer is None else (model, _existing(tokenizer, f"--{role}-tokenizer"))
+    return vae, encoders or None
+
+
+def _existing(text: str, flag: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(f"{flag} {text}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):
+        raise InputError(f"{flag} {text}: not a regular file or folder (a FIFO or device?)")
+    return path
 
 
 def _settings_from_image(args) -> None:
