@@ -79,16 +79,16 @@ def output_path(text: str) -> Path:
     """``-o``: an image file name (.png, .jpg/.jpeg, .webp) or an existing folder (then
     ``FOLDER/fastflow.png``); anything else is refused before any work."""
     path = Path(text).expanduser()
-    if path.is_dir():
-        return path / "fastflow.png"
-    if image_format(path) is None:
-        raise InputError(f"-o {text}: name an image file ending in {', '.join(IMAGE_FORMATS)} (or an existing folder)")
     limit = _name_max(path.parent if str(path.parent) else Path(".")) - NAME_MARGIN
     if len(os.fsencode(path.name)) > limit:
         raise InputError(
             f"-o: the file name is {len(os.fsencode(path.name))} bytes; this filesystem allows {limit} "
             "(with room for a temporary and a -N suffix): pass a shorter name"
         )
+    if path.is_dir():
+        return path / "fastflow.png"
+    if image_format(path) is None:
+        raise InputError(f"-o {text}: name an image file ending in {', '.join(IMAGE_FORMATS)} (or an existing folder)")
     return path
 
 
