@@ -22,10 +22,16 @@ def tuning_parser(sub, name: str, help: str, steps: int):
 def read_prompts(args, pipe) -> list[str] | None:
     """--prompts FILE (one per line); None for the embedded model's own digit prompts."""
     if args.prompts:
+        from ..errors import FastflowError
+        from ..loading.files import read_limited
+
         try:
-            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise InputError(f"cannot read --prompts {args.prompts}: {e.strerror}") from None
+            lines = read_limited(Path(args.prompts).expanduser(), "--prompts file", 16 << 20).decode("utf-8")
+        except FastflowError as e:
+            raise InputError(f"--prompts: {getattr(e, 'problem', e)}: pass a text file, one prompt per line") from None
+        except UnicodeDecodeError:
+            raise InputError(f"--prompts {args.prompts} is not UTF-8 text") from None
+        lines = lines.splitlines()
         prompts = [p.strip() for p in lines if p.strip()]
         if not prompts:
             raise InputError(f"{args.prompts} holds no prompts (one per line)")
@@ -44,8 +50,24 @@ def calibration(pipe, args):
     return Calibration(pipe, prompts, args.steps, args.images_per_prompt)
 
 
+def require_digit_metrics(command: str) -> None:
+    """The digit calibration scores with scikit-learn and scipy (the `train` / `test` extra)."""
+    import importlib.util
+
+    missing = [m for m in ("sklearn", "scipy") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(
+            f"fastflow {command} scores the digit calibration set with scikit-learn and scipy "
+            f"({' and '.join(missing)} not installed): pip install scikit-learn scipy (or the fastflow[train] "
+            "extra), or pass --prompts FILE to score by PSNR to the fine run"
+        )
+
+
 def tuning_pipe(args):
     from ..api import load
+
+    if not args.prompts:
+        require_digit_metrics(args.command)
 
     model = Path(args.model) if args.model else DEFAULT_MODEL
     device, dtype = device_and_dtype(args.device)

@@ -57,3 +57,21 @@ def parse_lora_arg(spec: str) -> tuple[Path, float]:
 def threads_arg(value) -> int | None:
     """--threads, else FASTFLOW_NUM_THREADS, else None (chosen from the model's size: cpu_threads)."""
     return env_threads(value, "--threads")
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+
+
+def safe_text(text: str, limit: int = 2000) -> str:
+    """``text`` fit for a terminal: whitespace runs collapsed to one space, every other control
+    character (ESC sequences, bidi overrides) escaped as \\xNN / \\uNNNN, cut at ``limit``."""
+    import unicodedata
+
+    text = " ".join(str(text).split())
+    out = "".join(
+        ch.translate(_CONTROL)
+        if ord(ch) < 0xA0
+        else (f"\\u{ord(ch):04x}" if unicodedata.category(ch) in ("Cf", "Cs", "Co", "Cn") else ch)
+        for ch in text[: limit + 1]
+    )
+    return out if len(text) <= limit else out[:limit] + "..."

@@ -3,7 +3,6 @@ each saved with its prompt, seed and settings; ``--from IMAGE`` re-runs a saved 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,18 +10,27 @@ import torch
 
 from ..errors import InputError
 from ..loading.source import DEFAULT_MODEL
-from .common import DTYPES, cpu_threads, device_and_dtype, parse_cache, parse_lora_arg, threads_arg
+from .common import DTYPES, cpu_threads, device_and_dtype, parse_cache, parse_lora_arg, safe_text, threads_arg
 from .output import check_output, output_path, save_png
 
 MAX_UPSCALE = 64
 MAX_CLI_IMAGES = 10_000  # -n beyond the pipeline's per-call cap runs in batches
 MAX_SAVED_SIDE = 16384
+TEXT_ROLES = {"clip-l": "CLIP-L", "clip-g": "OpenCLIP-G", "t5": "T5"}  # --ROLE: text_encoders={"clip_l": ...}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="make images from a prompt (--image: image-to-image, Kontext: edit)")
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p)")
-    p.add_argument("-p", "--prompt", dest="prompt_opt", default=None, help="the prompt")
+    p.add_argument("prompt", nargs="*", default=[], help="the prompt(s): each makes -n images (or -p)")
+    p.add_argument(
+        "-p",
+        "--prompt",
+        dest="prompt_opt",
+        action="append",
+        default=None,
+        metavar="PROMPT",
+        help="a prompt; repeatable (-p A -p B makes -n images of each; -p A B too)",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -31,6 +39,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
     p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
+    p.add_argument("--vae", default=None, help="with a single-file --model: the VAE (a .safetensors file or folder)")
+    for role, name in TEXT_ROLES.items():
+        p.add_argument(
+            f"--{role}",
+            default=None,
+            metavar="FILE_OR_FOLDER",
+            help=f"with a single-file --model: the {name} text encoder (a folder, or a file with --{role}-tokenizer)",
+        )
+        p.add_argument(f"--{role}-tokenizer", default=None, metavar="FOLDER", help=f"the {name} tokenizer folder")
     p.add_argument(
         "--config",
         default=None,
@@ -90,7 +107,6 @@ def add_parser(sub) -> None:
         help="fp8: quantize the transformer's linear layers while loading; none: dequantize an FP8 file "
         "(default: as the file is)",
     )
-    p.add_argument("--debug", action="store_true", help="print the traceback of unexpected errors")
     p.set_defaults(func=run)
 
 
@@ -99,8 +115,8 @@ def run(args) -> int:
 
     if args.from_image is not None:
         _settings_from_image(args)
-    prompt = args.prompt_opt if args.prompt_opt is not None else args.prompt
-    if prompt is None:
+    prompts = [*(args.prompt_opt or ()), *args.prompt]
+    if not prompts:
         raise InputError('no prompt: fastflow generate "a handwritten seven" (or -p TEXT)')
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not args.model and not model.is_dir():
@@ -114,7 +130,8 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value}")
     if args.image is not None and not Path(args.image).expanduser().is_file():
-        raise InputError(f"--image {args.image}: no such file")
+        missing = not Path(args.image).expanduser().exists()
+        raise InputError(f"--image {args.image}: {'no such file' if missing else 'not a regular file'}")
     loras = [parse_lora_arg(spec) for spec in args.lora or ()]
     if args.strength is not None and not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
@@ -128,7 +145,17 @@ def run(args) -> int:
 
         config = parse_config_arg(args.config)
     threads = threads_arg(args.threads)
-    pipe = load(model, variant=args.variant, device=device, dtype=dtype, quant=args.quant, config=config)
+    vae, text_encoders = _components(args)
+    pipe = load(
+        model,
+        variant=args.variant,
+        device=device,
+        dtype=dtype,
+        quant=args.quant,
+        config=config,
+        vae=vae,
+        text_encoders=text_encoders,
+    )
     pipe.set_progress_bar_config(disable=args.no_progress)
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads or cpu_threads(pipe))
@@ -155,15 +182,39 @@ def run(args) -> int:
         kwargs["strength"] = args.strength
     if args.cache is not None:
         kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
-    upscale = args.upscale if args.upscale is not None else getattr(pipe, "view_upscale", 1)
-    side = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1]) * upscale
-    if side > MAX_SAVED_SIDE:
+    generated = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1])
+    upscale = args.upscale
+    if upscale is None:  # the model's viewing upscale, no more than the saved-side limit allows
+        upscale = max(1, min(getattr(pipe, "view_upscale", 1), MAX_SAVED_SIDE // generated))
+    side = generated * upscale
+    max_side = getattr(pipe, "max_side", None)
+    if max_side is not None and generated > max_side:
         raise InputError(
-            f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE}): pass a smaller --upscale"
+            f"-H/-W {generated} px is beyond {pipe.config.name}'s limit of {max_side} px per side "
+            f"(4x its trained size): pass -H and -W of at most {max_side}"
+        )
+    if side > MAX_SAVED_SIDE:
+        if upscale == 1:
+            raise InputError(f"-H/-W {generated} px is beyond the saved-image limit of {MAX_SAVED_SIDE} px per side")
+        raise InputError(
+            f"--upscale {upscale} would save {side} px images (limit {MAX_SAVED_SIDE} px per side): "
+            f"pass --upscale {max(1, MAX_SAVED_SIDE // generated)} or less"
         )
     _warn_size(pipe, args.height, args.width)
+    for prompt in prompts:
+        out, settings = _generate(pipe, prompt, args, kwargs, model, output, upscale)
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
+    saved = ""
+    if settings["cache"]:
+        saved = f", cache {settings['cache']} saved {out.stats['work_saved']:.0%} of block work"
+    print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}{saved}")
+    return 0
+
+
+def _generate(pipe, prompt, args, kwargs, model, output, upscale):
+    """-n images of one prompt, in batches of at most the pipeline's per-call cap."""
     total, done = args.num_images, 0
-    while done < total:  # batches of at most the pipeline's per-call cap
+    while done < total:
         count = min(total - done, pipe.max_images_per_call)
         seed = args.seed + done if args.seed not in (None, -1) else args.seed
         out = pipe(prompt, **dict(kwargs, num_images_per_prompt=count, seed=seed))
@@ -179,53 +230,56 @@ def run(args) -> int:
             path = save_png(image, output, prompt, image_seed, settings)
             print(f"wrote {path} (seed {image_seed})")
         done += count
-    timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
-    saved = ""
-    if settings["cache"]:
-        saved = f", cache {settings['cache']} saved {out.stats['work_saved']:.0%} of block work"
-    print(f"{settings['model']}: {settings['num_inference_steps']} steps, {timings}{saved}")
-    return 0
+    return out, settings
 
 
-_FROM_IMAGE = {  # generate's argument <- the settings key a fastflow image stores
-    "height": "height",
-    "width": "width",
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "sampler": "sampler",
-    "negative_prompt": "negative_prompt",
-    "true_cfg": "true_cfg_scale",
-    "upscale": "upscale",
-}
+def _components(args):
+    """--vae and --clip-l / --clip-g / --t5 (each with its --ROLE-tokenizer) -> load()'s vae= and
+    text_encoders= (None where none is given: the model folder's own)."""
+    vae = None if args.vae is None else _existing(args.vae, "--vae")
+    encoders = {}
+    for role in TEXT_ROLES:
+        attr = role.replace("-", "_")
+        model, tokenizer = getattr(args, attr), getattr(args, attr + "_tokenizer")
+        if model is None:
+            if tokenizer is not None:
+                raise InputError(f"--{role}-tokenizer needs --{role} (the text encoder it belongs to)")
+            continue
+        model = _existing(model, f"--{role}")
+        if tokenizer is None and model.is_file():
+            raise InputError(f"--{role} {model} is a single file: pass its tokenizer folder with --{role}-tokenizer")
+        encoders[attr] = model if tokenizer is None else (model, _existing(tokenizer, f"--{role}-tokenizer"))
+    return vae, encoders or None
+
+
+def _existing(text: str, flag: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(f"{flag} {text}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):
+        raise InputError(f"{flag} {text}: not a regular file or folder (a FIFO or device?)")
+    return path
 
 
 def _settings_from_image(args) -> None:
-    """--from IMAGE: the prompt, seed and settings a fastflow PNG stores fill every argument the
-    command line leaves unset (the model too, when it is the embedded one)."""
-    from PIL import Image
+    """--from IMAGE: the prompt, seed and settings a fastflow image stores (validated field by
+    field) fill every argument the command line leaves unset (the model too, when it is the
+    embedded one)."""
+    from .from_image import FIELDS, read_metadata
 
-    try:
-        with Image.open(args.from_image) as im:
-            text = dict(getattr(im, "text", {}) or {})
-    except OSError as e:
-        raise InputError(f"--from {args.from_image}: cannot read it as an image ({e})") from None
-    if "settings" not in text or "prompt" not in text:
-        raise InputError(f"--from {args.from_image}: not an image fastflow wrote (no prompt / settings in it)")
-    try:
-        settings = json.loads(text["settings"])
-    except json.JSONDecodeError:
-        raise InputError(f"--from {args.from_image}: its settings are not valid JSON") from None
-    if args.prompt is None and args.prompt_opt is None:
-        args.prompt = text["prompt"]
-    if args.seed is None and text.get("seed"):
-        args.seed = int(text["seed"])
-    for arg, key in _FROM_IMAGE.items():
+    stored = read_metadata(args.from_image)
+    settings = stored["settings"]
+    if not args.prompt and not args.prompt_opt:
+        args.prompt = [stored["prompt"]]
+    if args.seed is None and stored["seed"] is not None:
+        args.seed = stored["seed"]
+    for arg, (key, _) in FIELDS.items():
         if getattr(args, arg) is None and settings.get(key) is not None:
             setattr(args, arg, settings[key])
     if args.model is None and settings.get("model") not in (None, "fastflow-tiny-digits"):
         raise InputError(
-            f"--from {args.from_image}: it was made with {settings['model']} ({settings.get('model_path')}): "
-            "pass --model with its files"
+            f"--from {safe_text(args.from_image, 300)}: it was made with {safe_text(settings['model'], 200)} "
+            f"({safe_text(str(settings.get('model_path')), 200)}): pass --model with its files"
         )
 
 

@@ -8,16 +8,17 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint (family, variant, dtype, size) from its header")
-    p.add_argument("path", help="a .safetensors file or a diffusers folder")
+    p.add_argument("path", help="a .safetensors file, a diffusers folder or an embedded model's name")
     p.add_argument("--variant", default=None, help="resolve variants the keys cannot tell apart")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..loading import inspect_checkpoint
+    from ..loading.source import resolve_model
 
-    print(inspect_checkpoint(args.path, variant=args.variant).summary())
-    folder = Path(args.path)
+    folder = Path(resolve_model(args.path))  # every name --model takes (fastflow-tiny-digits)
+    print(inspect_checkpoint(folder, variant=args.variant).summary())
     if folder.is_dir():  # a pipeline folder: every component, with its size
         from ..loading.loader import human_bytes
 

@@ -52,15 +52,42 @@ def check_output(path: Path) -> None:
 
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+NAME_MARGIN = 24  # the temporary's ".NAME.XXXXXXXX.tmp" and a claim's "-N" around the name
+
+
+def image_format(path: Path) -> str | None:
+    """PNG / JPEG / WEBP from the suffix (``.png`` alone is a file named .png), else None."""
+    suffix = path.suffix or (path.name if path.name.startswith(".") else "")
+    return IMAGE_FORMATS.get(suffix.lower())
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def output_path(text: str) -> Path:
     """``-o``: an image file name (.png, .jpg/.jpeg, .webp) or an existing folder (then
     ``FOLDER/fastflow.png``); anything else is refused before any work."""
     path = Path(text).expanduser()
+    limit = _name_max(path.parent if str(path.parent) else Path(".")) - NAME_MARGIN
+    if len(os.fsencode(path.name)) > limit:
+        raise InputError(
+            f"-o: the file name is {len(os.fsencode(path.name))} bytes; this filesystem allows {limit} "
+            "(with room for a temporary and a -N suffix): pass a shorter name"
+        )
     if path.is_dir():
         return path / "fastflow.png"
-    if path.suffix.lower() not in IMAGE_FORMATS:
+    if image_format(path) is None:
         raise InputError(f"-o {text}: name an image file ending in {', '.join(IMAGE_FORMATS)} (or an existing folder)")
     return path
 
@@ -83,6 +110,18 @@ def a1111_parameters(prompt: str, seed, settings: dict) -> str:
     return "\n".join(lines)
 
 
+EXIF_DESCRIPTION = 0x010E  # ImageDescription
+
+
+def _slow_write_for_tests() -> None:
+    """FASTFLOW_TEST_SLOW_SAVE=SECONDS holds a save open mid-write (tests send signals then)."""
+    delay = os.environ.get("FASTFLOW_TEST_SLOW_SAVE")
+    if delay:
+        import time
+
+        time.sleep(min(float(delay), 30.0))
+
+
 def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
     """Write the image (format from the suffix: PNG, JPEG or WebP) with the prompt, seed and
     settings (PNG: text chunks, plus A1111's ``parameters``; JPEG: that text as the comment);
@@ -95,7 +134,7 @@ def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
 
     from PIL.PngImagePlugin import PngInfo
 
-    fmt = IMAGE_FORMATS.get(path.suffix.lower(), "PNG")
+    fmt = image_format(path) or "PNG"
     parameters = a1111_parameters(prompt, seed, settings)
     options = {}
     if fmt == "PNG":
@@ -106,18 +145,24 @@ def save_png(image, path: Path, prompt: str, seed, settings: dict) -> Path:
         info.add_text("parameters", parameters)
         info.add_text("software", f"fastflow {__version__}")
         options["pnginfo"] = info
-    elif fmt == "JPEG":
-        options.update(quality=95, comment=parameters.encode("utf-8"))
-    else:
-        options.update(quality=95)
+    else:  # JPEG and WebP: the fields as ASCII JSON in EXIF ImageDescription (--from reads them)
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif[EXIF_DESCRIPTION] = json.dumps({"prompt": prompt, "seed": seed, "settings": settings}, sort_keys=True)
+        options.update(quality=95, exif=exif.tobytes())
+        if fmt == "JPEG":
+            options["comment"] = parameters.encode("utf-8")
     _output_folder(path)  # writability shows in the claim itself (an OSError becomes an OutputError)
     target = tmp = None
     try:
         target = claim_path(path)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes 0600; the user's umask decides
             image.save(f, format=fmt, **options)
             f.flush()
+            _slow_write_for_tests()
             os.fsync(f.fileno())
         os.replace(tmp, target)
         return target

@@ -11,7 +11,6 @@ shift and upcast). :mod:`.families` names each family's readers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -290,14 +289,57 @@ def from_fields(family: str, cls: type | None, fields: dict, name: str = "custom
         raise InputError(f"config {fields}: {e}") from None
 
 
+MAX_CONFIG_ARG = 64 * 1024  # bytes of --config (a real one is < 1 KB)
+MAX_CONFIG_INT = 1 << 20  # no real width, depth or count comes near it
+_POSITIVE = ("dim", "channels", "size", "heads", "ratio", "theta", "res_blocks")  # field-name endings
+
+
 def parse_config_arg(text: str) -> dict:
-    """CLI ``--config``: a JSON object, inline or in a file."""
+    """CLI ``--config``: a JSON object, inline or in a file, of numbers (finite, >= 0, > 0 for
+    sizes, at most 2**20), booleans, short ASCII text and short lists of those."""
+    from .files import parse_json, read_limited
+
+    if len(text) > MAX_CONFIG_ARG:
+        raise InputError(f"--config is {len(text)} characters (limit {MAX_CONFIG_ARG}): pass a .json file")
     path = Path(text).expanduser()
-    source = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
     try:
-        fields = json.loads(source)
-    except json.JSONDecodeError as e:
-        raise InputError(f"--config must be a JSON object or a .json file holding one: {e}") from None
+        is_file = not text.lstrip().startswith("{") and (path.suffix == ".json" or path.exists())
+    except OSError:  # a name too long for the filesystem: not a file
+        is_file = False
+    try:
+        raw = (
+            read_limited(path, "--config file", MAX_CONFIG_ARG) if is_file else text.encode("utf-8", "surrogateescape")
+        )
+        fields = parse_json(raw, path if is_file else None, "--config", max_depth=4)
+    except CheckpointError as e:
+        raise InputError(f"--config must be a JSON object or a .json file holding one: {e.problem}") from None
     if not isinstance(fields, dict):
         raise InputError(f"--config must be a JSON object, got {type(fields).__name__}")
+    for key, value in fields.items():
+        _check_config_value(key, value)
     return fields
+
+
+def _check_config_value(key: str, value) -> None:
+    def bad(why: str):
+        shown = repr(value)
+        return InputError(f"--config {key[:60]!a}: {shown[:60]}{'...' if len(shown) > 60 else ''} {why}")
+
+    if not key.isascii() or len(key) > 64:
+        raise bad("is not a config field name (ASCII, at most 64 characters)")
+    items = value if isinstance(value, list) else [value]
+    if len(items) > 64:
+        raise bad(f"has {len(items)} items (limit 64)")
+    for item in items:
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            if not item.isascii() or len(item) > 100:
+                raise bad("must be ASCII text of at most 100 characters")
+        elif isinstance(item, (int, float)):
+            if item < 0 or item > MAX_CONFIG_INT:
+                raise bad(f"must be from 0 to {MAX_CONFIG_INT}")
+            if item == 0 and key.endswith(_POSITIVE) and not isinstance(value, list):
+                raise bad("must be greater than 0 (a size)")
+        else:
+            raise bad("must be a number, a boolean, text or a list of numbers")

@@ -4,6 +4,7 @@ weights with their ``weight_scale`` next to them, layers the config skips in the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -28,10 +29,23 @@ def quantize_checkpoint(
     (never overwritten; written to a temporary file first). Returns a summary dict."""
     config = config or Fp8Config()
     dst = Path(dst)
-    if dst.exists():
-        raise OutputError(f"{dst} exists: choose another output path (fastflow quantize never overwrites)")
     if not dst.parent.is_dir():
         raise OutputError(f"{dst.parent} is not a folder: create it first")
+    try:  # claim the name before any work: a file that appears meanwhile is never overwritten
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise OutputError(f"{dst} exists: choose another output path (fastflow quantize never overwrites)") from None
+    except OSError as e:
+        raise OutputError(f"cannot write {dst} ({e.strerror}): choose a folder you can write") from None
+    try:
+        return _quantize_into(src, dst, config, variant, dtype)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)  # the claim (the temporary removes itself)
+        raise
+
+
+def _quantize_into(src, dst: Path, config: Fp8Config, variant, dtype) -> dict:
     model = load_transformer(src, variant=variant, dtype=dtype, device="cpu", quant=config)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     metadata = {
@@ -42,12 +56,15 @@ def quantize_checkpoint(
         "fastflow.skip": ",".join(config.skip),
     }
     fd, tmp = tempfile.mkstemp(prefix=".fastflow-quantize-", suffix=".safetensors", dir=dst.parent)
-    os.close(fd)
     try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; the user's umask decides
+        os.close(fd)
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, dst)
+        os.replace(tmp, dst)  # over the claim
     except OSError as e:
-        raise OutputError(f"cannot write {dst}: {e.strerror or e}") from e
+        raise OutputError(f"cannot write {dst}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
