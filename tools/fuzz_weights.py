@@ -142,9 +142,11 @@ def _mutate_tensors(rng: random.Random, state: dict, surface: str) -> tuple[str,
         state[key] = v
         return f"{key} holds {bad}", True
     if op == "shape":
-        new = rng.choice(
-            [v.reshape(-1), v[..., :1], torch.cat([v, v], 0), v.t().contiguous() if v.dim() == 2 else v[None]]
-        )
+        if v.dim() == 0:  # an alpha: a vector or a matrix where one number belongs
+            shapes = [v.reshape(1), v.reshape(1, 1).expand(2, 3)]
+        else:
+            shapes = [v.reshape(-1), v[..., :1], torch.cat([v, v], 0), v.t() if v.dim() == 2 else v[None]]
+        new = rng.choice(shapes)
         state[key] = new.contiguous()
         return f"{key} shape {tuple(new.shape)}", False
     if op == "drop":
