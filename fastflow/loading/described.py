@@ -150,12 +150,32 @@ def unet_from_folder(source: CheckpointSource, name: str) -> registry.UNetConfig
     return unet_from_diffusers(source.folder_config, name)
 
 
+def _told(reader, source: CheckpointSource, cfg):
+    """The config a folder's config.json describes (``reader``), refused where its architecture
+    contradicts the tensors' (``cfg``): a field the weights decide (widths, depth, channels, block
+    types) is honoured by the tensors and must agree, never silently overridden. None: no config.json."""
+    try:
+        told = reader(source, cfg.name)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # junk values in config.json
+        raise CheckpointError(source.path, f"config.json cannot be read as this model's config ({e})"[:300],
+                              "fix or remove config.json") from None  # fmt: skip
+    if told is not None and told.arch() != cfg.arch():
+        fields_ = [f.name for f in dataclasses.fields(cfg) if getattr(told, f.name, None) != getattr(cfg, f.name)]
+        differ = [f for f in fields_ if f not in ("name", "sampling")]
+        raise CheckpointError(
+            source.path,
+            f"config.json describes another architecture than the tensors ({', '.join(differ) or 'shape'} differ)",
+            "the folder's config.json does not belong to its weights: fix or remove it",
+        )
+    return told
+
+
 # A family's refinement: what a folder's config.json changes in the registered config that fits
 # the tensors (applied unless the user gave config=).
 def unet_refined(cfg: registry.UNetConfig, source: CheckpointSource) -> registry.UNetConfig:
     """Head and time-id widths and GroupNorm groups: config.json's, where it has them; the
     timestep spacing: scheduler_config.json's, whose other fields are checked (:mod:`.fields`)."""
-    told = unet_from_folder(source, cfg.name)
+    told = _told(unet_from_folder, source, cfg)
     if told is not None:
         seen = (told.head_dim, told.time_id_dim, told.norm_groups)
         if seen != (cfg.head_dim, cfg.time_id_dim, cfg.norm_groups):
@@ -260,6 +280,7 @@ def vae_refined(cfg: registry.VAEConfig, source: CheckpointSource) -> registry.V
     are checked (:data:`.fields.VAE`)."""
     if _class_name(source) == "AutoencoderKL":
         fields.check("vae", source.folder_config, source.path)
+        _told(vae_from_folder, source, cfg)
         groups = source.folder_config.get("norm_num_groups", 32)
         if groups != cfg.norm_groups:
             cfg = cfg.replace(norm_groups=groups)

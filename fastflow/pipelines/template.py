@@ -124,7 +124,10 @@ class TemplateMixin:
             raise InputError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise InputError(f"callback_on_step_end must be callable, got {callback_on_step_end!r}")
-        unknown = sorted(set(tensor_inputs or ()) - {"latents"})
+        names = () if tensor_inputs is None else tensor_inputs
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"callback_on_step_end_tensor_inputs must be a list of names, got {tensor_inputs!r}"[:200])
+        unknown = sorted(set(names) - {"latents"})
         if unknown:
             raise InputError(f"callback_on_step_end_tensor_inputs: only 'latents' is handed over, not {unknown}")
 

@@ -145,6 +145,39 @@ def test_unet_with_8_groups_matches_diffusers(tmp_path):
     assert _rel(ours, theirs) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [("cross_attention_dim", 65), ("in_channels", 8), ("layers_per_block", 3)],
+)
+def test_unet_config_json_that_contradicts_the_tensors_is_refused(tmp_path, field, value):
+    """Fields the weights decide are read from the tensors; a config.json that says otherwise does
+    not belong to them and is refused, not silently overridden (the fuzzer found them ignored)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(**diffusers_unet_config(configs.from_name("sdxl-tiny"))).save_pretrained(tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json (describes another architecture|cannot be read)"):
+        fastflow.load_transformer(tmp_path / "unet", variant="sdxl-tiny", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("field,value", [("latent_channels", 5), ("layers_per_block", 3), ("out_channels", 2)])
+def test_vae_config_json_that_contradicts_the_tensors_is_refused(tmp_path, field, value):
+    import json
+
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json describes"):
+        load_vae(tmp_path / "vae", dtype=torch.float32)
+
+
 def _narrow_vae():
     """A FLUX-style AutoencoderKL of another width and depth than any registered VAE (32 x (1,1,1,1),
     one block per level, 8 groups), random weights."""

@@ -286,3 +286,13 @@ def test_the_readme_cache_examples_save_work_on_the_embedded_model(digits):
     out = digits(["a handwritten seven", "number two", "a three", "digit 8"], seed=0, num_inference_steps=28,
                  output_type="latent", cache="fbcache", cache_threshold=float(documented.group(1)))  # fmt: skip
     assert round(100 * out.stats["work_saved"]) == int(documented.group(2))
+
+
+@pytest.mark.parametrize(
+    "value", [np.float64(1.0), torch.zeros(2, 2), "latents", [1]], ids=["np", "tensor", "str", "int"]
+)
+def test_callback_tensor_inputs_that_are_not_a_list_of_names_are_input_errors(value):
+    from fastflow.pipelines.template import TemplateMixin
+
+    with pytest.raises(errors.InputError, match="callback_on_step_end_tensor_inputs must be a list of names"):
+        TemplateMixin.check_request({}, None, value)
