@@ -15,6 +15,9 @@ __all__ = ["DTYPES", "SMALL_MODEL_PARAMS", "cpu_threads", "device_and_dtype", "p
            "threads_arg"]  # fmt: skip
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")  # --sampler, and what --from accepts
+MAX_UPSCALE = 64
+MAX_SAVED_SIDE = 16384  # px per side of a saved image (after --upscale)
 
 
 def parse_cache(text: str):

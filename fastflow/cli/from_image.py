@@ -11,11 +11,11 @@ import warnings
 from pathlib import Path
 
 from ..errors import FastflowError, InputError
-from .common import safe_text
+from ..pipelines.settings import MAX_STEPS
+from .common import MAX_SAVED_SIDE, MAX_UPSCALE, SAMPLERS, safe_text
 
 MAX_TEXT = 1 << 20  # bytes of metadata read (a real one is < 2 KB)
 MAX_PROMPT = 100_000  # characters
-SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
 
 
 def _int(lo: int, hi: int):
@@ -39,14 +39,14 @@ def _text(limit: int):
 
 # generate's argument <- (the settings key a fastflow image stores, its check)
 FIELDS = {
-    "height": ("height", _int(1, 16384)),
-    "width": ("width", _int(1, 16384)),
-    "steps": ("num_inference_steps", _int(1, 10_000)),
+    "height": ("height", _int(1, MAX_SAVED_SIDE)),
+    "width": ("width", _int(1, MAX_SAVED_SIDE)),
+    "steps": ("num_inference_steps", _int(1, MAX_STEPS)),
     "guidance": ("guidance_scale", _float(0, 1e4)),
     "sampler": ("sampler", ((lambda v: v in SAMPLERS), f"one of {', '.join(SAMPLERS)}")),
     "negative_prompt": ("negative_prompt", _text(MAX_PROMPT)),
     "true_cfg": ("true_cfg_scale", _float(0, 1e4)),
-    "upscale": ("upscale", _int(1, 64)),
+    "upscale": ("upscale", _int(1, MAX_UPSCALE)),
 }
 OTHER = {"model": _text(200), "model_path": _text(4096)}
 

@@ -10,12 +10,21 @@ import torch
 
 from ..errors import InputError
 from ..loading.source import DEFAULT_MODEL
-from .common import DTYPES, cpu_threads, device_and_dtype, parse_cache, parse_lora_arg, safe_text, threads_arg
+from .common import (
+    DTYPES,
+    MAX_SAVED_SIDE,
+    MAX_UPSCALE,
+    SAMPLERS,
+    cpu_threads,
+    device_and_dtype,
+    parse_cache,
+    parse_lora_arg,
+    safe_text,
+    threads_arg,
+)
 from .output import check_output, output_path, save_png
 
-MAX_UPSCALE = 64
 MAX_CLI_IMAGES = 10_000  # -n beyond the pipeline's per-call cap runs in batches
-MAX_SAVED_SIDE = 16384
 TEXT_ROLES = {"clip-l": "CLIP-L", "clip-g": "OpenCLIP-G", "t5": "T5"}  # --ROLE: text_encoders={"clip_l": ...}
 
 
@@ -80,7 +89,7 @@ def add_parser(sub) -> None:
         default=None,
         help="re-run a fastflow image: its prompt, seed and settings fill what the command line leaves unset",
     )
-    p.add_argument("--sampler", default=None, choices=["euler", "euler_ancestral", "heun", "dpmpp_2m"])
+    p.add_argument("--sampler", default=None, choices=SAMPLERS)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument(
