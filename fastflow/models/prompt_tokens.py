@@ -28,17 +28,22 @@ def prompt_cut(max_length: int) -> int:
     return max_length * CHARS_PER_TOKEN
 
 
+def utf8_size(prompt: str, what: str = "a prompt") -> int:
+    """The prompt's size in UTF-8 bytes; an InputError where it is not valid UTF-8 text (a lone surrogate)."""
+    try:
+        return len(prompt.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what} is not valid UTF-8 text ({e.reason} at character {e.start}): remove the lone surrogate"
+        ) from None
+
+
 def _check_prompt(prompt, what: str) -> str:
     if not isinstance(prompt, str):
         raise InputError(f"a prompt for the {what} must be a string, got {type(prompt).__name__}: decode bytes first")
     size = len(prompt)
-    if size <= MAX_PROMPT_BYTES:
-        try:
-            size = len(prompt.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise InputError(
-                f"a prompt is not valid UTF-8 text ({e.reason} at character {e.start}): remove the lone surrogate"
-            ) from None
+    if size <= MAX_PROMPT_BYTES:  # every character is at least a byte: a longer one is over the limit anyway
+        size = utf8_size(prompt)
     if size > MAX_PROMPT_BYTES:
         raise InputError(
             f"a prompt of {size} bytes is over the limit of {MAX_PROMPT_BYTES} bytes (the {what} sees only the "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, MissingComponentError
+from ..models.prompt_tokens import utf8_size
 from .offload import text_models
 
 
@@ -20,10 +21,7 @@ def as_prompt_list(prompt, what: str = "prompt") -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
     for p in prompts:
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InputError(f"{what} is not valid UTF-8 text ({e.reason} at character {e.start})") from None
+        utf8_size(p, what)
     if any(not p.strip() for p in prompts) and what == "prompt":
         warnings.warn("empty prompt: the image will be unconditioned on text", UserWarning, stacklevel=3)
     return prompts
