@@ -72,14 +72,7 @@ def load_clip(
     )
     encoder = CLIPEncoder(model, load_tokenizer(tok_folder, "CLIP text encoder", "clip"))
     cfg = model.config
-    check_tokenizer_fits(
-        encoder.tokenizer,
-        cfg.vocab_size,
-        cfg.max_position_embeddings,
-        "CLIP text encoder",
-        tok_folder,
-        encoder.max_length,
-    )
+    check_tokenizer_fits(cfg.max_position_embeddings, "CLIP text encoder", tok_folder, encoder.max_length)
     return encoder
 
 
@@ -91,8 +84,7 @@ def load_t5(model_folder, tokenizer_folder=None, dtype=torch.bfloat16, device="c
     tok_folder = _tokenizer_folder(model_folder, tokenizer_folder, "T5 encoder")  # before any weight
     model = load_text_model("t5", model_folder, "T5 encoder", dtype, device)
     tokenizer = load_tokenizer(tok_folder, "T5 encoder", "t5")
-    check_tokenizer_fits(tokenizer, model.config.vocab_size, None, "T5 encoder", tok_folder)
-    return T5Encoder(model, tokenizer)
+    return T5Encoder(model, tokenizer)  # which checks the tokenizer's ids against the embedding
 
 
 def text_sources(path: Path, family: str, text_encoders) -> dict[str, tuple[Path, Path]]:

@@ -355,17 +355,9 @@ def load_tokenizer(folder, what: str, style: str):
     return Tokenizer(backend, specials["pad_token"], length, folder, what, extra_ids)
 
 
-def check_tokenizer_fits(tokenizer, vocab: int, positions: int | None, what: str, folder: Path, max_length=None):
-    """Token ids must index the embedding table (every id the tokenizer can emit: its vocabulary,
-    added tokens, post-processor and pad ids), and CLIP's positions must cover the prompt length."""
-    top = max(len(tokenizer) - 1, getattr(tokenizer, "max_id", -1))
-    if top >= vocab:
-        raise CheckpointError(
-            folder,
-            f"the {what} tokenizer has {len(tokenizer)} tokens with ids up to {top} but the model's embedding "
-            f"holds {vocab}",
-            "use the tokenizer that belongs to this text encoder",
-        )
+def check_tokenizer_fits(positions: int | None, what: str, folder: Path, max_length=None):
+    """CLIP's positions must cover the prompt length. (That every id the tokenizer can emit indexes
+    the embedding, the encoders check themselves: models.prompt_tokens.check_vocabulary.)"""
     if positions is not None and max_length is not None and max_length > positions:
         raise CheckpointError(
             folder,
