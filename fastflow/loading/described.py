@@ -279,8 +279,7 @@ def vae_refined(cfg: registry.VAEConfig, source: CheckpointSource) -> registry.V
     its force_upcast (the fp16-fix SDXL VAE says False) and norm_num_groups; its other fields
     are checked (:data:`.fields.VAE`)."""
     if _class_name(source) == "AutoencoderKL":
-        fields.check("vae", source.folder_config, source.path)
-        _told(vae_from_folder, source, cfg)
+        _told(vae_from_folder, source, cfg)  # config.json's fields checked (.fields.VAE) and its shape
         groups = source.folder_config.get("norm_num_groups", 32)
         if groups != cfg.norm_groups:
             cfg = cfg.replace(norm_groups=groups)
