@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InputError, OutputError
+from ..loading.files import file_mode
 
 
 def claim_path(path: Path) -> Path:
@@ -59,13 +60,6 @@ def image_format(path: Path) -> str | None:
     """PNG / JPEG / WEBP from the suffix (``.png`` alone is a file named .png), else None."""
     suffix = path.suffix or (path.name if path.name.startswith(".") else "")
     return IMAGE_FORMATS.get(suffix.lower())
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the user's umask (0644 under umask 022)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _name_max(folder: Path) -> int:

@@ -20,6 +20,14 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # a T5 tokenizer.json is 2.4 MB, a sharded in
 MAX_JSON_DEPTH = 64  # real configs nest 3-5 levels
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (0644 under umask 022): for outputs written
+    through mkstemp (0600) and renamed into place (images, `fastflow quantize` files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def open_regular(path: Path, what: str = "file") -> tuple[int, int]:
     """A read-only descriptor of ``path`` and its size; refuses anything but a regular file.
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from ..errors import OutputError
 from ..quant import Fp8Config, fp8_layers
+from .files import file_mode
 from .loader import load_transformer
 from .quantized import ACTIVATION_KEY, FORMAT, FORMAT_KEY
 
@@ -57,9 +58,7 @@ def _quantize_into(src, dst: Path, config: Fp8Config, variant, dtype) -> dict:
     }
     fd, tmp = tempfile.mkstemp(prefix=".fastflow-quantize-", suffix=".safetensors", dir=dst.parent)
     try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; the user's umask decides
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; the user's umask decides
         os.close(fd)
         save_file(state, tmp, metadata=metadata)
         os.replace(tmp, dst)  # over the claim
