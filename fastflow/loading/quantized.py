@@ -33,7 +33,7 @@ from ..quant.fp8 import dequantize_weight
 from .safetensors_io import DTYPE_NAMES
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+FP8_MAX = {d: torch.finfo(d).max for d in (torch.float8_e4m3fn, torch.float8_e5m2)}  # 448, 57344
 # uint8 view: the bits set in every non-finite code (e4m3fn NaN: S.1111.111; e5m2: S.11111.xx)
 _NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 _SCAN_CHUNK = 1 << 22  # bytes of codes checked at a time
