@@ -33,13 +33,19 @@ def check_seeds(seed, n: int) -> list[int] | None:
     return seeds
 
 
+def check_generators(generator, n: int):
+    """``generator`` unchanged: one torch.Generator, or a list of one per image."""
+    if isinstance(generator, list) and len(generator) != n:
+        raise InputError(f"got {len(generator)} generators for {n} images: pass one per image, or a single one")
+    return generator
+
+
 def draw_noise(n: int, shape: tuple[int, ...], seed, generator) -> tuple[torch.Tensor, list[int | None]]:
     """n noise tensors of ``shape`` on the CPU in fp32, one seed each (seed, seed + 1, ...; random
     seeds when none is given), so an image depends on its seed only, not on batch size or device."""
     if generator is not None:
+        check_generators(generator, n)
         gens = generator if isinstance(generator, list) else [generator] * n
-        if len(gens) != n:
-            raise InputError(f"got {len(gens)} generators for {n} images")
         return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]), [None] * n
     base = check_seeds(seed, n) or [random.randrange(2**63) for _ in range(n)]
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in base]
@@ -94,9 +100,7 @@ class NoiseMixin:
             seeds = check_seeds(r.seed, n) or [random.randrange(2**63) for _ in range(n)]
             gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         else:
-            seeds, gens = [None] * n, generator
-            if isinstance(gens, list) and len(gens) != n:
-                raise InputError(f"got {len(gens)} generators for {n} images: pass one per image, or a single one")
+            seeds, gens = [None] * n, check_generators(generator, n)  # before the VAE runs
         with self.stage("vae"):
             mean, std = self.vae.posterior(pixels)  # [1, z, h, w]
         draw = [gens] if isinstance(gens, torch.Generator) else gens
