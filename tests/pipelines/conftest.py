@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import fastflow
 
@@ -34,3 +35,13 @@ def load(pipeline_folders):
         return pipe
 
     return _load
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The embedded digits pipeline in fp32 on the CPU, one per test module (tests change its state)."""
+    from fastflow.loading import DEFAULT_MODEL
+
+    pipe = fastflow.load(DEFAULT_MODEL, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

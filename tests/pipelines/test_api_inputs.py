@@ -18,13 +18,6 @@ from fastflow.loading import DEFAULT_MODEL
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def digits():
-    pipe = fastflow.load(DEFAULT_MODEL, device="cpu", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # -- the thread rule ----------------------------------------------------------------------------
 def test_a_pipeline_call_on_cpu_runs_the_small_model_on_one_thread_and_restores(digits, monkeypatch):
     monkeypatch.delenv("FASTFLOW_NUM_THREADS", raising=False)

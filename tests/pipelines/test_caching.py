@@ -15,16 +15,6 @@ from fastflow.tuning import Candidate, crowding, non_dominated_fronts, search_sc
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def digits():
-    import fastflow
-    from fastflow.loading import DEFAULT_MODEL
-
-    pipe = fastflow.load(DEFAULT_MODEL, device="cpu", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _call(pipe, **kw):
     kw = {
         "prompt": ["a handwritten seven", "number two"],
