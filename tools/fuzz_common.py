@@ -125,8 +125,8 @@ class Runner:
         if self.conn.poll(self.timeout):
             try:
                 return self.conn.recv()
-            except EOFError:
-                pass
+            except EOFError:  # the worker died: its pipe closes a moment before the process is reaped
+                self.proc.join(10)
         alive = self.proc.is_alive()
         self.proc.kill()
         self.proc.join()
