@@ -33,6 +33,7 @@ def test_quantize_claims_out_before_loading(tmp_path, monkeypatch):
         raise OutputError("stop here")
 
     monkeypatch.setattr(writer, "load_transformer", fake_load)
+    monkeypatch.setattr(writer, "_weights_in", lambda src: 1)
     with pytest.raises(OutputError):
         writer.quantize_checkpoint("model", dst)
     assert seen == {"claimed": True} and not dst.exists()  # claimed during the work, released on failure
@@ -46,6 +47,21 @@ def test_quantize_into_an_unwritable_folder_fails_before_loading(tmp_path, monke
     monkeypatch.setattr(writer, "load_transformer", lambda *a, **k: pytest.fail("loaded before checking"))
     with pytest.raises(OutputError, match="cannot write"):
         writer.quantize_checkpoint("model", folder / "q.safetensors")
+
+
+def test_quantize_onto_a_full_disk_fails_before_loading(tmp_path, monkeypatch):
+    dst = tmp_path / "q.safetensors"
+    monkeypatch.setattr(writer, "_weights_in", lambda src: 12 * 10**9)  # FLUX-dev: 12 G weights
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: _Usage(5 * 2**30))
+    monkeypatch.setattr(writer, "load_transformer", lambda *a, **k: pytest.fail("loaded before checking"))
+    with pytest.raises(OutputError, match=r"5\.00 GiB free; the FP8 file needs at least 11\.18 GiB"):
+        writer.quantize_checkpoint("model", dst)
+    assert not dst.exists()
+
+
+class _Usage:
+    def __init__(self, free):
+        self.total, self.used, self.free = free, 0, free
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

@@ -89,6 +89,23 @@ def _per_level(value, levels: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * levels
 
 
+_UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+
+
+def _check_block_types(cfg: dict, down: list, name: str) -> None:
+    """SDXL's UNet: every down block a known kind and the up blocks their mirror (fastflow builds
+    the decoder as the encoder reversed); another list is another architecture, refused."""
+    bad = [t for t in down if t not in _UP_OF_DOWN]
+    mirror = [_UP_OF_DOWN[t] for t in reversed(down)] if not bad else None
+    up = list(_get(cfg, "up_block_types", mirror or ()))
+    if bad or up != mirror:
+        field, value = ("down_block_types", down) if bad else ("up_block_types", up)
+        raise InputError(
+            f"{name}: config.json {field} is {value!r}; fastflow's UNet has {', '.join(_UP_OF_DOWN)} down blocks "
+            "and their mirror (UpBlock2D / CrossAttnUpBlock2D, reversed) as up blocks"
+        )
+
+
 def unet_from_diffusers(cfg: dict, name: str) -> registry.UNetConfig:
     """UNetConfig from an SDXL-style UNet2DConditionModel ``config.json`` ("text_time" added
     embedding). diffusers' ``attention_head_dim`` counts heads (its old naming) unless
@@ -98,6 +115,7 @@ def unet_from_diffusers(cfg: dict, name: str) -> registry.UNetConfig:
         raise InputError(f"{name}: a UNet without SDXL's text_time conditioning (SD 1.x / 2.x) is not supported")
     widths = list(_get(cfg, "block_out_channels", (320, 640, 1280)))
     types = list(_get(cfg, "down_block_types", ()))
+    _check_block_types(cfg, types, name)
     depth = _per_level(_get(cfg, "transformer_layers_per_block", 1), len(widths))
     heads = _per_level(_get(cfg, "num_attention_heads", None) or _get(cfg, "attention_head_dim", 8), len(widths))
     attn = [i for i, t in enumerate(types) if "CrossAttn" in t]

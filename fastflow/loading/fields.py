@@ -242,6 +242,18 @@ TABLES = {
 
 _LISTS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
+# honoured fields that may be null (diffusers' default is None and means something: FLUX's
+# out_channels = in_channels, SDXL's num_attention_heads = attention_head_dim, no latent shift);
+# any other honoured field that is null would crash diffusers, and is refused, never defaulted
+# (diffusers reads a null switch as false: FLUX's guidance_embeds the same, the VAE's force_upcast is
+# precision only and fastflow keeps upcasting)
+NULLABLE = {
+    "sdxl": frozenset({"num_attention_heads"}),
+    "vae": frozenset({"shift_factor", "force_upcast"}),
+    "flux": frozenset({"out_channels", "guidance_embeds"}),
+    "sd3": frozenset(),
+}
+
 
 def _equal(value, allowed) -> bool:
     if isinstance(value, bool) or isinstance(allowed, bool) or value is None or allowed is None:
@@ -262,6 +274,10 @@ BOOLEANS = frozenset({
 })  # fmt: skip
 
 
+def _values(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def check(kind: str, cfg: dict, path, file: str = "config.json") -> None:
     """Raise CheckpointError naming the first field of ``cfg`` (a ``kind`` table's file) whose value
     fastflow cannot compute with; fields absent from the file take diffusers' defaults, which the
@@ -269,6 +285,15 @@ def check(kind: str, cfg: dict, path, file: str = "config.json") -> None:
     for field in TABLES[kind]:
         if field in BOOLEANS and field in cfg and cfg[field] is not None and not isinstance(cfg[field], bool):
             raise CheckpointError(path, f"{file} {field} is {cfg[field]!r}, not true or false", "fix the file")
+    for field, (rule, _) in TABLES[kind].items():
+        if rule != "honoured" or field.startswith("_") or kind not in NULLABLE:
+            continue
+        if field in cfg and cfg[field] is None and field not in NULLABLE[kind]:
+            raise CheckpointError(path, f"{file} {field} is null; it needs a value", "fix the file")
+        if field not in BOOLEANS and any(isinstance(v, bool) for v in _values(cfg.get(field))):
+            raise CheckpointError(
+                path, f"{file} {field} is {cfg[field]!r}: a switch where a number belongs", "fix the file"
+            )
     for field, (rule, allowed) in TABLES[kind].items():
         if rule != "refused" or field not in cfg:
             continue

@@ -5,7 +5,9 @@ weights with their ``weight_scale`` next to them, layers the config skips in the
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from ..quant import Fp8Config, fp8_layers
 from .files import file_mode
 from .loader import load_transformer
 from .quantized import ACTIVATION_KEY, FORMAT, FORMAT_KEY
+from .source import open_checkpoint
 
 
 def quantize_checkpoint(
@@ -39,11 +42,28 @@ def quantize_checkpoint(
     except OSError as e:
         raise OutputError(f"cannot write {dst} ({e.strerror}): choose a folder you can write") from None
     try:
+        _check_space(dst, _weights_in(src), "at least ")  # the FP8 codes alone take a byte per weight
         return _quantize_into(src, dst, config, variant, dtype)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(dst)  # the claim (the temporary removes itself)
         raise
+
+
+def _weights_in(src) -> int:
+    """How many weights the checkpoint holds (its headers only)."""
+    with open_checkpoint(src) as source:
+        return sum(math.prod(e.shape) for f in source.files for e in f.entries.values())
+
+
+def _check_space(dst: Path, need: int, what: str) -> None:
+    """Refuse before the work (and again before the write) when the folder's disk cannot hold it."""
+    free = shutil.disk_usage(dst.parent).free
+    if free < need:
+        raise OutputError(
+            f"{dst.parent} has {free / 2**30:.2f} GiB free; the FP8 file needs {what}{need / 2**30:.2f} GiB: "
+            "free some space or write elsewhere"
+        )
 
 
 def _quantize_into(src, dst: Path, config: Fp8Config, variant, dtype) -> dict:
@@ -56,6 +76,7 @@ def _quantize_into(src, dst: Path, config: Fp8Config, variant, dtype) -> dict:
         "fastflow.variant": model.config.name,
         "fastflow.skip": ",".join(config.skip),
     }
+    _check_space(dst, sum(v.numel() * v.element_size() for v in state.values()), "")
     fd, tmp = tempfile.mkstemp(prefix=".fastflow-quantize-", suffix=".safetensors", dir=dst.parent)
     try:
         os.fchmod(fd, file_mode())  # mkstemp makes 0600; the user's umask decides

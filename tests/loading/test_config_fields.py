@@ -308,3 +308,62 @@ def test_sdxl_pipeline_folder_with_v_prediction_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
     with pytest.raises(CheckpointError, match="prediction_type is 'v_prediction'"):
         fastflow.load(folder, dtype=torch.float32)
+
+
+_NULL_CASES = [
+    (kind, field)
+    for kind in fields.NULLABLE
+    for field, (rule, _) in fields.TABLES[kind].items()
+    if rule == "honoured" and not field.startswith("_") and field not in fields.NULLABLE[kind]
+]
+
+
+@pytest.mark.parametrize("kind,field", _NULL_CASES)
+def test_a_null_honoured_field_is_refused_not_defaulted(kind, field):
+    """diffusers builds its model with the null (and crashes); fastflow used to read null as the
+    default (the fuzzer: vae in_channels null loaded as 3)."""
+    with pytest.raises(CheckpointError, match=f"config.json {field} is null"):
+        fields.check(kind, {field: None}, "x")
+
+
+def test_nullable_fields_have_a_null_default_or_are_switches_in_diffusers():
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    classes = {"sdxl": UNet2DConditionModel, "vae": AutoencoderKL, "flux": FluxTransformer2DModel,
+               "sd3": SD3Transformer2DModel}  # fmt: skip
+    for kind, names in fields.NULLABLE.items():
+        params = inspect.signature(classes[kind].__init__).parameters
+        for name in names:
+            assert params[name].default is None or isinstance(params[name].default, bool), (kind, name)
+            fields.check(kind, {name: None}, "x")
+
+
+@pytest.mark.parametrize(
+    "up",
+    [
+        [1e-12, "CrossAttnUpBlock2D", "UpBlock2D"],
+        ["trailing", "CrossAttnUpBlock2D", "UpBlock2D"],
+        ["UpBlock2D", "UpBlock2D", "UpBlock2D"],
+        ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    ],
+)
+def test_unet_up_blocks_that_do_not_mirror_the_down_blocks_are_refused(up):
+    cfg = configs.from_name("sdxl-tiny")
+    source = _unet_source({}, {})
+    mirror = source.folder_config["up_block_types"]
+    assert described.unet_refined(cfg, source) == cfg  # the mirror loads
+    assert list(mirror) != up
+    with pytest.raises(fastflow.errors.FastflowError, match="up_block_types"):
+        described.unet_refined(cfg, _unet_source({"up_block_types": up}, {}))
+    with pytest.raises(fastflow.errors.FastflowError, match="down_block_types"):
+        described.unet_refined(cfg, _unet_source({"down_block_types": ["DownBlock3D", "DownBlock2D"]}, {}))
+
+
+@pytest.mark.parametrize(
+    "kind,field,value",
+    [("vae", "layers_per_block", True), ("sdxl", "block_out_channels", [32, True]), ("flux", "num_layers", False)],
+)
+def test_a_switch_where_a_number_belongs_is_refused(kind, field, value):
+    """True == 1 in Python, so ``layers_per_block: true`` loaded as one block (the fuzzer)."""
+    with pytest.raises(CheckpointError, match=f"config.json {field} is .*a switch where a number belongs"):
+        fields.check(kind, {field: value}, "x")
