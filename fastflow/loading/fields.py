@@ -274,6 +274,13 @@ BOOLEANS = frozenset({
 })  # fmt: skip
 
 
+_TEXT = frozenset({"down_block_types", "up_block_types"})  # the honoured fields that hold names
+
+
+def _number(value) -> bool:
+    return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _values(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -290,10 +297,8 @@ def check(kind: str, cfg: dict, path, file: str = "config.json") -> None:
             continue
         if field in cfg and cfg[field] is None and field not in NULLABLE[kind]:
             raise CheckpointError(path, f"{file} {field} is null; it needs a value", "fix the file")
-        if field not in BOOLEANS and any(isinstance(v, bool) for v in _values(cfg.get(field))):
-            raise CheckpointError(
-                path, f"{file} {field} is {cfg[field]!r}: a switch where a number belongs", "fix the file"
-            )
+        if field in cfg and field not in BOOLEANS | _TEXT and not all(map(_number, _values(cfg[field]))):
+            raise CheckpointError(path, f"{file} {field} is {cfg[field]!r}: not a number or list of numbers", "fix it")
     for field, (rule, allowed) in TABLES[kind].items():
         if rule != "refused" or field not in cfg:
             continue
