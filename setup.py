@@ -10,6 +10,15 @@ header, no libtorch / libc10, so one build works with every torch. Sources compi
 with ninja where it is on the PATH (a build.ninja in the build directory, with nvcc's header
 dependencies, so a rebuild compiles only what changed; ``FASTFLOW_USE_NINJA=0`` turns it off),
 else a thread per file.
+
+Which toolkit: ``$CUDA_HOME/bin/nvcc`` where ``CUDA_HOME`` (or ``CUDA_PATH``) is set, else the nvcc on
+the PATH. The static runtime is that toolkit's, and it decides the drivers the module runs on: a
+CUDA 12.x build on every driver from R525 (12.0) on, a CUDA 13.x build from R580 on only. On an
+older driver fastflow falls back at run time (NVRTC of the driver's major, else Triton, else the
+reference: fastflow.ops.cuda_driver), so for H100 clouds on R535-R570 build with a 12.x toolkit,
+e.g. ``CUDA_HOME=/usr/local/cuda-12.8 pip install -e .``, or install ``fastflow[cuda12]``. PyPI has
+no 12.x nvcc to build with: its nvidia-cuda-nvcc-cu12 wheels hold ptxas, libnvvm and headers, but
+not nvcc, cudafe++ or fatbinary, and nvidia-cuda-runtime-cu12 has no static runtime.
 """
 
 import os
@@ -27,6 +36,18 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
 DEFAULT_ARCHS = "80;89;90a"
+
+
+def find_nvcc() -> str | None:
+    """``$CUDA_HOME/bin/nvcc`` (or ``$CUDA_PATH``'s) where set, else the nvcc on the PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            nvcc = Path(home) / "bin" / "nvcc"
+            if nvcc.is_file():
+                return str(nvcc)
+            print(f"fastflow._C: {var}={home!r} has no bin/nvcc; using the PATH's nvcc", file=sys.stderr)
+    return shutil.which("nvcc")
 
 
 def cuda_archs() -> list[str]:
@@ -51,7 +72,7 @@ class BuildCuda(build_ext):
             return super().build_extension(ext)
         import pybind11
 
-        nvcc = shutil.which("nvcc")
+        nvcc = find_nvcc()
         archs = cuda_archs()
         tmp = Path(self.build_temp).resolve() / "csrc"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -125,7 +146,7 @@ def _ninja_build(ninja: str, tmp: Path, jobs: list[list[str]], link: list[str]) 
 def _cuda_extensions():
     if os.environ.get("FASTFLOW_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         return []
-    if shutil.which("nvcc") is None or not list(CSRC.glob("*.cu")):
+    if find_nvcc() is None or not list(CSRC.glob("*.cu")):
         return []
     return [Extension("fastflow._C", sources=[str(p.relative_to(HERE)) for p in sorted(CSRC.glob("*.cu"))])]
 

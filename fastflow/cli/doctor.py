@@ -50,6 +50,8 @@ def run(args) -> int:
             served = False
         if not served:
             print(f"  this GPU: NVRTC compiles csrc/ for sm_{cuda_cpp.nvrtc_arch(cap)} at first use (cached)")
+    for line in cuda_driver_section(gpu):
+        print(line)
     print(f"op backend: {ops.get_backend()} (kernel backends, in order of preference: "
           f"{' > '.join(ops.KERNEL_BACKENDS)}; set_backend('cuda_cpp') forces the CUDA C++ ones)")  # fmt: skip
     for name, opdef in sorted(ops.OPS.items()):
@@ -64,3 +66,26 @@ def run(args) -> int:
         tuned = ", ".join(f"{k}: {v['backend']}" for k, v in sorted(table.items())) or "not tuned (`fastflow tune`)"
         print(f"  attention implementation: {tuned}; default order {' > '.join(ab.DEFAULT_ORDER)}")
     return 0
+
+
+def cuda_driver_section(gpu: bool) -> list[str]:
+    """The NVIDIA driver's CUDA version against what the CUDA C++ kernels were built with, and the
+    path each GPU's CUDA C++ ops take (fastflow._C, NVRTC, or Triton / the reference with why)."""
+    from ..ops import cuda_cpp, cuda_driver
+
+    version = cuda_driver.driver_version()
+    if version is None:
+        return ["CUDA driver: none found (libcuda.so.1); the CUDA C++ kernels need an NVIDIA GPU"]
+    lines = [f"CUDA driver: supports CUDA {cuda_driver.text(version)} (cuDriverGetVersion {version})"]
+    try:
+        runtime = cuda_cpp.module().runtime_version()
+        fits = cuda_driver.runs(runtime, version)
+        verdict = "runs on it" if fits else f"needs a driver for CUDA {runtime // 1000}.0 or newer: not used"
+        lines.append(f"  fastflow._C: CUDA {cuda_driver.text(runtime)} runtime, {verdict}")
+    except InputError:
+        pass
+    names = {"c": "fastflow._C", "nvrtc": "NVRTC-compiled kernels", "fallback": "Triton kernels / references"}
+    for i in range(torch.cuda.device_count() if gpu else 0):
+        path, why = cuda_cpp.choice(i)
+        lines.append(f"  cuda:{i} CUDA C++ ops run {names[path]}" + (f" ({why})" if why else ""))
+    return lines

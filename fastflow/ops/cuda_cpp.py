@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 
 from ..errors import InputError
+from . import cuda_driver
 from .reference import fp8_quantize_ref, groupnorm_silu_ref, qk_norm_rope_ref
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -56,15 +58,20 @@ def status() -> tuple[bool, str]:
 
 
 def _serves(archs: str, cap: tuple[int, int]) -> bool:
-    """Whether a build for ``archs`` ("80;89;90a") runs on a GPU of capability ``cap``: a cubin of
-    the same major version and no newer minor (an 'a' cubin only on its own architecture), or the
-    PTX of the newest architecture, which the driver compiles for any newer GPU."""
+    """Whether a build for ``archs`` ("80;89;90a") runs on a GPU of capability ``cap``."""
+    return _served_by(archs, cap) is not None
+
+
+def _served_by(archs: str, cap: tuple[int, int]) -> str | None:
+    """How a build for ``archs`` runs on a GPU of capability ``cap``: "cubin" (one of the same major
+    version and no newer minor; an 'a' cubin only on its own architecture), "ptx" (the PTX of the
+    newest architecture, which the driver compiles for any newer GPU), or None."""
     value, built = cap[0] * 10 + cap[1], [a for a in archs.split(";") if a]
     for arch in built:
         number = int(arch.rstrip("a"))
         if number == value or (not arch.endswith("a") and number // 10 == cap[0] and number <= value):
-            return True
-    return bool(built) and value >= max(int(a.rstrip("a")) for a in built)
+            return "cubin"
+    return "ptx" if built and value >= max(int(a.rstrip("a")) for a in built) else None
 
 
 def nvrtc_arch(cap: tuple[int, int]) -> str:
@@ -78,13 +85,13 @@ class NvrtcKernels:
     with the launch shapes of csrc/*.cu's launchers, for GPUs the built module does not serve or
     installs without it. Return codes as the C ABI's: 0 launched, -1 a bad argument, else the driver's."""
 
-    def __init__(self, arch: str):
-        self.arch = arch
+    def __init__(self, arch: str, device: int):
+        self.arch, self.device = arch, device  # the GPU whose primary context loads and launches
 
     def _go(self, unit: str, name: str, grid, args, stream: int) -> int:
         from . import nvrtc
 
-        return nvrtc.launch(unit, self.arch, nvrtc.current_context(), name, grid, 256, args, stream)
+        return nvrtc.launch(unit, self.arch, self.device, name, grid, 256, args, stream)
 
     @staticmethod
     def error_string(code: int) -> str:
@@ -139,26 +146,61 @@ class NvrtcKernels:
 
 _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _KERNELS: dict[int, object] = {}
+_warned: list[str] = []  # the driver warning, given once per process
+
+
+def _nvrtc_version() -> tuple[int, int] | None:
+    from . import nvrtc
+
+    try:
+        return nvrtc.version()
+    except InputError:
+        return None
+
+
+def choice(index: int) -> tuple[str, str]:
+    """cuda_driver.choose for GPU ``index``: which CUDA C++ path its driver runs, and why not the
+    built module where it cannot."""
+    cap = torch.cuda.get_device_capability(index)
+    try:
+        c = module()
+        built, served = (c.runtime_version(), c.ARCHS), _served_by(c.ARCHS, cap)
+    except InputError:
+        built, served = None, None
+    return cuda_driver.choose(cuda_driver.driver_version(), built, served, _nvrtc_version())
 
 
 def kernels(device: torch.device):
-    """What runs the CUDA C++ kernels on ``device``: fastflow._C where it serves the GPU, else
-    NvrtcKernels compiled for it (an InputError when neither is installed)."""
+    """What runs the CUDA C++ kernels on ``device``: fastflow._C where it serves the GPU and its
+    driver, else NvrtcKernels compiled for it, else None (the driver runs neither: one warning, and
+    the ops run their Triton kernels or references). An InputError when neither is installed."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _KERNELS:
-        cap = torch.cuda.get_device_capability(index)
-        try:
-            c = module()
-            if _serves(c.ARCHS, cap):
-                _KERNELS[index] = c
-                return c
-        except InputError:
-            pass
-        from . import nvrtc
+        path, why = choice(index)
+        if path == "c":
+            _KERNELS[index] = module()
+        elif path == "nvrtc":
+            _KERNELS[index] = NvrtcKernels(nvrtc_arch(torch.cuda.get_device_capability(index)), index)
+        elif not why:
+            from . import nvrtc
 
-        nvrtc.library()  # an InputError saying what to install when NVRTC is missing too
-        _KERNELS[index] = NvrtcKernels(nvrtc_arch(cap))
+            nvrtc.library()  # neither is installed: an InputError saying what to install
+            raise InputError(f"NVRTC is not usable here: {nvrtc.INSTALL}")
+        else:
+            _KERNELS[index] = None
+        if why and not _warned:
+            _warned.append(why)
+            warnings.warn(why, stacklevel=3)
     return _KERNELS[index]
+
+
+def _fallback(name: str, args: tuple):
+    """Op ``name`` on ``args`` without the CUDA C++ kernels (the driver runs neither fastflow._C
+    nor NVRTC's): its Triton kernel where installed, else its reference."""
+    from ._registry import OPS, _available
+
+    opdef = OPS[name]
+    return opdef.run("triton", args) if "triton" in opdef.impls and _available("triton") else opdef.reference(*args)
 
 
 def _run(k, code: int) -> None:
@@ -197,19 +239,22 @@ def groupnorm_silu(x, weight, bias, num_groups: int = 32, eps: float = 1e-6):
     """SiLU(GroupNorm(x)) by csrc/groupnorm_silu.cu for channels-last x; the reference otherwise."""
     if not groupnorm_silu_supported(x, num_groups):
         return groupnorm_silu_ref(x, weight, bias, num_groups, eps)
-    c = kernels(x.device)
-    n, channels, h, w = x.shape
-    y = torch.empty_like(x)  # channels-last like x
-    w32 = weight.detach().float().contiguous()
-    b32 = bias.detach().float().contiguous()
-    vec = VECTOR_BYTES // x.element_size()
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = groupnorm_splits(n, num_groups, h * w, channels // num_groups // vec, sms)
-    workspace = torch.empty(c.groupnorm_silu_workspace_floats(n, num_groups, splits), device=x.device)
-    _run(c, c.groupnorm_silu_nhwc(
-        DTYPE_CODES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(), b32.data_ptr(), n, h * w, channels,
-        num_groups, splits, float(eps), workspace.data_ptr(), _stream(x.device),
-    ))  # fmt: skip
+    with torch.cuda.device(x.device):  # the launch, workspace and stream on x's GPU
+        c = kernels(x.device)
+        if c is None:
+            return _fallback("groupnorm_silu", (x, weight, bias, num_groups, eps))
+        n, channels, h, w = x.shape
+        y = torch.empty_like(x)  # channels-last like x
+        w32 = weight.detach().to(x.device, torch.float32).contiguous()
+        b32 = bias.detach().to(x.device, torch.float32).contiguous()
+        vec = VECTOR_BYTES // x.element_size()
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = groupnorm_splits(n, num_groups, h * w, channels // num_groups // vec, sms)
+        workspace = torch.empty(c.groupnorm_silu_workspace_floats(n, num_groups, splits), device=x.device)
+        _run(c, c.groupnorm_silu_nhwc(
+            DTYPE_CODES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(), b32.data_ptr(), n, h * w, channels,
+            num_groups, splits, float(eps), workspace.data_ptr(), _stream(x.device),
+        ))  # fmt: skip
     return y
 
 
@@ -221,32 +266,57 @@ def fp8_quantize(x, static_scale=None, per_token: bool = True):
     if static_scale is not None or not per_token or not usable or x.shape[1] % vec or x.shape[0] == 0:
         return fp8_quantize_ref(x, static_scale, per_token)
     m, k = x.shape
-    q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(m, device=x.device, dtype=torch.float32)
-    c = kernels(x.device)
-    _run(c, c.fp8_quantize_per_token(
-        DTYPE_CODES[x.dtype], x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, _stream(x.device)
-    ))  # fmt: skip
+    with torch.cuda.device(x.device):
+        c = kernels(x.device)
+        if c is None:
+            return _fallback("fp8_quantize", (x, static_scale, per_token))
+        q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(m, device=x.device, dtype=torch.float32)
+        _run(c, c.fp8_quantize_per_token(
+            DTYPE_CODES[x.dtype], x.data_ptr(), q.data_ptr(), scale.data_ptr(), m, k, _stream(x.device)
+        ))  # fmt: skip
     return q, scale
+
+
+def _on(device: torch.device, t: torch.Tensor | None, numel: int) -> bool:
+    """An optional fp32-able side input the kernel can read: None, or ``numel`` values on ``device``."""
+    return t is None or (t.device == device and t.numel() == numel)
+
+
+def _vector_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as contiguous fp32 at a 16-byte aligned address (the kernel reads it in vectors)."""
+    t = t.detach().float().contiguous()
+    return t if _aligned(t) else t.clone()
 
 
 def qk_norm_rope(qkv, q_scale, k_scale, cos, sin, num_heads: int, eps: float = 1e-6):
     """q / k RMSNorm + FLUX RoPE of a fused projection by csrc/qk_norm_rope.cu (a warp per token
-    and head); the reference for head sizes other than 64 / 128 / 256 or unaligned inputs."""
+    and head); as the reference, a None scale skips that norm and None tables skip RoPE (the kernel
+    takes null pointers). The reference for head sizes other than 64 / 128 / 256, unaligned inputs,
+    one scale without the other or side inputs on another device; an InputError for one RoPE table
+    without the other, before any launch."""
+    if (cos is None) != (sin is None):
+        raise InputError("qk_norm_rope: pass both RoPE tables (cos and sin) or neither")
     b, tokens, width = qkv.shape
     d = width // (3 * num_heads)
-    tables = (cos, sin)
+    tables = () if cos is None else (cos, sin)
     usable = (
         qkv.is_cuda and qkv.dtype in DTYPE_CODES and qkv.is_contiguous() and d in (64, 128, 256) and _aligned(qkv)
-        and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) for t in tables)
+        and all(t.dtype == torch.float32 and t.is_contiguous() and _aligned(t) for t in tables)
+        and all(_on(qkv.device, t, tokens * d // 2) for t in tables)
+        and (q_scale is None) == (k_scale is None) and _on(qkv.device, q_scale, d) and _on(qkv.device, k_scale, d)
     )  # fmt: skip
     if not usable:
         return qk_norm_rope_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
-    q, k, v = (qkv.new_empty(b, num_heads, tokens, d) for _ in range(3))
-    qs, ks = (s.detach().float().contiguous() for s in (q_scale, k_scale))
-    c = kernels(qkv.device)
-    _run(c, c.qk_norm_rope(
-        DTYPE_CODES[qkv.dtype], qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), qs.data_ptr(),
-        ks.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, tokens, num_heads, d, float(eps), _stream(qkv.device),
-    ))  # fmt: skip
+    with torch.cuda.device(qkv.device):
+        c = kernels(qkv.device)
+        if c is None:
+            return _fallback("qk_norm_rope", (qkv, q_scale, k_scale, cos, sin, num_heads, eps))
+        q, k, v = (qkv.new_empty(b, num_heads, tokens, d) for _ in range(3))
+        qs, ks = (None if s is None else _vector_ready(s) for s in (q_scale, k_scale))
+        qs_p, ks_p, cos_p, sin_p = (0 if t is None else t.data_ptr() for t in (qs, ks, cos, sin))  # 0: null
+        _run(c, c.qk_norm_rope(
+            DTYPE_CODES[qkv.dtype], qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), qs_p, ks_p, cos_p,
+            sin_p, b, tokens, num_heads, d, float(eps), _stream(qkv.device),
+        ))  # fmt: skip
     return q, k, v

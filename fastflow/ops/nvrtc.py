@@ -17,6 +17,7 @@ NVIDIA driver and runs only on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -186,16 +187,38 @@ def _driver_check(cu, status, what: str) -> None:
         raise RuntimeError(f"CUDA driver {what}: {cu.cuGetErrorString(status)[1]!r} ({int(status)})")
 
 
-def current_context() -> int:
-    """The calling thread's CUDA context, as an integer (0: none)."""
+_PRIMARY: dict[int, object] = {}
+
+
+def primary_context(device: int):
+    """The primary CUDA context of GPU ``device`` (the one torch's runtime uses for it), retained
+    once per process and kept."""
+    if device not in _PRIMARY:
+        cu = driver()
+        status, handle = cu.cuDeviceGet(device)
+        _driver_check(cu, status, f"cuDeviceGet({device})")
+        status, context = cu.cuDevicePrimaryCtxRetain(handle)
+        _driver_check(cu, status, f"cuDevicePrimaryCtxRetain({device})")
+        _PRIMARY[device] = context
+    return _PRIMARY[device]
+
+
+@contextlib.contextmanager
+def on_device(device: int):
+    """GPU ``device``'s primary context current on this thread for the block (pushed, then popped),
+    whatever context was current before."""
     cu = driver()
-    status, context = cu.cuCtxGetCurrent()
-    _driver_check(cu, status, "cuCtxGetCurrent")
-    return int(context)
+    (status,) = cu.cuCtxPushCurrent(primary_context(device))
+    _driver_check(cu, status, f"cuCtxPushCurrent(device {device})")
+    try:
+        yield
+    finally:
+        cu.cuCtxPopCurrent()
 
 
 class Module:
-    """One unit's cubin loaded into the current CUDA context; kernels looked up by their C names."""
+    """One unit's cubin loaded into the current CUDA context (:func:`launch` makes it the device's
+    primary context); kernels looked up by their C names, valid in that context only."""
 
     def __init__(self, image: bytes):
         cu = driver()
@@ -225,17 +248,20 @@ def kernel_params(args) -> tuple[tuple, tuple]:
     return tuple(value for _, value in args), tuple(KINDS[kind] for kind, _ in args)
 
 
-_MODULES: dict[tuple[str, str, int], Module] = {}
+_MODULES: dict[tuple[str, str, int], Module] = {}  # (unit, arch, device) -> module loaded in its context
 
 
-def launch(unit: str, arch: str, context: int, name: str, grid, block: int, args, stream: int) -> int:
-    """Run kernel ``name`` of ``unit`` (compiled for ``arch``, loaded once per CUDA context);
-    returns the driver's error code (0: launched)."""
+def launch(unit: str, arch: str, device: int, name: str, grid, block: int, args, stream: int) -> int:
+    """Run kernel ``name`` of ``unit`` (compiled for ``arch``) on GPU ``device``, in its primary
+    context: the module is loaded once per device, and a module (or function) loaded for one device
+    is never launched on another. ``stream`` must belong to ``device``. Returns the driver's error
+    code (0: launched)."""
     cu = driver()
-    key = (unit, arch, context)
-    if key not in _MODULES:
-        _MODULES[key] = Module(cubin(unit, arch))
+    key = (unit, arch, device)
     gx, gy = (grid, 1) if isinstance(grid, int) else grid
-    fn = _MODULES[key].function(name)
-    (status,) = cu.cuLaunchKernel(fn, gx, gy, 1, block, 1, 1, 0, cu.CUstream(stream), kernel_params(args), 0)
+    with on_device(device):
+        if key not in _MODULES:
+            _MODULES[key] = Module(cubin(unit, arch))
+        fn = _MODULES[key].function(name)
+        (status,) = cu.cuLaunchKernel(fn, gx, gy, 1, block, 1, 1, 0, cu.CUstream(stream), kernel_params(args), 0)
     return int(status)

@@ -42,7 +42,7 @@ def test_which_gpus_the_build_serves():
 
 
 def test_nvrtc_kernels_refuse_bad_arguments_before_any_launch():
-    k = cuda_cpp.NvrtcKernels("89")
+    k = cuda_cpp.NvrtcKernels("89", 0)
     assert k.groupnorm_silu_nhwc(2, 0, 0, 0, 0, 1, 64, 60, 8, 1, 1e-6, 0, 0) == -1  # 60 / 8 not a multiple of 8
     assert k.fp8_quantize_per_token(2, 0, 0, 0, 4, 12, 0) == -1
     assert k.qk_norm_rope(2, *[0] * 8, 1, 4, 2, 96, 1e-6, 0) == -1
@@ -167,7 +167,8 @@ def test_nvrtc_path_on_gpu(monkeypatch):
     except Exception:
         pytest.skip("NVRTC is not installed")
     cap = torch.cuda.get_device_capability()
-    monkeypatch.setitem(cuda_cpp._KERNELS, torch.cuda.current_device(), cuda_cpp.NvrtcKernels(cuda_cpp.nvrtc_arch(cap)))
+    index = torch.cuda.current_device()
+    monkeypatch.setitem(cuda_cpp._KERNELS, index, cuda_cpp.NvrtcKernels(cuda_cpp.nvrtc_arch(cap), index))
     x = torch.randn(1, 256, 40, 24, device="cuda").bfloat16().to(memory_format=torch.channels_last)
     w, b = torch.randn(256, device="cuda").bfloat16(), torch.randn(256, device="cuda").bfloat16()
     torch.testing.assert_close(cuda_cpp.groupnorm_silu(x, w, b, 32, 1e-6).float(),
