@@ -24,7 +24,6 @@ def build_seeds(root: Path) -> None:
 
 
 def _env(root: str) -> None:
-    os.environ["FASTFLOW_CACHE"] = root
     os.environ["FASTFLOW_CACHE_DIR"] = root
 
 

@@ -55,16 +55,11 @@ def run(args) -> int:
     print(f"op backend: {ops.get_backend()} (kernel backends, in order of preference: "
           f"{' > '.join(ops.KERNEL_BACKENDS)}; set_backend('cuda_cpp') forces the CUDA C++ ones)")  # fmt: skip
     for name, opdef in sorted(ops.OPS.items()):
-        backend = opdef.device_backend("cuda")
+        backend = opdef.device_backend("cuda") if gpu else None
         where = f"{backend} kernel" if backend and gpu else "reference (torch)"
         have = ", ".join(opdef.impls) or "none"
         print(f"  {name:<34} {where:<20} kernels: {have}")
-    if gpu:
-        from ..ops import attention_backends as ab
-
-        table = ab.read_table().get(ab.machine_key(torch.device("cuda")), {})
-        tuned = ", ".join(f"{k}: {v['backend']}" for k, v in sorted(table.items())) or "not tuned (`fastflow tune`)"
-        print(f"  attention implementation: {tuned}; default order {' > '.join(ab.DEFAULT_ORDER)}")
+    tuning_section(torch.device("cuda") if gpu else None)
     return 0
 
 
@@ -89,3 +84,30 @@ def cuda_driver_section(gpu: bool) -> list[str]:
         path, why = cuda_cpp.choice(i)
         lines.append(f"  cuda:{i} CUDA C++ ops run {names[path]}" + (f" ({why})" if why else ""))
     return lines
+
+
+def tuning_section(device: torch.device | None) -> None:
+    """What ``fastflow tune`` measured on this GPU: attention's implementation per head dim /
+    dtype, and per op which kernel won against the compiled reference and by how much."""
+    from ..ops import attention_backends as ab
+    from ..ops import kernel_gate
+
+    print(f"attention default order (untuned): {' > '.join(ab.DEFAULT_ORDER)}; Triton only where tuned")
+    if device is None:
+        return
+    machine = ab.machine_key(device)
+    attention = ab.read_table().get(machine, {})
+    kernels = kernel_gate.read_table().get(machine, {})
+    if not attention and not kernels:
+        print(f"tuning: none for {machine}: run `fastflow tune`")
+        return
+    print(f"tuning for {machine}:")
+    for key, e in sorted(attention.items()):
+        by = f" ({e['speedup']:.2f}x plain SDPA)" if "speedup" in e else ""
+        print(f"  attention {key:<24} {e['backend']}{by}")
+    for op, e in sorted(kernels.items()):
+        if e["backend"] == "reference":
+            lost = "; ".join(f"{b}: {v if isinstance(v, str) else f'{v:.2f}x'}" for b, v in e["candidates"].items())
+            print(f"  {op:<34} reference (no kernel won: {lost})")
+        else:
+            print(f"  {op:<34} {e['backend']} {e['speedup']:.2f}x the compiled reference")

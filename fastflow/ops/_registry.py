@@ -5,9 +5,11 @@ kernel, and returns the call-time wrapper that models use.
 Backends, read at call time (:func:`set_backend` / :func:`use_backend`):
 
 * ``"kernels"`` (default): call the custom op; the PyTorch dispatcher runs the registered GPU
-  kernel for CUDA tensors (the first available of :data:`KERNEL_BACKENDS` that the op has) and the
-  reference body everywhere else. Eager calls on plain CPU tensors skip the dispatcher and run
-  the reference body directly (the same function; see :func:`_plain_cpu`).
+  kernel for CUDA tensors and the reference body everywhere else. The kernel is the first
+  available of :data:`KERNEL_BACKENDS` that the op has, unless ``fastflow tune`` timed the op on
+  this GPU (:mod:`.kernel_gate`): then only the kernels that beat the reference under
+  torch.compile there, fastest first, and the reference where none did. Eager calls on plain CPU
+  tensors skip the dispatcher and run the reference body directly (the same function; see :func:`_plain_cpu`).
 * ``"reference"``: call the plain-torch reference directly (tests, benchmarks, debugging).
 * a named kernel backend (``"triton"``, later ``"cuda_cpp"``): call that implementation directly on
   any device (GPU A/B runs; CPU tensors under ``TRITON_INTERPRET=1`` in the kernel tests); ops
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import kernel_gate
 
 KERNEL_BACKENDS = ("triton", "cuda_cpp")  # in order of preference for the "kernels" backend on CUDA
 BACKENDS = ("reference", "kernels", *KERNEL_BACKENDS)
@@ -102,10 +106,16 @@ class OpDef:
         named = {spec.partition(":")[0] for b, spec in self.impls.items() if b == "triton" and isinstance(spec, str)}
         return sorted({m for m in named if m.startswith("fastflow.kernels.")} | set(self.kernels))
 
-    def device_backend(self, device_type: str = "cuda") -> str | None:
-        """The kernel backend the dispatcher runs for this op on ``device_type`` here, if any."""
-        for backend in KERNEL_BACKENDS:
-            if backend in self.impls and _DEVICE_OF_BACKEND[backend] == device_type and _available(backend):
+    def device_backend(self, device_type: str = "cuda", device: torch.device | None = None) -> str | None:
+        """The kernel backend the dispatcher runs for this op on ``device_type`` here, if any: on a
+        GPU where ``fastflow tune`` timed the op (``device``, default the current one), only a
+        kernel that won there."""
+        order = KERNEL_BACKENDS
+        if device_type == "cuda":
+            tuned = kernel_gate.won(self.name, device)
+            order = order if tuned is None else tuned
+        for backend in order:
+            if backend in self.impls and _DEVICE_OF_BACKEND.get(backend) == device_type and _available(backend):
                 return backend
         return None
 
@@ -165,6 +175,11 @@ def _plain_cpu(args) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _device_of(args, device_type: str) -> torch.device | None:
+    """The device of the first ``device_type`` tensor among ``args`` (where a call runs)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == device_type), None)
+
+
 def kernel_would_run(name: str, *tensors: torch.Tensor) -> bool:
     """Whether op ``name`` would run a kernel (not its reference) for these inputs now. For ops
     that compose others (``ops.linear``) and must pick the same path the kernels would."""
@@ -172,7 +187,7 @@ def kernel_would_run(name: str, *tensors: torch.Tensor) -> bool:
     if _backend == "reference" or _needs_grad(tensors):
         return False
     if _backend == "kernels":
-        return any(opdef.device_backend(t.device.type) is not None for t in tensors)
+        return any(opdef.device_backend(t.device.type, t.device) is not None for t in tensors)
     return _backend in opdef.impls
 
 
@@ -217,8 +232,8 @@ def defop(
 
     def device_kernel(device: str):
         def run(*args, **kwargs):
-            backend = opdef.device_backend(device)
             args = positional(args, dict(kwargs))
+            backend = opdef.device_backend(device, _device_of(args, device))
             return opdef.run(backend, args) if backend else reference(*args)
 
         return run

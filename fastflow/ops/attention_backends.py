@@ -10,17 +10,19 @@ alignment):
 
 ``fastflow tune`` times every candidate on the user's GPU at the real model shapes, checks each
 against the reference (a wrong or failing candidate never wins) and stores the fastest per
-(head dim, dtype) in ``attention.json`` of fastflow's cache root (:mod:`.cache_root`), keyed by
-GPU name and torch / Triton versions. Without a table for this GPU and software, the documented default order applies:
-``fa3``, then ``triton``, then ``sdpa``.
+(head dim, dtype), with its speedup over plain ``sdpa``, in ``attention.json`` of fastflow's cache
+root (:mod:`.tune_table`), keyed by GPU name and torch / Triton / fastflow versions.
+
+Without a table for this GPU and software the safe default order applies: ``fa3`` (where
+installed, sm_90), then ``cudnn``, ``flash`` and plain ``sdpa`` (:data:`DEFAULT_ORDER`): libraries
+measured on silicon by their makers. fastflow's Triton kernel (tiled or persistent) is never a
+default: it runs only where ``fastflow tune`` checked and timed it on this GPU and it won.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, InputError, UnsafeCacheError
-from . import cache_root
+from ..errors import InputError
+from . import cache_root, tune_table
 from .reference import attention_layout, attention_ref
 
 _log = logging.getLogger(__name__)
-DEFAULT_ORDER = ("fa3", "triton", "sdpa")
+DEFAULT_ORDER = ("fa3", "cudnn", "flash", "sdpa")  # never "triton*": only a tuned table picks it
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,9 @@ BACKENDS: dict[str, Backend] = {
 
 # -- the tuned table -------------------------------------------------------------------------------
 TABLE = "attention.json"
-MAX_TABLE_BYTES = 1024 * 1024  # a table is a few hundred bytes per GPU and software version
-MAX_TABLE_DEPTH = 3  # {machine: {"64/bfloat16": {"backend": ..., "ms": ...}}}
+MAX_TABLE_BYTES = tune_table.MAX_TABLE_BYTES
+MAX_TABLE_DEPTH = 3  # {machine: {"64/bfloat16": {"backend": ..., "ms": ..., "speedup": ...}}}
+machine_key = tune_table.machine_key
 
 
 def cache_dir() -> Path:
@@ -143,17 +146,14 @@ def table_path() -> Path:
 
 
 def _valid_table(data) -> bool:
-    """{machine: {"<head dim>/<dtype>": {"backend": name, "ms": number}}} and nothing else."""
+    """{machine: {"<head dim>/<dtype>": {"backend": name, "ms": number[, "speedup": number]}}} only."""
 
     def entry(e) -> bool:
-        ms = e.get("ms", 0.0) if isinstance(e, dict) else None
         return (
             isinstance(e, dict)
-            and set(e) <= {"backend", "ms"}
-            and isinstance(e.get("backend"), str)
-            and isinstance(ms, (int, float))
-            and not isinstance(ms, bool)
-            and math.isfinite(ms)
+            and {"backend", "ms"} <= set(e) <= {"backend", "ms", "speedup"}
+            and isinstance(e["backend"], str)
+            and all(tune_table.finite_number(e[k]) for k in ("ms", "speedup") if k in e)
         )
 
     return isinstance(data, dict) and all(
@@ -163,53 +163,11 @@ def _valid_table(data) -> bool:
 
 
 def read_table(path: Path | None = None, strict: bool = False) -> dict:
-    """The tuned table; {} where there is none. A table that cannot be used (not a regular file,
-    too large, too deep, not JSON, not the table's shape) is ignored with a warning, so a bad table
-    never raises inside an attention call. A cache folder that is not safely the user's own is
-    ignored with a warning too, or refused (:class:`UnsafeCacheError`) with ``strict``."""
-    path = path or table_path()
-    if not path.parent.exists():
-        return {}
-    try:
-        with cache_root.folder(base=path.parent) as (fd, _):
-            raw = cache_root.read_entry(fd, path, MAX_TABLE_BYTES)
-        if raw is None:
-            return {}
-        text = raw.decode("utf-8")
-        if cache_root.json_depth(text) > MAX_TABLE_DEPTH:
-            raise ValueError(f"it nests deeper than {MAX_TABLE_DEPTH} levels")
-        data = json.loads(text)
-        if not _valid_table(data):
-            raise ValueError("it is not {GPU: {head dim/dtype: {backend, ms}}}")
-        return data
-    except UnsafeCacheError as e:
-        if strict:
-            raise
-        problem = str(e)
-    except (InputError, OSError, ValueError, RecursionError) as e:  # CheckpointError, UnicodeError, JSON
-        if isinstance(e, InputError) and not isinstance(e, CheckpointError):
-            raise  # a bad FASTFLOW_CACHE_DIR setting: the user's to fix
-        problem = str(e)
-    _log.warning(
-        "ignoring the attention tuning table %s (%s); using the default order; run `fastflow tune` to rewrite it",
-        path,
-        problem,
-    )
-    return {}
-
-
-@functools.cache
-def machine_key(device: torch.device) -> str:
-    """GPU name and the software whose kernels are timed: a new torch or Triton is tuned afresh.
-    Cached: every attention call asks for it."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{name} | torch {torch.__version__} | triton {triton_version}"
+    """The tuned table; {} where there is none or it cannot be used (:func:`tune_table.read`:
+    ignored with a warning, never raised inside an attention call; ``strict`` raises
+    :class:`UnsafeCacheError` for a cache folder that is not safely the user's own)."""
+    shape = "{GPU: {head dim/dtype: {backend, ms, speedup}}}"
+    return tune_table.read(path or table_path(), MAX_TABLE_DEPTH, _valid_table, shape, "attention", strict)
 
 
 def entry_key(head_dim: int, dtype: torch.dtype) -> str:
@@ -296,7 +254,7 @@ def tune(
                         raise ArithmeticError(f"wrong result: max error {err:.3g} > {budget:.3g}")
                     ms = timer(functools.partial(backend.run, q, k, v, None))
                 except Exception as e:  # a candidate that fails or is wrong here never wins
-                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                    row["error"] = tune_table.short_error(e)
                     sums[name] = None
                     continue
                 row.update(ms=ms, tflops=flops / ms / 1e9)
@@ -307,13 +265,14 @@ def tune(
         if timed:
             name = min(timed, key=timed.get)
             best[key] = {"backend": name, "ms": timed[name]}
+            if timed.get("sdpa"):  # by how much the winner beats plain SDPA
+                best[key]["speedup"] = timed["sdpa"] / timed[name]
     for row in rows:
         row["chosen"] = (
             best.get(entry_key(row["head_dim"], getattr(torch, row["dtype"])), {}).get("backend") == row["backend"]
         )
     table = read_table(path, strict=True)
     table[machine] = best
-    with cache_root.folder(base=path.parent) as (fd, _):  # checked: refuses a folder not safely ours
-        cache_root.write_entry(fd, path.name, json.dumps(table, indent=1, sort_keys=True).encode())
+    tune_table.write(path, table)  # checked: refuses a folder not safely ours
     forget()
     return rows

@@ -1,9 +1,9 @@
 """fastflow's on-disk cache: one root folder, only ever the user's own, read and written safely.
 
-The root is ``$FASTFLOW_CACHE_DIR`` (or ``~/.cache/fastflow``); ``$FASTFLOW_CACHE``, which once
-moved the NVRTC cubins alone, is a deprecated alias read only where ``FASTFLOW_CACHE_DIR`` is
-unset (a warning says so; both set to different folders is an error). It holds ``cubin/``
-(:mod:`fastflow.ops.nvrtc`) and ``attention.json`` (:mod:`fastflow.ops.attention_backends`).
+The root is ``$FASTFLOW_CACHE_DIR`` (or ``~/.cache/fastflow``), the one cache variable.
+``$FASTFLOW_CACHE``, which once moved the NVRTC cubins alone, is no longer read: where it is set,
+one warning says to use ``FASTFLOW_CACHE_DIR``. The root holds ``cubin/`` (:mod:`fastflow.ops.nvrtc`)
+and the tuning tables ``attention.json`` and ``kernels.json`` (:mod:`fastflow.ops.tune_table`).
 
 * The setting must be an absolute path: an empty or relative value is an :class:`InputError` (it
   would put the cache in whatever folder the process runs from).
@@ -12,7 +12,8 @@ unset (a warning says so; both set to different folders is an error). It holds `
   cache on their own (cubins, the attention table read inside an attention call) then warn once
   and work without the cache; ``fastflow tune``, whose whole job is to write the table, refuses.
   This check is the real protection: whoever can write the folder can write any entry, and any
-  digest beside it.
+  digest beside it. A folder that cannot be created, reached or written (a read-only home, a
+  ``$HOME`` of another user) is the same case: the op runs uncached, with one warning.
 * Folders are opened once and used through their descriptor (``dir_fd``), so a folder swapped
   after the check is never followed. The root may be a symlink to a folder of the user's own (the
   check is on the folder it opens); ``cubin/`` and the entries may not be symlinks.
@@ -42,32 +43,44 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning about the cache, given once per process (an op that runs uncached warns once)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def root() -> Path:
     """The cache root from the environment (not created, not checked)."""
     value = os.environ.get(ENV)
-    name = ENV
-    old = os.environ.get(DEPRECATED_ENV)
-    if old is not None:
-        if value is None:
-            warnings.warn(
-                f"{DEPRECATED_ENV} is deprecated: set {ENV} (the one cache root for cubins and the attention table)",
-                FutureWarning,
-                stacklevel=2,
-            )
-            value, name = old, DEPRECATED_ENV
-        elif os.path.abspath(old or ".") != os.path.abspath(value or "."):
-            raise InputError(
-                f"{ENV}={value!r} and the deprecated {DEPRECATED_ENV}={old!r} name different cache folders:"
-                f" unset {DEPRECATED_ENV}"
-            )
+    if os.environ.get(DEPRECATED_ENV) is not None:
+        warn_once(f"{DEPRECATED_ENV} is no longer read: set {ENV} (the one cache folder: cubins and tuning tables)")
     if value is None:
-        return Path.home() / ".cache" / "fastflow"
+        try:
+            return Path.home() / ".cache" / "fastflow"
+        except RuntimeError:  # no $HOME and no home in the password database
+            raise UnsafeCacheError(f"no home folder to cache in: set {ENV}") from None
     if not value or not os.path.isabs(value):
         raise InputError(
-            f"{name}={value!r} is not an absolute path (it would put the cache in the current folder):"
+            f"{ENV}={value!r} is not an absolute path (it would put the cache in the current folder):"
             f" set it to an absolute folder, or unset it for ~/.cache/fastflow"
         )
     return Path(value)
+
+
+def reachable_folder(path: Path) -> bool:
+    """Whether folder ``path`` exists; :class:`UnsafeCacheError` where it cannot be looked at
+    (a parent this user may not search: ``Path.exists`` raises PermissionError there)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise UnsafeCacheError(f"cannot reach the fastflow cache folder {path} ({e.strerror}): set {ENV}") from None
+    return True
 
 
 def _check_folder(fd: int, path: Path) -> None:

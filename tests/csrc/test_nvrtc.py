@@ -32,7 +32,7 @@ def test_every_unit_compiles(unit, arch):
 
 
 def test_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTFLOW_CACHE", str(tmp_path))
+    monkeypatch.setenv("FASTFLOW_CACHE_DIR", str(tmp_path))
     calls = []
     real = nvrtc.compile_unit
     monkeypatch.setattr(nvrtc, "compile_unit", lambda u, a: calls.append((u, a)) or real(u, a))

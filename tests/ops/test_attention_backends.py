@@ -69,7 +69,11 @@ def test_tune_keeps_the_fastest_correct_backend_per_head_dim(table_dir, fakes):
     table = json.loads((table_dir / "attention.json").read_text())
     entry = table[ab.machine_key(torch.device("cpu"))]
     # head dim 64: shapes a and b summed (fast 2 ms against sdpa 4 and slow 6); head dim 32: c alone
-    assert entry == {"64/bfloat16": {"backend": "fast", "ms": 2.0}, "32/bfloat16": {"backend": "fast", "ms": 1.0}}
+    # and by how much the winner beats plain SDPA (2 ms a shape)
+    assert entry == {
+        "64/bfloat16": {"backend": "fast", "ms": 2.0, "speedup": 2.0},
+        "32/bfloat16": {"backend": "fast", "ms": 1.0, "speedup": 2.0},
+    }
     assert {r["backend"] for r in rows if r["chosen"]} == {"fast"}
     q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
     assert ab.choose(q, q, q).name == "fast"
@@ -81,6 +85,61 @@ def test_choice_without_table_follows_the_default_order(table_dir):
     q = torch.randn(1, 2, 8, 80, dtype=torch.bfloat16)  # no Triton tile for head dim 80, no FA3 on CPU
     assert ab.choose(q, q, q).name == "sdpa"
     assert ab.DEFAULT_ORDER[-1] == "sdpa"  # the last resort runs anything
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Every candidate can run the call (a fake CUDA GPU), FA3 only on a fake sm_90 with it installed."""
+    capability = {"now": (9, 0)}
+
+    def runs(name):
+        if name == "fa3":
+            return lambda q, k, v: capability["now"] == (9, 0)
+        return lambda q, k, v: True
+
+    monkeypatch.setattr(ab, "BACKENDS", {n: ab.Backend(n, runs(n), b.run) for n, b in ab.BACKENDS.items()})
+    return capability
+
+
+def test_without_a_table_attention_takes_the_safe_default_order(table_dir, gpu):
+    """FA3 (sm_90) > cuDNN > flash > SDPA; the Triton kernel, never run on silicon, is not a default."""
+    q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
+    assert ab.choose(q, q, q).name == "fa3"
+    gpu["now"] = (8, 9)  # no FA3 off Hopper
+    assert ab.choose(q, q, q).name == "cudnn"
+    for gone, then in (("cudnn", "flash"), ("flash", "sdpa")):
+        ab.BACKENDS[gone] = ab.Backend(gone, lambda q, k, v: False, ab.BACKENDS[gone].run)
+        assert ab.choose(q, q, q).name == then  # not triton
+    assert not any(n.startswith("triton") for n in ab.DEFAULT_ORDER)
+
+
+def test_triton_runs_only_where_tune_timed_it_and_it_won(table_dir, gpu):
+    gpu["now"] = (8, 9)
+    key = ab.machine_key(torch.device("cpu"))
+    entry = {"backend": "triton-persistent", "ms": 1.0, "speedup": 1.3}
+    (table_dir / "attention.json").write_text(json.dumps({key: {"128/bfloat16": entry}}))
+    q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
+    assert ab.choose(q, q, q).name == "triton-persistent"
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)  # not tuned at this head dim
+    assert ab.choose(q, q, q).name == "cudnn"
+
+
+def test_a_table_of_another_fastflow_version_is_not_used(table_dir, gpu, monkeypatch):
+    from fastflow.ops import tune_table
+
+    gpu["now"] = (8, 9)
+    key = ab.machine_key(torch.device("cpu"))
+    assert "| fastflow " in key
+    entry = {"backend": "triton", "ms": 1.0}
+    (table_dir / "attention.json").write_text(json.dumps({key: {"128/bfloat16": entry}}))
+    q = torch.randn(1, 2, 8, 128, dtype=torch.bfloat16)
+    assert ab.choose(q, q, q).name == "triton"
+    ab.machine_key.cache_clear()
+    monkeypatch.setattr(tune_table, "fastflow_version", lambda: "99.0")
+    try:
+        assert ab.choose(q, q, q).name == "cudnn"
+    finally:
+        ab.machine_key.cache_clear()
 
 
 def test_tuned_backend_that_cannot_run_the_call_falls_back(table_dir, monkeypatch):
@@ -115,3 +174,4 @@ def test_cli_tune_needs_a_gpu(capsys):
     assert "CUDA GPU" in capsys.readouterr().err
     assert main(["tune", "--shapes", "nope"]) == 2
     assert "unknown attention shapes" in capsys.readouterr().err
+    assert main(["tune", "--ops", "attention"]) == 2  # attention alone still needs the GPU

@@ -2,12 +2,14 @@
 folder, cubins checked before use, writes that never follow a planted symlink (no GPU, no NVRTC:
 the compiler is a fake, the file handling is real)."""
 
+import errno
 import hashlib
 import os
 import stat
 import warnings
 
 import pytest
+import torch
 
 from fastflow.errors import InputError, UnsafeCacheError
 from fastflow.ops import cache_root, nvrtc
@@ -24,6 +26,7 @@ def compiled(monkeypatch):
     monkeypatch.delenv("FASTFLOW_CACHE", raising=False)
     monkeypatch.delenv("FASTFLOW_CACHE_DIR", raising=False)
     nvrtc._warned.clear()
+    monkeypatch.setattr(cache_root, "_warned", set(), raising=False)
     return calls
 
 
@@ -40,7 +43,7 @@ def _entry(root):
 
 
 # -- the root -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env", ["FASTFLOW_CACHE", "FASTFLOW_CACHE_DIR"])
+@pytest.mark.parametrize("env", ["FASTFLOW_CACHE_DIR"])
 @pytest.mark.parametrize("value", ["", "relative/cache"])
 def test_an_empty_or_relative_root_is_refused(tmp_path, monkeypatch, compiled, env, value):
     monkeypatch.chdir(tmp_path)
@@ -62,14 +65,61 @@ def test_the_root_and_its_subfolder_are_created_owner_only(root):
     assert stat.S_IMODE((root / "cubin").stat().st_mode) == 0o700
 
 
-def test_the_old_variable_is_a_deprecated_alias(tmp_path, monkeypatch, compiled):
+def test_one_cache_variable_the_old_one_is_not_read(tmp_path, monkeypatch, compiled):
+    """FASTFLOW_CACHE is no longer an alias (one warning says so); never an error in an op."""
     monkeypatch.setenv("FASTFLOW_CACHE", str(tmp_path / "old"))
-    with pytest.warns(FutureWarning, match="FASTFLOW_CACHE_DIR"):
-        nvrtc.cubin("groupnorm_silu", "89")
-    assert _entry(tmp_path / "old")
     monkeypatch.setenv("FASTFLOW_CACHE_DIR", str(tmp_path / "new"))
-    with pytest.raises(InputError, match="different cache folders"):
-        nvrtc.cubin("groupnorm_silu", "89")
+    with pytest.warns(RuntimeWarning, match="FASTFLOW_CACHE is no longer read: set FASTFLOW_CACHE_DIR") as warned:
+        assert nvrtc.cubin("groupnorm_silu", "89") == FAKE_CUBIN
+        assert nvrtc.cubin("groupnorm_silu", "90") == FAKE_CUBIN
+    assert len(warned) == 1
+    assert not (tmp_path / "old").exists() and len(list((tmp_path / "new" / "cubin").iterdir())) == 2
+
+
+@pytest.fixture
+def unreachable(tmp_path, monkeypatch, compiled):
+    """A cache root this user may not search or write (a ``$HOME`` of another user, a read-only
+    mount): every look at a path under ``locked`` fails with EACCES, as it would for a non-root user
+    (these tests may run as root, which permission bits do not stop)."""
+    locked = str(tmp_path / "locked")
+    monkeypatch.setenv("FASTFLOW_CACHE_DIR", locked + "/home/.cache/fastflow")
+
+    def deny(real):
+        def call(path, *args, **kwargs):
+            if os.fspath(path).startswith(locked):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    for name in ("stat", "lstat", "mkdir", "open", "listdir", "scandir"):
+        monkeypatch.setattr(os, name, deny(getattr(os, name)))
+    return locked
+
+
+def test_an_unreachable_cache_folder_warns_once_and_the_ops_run_uncached(unreachable, compiled):
+    from fastflow.ops import attention_backends as ab
+
+    q = torch.randn(1, 2, 8, 80, dtype=torch.bfloat16)
+    ab.forget()
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            for _ in range(2):  # the tuning tables: attention's choice (PermissionError before), the kernel gate
+                assert ab.choose(q, q, q).name == "sdpa"
+                from fastflow.ops import kernel_gate
+
+                kernel_gate.forget()
+                assert kernel_gate.read_table() == {}
+                ab.forget()
+        tables = [w for w in warned if "running without the tuning tables" in str(w.message)]
+        assert len(tables) == 1 and "Permission denied" in str(tables[0].message)
+        with pytest.warns(UserWarning, match="compiling without the cache") as warned:
+            for _ in range(2):  # the NVRTC cubin cache
+                assert nvrtc.cubin("groupnorm_silu", "89") == FAKE_CUBIN
+        assert len(warned) == 1 and len(compiled) == 2  # compiled each time: nothing cached
+    finally:
+        ab.forget()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
