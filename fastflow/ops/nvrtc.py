@@ -157,7 +157,9 @@ def cubin(unit: str, arch: str) -> bytes:
                 try:
                     cache_root.write_entry(fd, name, _entry(key, data))
                 except OSError as e:  # a full disk: the cubin is still good
-                    _log.warning("could not cache the cubin %s (%s)", where / name, e)
+                    cache_root.warn_once(
+                        f"could not write the cubin cache in {where} ({e.strerror or e}): compiling uncached"
+                    )
             return data
     except UnsafeCacheError as e:
         if str(e) not in _warned:

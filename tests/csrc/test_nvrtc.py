@@ -47,3 +47,25 @@ def test_a_compile_error_carries_the_log(monkeypatch):
     monkeypatch.setattr(nvrtc, "sources", lambda: {"groupnorm_silu.cuh": "this is not C++;"})
     with pytest.raises(RuntimeError, match="groupnorm_silu.cuh"):
         nvrtc.compile_unit("groupnorm_silu", "80")
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_still_compiles(tmp_path, monkeypatch):
+    import warnings
+
+    from fastflow.ops import cache_root
+
+    monkeypatch.setenv("FASTFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cache_root, "_warned", set())
+    monkeypatch.setattr(nvrtc, "compile_unit", lambda u, a: b"\x7fELF" + u.encode())
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_root, "write_entry", full)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = [nvrtc.cubin(unit, "89") for unit in ("groupnorm_silu", "fp8_quantize", "qk_norm_rope")]
+    assert got == [b"\x7fELF" + u.encode() for u in ("groupnorm_silu", "fp8_quantize", "qk_norm_rope")]
+    assert [str(w.message) for w in seen if "cubin cache" in str(w.message)] == [
+        f"could not write the cubin cache in {tmp_path / 'cubin'} (No space left on device): compiling uncached"
+    ]
