@@ -33,7 +33,8 @@ def _step_result(row: dict) -> str:
 def markdown(rows: list[dict], budget_s: float, planned_s: float, dry_run: bool) -> str:
     lines = [f"## GPU run book{' (dry run: tiny sizes on CPU, no GPU time measured)' if dry_run else ''}", "",
              f"Budget {budget_s:.0f} s, planned GPU time of the kept steps {planned_s:.0f} s.", "",
-             "| step | returncode | planned GPU s | took s | kept by budget | result |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| step | returncode | planned GPU s | took s | kept by budget | result |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['step']} | {_fmt(r.get('returncode'))} | {r['planned_gpu_s']:.0f} | "
                      f"{_fmt(r.get('seconds'))} | {'yes' if r.get('selected', not r.get('dropped')) else 'no'} | "
@@ -51,19 +52,25 @@ def markdown(rows: list[dict], budget_s: float, planned_s: float, dry_run: bool)
             case = x.get("case") or x.get("layer")
             if "fastflow_fp8_linear_ms" in x:  # bench_fp8_linear: one row per layer, several paths
                 rate, unit = x.get("fastflow_fp8_linear_TFLOPs"), "TFLOP/s"
-                x = dict(x, fastflow_ms=x["fastflow_fp8_linear_ms"], pct_peak=x.get("fastflow_fp8_linear_pct_peak"),
+                pct = x.get("fastflow_fp8_linear_pct_peak")
+                x = dict(x, fastflow_ms=x["fastflow_fp8_linear_ms"], pct_peak=pct,
                          compile_ms=x.get("scaled_mm_ms"), eager_ms=x.get("bf16_linear_ms"))  # fmt: skip
-            lines.append(f"| {step.removeprefix('kernels-')} | {case} | {_fmt(x.get('fastflow_ms', x.get('wall_s')))} | "
-                         f"{_fmt(rate)} {unit if rate else ''} | {_fmt(x.get('pct_peak'))} | {_fmt(x.get('compile_ms'))} | "
-                         f"{_fmt(x.get('eager_ms'))} | {x.get('timer', 'dry run' if x.get('dry_run') else '-')} |")  # fmt: skip
+            ms, timer = (
+                _fmt(x.get("fastflow_ms", x.get("wall_s"))),
+                x.get("timer", "dry run" if x.get("dry_run") else "-"),
+            )
+            base = f"{_fmt(x.get('compile_ms'))} | {_fmt(x.get('eager_ms'))}"
+            lines.append(f"| {step.removeprefix('kernels-')} | {case} | {ms} | {_fmt(rate)} {unit if rate else ''} | "
+                         f"{_fmt(x.get('pct_peak'))} | {base} | {timer} |")  # fmt: skip
     e2e = [x for r in rows if r["step"].startswith("e2e-") for x in (r.get("results") or [])]
     if e2e:
         lines += ["", "| model | variant | ms/step | first call s | peak GiB | rel err vs diffusers | cosine |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for x in e2e:
             first = x.get("compile_s", x.get("first_call_s"))
+            err = f"{_fmt(x.get('rel_err'))} | {_fmt(x.get('cosine'), 6)}"
             lines.append(f"| {x['model']} | {x['variant']} | {_fmt(x.get('ms_per_step'))} | {_fmt(first)} | "
-                         f"{_fmt(x.get('peak_gib'))} | {_fmt(x.get('rel_err'))} | {_fmt(x.get('cosine'), 6)} |")  # fmt: skip
+                         f"{_fmt(x.get('peak_gib'))} | {err} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -161,7 +161,8 @@ def run_step(step: Step, timeout: float, env: dict, workdir: Path) -> dict:
         rc = "timeout"
     print(output[-4000:], flush=True)
     row = {"step": step.name, "returncode": rc, "planned_gpu_s": step.planned_gpu_s,
-           "seconds": round(time.perf_counter() - start, 2), "timeout_s": round(timeout), "selected": step.selected}  # fmt: skip
+           "seconds": round(time.perf_counter() - start, 2), "timeout_s": round(timeout),
+           "selected": step.selected}  # fmt: skip
     try:
         row["results"] = _read_results(step, out, output)
     except (OSError, ValueError) as e:
