@@ -59,7 +59,7 @@ def timed(fn, reps: int, device) -> tuple[float, float, object]:
             t0 = time.perf_counter()
             out = fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return first, statistics.median(times), out
+    return first, (statistics.median(times) if times else None), out
 
 
 def compare(out, ref) -> dict:

@@ -55,3 +55,11 @@ def test_dry_run_subset_is_green(tmp_path):
     assert all(r["cosine"] > 0.999 and r["rel_err"] < 1e-3 for r in e2e)
     assert rows[1]["results"][0]["max_abs_err"] < 1e-4
     assert "| e2e-sdxl-vae | 0 |" in out.with_suffix(".md").read_text()
+
+
+def test_e2e_timer_without_timed_reps():
+    """A step without the diffusers variant still runs diffusers once for the reference, untimed."""
+    import e2e
+
+    first, ms, out = e2e.timed(lambda: 7, 0, "cpu")
+    assert ms is None and out == 7 and first >= 0
