@@ -33,4 +33,5 @@ if __name__ == "__main__":
         attention_ref,
         [case(k, *v) for k, v in SHAPES.items()],
         lambda q, k, v: plan(q, k, v, None),
+        tiny=[case("tiny", 2, 32, 64)],
     )

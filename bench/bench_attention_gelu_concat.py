@@ -34,4 +34,5 @@ if __name__ == "__main__":
         attention_gelu_concat_ref,
         [case(k, *v) for k, v in SHAPES.items()],
         plan,
+        tiny=[case("tiny", 16, 2, 32, 256, 448)],
     )

@@ -25,4 +25,11 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    main("bias_gelu_tanh", bias_gelu_tanh, bias_gelu_tanh_ref, [case(k, *v) for k, v in SHAPES.items()], plan)
+    main(
+        "bias_gelu_tanh",
+        bias_gelu_tanh,
+        bias_gelu_tanh_ref,
+        [case(k, *v) for k, v in SHAPES.items()],
+        plan,
+        tiny=[case("tiny", 16, 96)],
+    )

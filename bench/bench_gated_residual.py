@@ -28,4 +28,11 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    main("gated_residual", gated_residual, gated_residual_ref, [case(k, *v) for k, v in SHAPES.items()], plan)
+    main(
+        "gated_residual",
+        gated_residual,
+        gated_residual_ref,
+        [case(k, *v) for k, v in SHAPES.items()],
+        plan,
+        tiny=[case("tiny", 16, 96)],
+    )

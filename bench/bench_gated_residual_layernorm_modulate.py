@@ -31,4 +31,5 @@ if __name__ == "__main__":
         gated_residual_layernorm_modulate_ref,
         [case(k, *v) for k, v in SHAPES.items()],
         lambda x, gate, y, shift, scale: plan(x, gate, y, shift, scale, 1e-6),
+        tiny=[case("tiny", 16, 96)],
     )

@@ -25,4 +25,4 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    main("geglu", geglu, geglu_ref, [case(k, *v) for k, v in SHAPES.items()], plan)
+    main("geglu", geglu, geglu_ref, [case(k, *v) for k, v in SHAPES.items()], plan, tiny=[case("tiny", 16, 128)])

@@ -24,4 +24,11 @@ def case(name, tokens, width, e=2):
 
 
 if __name__ == "__main__":
-    main("gelu_tanh", gelu_tanh, gelu_tanh_ref, [case(k, *v) for k, v in SHAPES.items()], lambda x: plan(x, None))
+    main(
+        "gelu_tanh",
+        gelu_tanh,
+        gelu_tanh_ref,
+        [case(k, *v) for k, v in SHAPES.items()],
+        lambda x: plan(x, None),
+        tiny=[case("tiny", 16, 96)],
+    )

@@ -33,4 +33,4 @@ def case(name, channels, side, e=2, channels_last=False):
 
 if __name__ == "__main__":
     cases = [case(k, *v, channels_last=last) for k, v in SHAPES.items() for last in (False, True)]
-    main("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, cases, plan)
+    main("groupnorm_silu", groupnorm_silu, groupnorm_silu_ref, cases, plan, tiny=[case("tiny", 64, 8)])

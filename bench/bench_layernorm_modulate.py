@@ -35,4 +35,5 @@ if __name__ == "__main__":
         layernorm_modulate_ref,
         [case(k, *v) for k, v in SHAPES.items()],
         lambda x, shift, scale: plan(x, shift, scale, 1e-6),
+        tiny=[case("tiny", 16, 96)],
     )

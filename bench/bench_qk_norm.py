@@ -39,4 +39,5 @@ if __name__ == "__main__":
         qk_norm_ref,
         [case("sd3.5-large 4429 tokens", 4429), case("sd3.5-medium 4429 tokens (H 24)", 4429, heads=24)],
         lambda qkv, qs, ks, heads, eps: plan(qkv, qs, ks, None, None, heads, eps),
+        tiny=[case("tiny", 16, heads=2)],
     )

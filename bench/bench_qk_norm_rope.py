@@ -44,4 +44,11 @@ def case(name, tokens, e=2):
 
 
 if __name__ == "__main__":
-    main("qk_norm_rope", qk_norm_rope, qk_norm_rope_ref, [case(k, v) for k, v in SHAPES.items()], plan)
+    main(
+        "qk_norm_rope",
+        qk_norm_rope,
+        qk_norm_rope_ref,
+        [case(k, v) for k, v in SHAPES.items()],
+        plan,
+        tiny=[case("tiny", 16)],
+    )
