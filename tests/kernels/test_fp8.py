@@ -66,7 +66,8 @@ def same_with_nans(got, expected):
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == e.dtype and g.shape == e.shape
         g_nan, e_nan = g.float().isnan(), e.float().isnan()
-        assert torch.equal(g_nan, e_nan), f"NaN at {g_nan.nonzero().tolist()[:5]}, reference {e_nan.nonzero().tolist()[:5]}"
+        where = g_nan.nonzero().tolist()[:5], e_nan.nonzero().tolist()[:5]
+        assert torch.equal(g_nan, e_nan), f"NaN at {where[0]}, reference at {where[1]}"
         assert torch.equal(_bits(g)[~g_nan], _bits(e)[~e_nan])
 
 
