@@ -32,6 +32,7 @@ from .reference import (
     fp8_quantize_ref,
     fp8_scaled_mm_ref,
     gated_residual_layernorm_modulate_fp8_ref,
+    gelu_tanh_ref,
     layernorm_modulate_fp8_ref,
 )
 
@@ -210,3 +211,23 @@ def scaled_mm_native(xq, x_scale, w, w_scale, bias, out_dtype):
         a_scale = a_scale.reshape(-1, 1).expand(xq.shape[0], 1).contiguous()
         b_scale = b_scale.reshape(1, -1).expand(1, w.shape[0]).contiguous()
     return torch._scaled_mm(xq, w.t(), scale_a=a_scale, scale_b=b_scale, bias=bias, out_dtype=out_dtype)
+
+
+def gelu_tanh_fp8_quantize_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU (tanh) of x [M, K] in x's dtype, then per-token quantization: (q [M, K] e4m3, scale fp32
+    [M]); what mlp.2 / linear2 read from the MLP activation."""
+    return fp8_quantize_ref(gelu_tanh_ref(x), None, True)
+
+
+def _check_gelu_quantize(x):
+    if x.dim() != 2 or not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise InputError(f"gelu_tanh_fp8_quantize takes a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")
+
+
+gelu_tanh_fp8_quantize = defop(
+    "gelu_tanh_fp8_quantize",
+    gelu_tanh_fp8_quantize_ref,
+    lambda x: _fake_quantize(x, None, True),
+    impls={"triton": "fastflow.kernels.gelu_fp8_quantize:gelu_tanh_fp8_quantize_fwd"},
+    check=_check_gelu_quantize,
+)
