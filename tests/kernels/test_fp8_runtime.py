@@ -30,7 +30,7 @@ def test_a_second_threads_first_launch_sets_the_allocator(calls):
     _in_thread(lambda: _common.ensure_allocator(cuda))  # a first thread (e.g. the warm-up)
     assert len(calls) == 1
     _in_thread(lambda: _common.ensure_allocator(cuda))  # a server worker's first FP8 call
-    assert len(calls) == 2 and calls[0][0] != calls[1][0]
+    assert len(calls) == 2  # (thread idents may be reused once a thread ends: not compared)
     _common.ensure_allocator(torch.device("cpu"))  # the interpreter needs none
     assert len(calls) == 2
 
@@ -39,9 +39,10 @@ def test_the_allocator_is_set_once_per_thread(calls):
     cuda = torch.device("cuda")
 
     def twice():
+        before = len(calls)
         _common.ensure_allocator(cuda)
         _common.ensure_allocator(cuda)
-        return len([c for c in calls if c[0] == threading.get_ident()])
+        return len(calls) - before
 
     assert _in_thread(twice) == 1
 
