@@ -3,6 +3,9 @@
 // x [M, K] fp32 / fp16 / bf16 -> q [M, K] e4m3 codes, scale [M] fp32 with x ~= q * scale:
 // amax = max |x_row| (at least 1e-12), scale = amax / 448 and inv = 448 / amax (IEEE divisions),
 // q = e4m3(clamp(x * inv, -448, 448)) rounded to nearest even: fastflow.ops.reference.fp8_quantize_ref.
+// NaN and Inf propagate as there: the amax is a NaN-propagating max (fmaxf would drop a NaN and give
+// the row a finite scale), so a row holding NaN gets a NaN scale and NaN codes; an Inf gives
+// scale Inf and codes 0 (x * 0) or NaN (Inf * 0). The clamp keeps NaN (its comparisons are false).
 // One block of 256 threads per row: the amax pass reads the row with 128-bit loads, the cast pass
 // reads it again (from L1 / L2) and stores 4 or 8 codes per thread per vector.
 // Requirements (checked by the caller): K a multiple of the vector width, x 16-byte aligned.
@@ -12,8 +15,14 @@
 
 namespace ff {
 
-FF_HD float fp8_inv_scale(float amax) { return 448.0f / (amax > 1e-12f ? amax : 1e-12f); }
-FF_HD float fp8_scale(float amax) { return (amax > 1e-12f ? amax : 1e-12f) / 448.0f; }
+// max(a, |v|) keeping NaN from either side, as torch's amax / clamp do.
+FF_HD float fp8_amax_step(float a, float v) {
+  v = fabsf(v);
+  return a != a ? a : ((v > a || v != v) ? v : a);
+}
+FF_HD float fp8_amax_floor(float amax) { return amax < 1e-12f ? 1e-12f : amax; }  // NaN stays NaN
+FF_HD float fp8_inv_scale(float amax) { return 448.0f / fp8_amax_floor(amax); }
+FF_HD float fp8_scale(float amax) { return fp8_amax_floor(amax) / 448.0f; }
 FF_HD u8 fp8_code(float x, float inv) {
   float v = x * inv;
   v = v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v);
@@ -35,15 +44,15 @@ __device__ void fp8_quantize_row(const typename L::T* __restrict__ x, u8* __rest
     float vals[L::VEC];
     unpack<L>(raw, vals);
 #pragma unroll
-    for (int j = 0; j < L::VEC; ++j) amax = fmaxf(amax, fabsf(vals[j]));
+    for (int j = 0; j < L::VEC; ++j) amax = fp8_amax_step(amax, vals[j]);
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  for (int off = 16; off > 0; off >>= 1) amax = fp8_amax_step(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   __shared__ float warps[8];
   if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = amax;
   __syncthreads();
   amax = warps[0];
-  for (int w = 1; w < (int)(blockDim.x / 32); ++w) amax = fmaxf(amax, warps[w]);
+  for (int w = 1; w < (int)(blockDim.x / 32); ++w) amax = fp8_amax_step(amax, warps[w]);
   const float inv = fp8_inv_scale(amax);
   if (threadIdx.x == 0) scale[row] = fp8_scale(amax);
   for (i64 i = threadIdx.x; i < vectors; i += blockDim.x) {

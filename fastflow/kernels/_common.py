@@ -9,6 +9,7 @@ no signature, constant or shape is copied by hand.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -51,15 +52,23 @@ class Launch:
         return sum(t.numel() * t.element_size() for t in (*self.reads, *self.writes))
 
 
-_ALLOCATOR_SET = False
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # called inside the launch, under Launch's device guard: "cuda" is the tensors' device
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+# Triton keeps its allocator in a ContextVar: every thread (a server's worker pool) and every context
+# copied before the allocator was set starts with Triton's null allocator ("no allocator was set").
+# The flag is a ContextVar too, set next to Triton's, so the two are seen or unseen together: the
+# first launch in a new thread or context sets the allocator again; later ones pay one lookup.
+_ALLOCATOR_SET: ContextVar[bool] = ContextVar("fastflow_triton_allocator_set", default=False)
 
 
 def ensure_allocator(device: torch.device) -> None:
     """Device-side tensor descriptors need global scratch memory for the TMA descriptors."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET and device.type == "cuda":
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    if device.type == "cuda" and not _ALLOCATOR_SET.get():
+        triton.set_allocator(_scratch)
+        _ALLOCATOR_SET.set(True)
 
 
 def specialize(launch: Launch, arch: int):

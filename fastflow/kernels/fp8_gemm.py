@@ -8,6 +8,17 @@ the per-column (channel) or single weight scale, the bias and optionally GELU (t
 C in the model dtype with masks, so M and N need not be tile multiples. TMA needs 16-byte aligned
 row strides: K must be a multiple of 16 (every FLUX.1 / SD3.5 layer is); other K run the reference.
 Programs are ordered in groups of GROUP_M row tiles so consecutive programs share B tiles in L2.
+
+Accumulation (sm_90): the wgmma FP8 accumulator is not fp32. It keeps 14 significant bits and
+truncates (DeepSeek-V3 report 3.5.2; SageAttention2: "FP22", e8m13), and Triton's sm_90 default
+(max_num_imprecise_acc = 2**30) never promotes it: at FLUX's K = 15360 the emulated error of the
+sum is 3.6e-3 relative (RMS), three times bf16's output rounding, and biased toward zero. Each
+tl.dot here passes max_num_imprecise_acc = BLOCK_K: the partial sum of one K tile (128 on sm_90,
+4 wgmma instructions, DeepSeek's interval) is added to an fp32 accumulator (64 fp32 adds per thread
+per tile in the sm_90 PTX), which brings the error to 2.5e-4 at K = 15360 and 2.9e-4 at K = 3072,
+independent of K. 32 (every instruction) halves that again at 4x the adds; 0 makes Triton 3.9
+lower the dot to mma.sync instead of wgmma. Model and numbers: tools/fp8_accumulation.py,
+docs/kernels.md. Other GPUs accumulate in fp32 (the setting is ignored there).
 """
 
 from __future__ import annotations
@@ -23,19 +34,26 @@ from .gelu_tanh import gelu_tanh_f32
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (compute-capability major, tile class);
 # "small" serves M <= 64 (modulation layers read their weights once per step: bandwidth-bound).
 # Checked by tools/kernel_report.py for spills and shared memory on sm_89 / sm_90. Measured with
-# Triton 3.9 (GELU epilogue): sm_90 128x256x128 w8 s3 255 registers, 0 spills, 147 KB (the Triton
-# tutorials' FP8 tile; 128x128x128 w8 s4 would need 128 registers if a later Triton spills);
+# Triton 3.9 (GELU epilogue): sm_90 128x128x128 w8 s4, 128 KB of shared memory: the promoted
+# accumulation (IMPRECISE_ACC) keeps a second, wgmma-side accumulator, which 128x256 tiles cannot
+# hold (255 registers and 264-272 B of spills; they fit only with Triton's unpromoted default);
 # sm_89 128x128x64 w8 s4 128 registers, 48 KB of its 99 KB. sm_120 takes the sm_89 row.
 CONFIGS = {
     (8, "large"): (128, 128, 64, 8, 4),
     (8, "small"): (64, 128, 128, 4, 3),
-    (9, "large"): (128, 256, 128, 8, 3),
+    (9, "large"): (128, 128, 128, 8, 4),
     (9, "small"): (64, 128, 128, 4, 4),
     (10, "large"): (128, 128, 128, 8, 4),  # sm_100: 128x256x128 spills 88 B (tcgen05); this: 178 regs
     (10, "small"): (64, 128, 128, 4, 4),
 }
 DEFAULT = (32, 32, 32, 4, 1)  # interpreter: small tiles keep the program count low and test tails
 GROUP_M = 8
+
+
+def imprecise_acc(block_k: int) -> int:
+    """max_num_imprecise_acc of every tl.dot: one K tile, so the sm_90 wgmma partial sum is promoted
+    to fp32 once per tile (every 128 K elements with the sm_90 configs; module docstring)."""
+    return block_k
 
 
 @triton.jit
@@ -59,6 +77,7 @@ def _fp8_gemm_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,  # K elements between promotions of the sm_90 FP8 accumulator
 ):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -77,7 +96,7 @@ def _fp8_gemm_fwd_kernel(
     for k in tl.range(0, K, BLOCK_K):
         a = a_desc.load([off_m, k])  # [BLOCK_M, BLOCK_K]; out-of-range K and M read zeros
         b = b_desc.load([off_n, k])  # [BLOCK_N, BLOCK_K]
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_ACC)
 
     rows = off_m + tl.arange(0, BLOCK_M)
     cols = off_n + tl.arange(0, BLOCK_N)
@@ -137,6 +156,7 @@ def plan(a, a_scale, b, b_scale, bias, gelu: bool, out_dtype: torch.dtype, arch:
         {"PER_TOKEN": a_scale.numel() > 1,
          "PER_CHANNEL": b_scale.numel() > 1, "HAS_BIAS": bias is not None, "GELU": gelu,
          "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M,
+         "IMPRECISE_ACC": imprecise_acc(block_k),
          "num_warps": warps, "num_stages": stages},
         c,
         reads=(a, a_scale, b, b_scale) + ((bias,) if bias is not None else ()),

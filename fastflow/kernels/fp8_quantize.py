@@ -25,14 +25,20 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 @triton.jit
 def _quantize_row(x, mask, q_row_ptr, scale_ptr, row, STATIC: tl.constexpr):
-    """x fp32 [BLOCK]; stores the e4m3 row, and its scale unless STATIC (then scale_ptr holds it)."""
+    """x fp32 [BLOCK]; stores the e4m3 row, and its scale unless STATIC (then scale_ptr holds it).
+    NaN and Inf propagate as in the reference: a row holding NaN gets a NaN scale and NaN codes; an
+    Inf gives amax = Inf, scale = Inf, codes 0 (finite x * 0) and NaN (Inf * 0). Triton's max /
+    minimum / maximum drop NaN (maxnum), so the NaN is counted apart and the clamp skips NaN."""
     if STATIC:
         inv = tl.math.div_rn(1.0, tl.load(scale_ptr))
     else:
         amax = tl.maximum(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0), _MIN_AMAX)
+        nans = tl.sum(tl.where(mask & (x != x), 1, 0), axis=0)
+        amax = tl.where(nans > 0, float("nan"), amax)
         inv = tl.math.div_rn(_FP8_MAX, amax)
         tl.store(scale_ptr + row, tl.math.div_rn(amax, _FP8_MAX))
-    q = tl.minimum(tl.maximum(x * inv, -_FP8_MAX), _FP8_MAX)
+    v = x * inv
+    q = tl.where(v != v, v, tl.minimum(tl.maximum(v, -_FP8_MAX), _FP8_MAX))
     tl.store(q_row_ptr, q.to(tl.float8e4nv), mask=mask)
 
 

@@ -60,7 +60,7 @@ void t_norm_silu(int dtype, const float* x, const float* wb, float mean, float r
 void t_fp8_quantize(const float* x, i64 m, i64 k, u8* q, float* scale) {
   for (i64 r = 0; r < m; ++r) {
     float amax = 0.f;
-    for (i64 i = 0; i < k; ++i) amax = fmaxf(amax, fabsf(x[r * k + i]));
+    for (i64 i = 0; i < k; ++i) amax = fp8_amax_step(amax, x[r * k + i]);
     const float inv = fp8_inv_scale(amax);
     scale[r] = fp8_scale(amax);
     for (i64 i = 0; i < k; ++i) q[r * k + i] = fp8_code(x[r * k + i], inv);

@@ -135,6 +135,24 @@ def test_fp8_per_token_quantization_equals_the_reference(lib, dtype):
     assert np.array_equal(q, ref_q.view(torch.uint8).numpy())
 
 
+def test_fp8_quantization_propagates_nan_and_inf_as_the_reference(lib):
+    """A row holding NaN: NaN scale and NaN codes (fmaxf would drop the NaN and give a finite scale,
+    the NaN a code of -448); an Inf: scale Inf, codes 0 and NaN (Inf * 0) where the reference has them."""
+    from fastflow.ops.reference import fp8_quantize_ref
+
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5)) * 3
+    x[0, 9], x[1, 2], x[2, 63], x[3, 0], x[3, 1] = float("nan"), float("inf"), -float("inf"), float("nan"), float("inf")
+    xf = np.ascontiguousarray(x.numpy())
+    q, scale = np.empty(xf.shape, np.uint8), np.empty(5, np.float32)
+    lib.t_fp8_quantize(_ptr(xf), ctypes.c_longlong(5), ctypes.c_longlong(64), _ptr(q), _ptr(scale))
+    ref_q, ref_scale = fp8_quantize_ref(x)
+    np.testing.assert_array_equal(scale, ref_scale.numpy())  # NaN where the reference has NaN
+    ours = torch.from_numpy(q).view(torch.float8_e4m3fn).float()
+    nan = ref_q.float().isnan()
+    assert torch.equal(ours.isnan(), nan) and nan[0].all() and nan[3].all() and nan[1, 2] and nan[2, 63]
+    assert torch.equal(torch.from_numpy(q)[~nan], ref_q.view(torch.uint8)[~nan])
+
+
 def test_rope_pair_equals_the_reference_bit_for_bit(lib):
     from fastflow.ops.reference import rope_ref
 

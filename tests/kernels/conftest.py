@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = not INTERPRETING and torch.cuda.is_available()
-CPU_ONLY = ("test_model_kernels.py", "test_swapped_layers.py")  # test_fp8.py builds on DEVICE
+CPU_ONLY = ("test_model_kernels.py", "test_swapped_layers.py", "test_fp8_dispatch.py")  # test_fp8.py builds on DEVICE
 
 
 def pytest_collection_modifyitems(config, items):

@@ -61,6 +61,51 @@ def test_quantize_zero_rows_and_strided_input():
     assert q[1].float().abs().max() == 0 and torch.isfinite(s).all() and s[1] > 0
 
 
+def same_with_nans(got, expected):
+    """Equal to the reference including where NaN sits: NaN codes / scales at the same positions
+    (their sign bit may differ), every other code and scale bit for bit."""
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        g_nan, e_nan = g.float().isnan(), e.float().isnan()
+        where = g_nan.nonzero().tolist()[:5], e_nan.nonzero().tolist()[:5]
+        assert torch.equal(g_nan, e_nan), f"NaN at {where[0]}, reference at {where[1]}"
+        assert torch.equal(_bits(g)[~g_nan], _bits(e)[~e_nan])
+
+
+def _with_nonfinite(dtype):
+    x = rand(5, 96, dtype=dtype, scale=3.0).clone()
+    x[0, 7] = float("nan")  # a NaN row: NaN scale, every code NaN
+    x[1, 3] = float("inf")  # Inf: scale Inf, codes 0 and NaN where the Inf was
+    x[2, 90] = -float("inf")
+    x[3, 0], x[3, 1] = float("nan"), float("inf")
+    return x  # row 4 finite
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["per-token", "per-tensor", "static"])
+def test_quantize_propagates_nan_and_inf_as_the_reference(mode, dtype):
+    from fastflow.kernels.fp8_quantize import fp8_quantize_fwd
+
+    x = _with_nonfinite(dtype)
+    args = (x, torch.tensor([0.5], device=DEVICE) if mode == "static" else None, mode == "per-token")
+    got, expected = fp8_quantize_fwd(*args), ref.fp8_quantize_ref(*args)
+    same_with_nans(got, expected)
+    assert got[0].float().isnan().any()  # never a finite code for a NaN input
+
+
+def test_fused_quantizers_propagate_nan_as_the_reference():
+    from fastflow.kernels.fp8_quantize import gated_residual_layernorm_modulate_fp8_fwd, layernorm_modulate_fp8_fwd
+
+    x = _with_nonfinite(torch.bfloat16).reshape(1, 5, 96)
+    shift, scale, gate = (rand(1, 96, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3))
+    same_with_nans(layernorm_modulate_fp8_fwd(x, shift, scale, 1e-6), ref.layernorm_modulate_fp8_ref(x, shift, scale))
+    y = rand(1, 5, 96, dtype=torch.bfloat16, seed=4)
+    same_with_nans(
+        gated_residual_layernorm_modulate_fp8_fwd(x, gate, y, shift, scale, 1e-6),
+        ref.gated_residual_layernorm_modulate_fp8_ref(x, gate, y, shift, scale),
+    )
+
+
 @pytest.mark.parametrize("dtype", OUT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 3072), (1, 5, 769)], ids=lambda s: "x".join(map(str, s)))
 def test_layernorm_modulate_fp8_equals_the_unfused_kernels(shape, dtype):
