@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     steps = plan_steps(args.dry_run)
     if args.only:
-        steps = [s for s in steps if any(s.name == o or s.name.startswith(o) for o in args.only)]
+        names = {s.name for s in steps}  # a step's own name picks it alone, else a prefix picks a group
+        steps = [s for s in steps if any(s.name == o if o in names else s.name.startswith(o) for o in args.only)]
     planned = select(steps, args.budget_s)
     with tempfile.TemporaryDirectory(prefix="gpu_run_") as tmp:
         if args.dry_run:
