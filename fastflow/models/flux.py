@@ -111,13 +111,12 @@ class MLP(nn.Sequential):
     The GELU is the first linear's epilogue (its bias added inside the activation where a kernel runs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.linear(x, self[0], "gelu_tanh"), self[2])
+        return ops.gelu_mlp(x, self[0], self[2])
 
     def after_residual(self, x, gate, y, shift, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """r = x + gate * y, and the MLP of r's modulated LayerNorm: (r, mlp_out), [B, L, C] each
         (the sub-block boundary in one op; FP8 layers also quantize there)."""
-        r, h = ops.gated_residual_modulated_linear(x, gate, y, shift, scale, self[0], "gelu_tanh")
-        return r, ops.linear(h, self[2])
+        return ops.gated_residual_gelu_mlp(x, gate, y, shift, scale, self[0], self[2])
 
 
 def _mlp(hidden: int, mlp_hidden: int) -> MLP:

@@ -79,12 +79,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.linear(x, self.fc1, "gelu_tanh"), self.fc2)
+        return ops.gelu_mlp(x, self.fc1, self.fc2)
 
     def after_residual(self, x, gate, y, shift, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """r = x + gate * y, and the MLP of r's modulated LayerNorm: (r, mlp_out), [B, L, C] each."""
-        r, h = ops.gated_residual_modulated_linear(x, gate, y, shift, scale, self.fc1, "gelu_tanh")
-        return r, ops.linear(h, self.fc2)
+        return ops.gated_residual_gelu_mlp(x, gate, y, shift, scale, self.fc1, self.fc2)
 
 
 class DismantledBlock(nn.Module):

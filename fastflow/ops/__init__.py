@@ -23,10 +23,15 @@ from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .groupnorm_silu import groupnorm_silu
 from .layernorm_modulate import layernorm_modulate
 from .linear import (
+    gated_residual_gelu_mlp,
     gated_residual_modulated_linear,
+    gelu_linear,
+    gelu_mlp,
+    gelu_moves_into,
     linear,
     modulated_linear,
     register_gated_modulated_linear,
+    register_gelu_input,
     register_linear,
     register_modulated_linear,
 )
@@ -45,8 +50,12 @@ __all__ = [
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_fp8",
+    "gated_residual_gelu_mlp",
     "gated_residual_modulated_linear",
     "geglu",
+    "gelu_linear",
+    "gelu_mlp",
+    "gelu_moves_into",
     "gelu_tanh",
     "get_backend",
     "groupnorm_silu",
@@ -61,6 +70,7 @@ __all__ = [
     "qk_norm_rope",
     "qkv_norm_rope",
     "register_gated_modulated_linear",
+    "register_gelu_input",
     "register_linear",
     "register_modulated_linear",
     "set_backend",

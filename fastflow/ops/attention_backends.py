@@ -190,7 +190,12 @@ def forget() -> None:
 
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:
     """The tuned backend for this GPU / head dim / dtype if it can run the call, else the first
-    of DEFAULT_ORDER that can."""
+    of DEFAULT_ORDER that can. Under ``use_backend("triton")`` (A/B runs, the interpreter tests)
+    fastflow's kernel where it can run the call: the caller asked for it by name."""
+    from ._registry import get_backend
+
+    if get_backend() == "triton" and BACKENDS["triton"].available(q, k, v):
+        return BACKENDS["triton"]
     name = _tuned(machine_key(q.device), entry_key(q.shape[-1], q.dtype))
     if name in BACKENDS and BACKENDS[name].available(q, k, v):
         return BACKENDS[name]

@@ -25,6 +25,7 @@ EPILOGUES: dict[str | None, Callable | None] = {None: None, "gelu_tanh": gelu_ta
 _IMPLS: dict[type, Callable] = {}
 _MODULATED_IMPLS: dict[type, Callable] = {}
 _GATED_IMPLS: dict[type, Callable] = {}
+_GELU_INPUT_IMPLS: dict[type, Callable] = {}
 
 
 def _registrar(table: dict[type, Callable], cls: type):
@@ -52,6 +53,13 @@ def register_gated_modulated_linear(cls: type):
     """Decorator: ``fn(x, gate, y, shift, scale, eps, layer, epilogue) -> (r, out)`` runs
     :func:`gated_residual_modulated_linear` for layers of type ``cls``."""
     return _registrar(_GATED_IMPLS, cls)
+
+
+def register_gelu_input(cls: type):
+    """Register ``fn(h, layer, first)`` for layers of ``cls`` whose input stage can apply the GELU
+    (an FP8 layer's quantizer): it returns layer(gelu_tanh(h)), or NotImplemented when ``h`` is
+    None and the move would not pay for ``first``, the layer before (:func:`gelu_moves_into`)."""
+    return _registrar(_GELU_INPUT_IMPLS, cls)
 
 
 def _check_epilogue(epilogue: str | None) -> None:
@@ -125,6 +133,42 @@ def gated_residual_modulated_linear(
     _check_epilogue(epilogue)
     fn = implementation(layer, _GATED_IMPLS, _gated_via_linear)
     return fn(x, gate, y, shift, scale, eps, layer, epilogue)
+
+
+def _no_gelu_input(h, layer, first):
+    return NotImplemented
+
+
+def gelu_moves_into(layer: nn.Module, first: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer(gelu_tanh(first(x)))`` runs best as :func:`gelu_linear` of ``first(x)``:
+    ``layer``'s input stage takes the GELU (FP8: GELU + quantize in one pass), so ``first`` runs
+    without an epilogue (FP8: through torch._scaled_mm) and no byte is lost."""
+    fn = implementation(layer, _GELU_INPUT_IMPLS, _no_gelu_input)
+    return fn(None, layer, (first, x)) is not NotImplemented
+
+
+def gelu_linear(h: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(gelu_tanh(h)), h [..., in]: the GELU in ``layer``'s input stage where it has one."""
+    out = implementation(layer, _GELU_INPUT_IMPLS, _no_gelu_input)(h, layer, None)
+    return linear(gelu_tanh(h), layer) if out is NotImplemented else out
+
+
+def gelu_mlp(x: torch.Tensor, first: nn.Module, second: nn.Module) -> torch.Tensor:
+    """second(gelu_tanh(first(x))): the GELU in first's epilogue, or in second's input stage where
+    that pays (:func:`gelu_moves_into`). x [..., C] -> [..., C_out]."""
+    if gelu_moves_into(second, first, x):
+        return gelu_linear(linear(x, first), second)
+    return linear(linear(x, first, "gelu_tanh"), second)
+
+
+def gated_residual_gelu_mlp(x, gate, y, shift, scale, first: nn.Module, second: nn.Module, eps: float = 1e-6):
+    """r = x + gate * y and :func:`gelu_mlp` of r's modulated LayerNorm: (r, out), [B, L, C] each
+    (the sub-block boundary in one op; FP8 layers also quantize there)."""
+    if gelu_moves_into(second, first, x):
+        r, h = gated_residual_modulated_linear(x, gate, y, shift, scale, first, None, eps)
+        return r, gelu_linear(h, second)
+    r, h = gated_residual_modulated_linear(x, gate, y, shift, scale, first, "gelu_tanh", eps)
+    return r, linear(h, second)
 
 
 def gemm_gelu_epilogue(x: torch.Tensor, layer: nn.Linear) -> bool:

@@ -151,7 +151,10 @@ def cases(small: bool = False) -> dict[str, list[Case]]:
         },
         "heads": _qk_cases(),
         "gemm": _fp8_cases(),
-        "quant": {"fp8_quantize": lambda dev, rows, k: (_randn(dev, rows, k), None, True)},
+        "quant": {
+            "fp8_quantize": lambda dev, rows, k: (_randn(dev, rows, k), None, True),
+            "gelu_tanh_fp8_quantize": lambda dev, rows, k: (_randn(dev, rows, k),),
+        },
     }
     out: dict[str, list[Case]] = {}
     for group, builders in groups.items():

@@ -13,8 +13,20 @@ from torch import nn
 
 from .. import ops
 from ..errors import InputError
-from ..ops.fp8 import fp8_linear, fp8_scaled_mm, gated_residual_layernorm_modulate_fp8, layernorm_modulate_fp8
-from ..ops.linear import register_gated_modulated_linear, register_linear, register_modulated_linear
+from ..ops.fp8 import (
+    fp8_linear,
+    fp8_scaled_mm,
+    gated_residual_layernorm_modulate_fp8,
+    gelu_tanh_fp8_quantize,
+    layernorm_modulate_fp8,
+    scaled_mm_rowwise,
+)
+from ..ops.linear import (
+    register_gated_modulated_linear,
+    register_gelu_input,
+    register_linear,
+    register_modulated_linear,
+)
 from ..ops.reference import FP8_DTYPE, FP8_MAX, FP8_MIN_AMAX, fp8_scales
 
 WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
@@ -160,3 +172,24 @@ def _fp8_gated_modulated_linear(x, gate, y, shift, scale, eps, layer: Fp8Linear,
         return r, _gemm(xq, x_scale, layer, epilogue, x)
     r, h = ops.gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps)
     return r, _fp8_linear(h, layer, epilogue)
+
+
+@register_gelu_input(Fp8Linear)
+def _gelu_fp8_linear(h, layer: Fp8Linear, probe):
+    """mlp.2 of an MLP whose mlp.0 is FP8 too: GELU + per-token quantize in one pass (the kernel
+    ``gelu_tanh_fp8_quantize``), so mlp.0 runs without an epilogue through torch._scaled_mm (the
+    epilogue would keep it on the Triton GEMM) and the GELU costs no extra pass. ``probe`` (first, x):
+    whether to move the GELU here."""
+    if probe is not None:
+        first, x = probe
+        moves = (
+            layer.activation == "per-token"
+            and isinstance(first, Fp8Linear)
+            and ops.kernel_would_run("gelu_tanh_fp8_quantize", x)
+            and scaled_mm_rowwise(x, first.weight, x.dtype, False)
+        )
+        return True if moves else NotImplemented
+    if layer.activation != "per-token" or not ops.kernel_would_run("gelu_tanh_fp8_quantize", h):
+        return NotImplemented
+    xq, x_scale = gelu_tanh_fp8_quantize(h.reshape(-1, h.shape[-1]))  # [M, K] e4m3, [M]
+    return _gemm(xq, x_scale, layer, None, h)

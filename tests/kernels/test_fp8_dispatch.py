@@ -126,3 +126,49 @@ def test_unaligned_shapes_keep_the_triton_path(gpu):
     with ops.use_backend("triton"):
         ops.linear(rand(3, 64, dtype=torch.bfloat16), layer)
     assert not calls["scaled_mm"]
+
+
+def _mlp_expected(x, first, second):
+    h = _expected(x, first).to(x.dtype)  # mlp.0 without epilogue, bf16 out
+    return _expected(ref.gelu_tanh_ref(h), second)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "after_residual"])
+def test_the_mlp_gelu_moves_into_the_quantizer_of_mlp2(gpu, monkeypatch, gated):
+    """Both MLP layers through torch._scaled_mm, the GELU in mlp.2's quantizer (one fused pass):
+    before, mlp.0's GELU epilogue kept it on the Triton GEMM."""
+    import fastflow.quant.fp8 as quant_fp8
+    from fastflow.models.flux import MLP
+
+    calls = gpu((9, 0))
+    fused = []
+    real = quant_fp8.gelu_tanh_fp8_quantize
+
+    def spy(x):
+        fused.append((x.shape, ops.kernel_would_run("gelu_tanh_fp8_quantize", x)))
+        return real(x)
+
+    monkeypatch.setattr(quant_fp8, "gelu_tanh_fp8_quantize", spy)
+    first, second = _layer(n=96, k=64), _layer(n=64, k=96)
+    mlp = MLP(first, torch.nn.Identity(), second)
+    x = rand(2, 5, 64, dtype=torch.bfloat16, scale=2.0)
+    with ops.use_backend("triton"):
+        if gated:
+            zeros = torch.zeros(2, 64, dtype=torch.bfloat16)
+            r, y = mlp.after_residual(x, zeros, x, zeros, zeros)  # r = x, LN(x) feeds mlp.0
+            x = ref.layernorm_modulate_ref(x, zeros, zeros, 1e-6)
+        else:
+            y = mlp(x)
+    assert len(calls["scaled_mm"]) == 2 and not calls["triton"] and fused == [((10, 96), True)]
+    torch.testing.assert_close(y.float(), _mlp_expected(x, first, second).float(), rtol=3e-2, atol=3e-2)
+
+
+def test_the_gelu_stays_in_the_epilogue_where_scaled_mm_does_not_run(gpu):
+    from fastflow.models.flux import MLP
+
+    calls = gpu((8, 0))  # no row-wise _scaled_mm here
+    first, second = _layer(n=96, k=64), _layer(n=64, k=96)
+    x = rand(2, 5, 64, dtype=torch.bfloat16, scale=2.0)
+    with ops.use_backend("triton"):
+        MLP(first, torch.nn.Identity(), second)(x)
+    assert not calls["scaled_mm"] and calls["triton"]  # both layers on the Triton GEMM, GELU in its epilogue
