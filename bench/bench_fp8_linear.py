@@ -134,8 +134,12 @@ def gpu_rows() -> list[dict]:
 
 def dry_rows() -> list[dict]:
     """One tiny layer through the kernels' planned launches on CPU (the interpreter), vs the reference."""
+    from _ops_common import faithful_interpreter
+
     from fastflow.kernels.fp8_gemm import fp8_linear_fwd
     from fastflow.ops.reference import fp8_linear_ref, fp8_quantize_ref
+
+    faithful_interpreter()
 
     x = torch.randn(2, 9, 96)
     w, w_scale = fp8_quantize_ref(torch.randn(48, 96) * 0.02, None, True)

@@ -31,4 +31,5 @@ if __name__ == "__main__":
         gelu_tanh_fp8_quantize_ref,
         [case(k, *v) for k, v in SHAPES.items()],
         plan,
+        tiny=[case("tiny", 16, 96)],
     )

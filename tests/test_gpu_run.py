@@ -43,17 +43,19 @@ def test_unknown_bench_ranks_with_the_other_kernels():
 
 def test_dry_run_subset_is_green(tmp_path):
     out = tmp_path / "run.jsonl"
-    only = ["tune", "kernels-gelu_tanh", "e2e-sdxl-vae"]
+    only = ["tune", "kernels-gelu_tanh", "kernels-gelu_tanh_fp8_quantize", "e2e-sdxl-vae"]
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_run.py"), "--dry-run", "--out", str(out), "--only", *only],
                           capture_output=True, text=True, timeout=110)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["step"] for r in rows] == only and all(r["returncode"] == 0 for r in rows)
     assert sum(r["planned_gpu_s"] for r in rows) <= 480
-    e2e = rows[2]["results"]
+    e2e = rows[3]["results"]
     assert {r["variant"] for r in e2e} == {"diffusers", "fastflow"}
     assert all(r["cosine"] > 0.999 and r["rel_err"] < 1e-3 for r in e2e)
     assert rows[1]["results"][0]["max_abs_err"] < 1e-4
+    # the FP8 codes through the kernel tests' faithful interpreter (the bare one halves 127.3 to 64)
+    assert rows[2]["results"][0]["case"] == "tiny" and rows[2]["results"][0]["max_abs_err"] < 1e-6
     assert "| e2e-sdxl-vae | 0 |" in out.with_suffix(".md").read_text()
 
 
