@@ -34,7 +34,7 @@ from math import prod
 
 import torch
 
-from ..errors import InvalidScaleError, NonFiniteWeightsError
+from ..errors import InvalidScaleError, NonFiniteWeightsError, UnsupportedDtypeError
 from ..quant.fp8 import dequantize_weight
 from ..quant.int8 import dequantize_weight_int8
 from .safetensors_io import DTYPE_NAMES
@@ -137,6 +137,13 @@ def read_fp8_source(source, prefix: str, quant_keys) -> Fp8Source:
                 f"scale {key!r} has shape {list(entry.shape)}; for weight {weight!r} ({rows} rows) it must be "
                 + ("a scalar, [1], [rows] or [rows, 1]" if is_weight_scale else "a scalar or [1]"),
                 "the file is corrupt or of a format fastflow does not read",
+            )
+        if is_weight_scale and source.entry(weight).dtype == torch.int8 and weight not in int8:
+            raise UnsupportedDtypeError(
+                where,
+                f"{weight!r} is int8 in a file without fastflow's int8 marker (metadata fastflow.quant = "
+                f"{FORMAT_INT8!r}); other int8 formats are not read",
+                "re-quantize the float model with `fastflow quantize --format int8`",
             )
         if is_weight_scale and weight not in fp8 | int8:
             raise InvalidScaleError(
