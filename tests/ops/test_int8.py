@@ -243,3 +243,31 @@ def test_gpus_before_sm80_are_refused_and_sm80_is_taken(monkeypatch):
     int8_gemm.check_int8_device("cpu")
     with pytest.raises(InputError, match="mps"):
         int8_gemm.check_int8_device("mps")
+
+
+def test_a_tiny_sdxl_unet_quantizes_and_runs():
+    """The UNet's attention, GEGLU and proj_in / proj_out linears go through ops.linear: int8 with
+    no model change; its time / label embedders stay in the model dtype (the "embedders" group)."""
+    from fastflow.models import configs
+    from fastflow.models.unet import UNet
+
+    torch.manual_seed(0)
+    cfg = configs.from_name("sdxl-tiny")
+    model = UNet(cfg).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    args = (
+        torch.randn(2, cfg.in_channels, 16, 16, generator=g),
+        torch.tensor([500.0, 20.0]),
+        torch.randn(2, 7, cfg.context_dim, generator=g),
+        torch.randn(2, cfg.pooled_dim, generator=g),
+        torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+    )
+    expected = model(*args)
+    quantize_(model, Int8Config())
+    names = set(int8_layers(model))
+    assert any(n.endswith("attn1.to_q") for n in names) and any(n.endswith("ff.net.2") for n in names)
+    assert any(n.endswith("proj_in") for n in names) and not any(
+        n.startswith(("time_embed", "label_emb")) for n in names
+    )
+    got = model(*args)
+    assert got.shape == expected.shape and _sqnr(expected, got) >= 25.0
