@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InputError, NonFiniteWeightsError
 from ..quant import Fp8Linear, Int8Linear
 from ..quant.fp8 import quantize_weight
-from ..quant.int8 import quantize_weight_int8
+from ..quant.int8 import column_major_copy, quantize_weight_int8
 from .plan import LoadPlan
 from .quantized import FP8_DTYPES, Fp8Source, check_codes, check_scale_range
 from .source import CheckpointSource
@@ -80,7 +80,9 @@ def build_state(source: CheckpointSource, plan: LoadPlan) -> dict[str, torch.Ten
         else:
             stem = key[: -len("weight")]
             found = _passthrough(source, segs, layer, fp8, dtype)
-            if found is not None:  # views of the map (and the checked scale): copy
+            if found is not None and isinstance(layer, Int8Linear):  # int8 codes: column-major, one copy
+                found = column_major_copy(found[0], device), found[1].to(device, copy=True)
+            elif found is not None:  # views of the map (and the checked scale): copy
                 found = found[0].to(device, copy=True), found[1].to(device, copy=True)
             else:
                 from_codes = any(source.entry(s.key).dtype in (*FP8_DTYPES, torch.int8) for s in segs)

@@ -52,7 +52,13 @@ def dequantize_weight_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 def column_major(q: torch.Tensor) -> torch.Tensor:
     """``q`` [N, K] with ``q.t()`` contiguous (a copy unless it already is)."""
-    return q if q.t().is_contiguous() else q.t().contiguous().t()
+    return q if q.t().is_contiguous() else column_major_copy(q, q.device)
+
+
+def column_major_copy(q: torch.Tensor, device) -> torch.Tensor:
+    """A copy of ``q`` [N, K] on ``device`` with ``.t()`` contiguous (always a copy: safe from a
+    memory map)."""
+    return torch.empty(q.shape[::-1], dtype=q.dtype, device=device).t().copy_(q)
 
 
 class Int8Linear(nn.Module):
