@@ -43,7 +43,8 @@ def quantize_checkpoint(
     except OSError as e:
         raise OutputError(f"cannot write {dst} ({e.strerror}): choose a folder you can write") from None
     try:
-        _check_space(dst, _weights_in(src), "at least ")  # the codes alone take a byte per weight
+        kind = "int8" if isinstance(config, Int8Config) else "FP8"  # the codes alone take a byte per weight
+        _check_space(dst, _weights_in(src), f"the {kind} file needs at least ")
         return _quantize_into(src, dst, config, variant, dtype)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -62,7 +63,7 @@ def _check_space(dst: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(dst.parent).free
     if free < need:
         raise OutputError(
-            f"{dst.parent} has {free / 2**30:.2f} GiB free; the quantized file needs {what}{need / 2**30:.2f} GiB: "
+            f"{dst.parent} has {free / 2**30:.2f} GiB free; {what}{need / 2**30:.2f} GiB: "
             "free some space or write elsewhere"
         )
 
@@ -78,7 +79,8 @@ def _quantize_into(src, dst: Path, config: Fp8Config | Int8Config, variant, dtyp
         "fastflow.variant": model.config.name,
         "fastflow.skip": ",".join(config.skip),
     }
-    _check_space(dst, sum(v.numel() * v.element_size() for v in state.values()), "")
+    need = sum(v.numel() * v.element_size() for v in state.values())
+    _check_space(dst, need, f"the {metadata[FORMAT_KEY]} file needs ")
     fd, tmp = tempfile.mkstemp(prefix=".fastflow-quantize-", suffix=".safetensors", dir=dst.parent)
     try:
         os.fchmod(fd, file_mode())  # mkstemp makes 0600; the user's umask decides

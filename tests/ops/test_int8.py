@@ -251,9 +251,10 @@ def test_a_tiny_sdxl_unet_quantizes_and_runs():
     from fastflow.models import configs
     from fastflow.models.unet import UNet
 
-    torch.manual_seed(0)
     cfg = configs.from_name("sdxl-tiny")
-    model = UNet(cfg).eval().requires_grad_(False)
+    with torch.random.fork_rng():  # leaves the global generator as it was
+        torch.manual_seed(0)
+        model = UNet(cfg).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     args = (
         torch.randn(2, cfg.in_channels, 16, 16, generator=g),
