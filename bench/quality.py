@@ -15,6 +15,7 @@ Every pipeline option can be varied, so later work reports its quality cost here
     python bench/quality.py --sampler heun --cfg 2 --pipeline-arg auto_resize=false
     python bench/quality.py --quant fp8                   # FP8 with the default skip list
     python bench/quality.py --quant fp8 --fp8-study       # which layers to keep, activation scaling
+    python bench/quality.py --quant none int8             # int8 W8A8 (default Int8Config) beside unquantized
 """
 
 from __future__ import annotations
@@ -60,7 +61,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
-    parser.add_argument("--quant", default="none", choices=["none", "fp8"], help="fp8: the default Fp8Config")
+    parser.add_argument(
+        "--quant",
+        default=["none"],
+        nargs="+",
+        choices=["none", "fp8", "int8"],
+        help="one row set per value: fp8 / int8, the default Fp8Config / Int8Config",
+    )
     parser.add_argument(
         "--fp8-study",
         action="store_true",
@@ -94,10 +101,11 @@ def main(argv=None) -> int:
 
 def _quant_settings(args):
     """(label, quant= for fastflow.load, calibrate static scales first)."""
-    from fastflow.quant import DEFAULT_SKIP_GROUPS, Fp8Config, skip_patterns
+    from fastflow.quant import DEFAULT_SKIP_GROUPS, Fp8Config, Int8Config, skip_patterns
 
     if not args.fp8_study:
-        return [(args.quant if args.quant == "none" else Fp8Config().describe(), args.quant, False)]
+        labels = {"none": "none", "fp8": Fp8Config().describe(), "int8": Int8Config().describe()}
+        return [(labels[quant], quant, False) for quant in args.quant]
     settings = [("none", "none", False)]
     for keep in ((), ("embedders",), ("embedders", "final"), ("embedders", "final", "modulation")):
         config = Fp8Config(skip=skip_patterns(*keep))

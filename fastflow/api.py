@@ -53,7 +53,8 @@ def load(
     Sampling defaults come from the model's config. ``dtype`` defaults to bfloat16 on a GPU and
     float32 on a CPU. ``quant``: None keeps the transformer file's
     format (an FP8 file runs in FP8), "fp8" (or a :class:`fastflow.quant.Fp8Config`) quantizes its
-    linear layers to FP8 while loading, "none" loads FP8 files dequantized. ``config``: the
+    linear layers to FP8 while loading, "int8" (or an :class:`fastflow.quant.Int8Config`) to int8
+    W8A8 (a CPU's fast path; CUDA needs sm_80+), "none" loads FP8 / int8 files dequantized. ``config``: the
     transformer's config where no registered one fits and no diffusers config.json describes it (a
     FluxConfig / MMDiTConfig or a dict of its fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     """

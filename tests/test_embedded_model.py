@@ -106,6 +106,24 @@ def test_fp8_embedded_model_draws_the_same_digits(pipe):
     assert (predicted == np.arange(10)).mean() >= 0.9
 
 
+def test_int8_embedded_model_draws_the_same_digits(pipe):
+    """quant="int8" at load (default skip list): int8 layers in place, the same digits (bench/quality.py
+    --quant none int8 measures FD-digits on 500 images)."""
+    from fastflow.quant import int8_layers
+
+    int8 = fastflow.load(DEFAULT_MODEL, device="cpu", dtype=torch.float32, quant="int8")
+    int8.set_progress_bar_config(disable=True)
+    assert len(int8_layers(int8.transformer)) >= 10
+    assert type(int8.transformer.img_in) is torch.nn.Linear  # embedders and the final layer kept
+    assert type(int8.transformer.final_layer.linear) is torch.nn.Linear
+    prompts = [f"a handwritten {w}" for w in WORDS]
+    a = np.concatenate([pipe(p, seed=3, output_type="np").images for p in prompts])
+    b = np.concatenate([int8(p, seed=3, output_type="np").images for p in prompts])
+    assert 0 < np.abs(a - b).mean() < 0.02  # quantized, and close
+    predicted = evaluation.Yardstick().classifier.predict(evaluation.to_digit_space(b))
+    assert (predicted == np.arange(10)).mean() >= 0.9
+
+
 def test_quality_bench_reports_fp8(tmp_path):
     quality = _quality_module()
     out = tmp_path / "q.json"

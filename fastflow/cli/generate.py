@@ -112,8 +112,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--quant",
         default=None,
-        choices=["fp8", "none"],
-        help="fp8: quantize the transformer's linear layers while loading; none: dequantize an FP8 file "
+        choices=["fp8", "int8", "none"],
+        help="fp8 / int8: quantize the transformer's linear layers while loading (int8: W8A8, fast on CPUs); "
+        "none: dequantize an FP8 / int8 file "
         "(default: as the file is)",
     )
     p.set_defaults(func=run)

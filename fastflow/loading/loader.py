@@ -53,8 +53,9 @@ def load_transformer(
     ``"flux-kontext-dev"`` vs ``"flux-dev"``); ``config`` describes an unregistered size: a
     FluxConfig / MMDiTConfig, or a dict of its fields (the rest: the full-size model's values). A
     diffusers folder whose size is not registered is described by its own ``config.json``.
-    ``quant``: None keeps the file's format (FP8 layers stay FP8, see :mod:`.quantized`); "fp8" or an
-    :class:`~fastflow.quant.Fp8Config` quantizes at load, tensor by tensor; "none" dequantizes.
+    ``quant``: None keeps the file's format (FP8 / int8 layers stay so, see :mod:`.quantized`); "fp8"
+    / "int8" or an :class:`~fastflow.quant.Fp8Config` / ``Int8Config`` quantizes at load, tensor by
+    tensor; "none" dequantizes.
     On a CUDA GPU without FP8 tensor cores FP8 weights are dequantized, with a warning.
     Returns the model in eval mode with grads off, weights in ``dtype`` on ``device``.
     """

@@ -2,7 +2,8 @@
 module with every tensor filled, in eval mode with grads off.
 
 Tensors are built one at a time from the memory map straight into their final dtype and device
-(FP8 pieces dequantized on the copy, or kept / quantized into the plan's Fp8Linear layers), and
+(FP8 / int8 pieces dequantized on the copy, or kept / quantized into the plan's Fp8Linear /
+Int8Linear layers), and
 each source's pages are released as soon as it is copied: peak memory is the loaded model plus
 one assembled tensor.
 """
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError, NonFiniteWeightsError
-from ..quant import Fp8Linear
+from ..quant import Fp8Linear, Int8Linear
 from ..quant.fp8 import quantize_weight
+from ..quant.int8 import column_major_copy, quantize_weight_int8
 from .plan import LoadPlan
 from .quantized import FP8_DTYPES, Fp8Source, check_codes, check_scale_range
 from .source import CheckpointSource
@@ -28,6 +30,8 @@ def _read(source: CheckpointSource, key: str, dtype: torch.dtype, fp8: Fp8Source
         where = source.file_of(key)
         check_codes(key, codes, where)
         check_scale_range(key, fp8.weight_scales.get(key, torch.ones(1)), codes.dtype, dtype, where)
+    elif key in fp8.int8_weights:  # every int8 code is finite: the scale's range is the check
+        check_scale_range(key, fp8.weight_scales[key], codes.dtype, dtype, source.file_of(key))
     return codes
 
 
@@ -42,12 +46,15 @@ def _assemble(source: CheckpointSource, segs, shape, dtype, device, fp8: Fp8Sour
     return out
 
 
-def _passthrough(source: CheckpointSource, segs, layer: Fp8Linear, fp8: Fp8Source, dtype: torch.dtype):
-    """The file's e4m3 codes and scale as the layer holds them, when no arithmetic is needed
-    (one whole e4m3 source; a per-tensor scale serves a per-channel layer by repetition)."""
+def _passthrough(source: CheckpointSource, segs, layer, fp8: Fp8Source, dtype: torch.dtype):
+    """The file's e4m3 (int8) codes and scale as the layer holds them, when no arithmetic is needed
+    (one whole e4m3 (int8) source; a per-tensor FP8 scale serves a per-channel layer by repetition)."""
     one = len(segs) == 1 and segs[0].half is None and not segs[0].transpose
-    if not one or source.entry(segs[0].key).dtype != torch.float8_e4m3fn:
+    codes = torch.int8 if isinstance(layer, Int8Linear) else torch.float8_e4m3fn
+    if not one or source.entry(segs[0].key).dtype != codes:
         return None
+    if codes == torch.int8:
+        return _read(source, segs[0].key, dtype, fp8), fp8.weight_scales[segs[0].key]
     key = segs[0].key
     scale = fp8.weight_scales.get(key, torch.ones(1))
     rows = layer.out_features
@@ -73,19 +80,24 @@ def build_state(source: CheckpointSource, plan: LoadPlan) -> dict[str, torch.Ten
         else:
             stem = key[: -len("weight")]
             found = _passthrough(source, segs, layer, fp8, dtype)
-            if found is not None:  # views of the map (and the checked scale): copy
+            if found is not None and isinstance(layer, Int8Linear):  # int8 codes: column-major, one copy
+                found = column_major_copy(found[0], device), found[1].to(device, copy=True)
+            elif found is not None:  # views of the map (and the checked scale): copy
                 found = found[0].to(device, copy=True), found[1].to(device, copy=True)
             else:
-                from_fp8 = any(source.entry(s.key).dtype in FP8_DTYPES for s in segs)
-                full = _assemble(source, segs, expected[key], torch.float32 if from_fp8 else dtype, device, fp8)
+                from_codes = any(source.entry(s.key).dtype in (*FP8_DTYPES, torch.int8) for s in segs)
+                full = _assemble(source, segs, expected[key], torch.float32 if from_codes else dtype, device, fp8)
                 try:  # its amax pass refuses NaN / inf: named here
-                    found = quantize_weight(full, layer.weight_granularity)
+                    if isinstance(layer, Int8Linear):
+                        found = quantize_weight_int8(full)
+                    else:
+                        found = quantize_weight(full, layer.weight_granularity)
                 except InputError as e:
                     raise NonFiniteWeightsError(source.file_of(segs[0].key), f"tensor {key!r}: {e}",
                                                 "the file is corrupt: re-download it") from None  # fmt: skip
                 del full
             state[key], state[stem + "weight_scale"] = found
-            if layer.activation == "static":
+            if isinstance(layer, Fp8Linear) and layer.activation == "static":
                 state[stem + "input_scale"] = layer.input_scale.to(device, copy=True)
         for s in segs:
             source.key_file[s.key].release(s.key)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError, MissingKeysError, ShapeMismatchError, UnexpectedKeysError, UnsupportedDtypeError
-from ..ops.capability import device_name, fp8_runs_natively
-from ..quant import Fp8Config, Fp8Linear, quantizable, replace_module
+from ..ops.capability import device_name, fp8_runs_natively, int8_runs_natively
+from ..ops.int8_gemm import check_int8_device
+from ..quant import Fp8Config, Fp8Linear, Int8Config, Int8Linear, quantizable, replace_module
 from .describe import Description
 from .keymaps import Plan, Segment
 from .layout import Layout
@@ -40,7 +41,7 @@ class LoadPlan:
     dtype: torch.dtype
     device: str | torch.device
     fp8: Fp8Source = field(default_factory=Fp8Source.empty)  # the file's FP8 scales
-    fp8_layers: dict[str, Fp8Linear] = field(default_factory=dict)  # weight key -> layer to fill in FP8
+    fp8_layers: dict[str, Fp8Linear | Int8Linear] = field(default_factory=dict)  # weight key -> layer to fill
 
 
 class _SkipInit(torch.overrides.TorchFunctionMode):
@@ -78,8 +79,11 @@ def build_plan(model_keys, layout: Layout, source_of, config) -> Plan:
     return {k: [Segment(layout.prefix + k)] for k in model_keys}
 
 
-def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dict[str, torch.Size]) -> None:
-    """Raise for missing, unexpected, mis-shaped or non-float tensors; reads headers only."""
+def validate(
+    source: CheckpointSource, layout: Layout, plan: Plan, expected: dict[str, torch.Size], int8=frozenset()
+) -> None:
+    """Raise for missing, unexpected, mis-shaped or non-float tensors (``int8``: the int8 weights a
+    fastflow int8 file holds with their scales); reads headers only."""
     fix_missing = "the checkpoint is incomplete or of another variant: re-download it or check variant="
     missing = {s.key for segs in plan.values() for s in segs if s.key not in source.key_file}
     if missing:
@@ -104,12 +108,13 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
         if any(p is None or p[1:] != pieces[0][1:] for p in pieces) or tuple(got) != tuple(expected[key]):
             mismatches[key] = (tuple(got), tuple(expected[key]))
         for s in segs:
-            if not source.entry(s.key).dtype.is_floating_point:
+            if not source.entry(s.key).dtype.is_floating_point and s.key not in int8:
                 raise UnsupportedDtypeError(
                     source.file_of(s.key),
                     f"weight {s.key!r} is {DTYPE_NAMES[source.entry(s.key).dtype]}, not a floating-point type",
                     "use a float or FP8 checkpoint: integer-quantized weights (int8 / int4, GGUF, bitsandbytes) "
-                    "are not supported; `fastflow quantize` makes an FP8 file from a float one",
+                    "other than fastflow's own are not supported; `fastflow quantize` makes an FP8 or int8 file "
+                    "from a float one",
                 )
     if mismatches:
         raise ShapeMismatchError(
@@ -119,29 +124,33 @@ def validate(source: CheckpointSource, layout: Layout, plan: Plan, expected: dic
         )
 
 
-def _quant_config(quant) -> Fp8Config | str | None:
-    if quant is None or isinstance(quant, Fp8Config):
+def _quant_config(quant) -> Fp8Config | Int8Config | str | None:
+    if quant is None or isinstance(quant, (Fp8Config, Int8Config)):
         return quant
     if quant == "fp8":
         return Fp8Config()
+    if quant == "int8":
+        return Int8Config()
     if quant == "none":
         return "none"
-    raise InputError(f"quant={quant!r}: use None (keep the file's format), 'fp8', 'none' or an Fp8Config")
+    raise InputError(
+        f"quant={quant!r}: use None (keep the file's format), 'fp8', 'int8', 'none', an Fp8Config or an Int8Config"
+    )
 
 
-def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) -> dict[str, Fp8Linear]:
-    """Swap the meta model's linear layers for Fp8Linear where the weights will be FP8: per ``quant``
-    (an Fp8Config), or, with quant None, where the file stores them in FP8 (granularity and static
-    activation scales as the file has them). Returns weight key -> layer."""
+def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) -> dict[str, Fp8Linear | Int8Linear]:
+    """Swap the meta model's linear layers for Fp8Linear / Int8Linear where the weights will be FP8
+    / int8: per ``quant`` (an Fp8Config / Int8Config), or, with quant None, where the file stores
+    them so (FP8 granularity and static activation scales as the file has them). Returns weight key
+    -> layer."""
     if quant == "none" or (quant is None and not fp8.quantized):
         return {}
-    if layout.naming == "diffusers" and quant is None:
-        quant = Fp8Config()  # diffusers names: fused layers come from several sources; requantize
-    if quant is None:  # the layers the file stores in FP8
+    if layout.naming == "diffusers" and quant is None:  # fused layers come from several sources: requantize
+        quant = Int8Config() if fp8.int8_weights else Fp8Config()
+    if quant is None:  # the layers the file stores in FP8 / int8
+        stored = fp8.fp8_weights | fp8.int8_weights
         names = [
-            n
-            for n, m in model.named_modules()
-            if type(m) is nn.Linear and layout.prefix + n + ".weight" in fp8.fp8_weights
+            n for n, m in model.named_modules() if type(m) is nn.Linear and layout.prefix + n + ".weight" in stored
         ]
     else:
         names = quantizable(model, quant)
@@ -149,6 +158,11 @@ def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) 
     for name in names:
         module = model.get_submodule(name)
         weight_key = layout.prefix + name + ".weight"
+        if isinstance(quant, Int8Config) or (quant is None and weight_key in fp8.int8_weights):
+            layer = Int8Linear(module.in_features, module.out_features, module.bias is not None, dtype, "meta")
+            replace_module(model, name, layer)
+            chosen[name + ".weight"] = layer
+            continue
         static = fp8.input_scales.get(weight_key)
         if quant is None:
             scale = fp8.weight_scales.get(weight_key)
@@ -171,6 +185,23 @@ def _fp8_layers(model: nn.Module, layout: Layout, fp8: Fp8Source, quant, dtype) 
     return chosen
 
 
+def _int8_device(quant, fp8: Fp8Source, device, dtype):
+    """int8 asked for on a device without an int8 GEMM: refused (InputError); an int8 file there
+    loads dequantized, with a warning (as an FP8 file does on a GPU without FP8 tensor cores)."""
+    if int8_runs_natively(device) is not False:
+        return quant
+    if isinstance(quant, Int8Config):
+        check_int8_device(device)  # raises, saying what to use
+    if quant is None and fp8.int8_weights:
+        warnings.warn(
+            f"{device_name(device)} has no int8 tensor cores (torch._int_mm needs sm_80 or newer): "
+            f"the int8 weights are loaded dequantized to {dtype} instead",
+            stacklevel=5,
+        )
+        return "none"
+    return quant
+
+
 def make_plan(source: CheckpointSource, description: Description, dtype, device, quant=None) -> LoadPlan:
     """The module on meta, its FP8 layers and its validated key plan. ``quant`` "none" for a
     component loaded in float whatever the file holds (FP8 VAE files: dequantized)."""
@@ -179,7 +210,9 @@ def make_plan(source: CheckpointSource, description: Description, dtype, device,
         model = description.spec.model(cfg)
     fp8 = read_fp8_source(source, layout.prefix, layout.quant_keys)
     quant = _quant_config(quant)
-    if quant != "none" and (quant is not None or fp8.quantized) and fp8_runs_natively(device) is False:
+    quant = _int8_device(quant, fp8, device, dtype)
+    fp8_wanted = isinstance(quant, Fp8Config) or (quant is None and fp8.fp8_weights)
+    if fp8_wanted and fp8_runs_natively(device) is False:
         warnings.warn(
             f"{device_name(device)} has no FP8 tensor cores (FP8 GEMMs need sm_89 or newer): "
             f"the weights are loaded dequantized to {dtype} instead",
@@ -190,5 +223,5 @@ def make_plan(source: CheckpointSource, description: Description, dtype, device,
     expected = {k: v.shape for k, v in model.state_dict().items()}
     aux = {k for k in expected if k.endswith((".weight_scale", ".input_scale"))}
     keys = build_plan([k for k in expected if k not in aux], layout, description.spec.key_map, cfg)
-    validate(source, layout, keys, expected)
+    validate(source, layout, keys, expected, fp8.int8_weights)
     return LoadPlan(model, keys, expected, dtype, device, fp8, fp8_layers)

@@ -1,6 +1,7 @@
-"""Write a transformer as an FP8 safetensors file (``fastflow quantize``): official names, e4m3
-weights with their ``weight_scale`` next to them, layers the config skips in the model dtype, and
-``__metadata__`` naming the format, so the file loads back bit for bit (quant=None keeps it FP8)."""
+"""Write a transformer as an FP8 or int8 safetensors file (``fastflow quantize``): official names,
+e4m3 (or int8) weights with their ``weight_scale`` next to them, layers the config skips in the
+model dtype, and ``__metadata__`` naming the format, so the file loads back bit for bit (quant=None
+keeps it FP8 / int8)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import OutputError
-from ..quant import Fp8Config, fp8_layers
+from ..quant import Fp8Config, Int8Config, fp8_layers, int8_layers
 from .files import file_mode
 from .loader import load_transformer
-from .quantized import ACTIVATION_KEY, FORMAT, FORMAT_KEY
+from .quantized import ACTIVATION_KEY, FORMAT, FORMAT_INT8, FORMAT_KEY
 from .source import open_checkpoint
 
 
 def quantize_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    config: Fp8Config | None = None,
+    config: Fp8Config | Int8Config | None = None,
     variant: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> dict:
@@ -42,7 +43,8 @@ def quantize_checkpoint(
     except OSError as e:
         raise OutputError(f"cannot write {dst} ({e.strerror}): choose a folder you can write") from None
     try:
-        _check_space(dst, _weights_in(src), "at least ")  # the FP8 codes alone take a byte per weight
+        kind = "int8" if isinstance(config, Int8Config) else "FP8"  # the codes alone take a byte per weight
+        _check_space(dst, _weights_in(src), f"the {kind} file needs at least ")
         return _quantize_into(src, dst, config, variant, dtype)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -61,22 +63,24 @@ def _check_space(dst: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(dst.parent).free
     if free < need:
         raise OutputError(
-            f"{dst.parent} has {free / 2**30:.2f} GiB free; the FP8 file needs {what}{need / 2**30:.2f} GiB: "
+            f"{dst.parent} has {free / 2**30:.2f} GiB free; {what}{need / 2**30:.2f} GiB: "
             "free some space or write elsewhere"
         )
 
 
-def _quantize_into(src, dst: Path, config: Fp8Config, variant, dtype) -> dict:
+def _quantize_into(src, dst: Path, config: Fp8Config | Int8Config, variant, dtype) -> dict:
     model = load_transformer(src, variant=variant, dtype=dtype, device="cpu", quant=config)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # int8 codes: row-major on disk
+    int8 = isinstance(config, Int8Config)
     metadata = {
-        FORMAT_KEY: FORMAT,
+        FORMAT_KEY: FORMAT_INT8 if int8 else FORMAT,
         ACTIVATION_KEY: config.activation,
         "fastflow.weight": config.weight,
         "fastflow.variant": model.config.name,
         "fastflow.skip": ",".join(config.skip),
     }
-    _check_space(dst, sum(v.numel() * v.element_size() for v in state.values()), "")
+    need = sum(v.numel() * v.element_size() for v in state.values())
+    _check_space(dst, need, f"the {metadata[FORMAT_KEY]} file needs ")
     fd, tmp = tempfile.mkstemp(prefix=".fastflow-quantize-", suffix=".safetensors", dir=dst.parent)
     try:
         os.fchmod(fd, file_mode())  # mkstemp makes 0600; the user's umask decides
@@ -90,6 +94,8 @@ def _quantize_into(src, dst: Path, config: Fp8Config, variant, dtype) -> dict:
             os.unlink(tmp)
     return {
         "variant": model.config.name,
+        "format": FORMAT_INT8 if int8 else FORMAT,
+        "layers": len(int8_layers(model) if int8 else fp8_layers(model)),
         "fp8_layers": len(fp8_layers(model)),
         "bytes": sum(v.numel() * v.element_size() for v in state.values()),
         "path": str(dst),

@@ -21,6 +21,13 @@ from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .geglu import geglu
 from .gelu_tanh import bias_gelu_tanh, gelu_tanh
 from .groupnorm_silu import groupnorm_silu
+from .int8 import (
+    gated_residual_layernorm_modulate_int8,
+    int8_linear,
+    int8_quantize,
+    int8_scaled_mm,
+    layernorm_modulate_int8,
+)
 from .layernorm_modulate import layernorm_modulate
 from .linear import (
     gated_residual_gelu_mlp,
@@ -50,6 +57,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_fp8",
+    "gated_residual_layernorm_modulate_int8",
     "gated_residual_gelu_mlp",
     "gated_residual_modulated_linear",
     "geglu",
@@ -59,9 +67,13 @@ __all__ = [
     "gelu_tanh",
     "get_backend",
     "groupnorm_silu",
+    "int8_linear",
+    "int8_quantize",
+    "int8_scaled_mm",
     "kernel_would_run",
     "layernorm_modulate",
     "layernorm_modulate_fp8",
+    "layernorm_modulate_int8",
     "linear",
     "modulated_linear",
     "joint_qk_norm_rope",

@@ -1,10 +1,12 @@
-"""What the GPU in use can run, in one place (FP8 tensor cores need compute capability 8.9+)."""
+"""What the GPU in use can run, in one place (FP8 tensor cores need compute capability 8.9+, the
+int8 GEMM ``torch._int_mm`` 8.0+)."""
 
 from __future__ import annotations
 
 import torch
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores; Ampere does not
+INT8_MIN_CAPABILITY = (8, 0)  # torch._int_mm's cuBLASLt int8 GEMM: Ampere and newer
 
 
 def capability(device: torch.device | str) -> tuple[int, int] | None:
@@ -25,6 +27,13 @@ def fp8_runs_natively(device: torch.device | str) -> bool | None:
     dequantized to be fast), None off CUDA (the reference path runs; no tensor cores to miss)."""
     cap = capability(device)
     return None if cap is None else cap >= FP8_MIN_CAPABILITY
+
+
+def int8_runs_natively(device: torch.device | str) -> bool | None:
+    """True where int8 GEMMs run on tensor cores through ``torch._int_mm`` (sm_80+), False on an
+    older CUDA GPU, None off CUDA (on a CPU ``torch._int_mm`` runs oneDNN's int8 GEMM)."""
+    cap = capability(device)
+    return None if cap is None else cap >= INT8_MIN_CAPABILITY
 
 
 def device_name(device: torch.device | str) -> str:

@@ -1,9 +1,10 @@
 """Weight quantization: ``quantize_(model, Fp8Config(...))`` swaps ``nn.Linear`` layers for
-:class:`Fp8Linear` in place (on real or meta weights); ``dequantize_`` swaps them back.
+:class:`Fp8Linear` in place (on real or meta weights), ``quantize_(model, Int8Config())`` for
+:class:`Int8Linear` (W8A8 int8, the CPU's fast path); ``dequantize_`` swaps them back.
 
-Layers stay in high precision when their qualified name matches one of ``Fp8Config.skip``'s
-``fnmatch`` patterns. The default keeps the modulation layers, embedders and the final layer
-in the model dtype (``bench/quality.py --quant fp8 --skip-study`` measures each choice).
+Layers stay in high precision when their qualified name matches one of the config's ``skip``
+``fnmatch`` patterns (the same groups for both formats). The default keeps the embedders and the
+final layer in the model dtype (``bench/quality.py --quant fp8 --fp8-study`` measures each choice).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..ops.capability import device_name, fp8_runs_natively
+from ..ops.int8_gemm import check_int8_device
 from ..ops.reference import FP8_MAX, FP8_MIN_AMAX
 from .fp8 import ACTIVATION_SCALINGS, WEIGHT_GRANULARITIES, Fp8Linear, dequantize_weight, quantize_weight
+from .int8 import Int8Linear, dequantize_weight_int8, quantize_weight_int8
 
 # Candidate groups of layers to keep in high precision (FLUX and SD3 module names).
 SKIP_GROUPS: dict[str, tuple[str, ...]] = {
@@ -32,6 +35,8 @@ SKIP_GROUPS: dict[str, tuple[str, ...]] = {
         "context_embedder",
         "t_embedder.*",
         "y_embedder.*",
+        "time_embed.*",  # the SDXL UNet's timestep and label embedders
+        "label_emb.*",
     ),
     "final": ("final_layer.*",),
     "modulation": ("*_mod.lin", "*.modulation.lin", "*adaLN_modulation.1"),
@@ -75,7 +80,37 @@ class Fp8Config:
         return f"fp8-e4m3 ({self.weight} weights, {self.activation} activations)"
 
 
-def quantizable(model: nn.Module, config: Fp8Config) -> list[str]:
+@dataclass(frozen=True)
+class Int8Config:
+    """int8 W8A8: symmetric int8 weights with one fp32 scale per output channel, activations
+    quantized per token at run time (symmetric, dynamic), the product through the int8 GEMM
+    (``torch._int_mm``: a CPU, or a CUDA GPU with sm_80+). ``weight`` and ``activation`` name that
+    one scheme (there is no other choice); skip: fnmatch patterns of module names that stay in the
+    model dtype, by default the same as :class:`Fp8Config`'s."""
+
+    weight: str = "per-channel"
+    activation: str = "per-token"
+    skip: tuple[str, ...] = skip_patterns(*DEFAULT_SKIP_GROUPS)
+
+    def __post_init__(self):
+        if self.weight != "per-channel":
+            raise InputError(f"Int8Config.weight={self.weight!r}: int8 weights are 'per-channel'")
+        if self.activation != "per-token":
+            raise InputError(f"Int8Config.activation={self.activation!r}: int8 activations are 'per-token'")
+        if isinstance(self.skip, str):
+            raise InputError("Int8Config.skip is a tuple of patterns, not one string")
+
+    def skips(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
+
+    def describe(self) -> str:
+        return "int8 (per-channel weights, per-token activations)"
+
+
+QuantConfig = Fp8Config | Int8Config
+
+
+def quantizable(model: nn.Module, config: QuantConfig) -> list[str]:
     """Names of the layers ``quantize_`` would replace."""
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and not config.skips(n)]
 
@@ -86,10 +121,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def quantize_(model: nn.Module, config: Fp8Config | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` not skipped by ``config`` with an :class:`Fp8Linear` (in place;
-    returns ``model``). Works on meta models (shapes only) and frees each bf16 weight as it goes."""
+def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` not skipped by ``config`` with an :class:`Fp8Linear` (an
+    :class:`Fp8Config`, the default) or an :class:`Int8Linear` (an :class:`Int8Config`), in place;
+    returns ``model``. Works on meta models (shapes only) and frees each bf16 weight as it goes.
+    int8 layers are refused (InputError) on a CUDA GPU without int8 tensor cores (before sm_80)."""
     config = config or Fp8Config()
+    if isinstance(config, Int8Config):
+        return _quantize_int8(model, config)
+    if not isinstance(config, Fp8Config):
+        raise InputError(f"quantize_ takes an Fp8Config or an Int8Config, got {type(config).__name__}")
     names = quantizable(model, config)
     for name in names:
         layer = model.get_submodule(name)
@@ -105,16 +146,30 @@ def quantize_(model: nn.Module, config: Fp8Config | None = None) -> nn.Module:
     return model
 
 
+def _quantize_int8(model: nn.Module, config: Int8Config) -> nn.Module:
+    names = quantizable(model, config)
+    for device in {model.get_submodule(n).weight.device for n in names}:
+        check_int8_device(device)  # before any layer is swapped
+    for name in names:
+        replace_module(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+    return model
+
+
 def dequantize_(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every :class:`Fp8Linear` with an ``nn.Linear`` of the dequantized weights (in place)."""
+    """Replace every :class:`Fp8Linear` and :class:`Int8Linear` with an ``nn.Linear`` of the
+    dequantized weights (in place)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, Fp8Linear):
+        if isinstance(module, (Fp8Linear, Int8Linear)):
             replace_module(model, name, module.dequantized(dtype))
     return model
 
 
 def fp8_layers(model: nn.Module) -> dict[str, Fp8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+def int8_layers(model: nn.Module) -> dict[str, Int8Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
 
 
 def calibrate_(model: nn.Module, run: Callable[[], object], margin: float = 1.0) -> nn.Module:
@@ -158,13 +213,19 @@ __all__ = [
     "SKIP_GROUPS",
     "Fp8Config",
     "Fp8Linear",
+    "Int8Config",
+    "Int8Linear",
+    "QuantConfig",
     "calibrate_",
     "dequantize_",
     "dequantize_weight",
+    "dequantize_weight_int8",
     "fp8_layers",
+    "int8_layers",
     "quantizable",
     "quantize_",
     "quantize_weight",
+    "quantize_weight_int8",
     "replace_module",
     "skip_patterns",
     "weight_bytes",

@@ -181,7 +181,7 @@ def test_static_activations_need_scales(bfl_file):
     with pytest.raises(InputError, match="calibrate_"):
         _load(bfl_file, quant=Fp8Config(activation="static"))
     with pytest.raises(InputError, match="quant="):
-        _load(bfl_file, quant="int8")
+        _load(bfl_file, quant="int4")
 
 
 def test_gpus_without_fp8_tensor_cores_get_dequantized_weights(monkeypatch, scaled_file):
