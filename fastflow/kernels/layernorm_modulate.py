@@ -15,7 +15,7 @@ def modulated_layernorm(x, mask, cols, b, shift_ptr, scale_ptr, C, eps):
     scale are row b of [B, C]. Shared by every kernel that ends in a modulated LayerNorm."""
     mean = tl.sum(x, axis=0) / C
     diff = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / (C - 1) + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
     shift = tl.load(shift_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * C + cols, mask=mask, other=0.0).to(tl.float32)
     return diff * rstd * (1.0 + scale) + shift
