@@ -10,9 +10,9 @@ Workloads (random weights shared by both libraries unless named):
   Euler steps, true CFG 1.5, 16x16), against diffusers' FluxPipeline built around the same weights
   (its transformer and VAE filled through fastflow's diffusers key maps, its CLIP / T5 and
   tokenizers read from the model's folder by transformers);
-* ``unet``: an SDXL UNet at half width (SDXL-base's layout with model_channels 160: 160 / 320 /
-  640 channels, transformer depth 0 / 2 / 2 and 2 in the middle), one step at a 64x64 latent and
-  77 text tokens.
+* ``unet``: an SDXL UNet at 0.6 width (SDXL-base's layout with model_channels 192: 192 / 384 /
+  768 channels, head dim 64, transformer depth 0 / 2 / 2 and 2 in the middle), one step at a 64x64
+  latent and 77 text tokens.
 
 Variants: diffusers fp32, diffusers bf16, diffusers bf16 + torch.compile (inductor), fastflow bf16,
 fastflow bf16 + compile (``backend="fastflow"``), fastflow int8 and int8 + compile (through
@@ -222,9 +222,9 @@ def workload(name: str, quick: bool) -> tuple[str, dict]:
     if name == "unet":
         if quick:
             return "sdxl-tiny UNet, 16x16 latent", _skip_compiles(_model_variants("unet", "sdxl-tiny", 16, 8, quick))
-        cfg = from_name("sdxl-base").replace(name="sdxl-half", model_channels=160, transformer_depth=(0, 2, 2),
+        cfg = from_name("sdxl-base").replace(name="sdxl-small", model_channels=192, transformer_depth=(0, 2, 2),
                                              transformer_depth_middle=2)  # fmt: skip
-        return "SDXL UNet at half width (160), 64x64 latent, 77 tokens", _model_variants("unet", cfg, 64, 77, quick)
+        return "SDXL UNet at 0.6 width (192), 64x64 latent, 77 tokens", _model_variants("unet", cfg, 64, 77, quick)
     if quick:
         return "fastflow-tiny-digits pipeline, 2 steps", _skip_compiles(_pipeline_variants(quick))
     return "fastflow-tiny-digits pipeline, 16 steps, true CFG 1.5, 16x16", _pipeline_variants(quick)
@@ -288,16 +288,15 @@ def main(argv=None) -> int:
     print(f"threads {args.threads}, median of {reps}, CPU bf16: {cpu_bf16() or 'none'}, torch {torch.__version__}")
     if int8_config() is None:
         print("note: fastflow.quant has no Int8Config yet: the int8 rows are skipped")
-    results = []
     for name in args.workloads:
         label, variants = workload(name, args.quick)
         rows = measure(variants, reps)
         print(table(label, rows) + "\n", flush=True)
-        results += [{"bench": "cpu", "workload": name, "label": label, "variant": k, **r} for k, r in rows.items()]
-    if args.json:
-        with open(args.json, "a") as fh:
-            for r in results:
-                fh.write(json.dumps({"sha": git_sha(), "threads": args.threads, "quick": args.quick, **r}) + "\n")
+        if args.json:  # each workload as it ends
+            with open(args.json, "a") as fh:
+                for k, r in rows.items():
+                    fh.write(json.dumps({"bench": "cpu", "sha": git_sha(), "threads": args.threads, "quick": args.quick,
+                                         "workload": name, "label": label, "variant": k, **r}) + "\n")  # fmt: skip
     return 0
 
 
