@@ -74,13 +74,14 @@ def _diffusers_kwargs(kind: str, cfg) -> tuple[str, dict]:
     )  # fmt: skip
 
 
-def diffusers_model(kind: str, config_name: str, device, dtype, seed: int = 0):
-    """diffusers' model of ``config_name``, built on ``device`` in ``dtype``; every weight random and
-    reproducible from ``seed``: diffusers' init perturbed by 20% (norm scales around 1, parameters
-    diffusers zero-initialises drawn at 0.02), so no block is an identity."""
+def diffusers_model(kind: str, config_name, device, dtype, seed: int = 0):
+    """diffusers' model of ``config_name`` (a registered name, or a config), built on ``device`` in
+    ``dtype``; every weight random and reproducible from ``seed``: diffusers' init perturbed by 20%
+    (norm scales around 1, parameters diffusers zero-initialises drawn at 0.02), so no block is an
+    identity."""
     import diffusers
 
-    cfg = from_name(config_name)
+    cfg = from_name(config_name) if isinstance(config_name, str) else config_name
     cls_name, kwargs = _diffusers_kwargs(kind, cfg)
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):

@@ -8,6 +8,7 @@ import torch
 
 from .errors import InputError
 from .loading import folder_json, load_components, resolve_model
+from .ops import capability
 from .ops.capability import usable_device
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
 
@@ -32,6 +33,26 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+CPU_DTYPE_FIELD = "_fastflow_cpu_dtype"  # model_index.json: the dtype a model keeps on a bf16 CPU
+
+
+def default_dtype(path, device) -> torch.dtype:
+    """bfloat16 on a GPU; on a CPU bfloat16 where it has native bf16 dot products (AVX512-BF16,
+    AMX-BF16), else float32, and float32 where the pipeline folder's model_index.json says the
+    model keeps it (``"_fastflow_cpu_dtype": "float32"``: its quality was measured to need it)."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    dtype = capability.cpu_default_dtype()
+    if dtype == torch.bfloat16 and path.is_dir():
+        kept = folder_json(path, "model_index.json").get(CPU_DTYPE_FIELD)
+        if kept is not None:
+            if not isinstance(kept, str) or kept.strip().lower() not in ("float32", "bfloat16"):
+                raise InputError(f"{path / 'model_index.json'}: {CPU_DTYPE_FIELD} {kept!r} is not \"float32\" or "
+                                 f"\"bfloat16\": fix the file, or pass dtype= to fastflow.load")  # fmt: skip
+            dtype = DTYPES[kept.strip().lower()]
+    return dtype
+
+
 def load(
     path: str | os.PathLike,
     variant: str | None = None,
@@ -50,21 +71,23 @@ def load(
     transformer file, with ``vae=`` (a file or folder) and ``text_encoders=`` ({"clip_l": folder,
     "clip_g": folder, "t5": folder}; a folder may be a (model, tokenizer) pair; False: none, for use
     with prompt embeddings). ``variant`` where the keys cannot tell (Kontext vs dev, large vs turbo).
-    Sampling defaults come from the model's config. ``dtype`` defaults to bfloat16 on a GPU and
-    float32 on a CPU. ``quant``: None keeps the transformer file's
-    format (an FP8 file runs in FP8), "fp8" (or a :class:`fastflow.quant.Fp8Config`) quantizes its
-    linear layers to FP8 while loading, "int8" (or an :class:`fastflow.quant.Int8Config`) to int8
-    W8A8 (a CPU's fast path; CUDA needs sm_80+), "none" loads FP8 / int8 files dequantized. ``config``: the
-    transformer's config where no registered one fits and no diffusers config.json describes it (a
-    FluxConfig / MMDiTConfig or a dict of its fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
+    Sampling defaults come from the model's config. ``dtype`` defaults to bfloat16 on a GPU, and
+    on a CPU to bfloat16 where it has native bf16 dot products (AVX512-BF16 / AMX-BF16; ``fastflow
+    doctor`` says), else float32 (and float32 for a model whose folder asks for it). ``quant``: None
+    keeps the transformer file's format (an FP8 file runs in FP8), "fp8" (or a
+    :class:`fastflow.quant.Fp8Config`) quantizes its linear layers to FP8 while loading, "int8" (or an
+    :class:`fastflow.quant.Int8Config`) to int8 W8A8 (a CPU's fast path; CUDA needs sm_80+), "none"
+    loads FP8 / int8 files dequantized. ``config``: the transformer's config where no registered one
+    fits and no diffusers config.json describes it (a FluxConfig / MMDiTConfig or a dict of its
+    fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     """
     device = str(usable_device(device if device is not None else _default_device(), "fastflow.load: device",
                                'device="cpu"'))  # fmt: skip
     if dtype is not None:
         dtype = _dtype(dtype)
     path = resolve_model(path)
-    if dtype is None:  # as the CLI: bfloat16 on a GPU, float32 on a CPU (where bf16 is slow and inexact)
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if dtype is None:  # the CLI passes None unless --dtype is given
+        dtype = default_dtype(path, device)
     parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)
     pipe = PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)
     if parts.family == "sdxl" and path.is_dir():  # the pipeline folder's SDXL setting, where it has one

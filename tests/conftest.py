@@ -27,6 +27,19 @@ from fastflow.models.configs import from_name
 from fastflow.models.text import word_level_tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_cpu_default():
+    """The suite's numbers do not depend on the CPU that runs it: in-process, ``fastflow.load``'s CPU
+    default is pinned to float32 (as on a CPU without native bf16), so a parity test that leaves
+    dtype= out compares float32 with float32 everywhere. The tests of the rule itself
+    (tests/test_cpu_dtype.py) monkeypatch ``capability.cpu_bf16`` over this pin."""
+    from fastflow.ops import capability
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(capability, "cpu_bf16", lambda: None)
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     is_sm90 = has_cuda and torch.cuda.get_device_capability() >= (9, 0)

@@ -37,10 +37,12 @@ def parse_cache(text: str):
         raise InputError(f"--cache {text}: the threshold after ':' must be a number") from None
 
 
-def device_and_dtype(device: str | None, dtype: str | None = None) -> tuple[str, torch.dtype]:
-    """--device (default: cuda if available) checked, and --dtype (default: bf16 on GPU, fp32 on CPU)."""
+def device_and_dtype(device: str | None, dtype: str | None = None) -> tuple[str, torch.dtype | None]:
+    """--device (default: cuda if available) checked, and --dtype; None when not given: then
+    ``fastflow.load`` chooses (bf16 on a GPU; on a CPU bf16 where it has native bf16 dot products,
+    else float32, or what the model's folder keeps)."""
     device = usable_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
-    return device, DTYPES[dtype] if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, DTYPES[dtype] if dtype else None
 
 
 def parse_lora_arg(spec: str) -> tuple[Path, float]:

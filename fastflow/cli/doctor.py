@@ -26,6 +26,8 @@ def run(args) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed (GPU kernels unavailable; reference ops will run)")
+    for line in cpu_section():
+        print(line)
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
@@ -61,6 +63,37 @@ def run(args) -> int:
         print(f"  {name:<34} {where:<20} kernels: {have}")
     tuning_section(torch.device("cuda") if gpu else None)
     return 0
+
+
+def cpu_section() -> list[str]:
+    """The CPU's native bfloat16 support and the dtype ``fastflow.load`` picks on it."""
+    import os
+
+    from ..ops.capability import cpu_bf16, cpu_default_dtype
+
+    bf16 = cpu_bf16()
+    name = platform_processor()
+    have = f"native bf16 dot products ({bf16})" if bf16 else "no native bf16 dot products (bf16 would be emulated)"
+    dtype = str(cpu_default_dtype()).removeprefix("torch.")
+    return [
+        f"CPU: {name}, {os.cpu_count()} logical cores, {have}",
+        f"  CPU default dtype: {dtype} (fastflow.load / fastflow generate without dtype=, --dtype; a model's "
+        "folder may keep float32)",
+    ]
+
+
+def platform_processor() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def cuda_driver_section(gpu: bool) -> list[str]:

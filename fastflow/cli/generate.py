@@ -91,7 +91,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--sampler", default=None, choices=SAMPLERS)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="default: bfloat16 on GPU; on CPU bfloat16 where it has native bf16 (AVX512-BF16 / AMX-BF16: see "
+        "fastflow doctor), else float32",
+    )
     p.add_argument(
         "--upscale",
         type=int,

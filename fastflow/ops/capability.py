@@ -1,7 +1,11 @@
-"""What the GPU in use can run, in one place (FP8 tensor cores need compute capability 8.9+, the
-int8 GEMM ``torch._int_mm`` 8.0+)."""
+"""What the hardware in use can run, in one place: the GPU's FP8 tensor cores (compute capability
+8.9+), the int8 GEMM ``torch._int_mm`` (8.0+) and the CPU's native bfloat16 dot products (which make
+bfloat16 the CPU's default dtype)."""
 
 from __future__ import annotations
+
+import functools
+import platform
 
 import torch
 
@@ -66,3 +70,45 @@ def usable_device(name, label: str = "device", cpu: str | None = None) -> str:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"{label} {name}: fastflow runs on cpu, cuda or mps")
     return name
+
+
+CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # /proc/cpuinfo flag -> name
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def detect_cpu_bf16() -> str | None:
+    """The CPU's native bfloat16 dot-product instructions ("AMX-BF16", "AVX512-BF16"), or None where
+    it has none (there a bfloat16 GEMM is emulated and slower than float32): Linux's /proc/cpuinfo
+    flags, else torch's own CPU check. :func:`cpu_bf16` is this, read once."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None  # only x86's AVX512-BF16 / AMX-BF16 have been measured faster than float32
+    flags = _cpuinfo_flags()
+    for flag, name in CPU_BF16_FLAGS.items():
+        if flag in flags:
+            return name
+    check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    try:
+        return "AVX512-BF16" if check is not None and check() else None
+    except RuntimeError:
+        return None
+
+
+@functools.cache
+def cpu_bf16() -> str | None:
+    """:func:`detect_cpu_bf16`, detected once per process."""
+    return detect_cpu_bf16()
+
+
+def cpu_default_dtype() -> torch.dtype:
+    """``fastflow.load``'s dtype on a CPU: bfloat16 where the CPU multiplies it natively, else float32."""
+    return torch.bfloat16 if cpu_bf16() is not None else torch.float32
