@@ -16,8 +16,8 @@ Workloads (random weights shared by both libraries unless named):
 
 Variants: diffusers fp32, diffusers bf16, diffusers bf16 + torch.compile (inductor), fastflow bf16,
 fastflow bf16 + compile (``backend="fastflow"``), fastflow int8 and int8 + compile (through
-``fastflow.quant.quantize_(model, fastflow.quant.Int8Config())``; skipped with a note where
-fastflow.quant has no Int8Config). Compiling runs with inductor's ``emulate_precision_casts``.
+``fastflow.quant.quantize_(model, fastflow.quant.Int8Config())``). Compiling runs with inductor's
+``emulate_precision_casts``.
 
     python bench/cpu.py [--threads 1] [--reps 3] [--workloads flux pipeline unet] [--json PATH]
     python bench/cpu.py --quick      # tiny sizes, 1 repeat: a smoke test (compiles: FLUX only, eager backend)
@@ -52,11 +52,10 @@ WORKLOADS = ("flux", "pipeline", "unet")
 
 
 def int8_config():
-    """fastflow.quant.Int8Config(), or None where this build has none yet."""
-    import fastflow.quant
+    """The int8 variants' config: fastflow.quant.Int8Config() (W8A8, the defaults)."""
+    from fastflow.quant import Int8Config
 
-    cls = getattr(fastflow.quant, "Int8Config", None)
-    return None if cls is None else cls()
+    return Int8Config()
 
 
 QUICK_SKIP = "skipped in --quick: tracing this workload takes longer than the smoke test"
@@ -94,15 +93,12 @@ def _model_variants(kind: str, cfg, side: int, text_tokens: int, quick: bool) ->
         "fastflow bf16 + compile": (lambda m: lambda: call_f16(m))(comp_f(ours16)),
     }
     config = int8_config()
-    if config is None:
-        out["fastflow int8"] = out["fastflow int8 + compile"] = "skipped: fastflow.quant has no Int8Config yet"
-    else:
-        from fastflow.quant import quantize_
+    from fastflow.quant import quantize_
 
-        ours8 = copy.deepcopy(ours16)
-        quantize_(ours8, config)
-        out["fastflow int8"] = lambda: call_f16(ours8)
-        out["fastflow int8 + compile"] = (lambda m: lambda: call_f16(m))(comp_f(ours8))
+    ours8 = copy.deepcopy(ours16)
+    quantize_(ours8, config)
+    out["fastflow int8"] = lambda: call_f16(ours8)
+    out["fastflow int8 + compile"] = (lambda m: lambda: call_f16(m))(comp_f(ours8))
     return out
 
 
@@ -196,18 +192,15 @@ def _pipeline_variants(quick: bool) -> dict:
         "fastflow bf16 + compile": run_f(f16c),
     }
     config = int8_config()
-    if config is None:
-        out["fastflow int8"] = out["fastflow int8 + compile"] = "skipped: fastflow.quant has no Int8Config yet"
-    else:
-        from fastflow.quant import quantize_
+    from fastflow.quant import quantize_
 
-        f8, f8c = ours(torch.bfloat16), ours(torch.bfloat16)
-        for p in (f8, f8c):
-            quantize_(p.transformer, config)
-        f8c.defaults["precompute_modulation"] = False
-        f8c.transformer = comp_f(f8c.transformer)
-        f8c.vae.decode = comp_f(f8c.vae.decode)
-        out["fastflow int8"], out["fastflow int8 + compile"] = run_f(f8), run_f(f8c)
+    f8, f8c = ours(torch.bfloat16), ours(torch.bfloat16)
+    for p in (f8, f8c):
+        quantize_(p.transformer, config)
+    f8c.defaults["precompute_modulation"] = False
+    f8c.transformer = comp_f(f8c.transformer)
+    f8c.vae.decode = comp_f(f8c.vae.decode)
+    out["fastflow int8"], out["fastflow int8 + compile"] = run_f(f8), run_f(f8c)
     return out
 
 
@@ -286,8 +279,6 @@ def main(argv=None) -> int:
     from fastflow.ops.capability import cpu_bf16
 
     print(f"threads {args.threads}, median of {reps}, CPU bf16: {cpu_bf16() or 'none'}, torch {torch.__version__}")
-    if int8_config() is None:
-        print("note: fastflow.quant has no Int8Config yet: the int8 rows are skipped")
     for name in args.workloads:
         label, variants = workload(name, args.quick)
         rows = measure(variants, reps)
