@@ -16,9 +16,10 @@ MODULES = kernel_modules()
 
 def test_every_op_with_a_kernel_names_its_module():
     assert len(MODULES) == 12
-    for name, opdef in ops.OPS.items():
-        if not name.startswith("_test"):
-            assert opdef.kernel_modules(), f"{name} has no Triton kernel module"
+    with_kernels = {n: o for n, o in ops.OPS.items() if o.impls and not n.startswith("_test")}
+    assert len(with_kernels) >= 20  # the int8 ops have none: their fast path is torch._int_mm
+    for name, opdef in with_kernels.items():
+        assert opdef.kernel_modules(), f"{name} has no Triton kernel module"
 
 
 @pytest.mark.parametrize("module", MODULES)
