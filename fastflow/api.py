@@ -76,7 +76,7 @@ def load(
     doctor`` says), else float32 (and float32 for a model whose folder asks for it). ``quant``: None
     keeps the transformer file's format (an FP8 file runs in FP8), "fp8" (or a
     :class:`fastflow.quant.Fp8Config`) quantizes its linear layers to FP8 while loading, "int8" (or an
-    :class:`fastflow.quant.Int8Config`) to int8 W8A8 (a CPU's fast path; CUDA needs sm_80+), "none"
+    :class:`fastflow.quant.Int8Config`) to int8 W8A8 (half the memory; CUDA needs sm_80+), "none"
     loads FP8 / int8 files dequantized. ``config``: the transformer's config where no registered one
     fits and no diffusers config.json describes it (a FluxConfig / MMDiTConfig or a dict of its
     fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).

@@ -1,6 +1,6 @@
 """Weight quantization: ``quantize_(model, Fp8Config(...))`` swaps ``nn.Linear`` layers for
 :class:`Fp8Linear` in place (on real or meta weights), ``quantize_(model, Int8Config())`` for
-:class:`Int8Linear` (W8A8 int8, the CPU's fast path); ``dequantize_`` swaps them back.
+:class:`Int8Linear` (W8A8 int8: half the memory of bf16); ``dequantize_`` swaps them back.
 
 Layers stay in high precision when their qualified name matches one of the config's ``skip``
 ``fnmatch`` patterns (the same groups for both formats). The default keeps the embedders and the
