@@ -46,11 +46,11 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _warned: set[str] = set()
 
 
-def warn_once(message: str) -> None:
+def warn_once(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """A warning about the cache, given once per process (an op that runs uncached warns once)."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, category, stacklevel=3)
 
 
 def root() -> Path:

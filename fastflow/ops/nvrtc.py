@@ -22,7 +22,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import warnings
 from pathlib import Path
 
 from ..errors import CheckpointError, InputError, UnsafeCacheError
@@ -116,7 +115,6 @@ def compile_unit(unit: str, arch: str) -> bytes:
 
 MAGIC = b"fastflow-cubin-v1\n"
 MAX_CUBIN_BYTES = 64 * 1024 * 1024  # the units' cubins are ~0.1-1 MB
-_warned: set[str] = set()
 
 
 def cache_dir() -> Path:
@@ -162,9 +160,7 @@ def cubin(unit: str, arch: str) -> bytes:
                     )
             return data
     except UnsafeCacheError as e:
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            warnings.warn(f"{e}; compiling without the cache", stacklevel=2)
+        cache_root.warn_once(f"{e}; compiling without the cache", UserWarning)
         return compile_unit(unit, arch)
 
 

@@ -25,7 +25,6 @@ def compiled(monkeypatch):
     monkeypatch.setattr(nvrtc, "version", lambda: (12, 9))
     monkeypatch.delenv("FASTFLOW_CACHE", raising=False)
     monkeypatch.delenv("FASTFLOW_CACHE_DIR", raising=False)
-    nvrtc._warned.clear()
     monkeypatch.setattr(cache_root, "_warned", set(), raising=False)
     return calls
 
