@@ -28,6 +28,7 @@ from ..ops.linear import (
     register_modulated_linear,
 )
 from ..ops.reference import FP8_DTYPE, FP8_MAX, FP8_MIN_AMAX, fp8_scales
+from .quantized_linear import dequantized_linear, fill_from_linear
 
 WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
 ACTIVATION_SCALINGS = ("per-token", "per-tensor", "static")
@@ -107,21 +108,11 @@ class Fp8Linear(nn.Module):
             dtype=dtype,
             device=layer.weight.device,
         )
-        if layer.weight.device.type != "meta":
-            q, scale = quantize_weight(layer.weight.detach(), weight_granularity)
-            new.weight.data, new.weight_scale = q, scale
-            if layer.bias is not None:
-                new.bias.data = layer.bias.detach().clone()
-        return new
+        return fill_from_linear(new, layer, lambda w: quantize_weight(w, weight_granularity))
 
     def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An nn.Linear holding the dequantized weights (in ``dtype``, default the bias dtype)."""
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.bfloat16)
-        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta", dtype=dtype)
-        layer.weight = nn.Parameter(dequantize_weight(self.weight, self.weight_scale, dtype), requires_grad=False)
-        if self.bias is not None:
-            layer.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
-        return layer
+        return dequantized_linear(self, dequantize_weight, dtype)
 
     def _static_scale(self) -> torch.Tensor | None:
         return self.input_scale if self.activation == "static" else None

@@ -21,6 +21,7 @@ from ..ops.int8 import (
 )
 from ..ops.linear import register_gated_modulated_linear, register_linear, register_modulated_linear
 from ..ops.reference_int8 import INT8_MIN_AMAX, int8_codes, int8_scales
+from .quantized_linear import dequantized_linear, fill_from_linear
 
 CHUNK = 1 << 22  # elements per fp32 temporary while quantizing (16 MB)
 
@@ -90,22 +91,11 @@ class Int8Linear(nn.Module):
     def from_linear(cls, layer: nn.Linear) -> Int8Linear:
         dtype = layer.bias.dtype if layer.bias is not None else layer.weight.dtype
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, dtype, layer.weight.device)
-        if layer.weight.device.type != "meta":
-            q, scale = quantize_weight_int8(layer.weight.detach())
-            new.weight.data, new.weight_scale = q, scale
-            if layer.bias is not None:
-                new.bias.data = layer.bias.detach().clone()
-        return new
+        return fill_from_linear(new, layer, quantize_weight_int8)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An nn.Linear holding the dequantized weights (in ``dtype``, default the bias dtype)."""
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.bfloat16)
-        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta", dtype=dtype)
-        weight = dequantize_weight_int8(self.weight, self.weight_scale, dtype)
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        if self.bias is not None:
-            layer.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
-        return layer
+        return dequantized_linear(self, dequantize_weight_int8, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _int8_linear(x, self, None)
