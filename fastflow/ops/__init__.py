@@ -43,14 +43,19 @@ from .linear import (
     register_modulated_linear,
 )
 from .qk_norm_rope import joint_qk_norm_rope, joint_qkv_norm_rope, qk_norm, qk_norm_rope, qkv_norm_rope
+from .sequence_parallel import CommRecord, SequenceParallel, attention_lse, count_comm, sp_attention
 
 __all__ = [
     "BACKENDS",
+    "CommRecord",
     "KERNEL_BACKENDS",
     "OPS",
+    "SequenceParallel",
     "attention",
     "attention_gelu_concat",
+    "attention_lse",
     "bias_gelu_tanh",
+    "count_comm",
     "fp8_linear",
     "fp8_quantize",
     "fp8_scaled_mm",
@@ -86,5 +91,6 @@ __all__ = [
     "register_linear",
     "register_modulated_linear",
     "set_backend",
+    "sp_attention",
     "use_backend",
 ]

@@ -244,6 +244,29 @@ def attention_layout(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def attention_lse_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, max_chunk_bytes: int = 1 << 26
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v with the log-sum-exp of each query's scores, in fp32 math.
+
+    q [B, H, M, D], k [B, H, N, D], v [B, H, N, Dv]; scale defaults to 1/sqrt(D). Returns (out
+    [B, H, M, Dv] in q's dtype and the layout of :func:`attention_layout`, lse [B, H, M] fp32,
+    natural log: lse = log sum_j exp(scale * q.k_j)). Queries go in chunks whose fp32 scores take
+    at most about ``max_chunk_bytes``, so memory stays bounded at long sequences."""
+    b, h, m, _ = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    rows = max(1, max_chunk_bytes // (4 * b * h * max(1, k.shape[2])))
+    out = q.new_empty((b, m, h, v.shape[-1])).transpose(1, 2)
+    lse = q.new_empty((b, h, m), dtype=torch.float32)
+    for start in range(0, m, rows):
+        scores = torch.matmul(q[:, :, start : start + rows].float(), kt) * scale
+        part = torch.logsumexp(scores, dim=-1)
+        lse[:, :, start : start + rows] = part
+        out[:, :, start : start + rows] = torch.matmul(torch.exp(scores - part[..., None]), vf)
+    return out, lse
+
+
 def groupnorm_silu_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int = 32, eps: float = 1e-6
 ) -> torch.Tensor:
