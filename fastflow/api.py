@@ -10,6 +10,7 @@ from .errors import InputError
 from .loading import folder_json, load_components, resolve_model
 from .ops import capability
 from .ops.capability import usable_device
+from .parallel import launched
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
@@ -31,6 +32,13 @@ def _dtype(dtype) -> torch.dtype:
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun, a bare "cuda" means this process's GPU (cuda:LOCAL_RANK), not every rank on GPU 0."""
+    if device == "cuda" and launched():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 CPU_DTYPE_FIELD = "_fastflow_cpu_dtype"  # model_index.json: the dtype a model keeps on a bf16 CPU
@@ -81,8 +89,8 @@ def load(
     fits and no diffusers config.json describes it (a FluxConfig / MMDiTConfig or a dict of its
     fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     """
-    device = str(usable_device(device if device is not None else _default_device(), "fastflow.load: device",
-                               'device="cpu"'))  # fmt: skip
+    device = str(usable_device(_rank_device(str(device if device is not None else _default_device())),
+                               "fastflow.load: device", 'device="cpu"'))  # fmt: skip
     if dtype is not None:
         dtype = _dtype(dtype)
     path = resolve_model(path)

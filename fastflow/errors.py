@@ -141,6 +141,11 @@ class ArgumentError(InputError, TypeError):
     ones). Also a ``TypeError``, as Python's own binding error, so ``except TypeError`` keeps working."""
 
 
+class ParallelError(InputError):
+    """A multi-process (torch.distributed) setting that cannot run: sizes that do not match the world,
+    a model or feature that cannot be split this way, ranks that disagree."""
+
+
 class UnknownModelError(FastflowError, KeyError):
     """A config or variant name that is not registered."""
 

@@ -13,6 +13,7 @@ from .policies import (
     Schedule,
     TaylorSeer,
     TeaCache,
+    change_reducer,
     relative_change,
     resolve_policy,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "TaylorSeer",
     "TeaCache",
     "adapter_for",
+    "change_reducer",
     "relative_change",
     "resolve_policy",
 ]

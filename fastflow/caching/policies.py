@@ -13,6 +13,8 @@ compute).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -23,17 +25,38 @@ import torch
 from ..errors import InputError, check_scale
 from .runner import Residual
 
+# How a change metric is completed across processes: set by fastflow.parallel for a generation split
+# over ranks (each holds some images or tokens), so that every rank takes the same decision.
+_REDUCER: contextvars.ContextVar = contextvars.ContextVar("fastflow_change_reducer", default=None)
+
+
+@contextlib.contextmanager
+def change_reducer(reduce):
+    """Within the context (this thread / task), :func:`relative_change` hands its per-image sums to
+    ``reduce(diff_sum [B], scale_sum [B], count) -> worst ratio`` instead of finishing them here."""
+    token = _REDUCER.set(reduce)
+    try:
+        yield
+    finally:
+        _REDUCER.reset(token)
+
 
 def relative_change(new: Residual | torch.Tensor, old: Residual | torch.Tensor) -> float:
     """Largest per-image relative L1 change ``mean|new - old| / mean|old|`` (over streams)."""
     if isinstance(new, torch.Tensor):
         new, old = {"t": new}, {"t": old}
+    reduce = _REDUCER.get()
     worst = 0.0
     for key, a in new.items():
         b = old[key]
         if a.shape != b.shape:
             return math.inf
         dims = tuple(range(1, a.ndim))
+        if reduce is not None:
+            count = a[0].numel() if a.shape[0] else 1
+            diff = (a.float() - b.float()).abs().sum(dim=dims)
+            worst = max(worst, reduce(diff, b.float().abs().sum(dim=dims), count))
+            continue
         diff = (a.float() - b.float()).abs().mean(dim=dims)
         scale = b.float().abs().mean(dim=dims).clamp_min(1e-12)
         worst = max(worst, (diff / scale).max().item())

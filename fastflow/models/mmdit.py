@@ -137,15 +137,20 @@ class JointBlock(nn.Module):
             ctx_qkv, x_qkv, *ctx_attn.norm_scales, *x_attn.norm_scales, None, None, x_attn.num_heads, 1e-6
         )
         attn = merge_heads(self.attention(q, k, v))
-        attn2 = merge_heads(self.attention(*x_qkv2)) if x_qkv2 is not None else None
+        attn2 = merge_heads(self.attention_x(*x_qkv2)) if x_qkv2 is not None else None
         x = self.x_block.post_attention(x, attn[:, n_ctx:], attn2, x_mod)
         if self.context_block.pre_only:
             return None, x
         return self.context_block.post_attention(context, attn[:, :n_ctx], None, ctx_mod), x
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """[B, H, L, D] attention (joint, and MMDiT-X's image-only attn2); one method so a
-        context-parallel wrapper can replace it."""
+        """The joint [context ; x] attention, [B, H, L, D]; one method so a context-parallel wrapper
+        can replace it."""
+        return ops.attention(q, k, v)
+
+    def attention_x(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """MMDiT-X's image-only attention (attn2) over x's tokens; its own method because a
+        context-parallel wrapper splits it over other token counts than the joint one."""
         return ops.attention(q, k, v)
 
 

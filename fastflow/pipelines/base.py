@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 
+from ..errors import InputError
 from .lora import LoraMixin
 from .noise import NoiseMixin
 from .offload import OffloadMixin
@@ -41,6 +42,30 @@ class BasePipeline(TemplateMixin, SettingsMixin, PromptMixin, NoiseMixin, LoraMi
         self._prompt_cache: collections.OrderedDict = collections.OrderedDict()  # see encode_text
         self._prompt_lock = threading.Lock()
         self.max_images_per_call = MAX_IMAGES_PER_CALL
+
+    # multi-process runs: the plan applied by enable_parallelism, and the function that applies one
+    # (fastflow.parallel registers it when imported, which ``import fastflow`` does)
+    _parallel = None
+    parallel_backend = None
+
+    def enable_parallelism(self, ulysses: int = 1, ring: int = 1, cfg: int = 1, data: int = 1):
+        """Split every generation over the processes of a torch.distributed run (torchrun): tokens over
+        ``ulysses`` x ``ring`` ranks (context parallelism; FLUX and SD3), a forward's batch over ``cfg``
+        (the CFG branches) x ``data`` (images) ranks. The sizes multiply to the world size; every rank
+        runs the same calls and gets the same images. Returns the pipeline."""
+        backend = BasePipeline.parallel_backend
+        if backend is None:
+            raise InputError("parallelism needs fastflow.parallel (import fastflow, not only fastflow.pipelines)")
+        self.disable_parallelism()
+        self._parallel = backend(self, ulysses=ulysses, ring=ring, cfg=cfg, data=data)
+        return self
+
+    def disable_parallelism(self):
+        """Back to one process's computation (the process group stays as the user made it)."""
+        if self._parallel is not None:
+            self._parallel.remove()
+            self._parallel = None
+        return self
 
     def interrupt(self) -> None:
         """Stop the generations running now (each after its current step, raising

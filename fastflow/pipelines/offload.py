@@ -106,6 +106,11 @@ class OffloadMixin:
 
         if gpu_id is not None:
             device = f"{torch.device(device).type}:{gpu_id}"
+        if getattr(self, "_parallel", None) is not None:
+            raise InputError(
+                "model CPU offload cannot be combined with parallelism (each rank holds the whole model): "
+                "call pipe.disable_parallelism() first"
+            )
         device = torch.device(usable_device(device, "enable_model_cpu_offload", 'device="cpu"'))
         groups = {
             "text": list(text_models(self.text_encoder).values()),

@@ -141,7 +141,13 @@ class TemplateMixin:
         policy = resolve_policy(cache, cache_threshold, self.config)
         if policy is not None and adapter_for(self.transformer) is None:
             raise InputError(f"{type(self.transformer).__name__} has no block loop fastflow.caching can drive")
+        parallel = self._parallel  # split over the ranks of a torch.distributed run (fastflow.parallel)
+        if parallel is not None:
+            request = parallel.request(request)
         plan = self.prepare(timer, SimpleNamespace(**request))
+        if parallel is not None:
+            parallel.plan(plan)
+            plan.settings["parallel"] = parallel.describe()
         plan.settings["cache"] = None if policy is None else policy.describe()
         stats = CacheStats()
         runner = None if policy is None else CacheRunner(policy, self.transformer, stats)
@@ -159,7 +165,7 @@ class TemplateMixin:
         tokens = _ACTIVE_CACHE.set(runner), _ACTIVE_STATS.set(stats)  # this generation's (thread / task)
         try:
             with timer.stage("denoise"), self.stage("transformer"):
-                with self._modulation(plan):
+                with self._modulation(plan), parallel.generation() if parallel else contextlib.nullcontext():
                     latent = plan.to_latent(loop.run(plan.velocity, plan.noise, plan.sigmas))
         finally:
             _ACTIVE_CACHE.reset(tokens[0])
@@ -168,7 +174,7 @@ class TemplateMixin:
         if output_type == "latent":
             return PipelineOutput(latent, plan.seeds, plan.settings, timer.done(), stats)
         with timer.stage("decode"), self.stage("vae"):
-            pixels = self.vae.decode(latent)
+            pixels = self.vae.decode(latent) if parallel is None else parallel.decode(self.vae.decode, latent)
         if not torch.isfinite(pixels).all():
             raise NumericalError(
                 f"NaN/Inf in the decoded image (VAE decode, {self.vae.dtype}): "

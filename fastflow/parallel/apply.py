@@ -1,0 +1,112 @@
+"""``pipe.enable_parallelism(...)``: a built pipeline split over the processes of a torch.distributed
+run. The transformer's methods are wrapped on the instance (:mod:`.shard`); each generation then
+agrees on its start (rank 0's seeds and noise), shares every cache decision (the change metrics
+are reduced over all ranks) and ends with the same latents, and so the same images, on every rank.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.distributed as dist
+
+from ..caching import change_reducer
+from ..errors import ParallelError
+from .mesh import ParallelConfig, build_mesh
+from .shard import Ranks, gather_rows, install, sharding_for, uninstall
+
+
+class ChangeReducer:
+    """Cache metrics over every rank: per-image sums over the sequence ranks, the worst image over
+    the batch ranks (a rank's empty share counts nothing), so every rank decides alike."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+
+    def __call__(self, diff: torch.Tensor, scale: torch.Tensor, count: int) -> float:
+        r = self.ranks
+        sums = torch.stack((diff.double(), scale.double(), torch.full_like(diff, count, dtype=torch.float64)))
+        if r.seq_group is not None:
+            dist.all_reduce(sums, group=r.seq_group)
+        mean_diff, mean_scale = sums[0] / sums[2], (sums[1] / sums[2]).clamp_min(1e-12)
+        ratio = (mean_diff / mean_scale)[: r.real_rows]
+        worst = torch.tensor([ratio.max().item() if ratio.numel() else 0.0], dtype=torch.float64)
+        if r.batch_group is not None:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=r.batch_group)
+        return float(worst)
+
+
+class Parallel:
+    """The parallel plan applied to one pipeline (``pipe._parallel``)."""
+
+    def __init__(self, pipe, config: ParallelConfig):
+        if getattr(pipe, "_offload", None) is not None:
+            raise ParallelError(
+                "model CPU offload cannot be combined with parallelism (each rank holds the whole model on its "
+                "GPU): call pipe.disable_model_cpu_offload() first, or use more ranks instead of offload"
+            )
+        self.config = config
+        self.device = torch.device(pipe.device)
+        self.mesh = build_mesh(config, self.device)
+        m = self.mesh
+        self.ranks = Ranks(
+            m.group("batch"), config.batch, m.local_rank("batch"),
+            m.group("sequence"), config.sequence, m.local_rank("sequence"),
+            m.group("ulysses"), config.ulysses, m.group("ring"), config.ring,
+        )  # fmt: skip
+        # every rank as one "batch" group (the decode's split); sequence fields unused
+        self.world_ranks = Ranks(dist.group.WORLD, m.world_size, m.rank, None, 1, 0, None, 1, None, 1)
+        self.model = pipe.transformer
+        self._check_heads()
+        self.sharding = sharding_for(self.model, self.ranks)
+        install(self.model, self.sharding)
+
+    def _check_heads(self) -> None:
+        heads = getattr(self.model.config, "num_heads", None)
+        u = self.config.ulysses
+        if heads is not None and u > 1 and heads % u:
+            raise ParallelError(
+                f"ulysses={u} splits attention heads, and this model has {heads}: pick a ulysses size that divides "
+                f"{heads}, or use ring= for the rest of the ranks"
+            )
+
+    def remove(self) -> None:
+        uninstall(self.model)
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+    # the generation's hooks (pipelines/template.py calls them)
+
+    def request(self, request: dict) -> dict:
+        """Rank 0's seeds for a request that asks for random ones (every rank must draw the same)."""
+        seed = request.get("seed")
+        if (seed is None or seed == -1) and request.get("generator") is None and request.get("latents") is None:
+            pick = [random.randrange(2**63 - 2**16)]
+            dist.broadcast_object_list(pick, src=0)
+            request = dict(request, seed=pick[0])
+        return request
+
+    def plan(self, plan) -> None:
+        """Every rank starts from rank 0's state (a user's generator or latents that differ between
+        ranks would otherwise make each rank denoise another image)."""
+        noise = plan.noise.contiguous()
+        dist.broadcast(noise, src=0)
+        plan.noise = noise
+
+    def decode(self, decode, latent: torch.Tensor) -> torch.Tensor:
+        """The VAE decode split by images over every rank, then gathered (each image decoded once)."""
+        b = latent.shape[0]
+        if b == 1:
+            return decode(latent)
+        rows, _ = self.world_ranks.rows(b)
+        return gather_rows(decode(latent[rows]), self.world_ranks, b)
+
+    def generation(self):
+        return change_reducer(ChangeReducer(self.ranks))
+
+
+def enable(pipe, ulysses: int = 1, ring: int = 1, cfg: int = 1, data: int = 1) -> Parallel:
+    config = ParallelConfig(ulysses=ulysses, ring=ring, cfg=cfg, data=data)
+    return Parallel(pipe, config)

@@ -1,0 +1,265 @@
+"""Splitting one forward across ranks: batch rows over the ``batch`` group (data x cfg), tokens
+over the ``sequence`` group (ring x ulysses).
+
+The models do not change. A wrapped transformer's ``embed`` runs as before on the whole batch and
+sequence (cheap: the input projections, the conditioning and the RoPE tables), then keeps this
+rank's rows and tokens; each block's ``attention`` method becomes sequence-parallel attention
+(:func:`fastflow.ops.sequence_parallel.sp_attention`) over the ranks' tokens; ``final`` runs the
+final layer on this rank's target tokens and gathers the output from every rank, so every rank
+returns the whole ``[B, ...]`` velocity. Shards are contiguous and may be uneven (no padding:
+token counts need not divide), so gathering them in rank order gives the original order back.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+from ..errors import ParallelError
+from ..models.flux import Flux
+from ..models.mmdit import MMDiT
+from ..models.unet import UNet
+from ..ops.sequence_parallel import SequenceParallel, sp_attention
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Contiguous, as even as possible (the first ``total % parts`` shards one longer)."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def bounds(total: int, parts: int, index: int) -> tuple[int, int]:
+    sizes = split_sizes(total, parts)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+@dataclass
+class Ranks:
+    """This rank's place: ``batch`` ranks split rows, ``sequence`` ranks split tokens."""
+
+    batch_group: object
+    batch_size: int
+    batch_rank: int
+    seq_group: object
+    seq_size: int
+    seq_rank: int
+    ulysses_group: object
+    ulysses_size: int
+    ring_group: object
+    ring_size: int
+    real_rows: int = 0  # rows of the running forward this rank computes for real (set by embed)
+
+    def rows(self, b: int) -> tuple[slice, int]:
+        """This rank's batch rows and how many of them are real. A rank whose share is empty (fewer
+        rows than batch ranks) computes a copy of the last row and contributes nothing."""
+        start, end = bounds(b, self.batch_size, self.batch_rank)
+        if end > start:
+            return slice(start, end), end - start
+        return slice(b - 1, b), 0
+
+    def sequence(self, lengths: list[int]) -> SequenceParallel:
+        return SequenceParallel(self.ulysses_group, self.ulysses_size, self.ring_group, self.ring_size, tuple(lengths))
+
+
+def gather_rows(x: torch.Tensor, ranks: Ranks, b: int) -> torch.Tensor:
+    """[rows of this rank, ...] -> [b, ...] from every batch rank (uneven shares padded to the
+    largest for the all-gather, then dropped)."""
+    if ranks.batch_size == 1:
+        return x
+    sizes = split_sizes(b, ranks.batch_size)
+    top = max(sizes)
+    if x.shape[0] < top:
+        x = torch.cat((x, x[-1:].expand(top - x.shape[0], *x.shape[1:])))
+    elif x.shape[0] > top:
+        x = x[:top]
+    every = funcol.all_gather_single(x.contiguous(), 0, ranks.batch_group)
+    every = every.view(ranks.batch_size, top, *x.shape[1:])
+    return torch.cat([every[i, :n] for i, n in enumerate(sizes) if n])
+
+
+def gather_tokens(x: torch.Tensor, ranks: Ranks, lengths: list[int]) -> torch.Tensor:
+    """[B, this rank's tokens, C] -> [B, sum(lengths), C] in rank order (padded for the gather)."""
+    if ranks.seq_size == 1:
+        return x
+    top = max(lengths)
+    if x.shape[1] < top:
+        x = torch.cat((x, x.new_zeros(x.shape[0], top - x.shape[1], *x.shape[2:])), dim=1)
+    every = funcol.all_gather_single(x.transpose(0, 1).contiguous(), 0, ranks.seq_group)
+    every = every.view(ranks.seq_size, top, *x.shape[:1], *x.shape[2:])
+    return torch.cat([every[i, :n] for i, n in enumerate(lengths) if n]).transpose(0, 1)
+
+
+@dataclass
+class Shard:
+    """What ``embed`` kept, so ``final`` can put the output back together."""
+
+    b: int  # the whole batch
+    real_rows: int
+    txt: tuple[int, int]  # this rank's text tokens
+    img: tuple[int, int]  # this rank's image tokens (FLUX: target + Kontext context)
+    img_lengths: list[int]  # image tokens per sequence rank
+    n_img: int  # target image tokens (the output)
+
+
+def _token_split(ranks: Ranks, n_txt: int, n_img: int, what: str):
+    if n_img < ranks.seq_size:
+        raise ParallelError(
+            f"{what}: {n_img} image tokens cannot be split over {ranks.seq_size} sequence-parallel ranks; "
+            "use a larger image or fewer ulysses x ring ranks"
+        )
+    txt = bounds(n_txt, ranks.seq_size, ranks.seq_rank)
+    img = bounds(n_img, ranks.seq_size, ranks.seq_rank)
+    joint = [t + i for t, i in zip(split_sizes(n_txt, ranks.seq_size), split_sizes(n_img, ranks.seq_size), strict=True)]
+    return txt, img, joint, split_sizes(n_img, ranks.seq_size)
+
+
+class FluxSharding:
+    """FLUX (dev, schnell, Kontext): img [B, N (+ M), C] and txt [B, T, C] split separately; the
+    RoPE tables follow the tokens ([txt shard | img shard], the order the blocks join them)."""
+
+    def __init__(self, model: Flux, ranks: Ranks):
+        self.model, self.ranks = model, ranks
+        self.embed, self.final = model.embed, model.final  # the unwrapped methods
+
+    def attention_methods(self):
+        for block in (*self.model.double_blocks, *self.model.single_blocks):
+            yield block, "attention"
+
+    def wrapped_embed(self, *args, **kwargs):
+        state = self.embed(*args, **kwargs)
+        r = self.ranks
+        b = state.vec.shape[0]
+        rows, r.real_rows = r.rows(b)
+        n_txt, n_all = state.txt.shape[1], state.img.shape[1]
+        txt, img, joint, img_lengths = _token_split(r, n_txt, n_all, "FLUX")
+        cos, sin = state.pe
+        keep = torch.cat((torch.arange(*txt), n_txt + torch.arange(*img))).to(cos.device)
+        state.pe = (cos[keep], sin[keep])
+        state.img = state.img[rows, img[0] : img[1]]
+        state.txt = state.txt[rows, txt[0] : txt[1]]
+        state.vec = state.vec[rows]
+        state.n_txt = txt[1] - txt[0]
+        state.shard = Shard(b, r.real_rows, txt, img, img_lengths, state.n_img)
+        state.n_img = max(0, min(img[1], state.n_img) - img[0])  # this rank's target tokens
+        self.sp = r.sequence(joint)
+        return state
+
+    def wrapped_final(self, state):
+        shard = state.shard
+        out = self.final(state)  # this rank's target tokens [rows, n, out]
+        targets = [max(0, min(e, shard.n_img) - s) for s, e in _ranges(shard.img_lengths)]
+        out = gather_tokens(out, self.ranks, targets)
+        return gather_rows(out, self.ranks, shard.b)
+
+    def attention(self, q, k, v):
+        return sp_attention(q, k, v, self.sp)
+
+
+class MMDiTSharding:
+    """SD3 / SD3.5: x [B, h_p * w_p, C] and context [B, T, C] split separately; MMDiT-X's image-only
+    attention (attn2) runs over the image shards alone."""
+
+    def __init__(self, model: MMDiT, ranks: Ranks):
+        self.model, self.ranks = model, ranks
+        self.embed, self.final = model.embed, model.final
+
+    def attention_methods(self):
+        for block in self.model.joint_blocks:
+            yield block, "attention"
+            yield block, "attention_x"
+
+    def wrapped_embed(self, *args, **kwargs):
+        state = self.embed(*args, **kwargs)
+        r = self.ranks
+        b = state.c.shape[0]
+        rows, r.real_rows = r.rows(b)
+        txt, img, joint, img_lengths = _token_split(r, state.context.shape[1], state.x.shape[1], "SD3")
+        state.x = state.x[rows, img[0] : img[1]]
+        state.context = state.context[rows, txt[0] : txt[1]]
+        state.c = state.c[rows]
+        state.shard = Shard(b, r.real_rows, txt, img, img_lengths, sum(img_lengths))
+        self.sp, self.sp_x = r.sequence(joint), r.sequence(img_lengths)
+        return state
+
+    def wrapped_final(self, state):
+        shard = state.shard
+        out = self.model.final_layer(state.x, state.c)  # per token: [rows, this rank's tokens, p*p*C]
+        out = gather_rows(gather_tokens(out, self.ranks, shard.img_lengths), self.ranks, shard.b)
+        return self.model.unpatchify(out, state.h_p, state.w_p)
+
+    def attention(self, q, k, v):
+        return sp_attention(q, k, v, self.sp)
+
+    def attention_x(self, q, k, v):
+        return sp_attention(q, k, v, self.sp_x)
+
+
+def _ranges(lengths):
+    start = 0
+    for n in lengths:
+        yield start, start + n
+        start += n
+
+
+class UNetSharding:
+    """The SDXL UNet: batch rows only (its convolutions mix neighbouring tokens: no sequence split)."""
+
+    def __init__(self, model: UNet, ranks: Ranks):
+        if ranks.seq_size > 1:
+            raise ParallelError(
+                "the SDXL UNet cannot split its tokens (ulysses / ring): its convolutions need their neighbours; "
+                "use cfg=2 (its CFG batch) and data= (images) instead"
+            )
+        self.model, self.ranks = model, ranks
+        self.forward = model.forward
+
+    def attention_methods(self):
+        return iter(())
+
+    def wrapped_forward(self, x, *args, **kwargs):
+        b = x.shape[0]
+        rows, self.ranks.real_rows = self.ranks.rows(b)
+        sliced = [a[rows] if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == b else a for a in args]
+        out = self.forward(x[rows], *sliced, **kwargs)
+        return gather_rows(out, self.ranks, b)
+
+
+def sharding_for(model, ranks: Ranks):
+    if isinstance(model, Flux):
+        return FluxSharding(model, ranks)
+    if isinstance(model, MMDiT):
+        return MMDiTSharding(model, ranks)
+    if isinstance(model, UNet):
+        return UNetSharding(model, ranks)
+    raise ParallelError(f"{type(model).__name__} cannot be split across ranks (FLUX, SD3 and SDXL can)")
+
+
+def install(model, sharding) -> None:
+    """Replace the model's methods on the instance (the class is untouched)."""
+    if isinstance(sharding, UNetSharding):
+        model.forward = sharding.wrapped_forward
+    else:
+        model.embed = sharding.wrapped_embed
+        model.final = sharding.wrapped_final
+    if sharding.ranks.seq_size > 1:  # with the tokens whole, attention is the model's own
+        for block, name in sharding.attention_methods():
+            setattr(block, name, functools.partial(_call_attention, sharding, name))
+    model._fastflow_sharding = sharding
+
+
+def _call_attention(sharding, name, q, k, v):
+    return getattr(sharding, name)(q, k, v)
+
+
+def uninstall(model) -> None:
+    sharding = model.__dict__.pop("_fastflow_sharding", None)
+    if sharding is None:
+        return
+    for attr in ("forward", "embed", "final"):
+        model.__dict__.pop(attr, None)
+    for block, name in sharding.attention_methods():
+        block.__dict__.pop(name, None)
