@@ -123,6 +123,13 @@ def add_parser(sub) -> None:
         "none: dequantize an FP8 / int8 file "
         "(default: as the file is)",
     )
+    p.add_argument(
+        "--parallel",
+        default=None,
+        metavar="SIZES",
+        help="under torchrun: split each generation over the processes, e.g. ulysses=2,ring=2 or cfg=2,data=2 "
+        "(sizes of ulysses / ring / cfg / data multiplying to the number of processes; docs/parallel.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -162,6 +169,7 @@ def run(args) -> int:
         config = parse_config_arg(args.config)
     threads = threads_arg(args.threads)
     vae, text_encoders = _components(args)
+    sizes = _parallel_sizes(args.parallel)
     pipe = load(
         model,
         variant=args.variant,
@@ -172,7 +180,8 @@ def run(args) -> int:
         vae=vae,
         text_encoders=text_encoders,
     )
-    pipe.set_progress_bar_config(disable=args.no_progress)
+    writer = _parallel(pipe, sizes)
+    pipe.set_progress_bar_config(disable=args.no_progress or not writer)
     if torch.device(device).type == "cpu":
         torch.set_num_threads(threads or cpu_threads(pipe))
         pipe.num_threads = None  # set for the whole run here; the pipeline call leaves it
@@ -218,7 +227,9 @@ def run(args) -> int:
         )
     _warn_size(pipe, args.height, args.width)
     for prompt in prompts:
-        out, settings = _generate(pipe, prompt, args, kwargs, model, output, upscale)
+        out, settings = _generate(pipe, prompt, args, kwargs, model, output, upscale, writer)
+    if not writer:
+        return 0
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
     saved = ""
     if settings["cache"]:
@@ -227,15 +238,55 @@ def run(args) -> int:
     return 0
 
 
-def _generate(pipe, prompt, args, kwargs, model, output, upscale):
+def _parallel_sizes(text):
+    """``--parallel``, checked before any loading: the sizes, or None for a one-process run."""
+    from ..parallel import ParallelConfig, launched
+
+    if text is None:
+        if launched():
+            raise InputError(
+                "fastflow generate runs under torchrun here (WORLD_SIZE > 1) without --parallel: every process "
+                "would make the same images; pass --parallel, e.g. --parallel data=N or ulysses=2,ring=2"
+            )
+        return None
+    sizes = ParallelConfig.parse(text)
+    if not launched():
+        raise InputError(
+            f"--parallel {text} needs several processes: run under torchrun, e.g. `torchrun --nproc-per-node "
+            f"{sizes.world_size} -m fastflow generate ... --parallel {text}`"
+        )
+    return sizes
+
+
+def _parallel(pipe, sizes) -> bool:
+    """Split the pipeline over torchrun's processes. Returns whether this process writes the files
+    and prints (rank 0: every rank ends with every image, and one writer keeps the numbering global
+    with nothing written twice)."""
+    if sizes is None:
+        return True
+    import atexit
+
+    import torch.distributed as dist
+
+    ours = not dist.is_initialized()
+    pipe.enable_parallelism(**vars(sizes))
+    if ours:  # joined here from torchrun's environment: left cleanly at exit
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank() == 0
+
+
+def _generate(pipe, prompt, args, kwargs, model, output, upscale, writer=True):
     """-n images of one prompt, in batches of at most the pipeline's per-call cap."""
     total, done = args.num_images, 0
     while done < total:
         count = min(total - done, pipe.max_images_per_call)
         seed = args.seed + done if args.seed not in (None, -1) else args.seed
         out = pipe(prompt, **dict(kwargs, num_images_per_prompt=count, seed=seed))
+        done += count
         # no absolute paths in what is shared with the image: the model's folder or file name
         settings = dict(out.settings, model_path=model.name, upscale=upscale)
+        if not writer:
+            continue
         if args.negative_prompt is not None:
             settings["negative_prompt"] = args.negative_prompt
         for image, image_seed in zip(out.images, out.seeds, strict=True):
@@ -245,7 +296,6 @@ def _generate(pipe, prompt, args, kwargs, model, output, upscale):
                 image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
             path = save_png(image, output, prompt, image_seed, settings)
             print(f"wrote {path} (seed {image_seed})")
-        done += count
     return out, settings
 
 
