@@ -7,6 +7,7 @@ are reduced over all ranks) and ends with the same latents, and so the same imag
 from __future__ import annotations
 
 import random
+import threading
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ class Parallel:
                 "GPU): call pipe.disable_model_cpu_offload() first, or use more ranks instead of offload"
             )
         self.config = config
+        self.lock = threading.Lock()  # one generation at a time (their collectives would interleave)
         self.device = torch.device(pipe.device)
         self.mesh = build_mesh(config, self.device)
         m = self.mesh

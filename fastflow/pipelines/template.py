@@ -95,7 +95,9 @@ class TemplateMixin:
         Runs under ``torch.inference_mode`` (no autograd bookkeeping: 10% of a small model's step on
         a CPU); tensor results are handed back as ordinary tensors, usable anywhere."""
         try:
-            with torch.inference_mode():
+            # a split generation's collectives must not interleave with another call's: one at a time
+            exclusive = self._parallel.lock if self._parallel is not None else contextlib.nullcontext()
+            with torch.inference_mode(), exclusive:
                 out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
                                      callback_on_step_end_tensor_inputs, request)  # fmt: skip
         finally:
