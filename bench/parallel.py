@@ -176,6 +176,75 @@ def count(workload: Workload, sizes: dict, rank: int) -> dict:
     return {"log": log, "computed_rows": computed_rows, "rows": rows, "seq": r.seq_size}
 
 
+# once per generation (and per step with a cache policy): FLUX.1-dev 1024^2, (sizes, images)
+GENERATION = [({"data": 2}, 2), ({"data": 4}, 4), ({"data": 8}, 8), ({"ulysses": 2, "ring": 2}, 1),
+              ({"cfg": 2, "ulysses": 2}, 1), ({"cfg": 2, "data": 2}, 2)]  # fmt: skip
+QUICK_GENERATION = [({"data": 2}, 2)]
+
+
+def count_generation(sizes: dict, images: int, rank: int) -> list:
+    """What ``Parallel``'s generation hooks issue as ``rank``: rank 0's random seed (counted on rank
+    0 only: the fake group's broadcast carries no object to unpickle), the start noise [images, 16,
+    128, 128] fp32, one cache decision (per step with a cache policy) and the decode of 1024^2 bf16
+    images split by image."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fastflow.ops import count_comm
+    from fastflow.parallel.apply import ChangeReducer, Parallel
+    from fastflow.parallel.mesh import ParallelConfig
+
+    m = torch.device("meta")
+    model = _build(WORKLOADS["flux"])
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_of(sizes))
+    try:
+        parallel = Parallel(SimpleNamespace(transformer=model, device="cpu", _offload=None), ParallelConfig(**sizes))
+        rows = images * (2 if sizes.get("cfg", 1) > 1 else 1)  # the forward's batch (true CFG: 2 rows per image)
+        with count_comm() as log:
+            if rank == 0:
+                parallel.request({"seed": None})
+            parallel.plan(SimpleNamespace(noise=torch.empty(images, 16, 128, 128, device=m)))
+            share, parallel.ranks.real_rows = parallel.ranks.rows(rows)
+            n = share.stop - share.start
+            ChangeReducer(parallel.ranks)(torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), 1)
+            decode = lambda z: torch.empty(z.shape[0], 3, 1024, 1024, dtype=torch.bfloat16, device=m)  # noqa: E731
+            parallel.decode(decode, torch.empty(images, 16, 128, 128, device=m))
+    finally:
+        dist.destroy_process_group()
+    return log
+
+
+def run_generation(cases) -> list[dict]:
+    rows = []
+    for sizes, images in cases:
+        world = world_of(sizes)
+        for rank in (0, world - 1):
+            log = count_generation(sizes, images, rank)
+            rows.append({"scheme": describe(sizes), "ranks": world, "images": images, "rank": rank,
+                         "collectives": [asdict(r) for r in log]})  # fmt: skip
+    return rows
+
+
+def generation_table(rows: list[dict]) -> str:
+    lines = ["### Once per generation, and per step with a cache policy (FLUX.1-dev 1024^2; counted)", "",
+             "| scheme | images | rank | seed broadcast B | noise broadcast MB | cache decision B (per step) | "
+             "decode gather MB |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        by = {}
+        for c in r["collectives"]:
+            sent = by.setdefault(c["kind"], [0, 0])
+            sent[0] += c["sent_bytes"]
+            sent[1] += c["received_bytes"]
+        noise = by.get("broadcast_noise", [0, 0])
+        lines.append(f"| {r['scheme']} | {r['images']} | {r['rank']} | {by.get('broadcast_seed', [0])[0]} | "
+                     f"{noise[0] / MB:.2f} sent, {noise[1] / MB:.2f} received | {by.get('reduce_change', [0])[0]} | "
+                     f"{by.get('decode_rows', [0])[0] / MB:.2f} |")  # fmt: skip
+    lines += ["", "One image is decoded whole on every rank (no gather); each rank's cache decision adds two "
+              "all-reduces of a few bytes (sequence group, then batch group). Bytes: a direct exchange's (a "
+              "broadcast: the root sends to each other rank)."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def summarize(log) -> dict:
     groups: dict[tuple, dict] = {}
     for rec in log:
@@ -363,7 +432,9 @@ def main(argv=None) -> int:
           "last rank); the Ring's block attention runs as one chunk there (same shapes). NO GPU: the times are a "
           "projection.\n", flush=True)  # fmt: skip
     rows = run_counts(schemes, a, progress=lambda s: print("  " + s, flush=True))
-    print("\n" + comm_table(rows) + "\n\n" + projection_table(rows, a) + "\n", flush=True)
+    generation = run_generation(QUICK_GENERATION if args.quick else GENERATION)
+    print("\n" + comm_table(rows) + "\n\n" + generation_table(generation) + "\n\n" + projection_table(rows, a) + "\n",
+          flush=True)  # fmt: skip
     gloo = [] if args.no_gloo else gloo_rows(quick=args.quick)
     if gloo:
         print(gloo_table(gloo) + "\n", flush=True)
@@ -373,6 +444,9 @@ def main(argv=None) -> int:
             for r in rows:
                 fh.write(json.dumps({"bench": "parallel", "part": "comm", "sha": sha, "quick": args.quick,
                                      "assumptions": asdict(a), **r}) + "\n")  # fmt: skip
+            for r in generation:
+                fh.write(json.dumps({"bench": "parallel", "part": "generation", "sha": sha, "quick": args.quick, **r})
+                         + "\n")  # fmt: skip
             for r in gloo:
                 fh.write(json.dumps({"bench": "parallel", "part": "gloo", "sha": sha, "quick": args.quick, **r}) + "\n")
     return 0

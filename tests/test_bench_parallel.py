@@ -76,6 +76,21 @@ def test_quick_run_counts_what_the_shapes_say(tmp_path, capsys):
         assert 1.0 < p["speedup"] <= r["ranks"], r
     assert "PROJECTION" in printed and "CORRECTNESS run, not a speed claim" in printed
 
+    # once per generation, data=2 with 2 images: rank 0's noise [2, 16, 128, 128] fp32 to rank 1; each rank
+    # decodes one 1024^2 bf16 image and sends it to the other; a cache decision all-reduces one float64
+    generation = {r["rank"]: r["collectives"] for r in rows if r["part"] == "generation"}
+    noise, image = 2 * 16 * 128 * 128 * 4, 3 * 1024 * 1024 * BF16
+
+    def sent(rank):
+        return [(c["kind"], c["collective"], c["sent_bytes"], c["received_bytes"]) for c in generation[rank]]
+
+    seed = sent(0)[0]
+    assert seed[:2] == ("broadcast_seed", "broadcast_object_list") and 8 < seed[2] < 64
+    assert sent(0)[1:] == [("broadcast_noise", "broadcast", noise, 0), ("reduce_change", "all_reduce", 8, 8),
+                           ("decode_rows", "all_gather_single", image, image)]  # fmt: skip
+    assert sent(1) == [("broadcast_noise", "broadcast", 0, noise), ("reduce_change", "all_reduce", 8, 8),
+                       ("decode_rows", "all_gather_single", image, image)]  # fmt: skip
+
     gloo = [r for r in rows if r["part"] == "gloo"]
     assert {(r["what"], r["scheme"]) for r in gloo} == {(w, bench.describe(s)) for w, s, _ in bench_gloo_cases()}
     for r in gloo:

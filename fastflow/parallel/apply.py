@@ -93,7 +93,8 @@ class Parallel:
         seed = request.get("seed")
         if (seed is None or seed == -1) and request.get("generator") is None and request.get("latents") is None:
             pick = [random.randrange(2**63 - 2**16)]
-            self._record_broadcast("broadcast_seed", "broadcast_object_list", 8 + len(pickle.dumps(pick)))
+            nbytes = sum(8 + len(pickle.dumps(o)) for o in pick)  # a size, then the pickled object
+            self._record_broadcast("broadcast_seed", "broadcast_object_list", nbytes)
             dist.broadcast_object_list(pick, src=0)
             request = dict(request, seed=pick[0])
         return request
