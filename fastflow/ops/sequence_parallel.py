@@ -30,7 +30,8 @@ is also what runs on CPU and the fallback when a kernel refuses the call (eagerl
 
 Counting communication: ``with count_comm() as log:`` collects a :class:`CommRecord` (kind,
 group size, bytes sent to and received from the other ranks) per collective issued eagerly (the
-log is a context variable; compiled code does not record). torch's fake process group lets one
+log is a context variable; compiled code does not record; :func:`record_comm` logs collectives
+issued elsewhere, as fastflow.parallel's gathers and broadcasts do). torch's fake process group lets one
 process act as rank r of a world of any size, so the counts come from the real collectives without
 the other ranks (their contents are garbage, their sizes are right; meta tensors work too)::
 
@@ -116,11 +117,14 @@ class SequenceParallel:
 # -- communication log ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CommRecord:
-    """One collective issued by :func:`sp_attention`.
+    """One collective, issued by :func:`sp_attention` or recorded with :func:`record_comm`.
 
     ``kind``: "ulysses_qkv" (q, k, v to head shards), "ulysses_out" (the inverse) or "ring_kv" (one
-    hop of K / V). ``collective`` is the torch.distributed call. Bytes count what this rank sends to
-    and receives from the other ranks of the group (the part of an all-to-all it keeps is not sent)."""
+    hop of K / V) here; fastflow.parallel adds "gather_tokens", "gather_rows", "decode_rows",
+    "broadcast_noise", "broadcast_seed" and "reduce_change". ``collective`` is the torch.distributed
+    call. Bytes count what this rank sends to and receives from the other ranks of the group (the
+    part of an all-to-all it keeps is not sent; an all-gather sends its buffer to every other rank;
+    an all-reduce counts a ring's 2 (n - 1) / n of the buffer each way)."""
 
     kind: str
     collective: str
@@ -137,7 +141,9 @@ _COMM_LOGS: contextvars.ContextVar[tuple[list[CommRecord], ...]] = contextvars.C
 @contextlib.contextmanager
 def count_comm() -> Iterator[list[CommRecord]]:
     """``with count_comm() as log:``: every collective that :func:`sp_attention` issues eagerly in
-    this context (thread / task) is appended to ``log``, a list of :class:`CommRecord`. Nested
+    this context (thread / task), and every one recorded through :func:`record_comm` (the gathers,
+    broadcasts and reductions of fastflow.parallel), is appended to ``log``, a list of
+    :class:`CommRecord`. Nested
     contexts each see the collectives issued inside them."""
     log: list[CommRecord] = []
     token = _COMM_LOGS.set((*_COMM_LOGS.get(), log))
@@ -147,17 +153,23 @@ def count_comm() -> Iterator[list[CommRecord]]:
         _COMM_LOGS.reset(token)
 
 
+def record_comm(kind: str, collective: str, group_size: int, sent_bytes: int, received_bytes: int) -> None:
+    """Log one collective in every open :func:`count_comm` context (nothing when none is open, or
+    while compiling). Called just before the collective is issued."""
+    if torch.compiler.is_compiling():
+        return
+    logs = _COMM_LOGS.get()
+    if not logs:
+        return
+    rec = CommRecord(kind, collective, group_size, int(sent_bytes), int(received_bytes))
+    for log in logs:
+        log.append(rec)
+
+
 def _record(kind: str, x: torch.Tensor, out_splits: list[int], in_splits: list[int], me: int) -> None:
     row = x.numel() // max(1, x.shape[0]) * x.element_size()  # bytes per row of dim 0
-    rec = CommRecord(
-        kind,
-        "all_to_all_single",
-        len(in_splits),
-        row * (sum(in_splits) - in_splits[me]),
-        row * (sum(out_splits) - out_splits[me]),
-    )
-    for log in _COMM_LOGS.get():
-        log.append(rec)
+    sent, received = row * (sum(in_splits) - in_splits[me]), row * (sum(out_splits) - out_splits[me])
+    record_comm(kind, "all_to_all_single", len(in_splits), sent, received)
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, me: int, kind: str):

@@ -6,6 +6,7 @@ are reduced over all ranks) and ends with the same latents, and so the same imag
 
 from __future__ import annotations
 
+import pickle
 import random
 import threading
 
@@ -14,8 +15,14 @@ import torch.distributed as dist
 
 from ..caching import change_reducer
 from ..errors import ParallelError
+from ..ops.sequence_parallel import record_comm
 from .mesh import ParallelConfig, build_mesh
 from .shard import Ranks, gather_rows, install, sharding_for, uninstall
+
+
+def _record_reduce(x: torch.Tensor, size: int) -> None:
+    nbytes = 2 * (size - 1) * x.numel() * x.element_size() // size  # a ring all-reduce, each way
+    record_comm("reduce_change", "all_reduce", size, nbytes, nbytes)
 
 
 class ChangeReducer:
@@ -29,11 +36,13 @@ class ChangeReducer:
         r = self.ranks
         sums = torch.stack((diff.double(), scale.double(), torch.full_like(diff, count, dtype=torch.float64)))
         if r.seq_group is not None:
+            _record_reduce(sums, r.seq_size)
             dist.all_reduce(sums, group=r.seq_group)
         mean_diff, mean_scale = sums[0] / sums[2], (sums[1] / sums[2]).clamp_min(1e-12)
         ratio = (mean_diff / mean_scale)[: r.real_rows]
         worst = torch.tensor([ratio.max().item() if ratio.numel() else 0.0], dtype=torch.float64)
         if r.batch_group is not None:
+            _record_reduce(worst, r.batch_size)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=r.batch_group)
         return float(worst)
 
@@ -86,6 +95,8 @@ class Parallel:
         seed = request.get("seed")
         if (seed is None or seed == -1) and request.get("generator") is None and request.get("latents") is None:
             pick = [random.randrange(2**63 - 2**16)]
+            nbytes = sum(8 + len(pickle.dumps(o)) for o in pick)  # a size, then the pickled object
+            self._record_broadcast("broadcast_seed", "broadcast_object_list", nbytes)
             dist.broadcast_object_list(pick, src=0)
             request = dict(request, seed=pick[0])
         return request
@@ -94,8 +105,15 @@ class Parallel:
         """Every rank starts from rank 0's state (a user's generator or latents that differ between
         ranks would otherwise make each rank denoise another image)."""
         noise = plan.noise.contiguous()
+        self._record_broadcast("broadcast_noise", "broadcast", noise.numel() * noise.element_size())
         dist.broadcast(noise, src=0)
         plan.noise = noise
+
+    def _record_broadcast(self, kind: str, collective: str, nbytes: int) -> None:
+        """Rank 0 sends ``nbytes`` to every other rank (a direct exchange's count; trees and rings differ)."""
+        n = self.mesh.world_size
+        root = self.mesh.rank == 0
+        record_comm(kind, collective, n, nbytes * (n - 1) if root else 0, 0 if root else nbytes)
 
     def decode(self, decode, latent: torch.Tensor) -> torch.Tensor:
         """The VAE decode split by images over every rank, then gathered (each image decoded once)."""
@@ -103,7 +121,7 @@ class Parallel:
         if b == 1:
             return decode(latent)
         rows, _ = self.world_ranks.rows(b)
-        return gather_rows(decode(latent[rows]), self.world_ranks, b)
+        return gather_rows(decode(latent[rows]), self.world_ranks, b, kind="decode_rows")
 
     def generation(self):
         return change_reducer(ChangeReducer(self.ranks))

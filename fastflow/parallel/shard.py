@@ -22,7 +22,7 @@ from ..errors import ParallelError
 from ..models.flux import Flux
 from ..models.mmdit import MMDiT
 from ..models.unet import UNet
-from ..ops.sequence_parallel import SequenceParallel, sp_attention
+from ..ops.sequence_parallel import SequenceParallel, record_comm, sp_attention
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -65,9 +65,17 @@ class Ranks:
         return SequenceParallel(self.ulysses_group, self.ulysses_size, self.ring_group, self.ring_size, tuple(lengths))
 
 
-def gather_rows(x: torch.Tensor, ranks: Ranks, b: int) -> torch.Tensor:
+def _record_gather(kind: str, x: torch.Tensor, size: int) -> None:
+    """An all-gather of ``x`` over ``size`` ranks: it goes to, and one like it comes from, each other rank."""
+    if torch.compiler.is_compiling():  # compiled code does not record (no shape arithmetic traced for it)
+        return
+    nbytes = x.numel() * x.element_size() * (size - 1)
+    record_comm(kind, "all_gather_single", size, nbytes, nbytes)
+
+
+def gather_rows(x: torch.Tensor, ranks: Ranks, b: int, kind: str = "gather_rows") -> torch.Tensor:
     """[rows of this rank, ...] -> [b, ...] from every batch rank (uneven shares padded to the
-    largest for the all-gather, then dropped)."""
+    largest for the all-gather, then dropped). ``kind``: its name in :func:`~fastflow.ops.count_comm`'s log."""
     if ranks.batch_size == 1:
         return x
     sizes = split_sizes(b, ranks.batch_size)
@@ -76,6 +84,7 @@ def gather_rows(x: torch.Tensor, ranks: Ranks, b: int) -> torch.Tensor:
         x = torch.cat((x, x[-1:].expand(top - x.shape[0], *x.shape[1:])))
     elif x.shape[0] > top:
         x = x[:top]
+    _record_gather(kind, x, ranks.batch_size)
     every = funcol.all_gather_single(x.contiguous(), 0, ranks.batch_group)
     every = every.view(ranks.batch_size, top, *x.shape[1:])
     return torch.cat([every[i, :n] for i, n in enumerate(sizes) if n])
@@ -88,6 +97,7 @@ def gather_tokens(x: torch.Tensor, ranks: Ranks, lengths: list[int]) -> torch.Te
     top = max(lengths)
     if x.shape[1] < top:
         x = torch.cat((x, x.new_zeros(x.shape[0], top - x.shape[1], *x.shape[2:])), dim=1)
+    _record_gather("gather_tokens", x, ranks.seq_size)
     every = funcol.all_gather_single(x.transpose(0, 1).contiguous(), 0, ranks.seq_group)
     every = every.view(ranks.seq_size, top, *x.shape[:1], *x.shape[2:])
     return torch.cat([every[i, :n] for i, n in enumerate(lengths) if n]).transpose(0, 1)
