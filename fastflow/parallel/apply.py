@@ -6,9 +6,11 @@ are reduced over all ranks) and ends with the same latents, and so the same imag
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import threading
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -57,8 +59,16 @@ class Parallel:
                 "GPU): call pipe.disable_model_cpu_offload() first, or use more ranks instead of offload"
             )
         self.config = config
+        self._warned = False
         self.lock = threading.Lock()  # one generation at a time (their collectives would interleave)
         self.device = torch.device(pipe.device)
+        local = os.environ.get("LOCAL_RANK")
+        if self.device.type == "cuda" and local is not None and self.device.index not in (None, int(local)):
+            raise ParallelError(
+                f"this process is local rank {local} but its pipeline is on {self.device}: every rank would share "
+                f"one GPU; load with device='cuda' (fastflow.load then uses cuda:{local} under torchrun) or "
+                f"device='cuda:{local}'"
+            )
         self.mesh = build_mesh(config, self.device)
         m = self.mesh
         self.ranks = Ranks(
@@ -93,7 +103,8 @@ class Parallel:
     def request(self, request: dict) -> dict:
         """Rank 0's seeds for a request that asks for random ones (every rank must draw the same)."""
         seed = request.get("seed")
-        if (seed is None or seed == -1) and request.get("generator") is None and request.get("latents") is None:
+        # (also with latents=: image-to-image / inpainting / control encodings draw from the seeds too)
+        if (seed is None or seed == -1) and request.get("generator") is None:
             pick = [random.randrange(2**63 - 2**16)]
             nbytes = sum(8 + len(pickle.dumps(o)) for o in pick)  # a size, then the pickled object
             self._record_broadcast("broadcast_seed", "broadcast_object_list", nbytes)
@@ -104,6 +115,15 @@ class Parallel:
     def plan(self, plan) -> None:
         """Every rank starts from rank 0's state (a user's generator or latents that differ between
         ranks would otherwise make each rank denoise another image)."""
+        images = plan.noise.shape[0]
+        if images < self.config.data and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"data={self.config.data} but this call makes {images} image(s): {self.config.data - images} data "
+                "rank(s) only repeat another's work; ask for more images per call, or use fewer data ranks",
+                UserWarning,
+                stacklevel=2,
+            )
         noise = plan.noise.contiguous()
         self._record_broadcast("broadcast_noise", "broadcast", noise.numel() * noise.element_size())
         dist.broadcast(noise, src=0)

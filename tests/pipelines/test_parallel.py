@@ -7,6 +7,8 @@ same images."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -137,7 +139,9 @@ def _scenario(rank, world, pipes, folders, lora_path, image_path, variant, sizes
     single_images = pipe(**dict(call, num_inference_steps=1), output_type="pt").images
     pipe.enable_parallelism(**sizes)
     counters.clear()
-    split = pipe(**call, output_type="latent")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = pipe(**call, output_type="latent")
     split_breaks = sum(counters["graph_break"].values())  # collectives add none (functional collectives)
     images = pipe(**dict(call, num_inference_steps=1), output_type="pt").images  # decoded split by image
     pipe.disable_parallelism()
@@ -151,6 +155,7 @@ def _scenario(rank, world, pipes, folders, lora_path, image_path, variant, sizes
         "seeds": (split.seeds, single.seeds),
         "parallel": split.settings.get("parallel"),
         "graph_breaks": (split_breaks, breaks),
+        "idle_warning": any("repeat another's work" in str(w.message) for w in caught),
     }
     if options.get("quant"):  # FP8's own error (against the unquantized model), one process and split
         exact = pipes[variant](**call, output_type="latent").images
@@ -194,6 +199,7 @@ def test_split_generations_equal_the_single_process_run(world, files):
             assert r["seeds"][0] == r["seeds"][1], (rank, name)
             assert r["parallel"] not in (None, "none"), (rank, name)
             assert r["graph_breaks"][0] == r["graph_breaks"][1], (rank, name, r["graph_breaks"])
+            assert r["idle_warning"] == (name == "flux data4 of 3"), (rank, name)  # 3 images, 4 data ranks
         assert {n for n in res} == {s[0] for s in _scenarios(world)}
     for f in failures:
         assert f["product"].startswith("ParallelError") and "must equal the number of processes" in f["product"]
