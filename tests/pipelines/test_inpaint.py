@@ -258,3 +258,46 @@ def test_kontext_does_not_inpaint_and_masks_load_from_files(load, tmp_path):
     b = pipe("a seven", image=_image(), mask_image=np.asarray(_mask()) > 0, seed=1, num_inference_steps=2,
              output_type="latent").images  # fmt: skip
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cli_mask_inpaints(capsys, tmp_path):
+    """fastflow generate --image IMG --mask MASK: inpainting (the settings in the PNG say so)."""
+    import json
+
+    from fastflow.cli import main
+
+    fast = ["--steps", "2", "--no-progress", "--device", "cpu"]
+    src, mask = tmp_path / "src.png", tmp_path / "mask.png"
+    assert main(["generate", "a handwritten seven", "-o", str(src), "--seed", "1", *fast]) == 0
+    right = np.zeros((16, 16), np.uint8)
+    right[:, 8:] = 255
+    Image.fromarray(right).save(mask)
+    argv = ["generate", "a handwritten seven", "-o", str(tmp_path / "b.png"), "--image", str(src), "--mask",
+            str(mask), "--strength", "1", "--seed", "2", *fast]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "b.png") as im:
+        settings = json.loads(im.text["settings"])
+        out = np.asarray(im.convert("RGB"))
+    assert settings["inpaint"] is True and settings["strength"] == 1
+    with Image.open(src) as im:
+        assert np.abs(out[:, :6].astype(int) - np.asarray(im.convert("RGB"))[:, :6]).max() <= 24  # kept half
+    capsys.readouterr()
+    for argv, message in [(["--mask", str(mask)], "--mask needs --image"),
+                          (["--image", str(src), "--mask", str(tmp_path / "nope.png")], "no such file")]:  # fmt: skip
+        assert main(["generate", "a seven", *fast, *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_inpaint_digits_bench_runs(digits):
+    """bench/inpaint_digits.py on one digit per class (the measured accuracy is in its docstring)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "bench" / "inpaint_digits.py"
+    spec = importlib.util.spec_from_file_location("inpaint_digits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(digits, 1, num_inference_steps=6)
+    assert result["digits"] == 10 and 0 <= result["inpainted"] <= 1
+    assert result["inpainted"] >= 0.5  # a digit completed from half of it is mostly recognised
+    assert bench.half_mask(16, "top")[:8].all() and not bench.half_mask(16, "top")[8:].any()
