@@ -19,6 +19,8 @@ from ..errors import InputError
 from .images import load_image
 from .noise import check_generators, check_seeds
 
+# PIL modes resized as they are, then made grayscale (diffusers' order); others become grayscale first
+MODES = ("1", "L", "P", "I", "F", "I;16", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "HSV")
 ASPECT_TOLERANCE = 0.02  # a mask of another size must keep the image's aspect ratio (it is resized)
 
 
@@ -46,7 +48,13 @@ def load_mask(mask):
         mask = Image.fromarray(mask)
     if not isinstance(mask, Image.Image):
         raise InputError(f"mask_image must be a path, PIL image or uint8 / bool array, got {type(mask).__name__}")
-    return ImageOps.exif_transpose(mask)
+    mask = ImageOps.exif_transpose(mask)
+    if mask.mode not in MODES:
+        try:
+            mask = mask.convert("L")
+        except (ValueError, OSError) as e:
+            raise InputError(f"a mask image in mode {mask.mode} cannot be read as grayscale ({e})") from None
+    return mask
 
 
 def check_request(r, family: str) -> None:

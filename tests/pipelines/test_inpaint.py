@@ -301,3 +301,18 @@ def test_inpaint_digits_bench_runs(digits):
     assert result["digits"] == 10 and 0 <= result["inpainted"] <= 1
     assert result["inpainted"] >= 0.5  # a digit completed from half of it is mostly recognised
     assert bench.half_mask(16, "top")[:8].all() and not bench.half_mask(16, "top")[8:].any()
+
+
+@pytest.mark.parametrize("variant", ["flux-tiny-schnell", "sd3.5-tiny-medium", "sdxl-tiny"])
+def test_inpainting_seeds_are_per_image(load, variant):
+    """A batch's image i equals the image made alone from seed i (posterior, noise and masked-image
+    draws all from the image's own seed)."""
+    pipe = load(variant)
+    w = SD3_W if variant.startswith("sd3") else W
+    kw = {"image": _image(w), "mask_image": _mask(w), "num_inference_steps": 3, "output_type": "latent"}
+    batch = pipe("a handwritten seven", seed=10, num_images_per_prompt=2, **kw)
+    alone = pipe("a handwritten seven", seed=11, **kw).images
+    assert batch.seeds == [10, 11] and batch.settings["inpaint"]
+    torch.testing.assert_close(alone[0], batch.images[1], rtol=1e-4, atol=1e-4)  # batched convs round apart
+    with pytest.raises(errors.InputError, match="needs image="):
+        pipe("a seven", mask_image=_mask(w), num_inference_steps=2)
