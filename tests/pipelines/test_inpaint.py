@@ -316,3 +316,32 @@ def test_inpainting_seeds_are_per_image(load, variant):
     torch.testing.assert_close(alone[0], batch.images[1], rtol=1e-4, atol=1e-4)  # batched convs round apart
     with pytest.raises(errors.InputError, match="needs image="):
         pipe("a seven", mask_image=_mask(w), num_inference_steps=2)
+
+
+def test_sdxl_inpainting_single_file_loads_like_the_folder(inpainting_unet_folder, tmp_path):
+    """Stability's single-file layout of an inpainting UNet (input_blocks.0.0 takes 9 channels): the
+    registered config it widens is found from the shapes (or named by variant=), same latents."""
+    from safetensors.torch import save_file
+
+    from .test_sdxl import _openclip
+
+    folder = inpainting_unet_folder
+    ref = fastflow.load(folder, dtype=torch.float32)
+    te = ref.text_encoder
+    state = {f"model.diffusion_model.{k}": v for k, v in ref.unet.state_dict().items()}
+    state |= {f"first_stage_model.{k}": v for k, v in ref.vae.state_dict().items()}
+    state |= {f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in te.clip_l.model.state_dict().items()}
+    state |= {f"conditioner.embedders.1.model.{k}": v for k, v in _openclip(te.clip_g.model.state_dict()).items()}
+    path = tmp_path / "sd_xl_inpainting.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    text = {"clip_l": (folder / "text_encoder", folder / "tokenizer"),
+            "clip_g": (folder / "text_encoder_2", folder / "tokenizer_2")}  # fmt: skip
+    kw = dict(image=_image(), mask_image=_mask(), num_inference_steps=3, seed=4, output_type="latent")
+    expected = ref("a handwritten seven", **kw).images
+    pipe = fastflow.load(path, dtype=torch.float32, text_encoders=text, variant="sdxl-tiny")
+    assert pipe.config.in_channels == 9 and pipe.config.name == "sdxl-tiny"
+    torch.testing.assert_close(pipe("a handwritten seven", **kw).images, expected, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="variant="):  # base or Turbo: as for a 4-channel file
+        assert fastflow.load(path, dtype=torch.float32, text_encoders=text).config.in_channels == 9
+    with pytest.raises(errors.VariantMismatchError):
+        fastflow.load(path, dtype=torch.float32, text_encoders=text, variant="sdxl-base")  # other widths
