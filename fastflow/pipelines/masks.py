@@ -61,7 +61,7 @@ def check_request(r, family: str) -> None:
     """The inpainting arguments, before any work: ``mask_image`` needs ``image``, masks are images
     of the image's aspect ratio (resized to the output size, as diffusers does), ``padding_mask_crop``
     a non-negative int with PIL image and mask of one size, PIL output and some white in the mask.
-    Replaces ``r.mask_image`` with the loaded mask and keeps the caller's image as ``r.original``."""
+    Replaces ``r.mask_image`` with the loaded mask and ``r.image`` with the loaded RGB image."""
     from PIL import Image
 
     if r.mask_image is None:
@@ -80,7 +80,6 @@ def check_request(r, family: str) -> None:
             if not isinstance(getattr(r, name), Image.Image):
                 raise InputError(f"padding_mask_crop needs {name} as a PIL image (as in diffusers), "
                                  f"got {type(getattr(r, name)).__name__}")  # fmt: skip
-    r.original = r.image
     r.mask_image = load_mask(r.mask_image)
     image = load_image(r.image)
     (iw, ih), (mw, mh) = image.size, r.mask_image.size
@@ -167,7 +166,7 @@ def paste_back(images: list, r, height: int, width: int) -> list:
     whose unmasked pixels are laid over it (diffusers' VaeImageProcessor.apply_overlay)."""
     from PIL import Image, ImageOps
 
-    original, mask = load_image(r["original"]), load_mask(r["mask_image"])
+    original, mask = load_image(r["image"]), load_mask(r["mask_image"])
     x1, y1, x2, y2 = crop_region(mask, width, height, r["padding_mask_crop"])
     kept = Image.new("RGBa", original.size)
     kept.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
@@ -192,7 +191,6 @@ def generate(pipe, request: dict):
                          f"be 'pil', got {request['output_type']!r}")  # fmt: skip
     return_dict = request.pop("return_dict", True)
     out = pipe.generate(**request, return_dict=True)
-    request["original"] = request["image"]
     out.images = paste_back(out.images, request, out.settings["height"], out.settings["width"])
     return out if return_dict else out.to_tuple()
 
