@@ -84,6 +84,9 @@ def add_parser(sub) -> None:
         "--strength", type=float, default=None, help="image-to-image: how much of --image to redraw, (0, 1] (0.6)"
     )
     p.add_argument(
+        "--mask", default=None, metavar="IMG", help="with --image: inpaint, white pixels of IMG repainted, black kept"
+    )
+    p.add_argument(
         "--from",
         dest="from_image",
         default=None,
@@ -160,6 +163,11 @@ def run(args) -> int:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     if args.strength is not None and args.image is None:
         raise InputError("--strength needs --image (image-to-image)")
+    if args.mask is not None and args.image is None:
+        raise InputError("--mask needs --image (the image to inpaint)")
+    if args.mask is not None and not Path(args.mask).expanduser().is_file():
+        missing = not Path(args.mask).expanduser().exists()
+        raise InputError(f"--mask {args.mask}: {'no such file' if missing else 'not a regular file'}")
     output = output_path(args.output)
     check_output(output)
     config = None
@@ -205,6 +213,8 @@ def run(args) -> int:
         kwargs["image"] = args.image
     if args.strength is not None:
         kwargs["strength"] = args.strength
+    if args.mask is not None:
+        kwargs["mask_image"] = args.mask
     if args.cache is not None:
         kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
     generated = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1])

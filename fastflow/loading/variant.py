@@ -100,12 +100,23 @@ def _described_name(source: CheckpointSource) -> str:
     return f"custom:{label}"
 
 
+def _inpainting(cfg, arch: tuple):
+    """``cfg`` as an SDXL inpainting UNet (issue 35) when ``arch`` is its architecture but for
+    in_channels = 2 x latent + 1 (noise, mask and masked-image latents), else None."""
+    if cfg.family != "sdxl" or arch[0] != 2 * cfg.in_channels + 1:
+        return None
+    wider = cfg.replace(in_channels=arch[0])
+    return wider if wider.arch() == arch else None
+
+
 def _resolve(family, arch, source, variant, config, layout, prefer):
     spec = FAMILIES[family]
     if isinstance(config, dict):  # fields of the family's config class (the rest: full-size values)
         config = described.from_fields(family, spec.config_class, config, _described_name(source))
     if config is not None or variant is not None:
         cfg = config if config is not None else registry.from_name(variant)
+        if config is None and _inpainting(cfg, arch) is not None:
+            return _inpainting(cfg, arch)
         if cfg.family != family or cfg.arch() != arch:
             raise VariantMismatchError(
                 source.path,
@@ -126,6 +137,8 @@ def _resolve(family, arch, source, variant, config, layout, prefer):
                     "fix config.json, or pass config={...} with the fields that describe the tensors",
                 )
             return cfg
+        candidates = [w for c in registry.configs_of(family) if (w := _inpainting(c, arch)) is not None]
+    if not candidates:
         cls = type(registry.configs_of(family)[0]).__name__
         raise UnknownConfigError(
             source.path,

@@ -46,6 +46,8 @@ COMMON = {
         arg("latents", TENSOR),
         arg("image"),
         arg("strength", "float | None"),
+        arg("mask_image"),
+        arg("padding_mask_crop", "int | None"),
         arg("sigmas"),
         arg("progress", "bool | None"),
         arg("cache"),
@@ -63,10 +65,11 @@ STANDARD = ("height", "width", "num_inference_steps", "guidance_scale", "num_ima
 NEGATIVE_EMBEDS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 CACHE = ("cache", "cache_threshold")
 STEP_END = ("return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
+INPAINT = ("mask_image", "padding_mask_crop")  # with image= and strength= (pipelines/masks.py)
 
 
 TENSORS = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
-           "latents", "image", "sigmas", "generator"}  # fmt: skip
+           "latents", "image", "mask_image", "sigmas", "generator"}  # fmt: skip
 
 
 def plain_numbers(value):

@@ -10,7 +10,8 @@ from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
-from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from . import masks
+from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
 from .outputs import PipelineOutput
@@ -76,7 +77,7 @@ class FluxPipeline(BasePipeline):
 
     @call_arguments(*PROMPTS, "image", *STANDARD, "latents", arg("auto_resize", "bool", True), "progress",
                     *CACHE, "sigmas", arg("true_cfg_scale", "float | None"), "strength", *NEGATIVE_EMBEDS,
-                    *STEP_END)  # fmt: skip
+                    *STEP_END, *INPAINT)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
         its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
@@ -84,8 +85,10 @@ class FluxPipeline(BasePipeline):
         image's, rounded down to a multiple of 16, unless height / width are given).
         ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
-        as diffusers' option of the same name; off by default except for models trained for it."""
-        return self.generate(**request)
+        as diffusers' option of the same name; off by default except for models trained for it.
+        ``mask_image`` (with ``image``; dev / schnell): inpainting as diffusers' FluxInpaintPipeline,
+        white pixels repainted, ``strength`` (default 0.6) and ``padding_mask_crop`` as there."""
+        return masks.generate(self, request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
         """(distilled guidance or None, true-CFG scale) with the references' warnings."""
@@ -115,6 +118,10 @@ class FluxPipeline(BasePipeline):
         cond_tokens = cond_ids = None
         default_size = self.default_size
         img2img = r.image is not None and not self.config.kontext
+        if r.mask_image is not None and self.config.kontext:
+            raise InputError(f"{self.config.name} (Kontext) does not inpaint: load FLUX.1 dev / schnell")
+        masks.check_request(r, "FLUX")
+        inpaint = None
         if r.strength is not None and not img2img:
             raise InputError(
                 "strength needs an input image (image=)"
@@ -141,7 +148,10 @@ class FluxPipeline(BasePipeline):
         given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
         if img2img:
             with timer.stage("encode_image"):
-                noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+                if r.mask_image is None:
+                    noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+                else:
+                    noise, sigmas, seeds, inpaint = masks.flow_start(self, r, n, height, width, sigmas, pack_latents)
         else:
             shape = (self.vae.config.z_channels, h_lat, w_lat)
             noise, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
@@ -166,9 +176,10 @@ class FluxPipeline(BasePipeline):
             settings["strength"] = r.strength
         settings["sigmas"] = given
         conditioning = self._conditioning(sigmas, batch, y, g)
-        return Plan(
+        plan = Plan(
             x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat), conditioning
         )
+        return masks.attach(plan, inpaint, r)
 
     def _conditioning(self, sigmas, batch: int, y, g) -> torch.Tensor | None:
         """vec of every timestep the loop can ask for (each sigma), computed exactly as the forward

@@ -7,7 +7,8 @@ import torch
 from ..errors import InputError, check_scale, plain_number
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
-from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from . import masks
+from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .outputs import PipelineOutput
 from .settings import resolve_size
@@ -48,13 +49,15 @@ class SD3Pipeline(BasePipeline):
         return self.config.pos_embed_max_size * self.multiple
 
     @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *SKIP_LAYER_GUIDANCE, "image", "strength",
-                    "progress", *CACHE, "sigmas", *STEP_END)  # fmt: skip
+                    "progress", *CACHE, "sigmas", *STEP_END, *INPAINT)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance.
         ``image``: image-to-image as diffusers' StableDiffusion3Img2ImgPipeline, from the sigma
-        ``strength`` (default 0.6) selects; the output size defaults to the image's."""
-        return self.generate(**request)
+        ``strength`` (default 0.6) selects; the output size defaults to the image's.
+        ``mask_image`` (with ``image``): inpainting as diffusers' StableDiffusion3InpaintPipeline,
+        white pixels repainted, ``strength`` (default 0.6) and ``padding_mask_crop`` as there."""
+        return masks.generate(self, request)
 
     def prepare(self, timer, r) -> Plan:
         mcfg = self.config
@@ -65,6 +68,8 @@ class SD3Pipeline(BasePipeline):
         do_cfg = guidance > 1.0
         if r.strength is not None and r.image is None:
             raise InputError("strength needs an input image (image=)")
+        masks.check_request(r, "SD3")
+        inpaint = None
         default_size = self.default_size if r.image is None else self.image_size(r)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         skip = check_layers(r.skip_guidance_layers)
@@ -78,7 +83,10 @@ class SD3Pipeline(BasePipeline):
         given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
         if r.image is not None:
             with timer.stage("encode_image"):
-                x, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+                if r.mask_image is None:
+                    x, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+                else:
+                    x, sigmas, seeds, inpaint = masks.flow_start(self, r, n, height, width, sigmas)
         else:
             shape = (self.vae.config.z_channels, height // f, width // f)
             x, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
@@ -112,4 +120,5 @@ class SD3Pipeline(BasePipeline):
             ],  # fmt: skip
             sigmas,
         )
-        return Plan(x, sigmas, sampler, velocity, seeds, settings, conditioning=conditioning)
+        plan = Plan(x, sigmas, sampler, velocity, seeds, settings, conditioning=conditioning)
+        return masks.attach(plan, inpaint, r)

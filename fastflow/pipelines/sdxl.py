@@ -10,7 +10,8 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
-from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from . import masks
+from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .noise import check_seeds
 from .outputs import PipelineOutput
@@ -67,14 +68,16 @@ class SDXLPipeline(BasePipeline):
         return self.vae.downscale * self.transformer.downscale
 
     @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *MICRO_CONDITIONING, "progress", *STEP_END,
-                    "image", "strength", "sigmas", *CACHE)  # fmt: skip
+                    "image", "strength", "sigmas", *CACHE, *INPAINT)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
         ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own
         generator) or "dpmpp_2m". ``original_size`` / ``crops_coords_top_left`` / ``target_size``
         (and their ``negative_`` twins) are SDXL's micro-conditioning, defaulting to the output size
-        and (0, 0) as in diffusers."""
-        return self.generate(**request)
+        and (0, 0) as in diffusers. ``mask_image`` (with ``image``): inpainting as diffusers'
+        StableDiffusionXLInpaintPipeline (``strength`` default 0.9999, ``padding_mask_crop``), with a
+        4-channel UNet (the known region blended every step) or an inpainting UNet (9 channels)."""
+        return masks.generate(self, request)
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
         """[n, 6]: (original h, w, crop top, left, target h, w), diffusers' defaults."""
@@ -101,8 +104,17 @@ class SDXLPipeline(BasePipeline):
 
     def prepare(self, timer, r) -> Plan:
         cfg = self.config
-        if r.image is not None or r.strength is not None:
-            raise InputError("image-to-image is not implemented for SDXL yet: generate from text")
+        z = self.vae.config.z_channels
+        if r.mask_image is None and (r.image is not None or r.strength is not None):
+            raise InputError("image-to-image is not implemented for SDXL yet: generate from text (or inpaint)")
+        if r.mask_image is None and cfg.in_channels != z:
+            raise InputError(
+                f"this UNet takes {cfg.in_channels} channels (an inpainting UNet): pass image= and mask_image="
+            )
+        if cfg.in_channels not in (z, 2 * z + 1):
+            raise InputError(f"SDXL UNets take {z} or {2 * z + 1} (inpainting) channels, this one {cfg.in_channels}")
+        masks.check_request(r, "SDXL")
+        inpaint = None
         if r.sigmas is not None:
             raise InputError("sigmas= is not supported for SDXL: choose num_inference_steps and the sampler")
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler)
@@ -112,7 +124,12 @@ class SDXLPipeline(BasePipeline):
             self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale"
         )
         do_cfg = guidance > 1.0
-        height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, MAX_SIDE)
+        if r.mask_image is not None:
+            r.strength = 0.9999 if r.strength is None else r.strength  # diffusers' SDXL inpaint default
+            if sampler == "dpmpp_2m":
+                raise InputError("SDXL inpainting runs the euler or euler_ancestral sampler, not dpmpp_2m")
+        default_size = self.default_size if r.mask_image is None else self.image_size(r)
+        height, width = resolve_size(r.height, r.width, default_size, self.multiple, MAX_SIDE)
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, do_cfg, zeros_for_empty_negative=self.force_zeros_for_empty_prompt)
         ctx, pooled = text.cond
@@ -132,7 +149,12 @@ class SDXLPipeline(BasePipeline):
             start = init_noise_sigma(sigmas, spacing)
         gens, seeds = self._generators(r, n)
         shape = (self.vae.config.z_channels, height // f, width // f)
-        noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
+        if r.mask_image is None:
+            noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
+            noise = noise * start
+        else:
+            r.generator, r.seed = gens, seeds
+            noise, sigmas, timesteps, _, inpaint = masks.sdxl_start(self, r, n, height, width, sigmas, timesteps, start)
         timesteps = timesteps.float().to(self.device)
         if do_cfg:
             both = (*text.batch(), torch.cat((self._time_ids(r, height, width, n, negative=True), ids)))
@@ -140,6 +162,8 @@ class SDXLPipeline(BasePipeline):
         def velocity(x, step):  # the predicted noise eps = dx / dsigma
             t = timesteps[step.index].expand(n)
             x_in = x / model_input_scale(step.sigma)
+            if inpaint is not None and inpaint.masked is not None:  # an inpainting UNet's extra channels
+                x_in = torch.cat((x_in, inpaint.masked), 1)
             if not do_cfg:
                 return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids)
             x2, t2 = torch.cat((x_in, x_in)), torch.cat((t, t))
@@ -162,4 +186,5 @@ class SDXLPipeline(BasePipeline):
         settings["original_size"] = list(ids[0, :2].int().tolist())
         settings["crops_coords_top_left"] = list(ids[0, 2:4].int().tolist())
         settings["target_size"] = list(ids[0, 4:].int().tolist())
-        return Plan(noise * start, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)
+        plan = Plan(noise, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)
+        return masks.attach(plan, inpaint, r)

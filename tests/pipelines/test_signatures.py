@@ -36,6 +36,7 @@ STEP_END = [
 CACHE = [("cache", None, E), ("cache_threshold", None, "float | None")]
 LATENTS, PROGRESS, SIGMAS = ("latents", None, TENSOR), ("progress", None, "bool | None"), ("sigmas", None, E)
 IMAGE, STRENGTH = ("image", None, E), ("strength", None, "float | None")
+INPAINT = [("mask_image", None, E), ("padding_mask_crop", None, "int | None")]  # issue 35
 
 EXPECTED = {
     FluxPipeline: [
@@ -51,6 +52,7 @@ EXPECTED = {
         STRENGTH,
         *NEGATIVE_EMBEDS,
         *STEP_END,
+        *INPAINT,
     ],
     SD3Pipeline: [
         *PROMPTS,
@@ -67,6 +69,7 @@ EXPECTED = {
         *CACHE,
         SIGMAS,
         *STEP_END,
+        *INPAINT,
     ],
     SDXLPipeline: [
         *PROMPTS,
@@ -85,6 +88,7 @@ EXPECTED = {
         STRENGTH,
         SIGMAS,
         *CACHE,
+        *INPAINT,
     ],
 }
 FAMILIES = list(EXPECTED)
