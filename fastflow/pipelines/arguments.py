@@ -53,6 +53,8 @@ COMMON = {
         arg("return_dict", "bool", True),
         arg("callback_on_step_end"),
         arg("callback_on_step_end_tensor_inputs", default=("latents",)),
+        arg("mask_image"),
+        arg("control_image"),
     )
 }
 
@@ -66,7 +68,7 @@ STEP_END = ("return_dict", "callback_on_step_end", "callback_on_step_end_tensor_
 
 
 TENSORS = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
-           "latents", "image", "sigmas", "generator"}  # fmt: skip
+           "latents", "image", "sigmas", "generator", "mask_image", "control_image"}  # fmt: skip
 
 
 def plain_numbers(value):

@@ -10,6 +10,7 @@ from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
+from . import flux_conditioning as conditioned
 from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .images import kontext_size, load_image, to_tensor
@@ -76,7 +77,7 @@ class FluxPipeline(BasePipeline):
 
     @call_arguments(*PROMPTS, "image", *STANDARD, "latents", arg("auto_resize", "bool", True), "progress",
                     *CACHE, "sigmas", arg("true_cfg_scale", "float | None"), "strength", *NEGATIVE_EMBEDS,
-                    *STEP_END)  # fmt: skip
+                    *STEP_END, "mask_image", "control_image")  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
         its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
@@ -84,7 +85,10 @@ class FluxPipeline(BasePipeline):
         image's, rounded down to a multiple of 16, unless height / width are given).
         ``latents``: initial noise [B, 16, h, w] instead of seeded noise.
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
-        as diffusers' option of the same name; off by default except for models trained for it."""
+        as diffusers' option of the same name; off by default except for models trained for it.
+        FLUX.1 Fill: ``image`` and ``mask_image`` (white: repaint; strength default 1.0), as
+        diffusers' FluxFillPipeline; FLUX.1 Canny / Depth: ``control_image`` (the output size
+        defaulting to its), as FluxControlPipeline (:mod:`.flux_conditioning`)."""
         return self.generate(**request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
@@ -112,7 +116,8 @@ class FluxPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
-        cond_tokens = cond_ids = None
+        conditioned.check_request(self.config, r)  # FLUX.1 Fill / Canny / Depth inputs
+        cond_tokens = cond_ids = extra = None
         default_size = self.default_size
         img2img = r.image is not None and not self.config.kontext
         if r.strength is not None and not img2img:
@@ -126,6 +131,8 @@ class FluxPipeline(BasePipeline):
         elif r.image is not None:
             with timer.stage("encode_image"):
                 cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
+        elif r.control_image is not None:
+            default_size = conditioned.control_size(self, r)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, true_cfg > 1.0, uncond_first=False)  # [cond ; uncond] with true CFG
@@ -141,7 +148,14 @@ class FluxPipeline(BasePipeline):
         given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
         if img2img:
             with timer.stage("encode_image"):
+                fill_seeds = conditioned.fill_generators(r, n) if self.config.conditioning else None
                 noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+                if self.config.conditioning:  # FLUX.1 Fill: masked-image latents and the mask
+                    extra, seeds = conditioned.fill_condition(self, r, n, height, width), fill_seeds or seeds
+        elif r.control_image is not None:
+            with timer.stage("encode_image"):
+                shape = (self.vae.config.z_channels, h_lat, w_lat)
+                noise, seeds, extra = conditioned.control_start(self, r, n, height, width, shape)
         else:
             shape = (self.vae.config.z_channels, h_lat, w_lat)
             noise, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
@@ -156,7 +170,7 @@ class FluxPipeline(BasePipeline):
         def velocity(x, step):
             t = torch.full((batch,), float(step), device=self.device)
             step = step.with_branch("cfg" if true_cfg > 1.0 else "cond")
-            xs = torch.cat((x, x)) if true_cfg > 1.0 else x
+            xs = conditioned.with_condition(torch.cat((x, x)) if true_cfg > 1.0 else x, extra)
             v = self.predict(step, xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
             return cfg_combine(*v.chunk(2), true_cfg) if true_cfg > 1.0 else v
 

@@ -51,6 +51,8 @@ EXPECTED = {
         STRENGTH,
         *NEGATIVE_EMBEDS,
         *STEP_END,
+        ("mask_image", None, E),  # FLUX.1 Fill
+        ("control_image", None, E),  # FLUX.1 Canny / Depth
     ],
     SD3Pipeline: [
         *PROMPTS,
