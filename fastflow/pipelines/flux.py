@@ -116,7 +116,7 @@ class FluxPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
-        conditioned.check_request(self.config, r)  # FLUX.1 Fill / Canny / Depth inputs
+        conditioned.check_request(self, r)  # FLUX.1 Fill / Canny / Depth inputs
         cond_tokens = cond_ids = extra = None
         default_size = self.default_size
         img2img = r.image is not None and not self.config.kontext

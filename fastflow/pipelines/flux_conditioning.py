@@ -30,9 +30,11 @@ from .noise import check_generators, check_seeds
 MASK_MODES = ("1", "L", "P", "RGB", "RGBA", "LA")  # what diffusers' mask processor reads as grayscale
 
 
-def check_request(config, r) -> None:
-    """Typed errors before any work: a Fill model needs ``image`` and ``mask_image``, a Control
-    model ``control_image``; no other FLUX model takes either. Fill's strength defaults to 1.0."""
+def check_request(pipe, r) -> None:
+    """Typed errors before any work: a Fill model needs ``image`` and ``mask_image`` (read here: a
+    mask of the image's size), a Control model ``control_image``; no other FLUX model takes either.
+    Fill's strength defaults to 1.0."""
+    config = pipe.config
     kind, name = config.conditioning, config.name
     if kind is None:
         if r.control_image is not None:
@@ -50,6 +52,14 @@ def check_request(config, r) -> None:
                 f"{name} (FLUX.1 Fill) needs image= and mask_image= (white: repaint, black: keep); "
                 "to outpaint, pad the image and mask the padding white"
             )
+        f = pipe.vae.downscale
+        if config.in_channels - 2 * config.out_channels != 4 * f * f:
+            raise InputError(
+                f"{name}'s img_in reads {config.in_channels - 2 * config.out_channels} mask channels but this "
+                f"VAE (downscale {f}) gives {4 * f * f}: load the Fill model with its own VAE"
+            )
+        r.image = load_image(r.image)
+        r.mask_image = load_mask(r.mask_image, r.image.size)
         r.strength = 1.0 if r.strength is None else r.strength  # diffusers' FluxFillPipeline default
         return
     if r.control_image is None:
@@ -167,14 +177,8 @@ def fill_condition(pipe, r, n: int, height: int, width: int) -> torch.Tensor:
     """Fill, after the image-to-image start (its draws made): [n, N, 64 + 4 f^2] = the masked image's
     packed latents and the packed mask. One ``generator`` draws one sample for the batch (diffusers);
     per-image generators (seeds, lists) one each."""
+    mask = mask_tensor(r.mask_image, width, height)  # read by check_request
     f = pipe.vae.downscale
-    cfg = pipe.config
-    if cfg.in_channels - 2 * cfg.out_channels != 4 * f * f:
-        raise InputError(
-            f"{cfg.name}'s img_in reads {cfg.in_channels - 2 * cfg.out_channels} mask channels but this VAE "
-            f"(downscale {f}) gives {4 * f * f}: load the Fill model with its own VAE"
-        )
-    mask = mask_tensor(load_mask(r.mask_image, r.image.size), width, height)
     masked = to_tensor(r.image, width, height) * (1.0 - mask)
     single = isinstance(r.generator, torch.Generator)
     latents = pack_latents(_sample(pipe, masked, r.generator, 1 if single else n)).expand(n, -1, -1)

@@ -42,12 +42,10 @@ def _transformer(variant: str, seed: int = 0) -> FluxTransformer2DModel:
     ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            scale = (
-                0.2
-                if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight"))
-                else 0.1
-            )
-            p.copy_((1.0 if scale == 0.2 else 0.0) + scale * torch.randn_like(p))
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))  # as conftest.tiny_diffusers_flux
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
     return model
 
 
@@ -263,3 +261,42 @@ def test_cli_control_image(folders, tmp_path):
         assert image.size[0] / image.size[1] == 48 / 32
     bad = subprocess.run([*map(str, args), str(tmp_path / "none.png")], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--control-image" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_official_single_files_are_recognised(folders, tmp_path):
+    """BFL single files (official key names): Fill from its img_in width alone; Canny and Depth from
+    the file's name (flux1-canny-dev / flux1-depth-dev), Canny with a warning when nothing names it."""
+    from safetensors.torch import save_file
+
+    states = {}
+    for kind in ("fill", "canny"):
+        model = fastflow.load_transformer(folders[kind] / "transformer", dtype=torch.float32)
+        states[kind] = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "img_in.weight" in states["fill"] and states["fill"]["img_in.weight"].shape[1] == 144
+    cases = [("fill", "model.safetensors", "flux-tiny-fill"),
+             ("canny", "flux1-canny-dev.safetensors", "flux-tiny-canny"),
+             ("canny", "flux1-depth-dev.safetensors", "flux-tiny-depth")]  # fmt: skip
+    for kind, file, expected in cases:
+        save_file(states[kind], str(tmp_path / file))
+        assert fastflow.load_transformer(tmp_path / file, dtype=torch.float32).config.name == expected
+    save_file(states["canny"], str(tmp_path / "unnamed.safetensors"))
+    with pytest.warns(UserWarning, match="Canny or Depth"):
+        assert fastflow.load_transformer(tmp_path / "unnamed.safetensors").config.name == "flux-tiny-canny"
+    named = tmp_path / "meta.safetensors"
+    save_file(states["canny"], str(named), metadata={"modelspec.title": "FLUX.1 Depth [dev]"})
+    assert fastflow.load_transformer(named).config.name == "flux-tiny-depth"
+
+
+def test_control_lora_is_refused_with_a_clear_error(load, tmp_path):
+    """FLUX.1-Canny-dev-lora / Depth-dev-lora widen dev's img_in (x_embedder) to 128 inputs, as
+    diffusers' _maybe_expand_transformer_param_shape_or_error does: not supported, said so."""
+    from safetensors.torch import save_file
+
+    pipe = load("flux-tiny-dev")
+    lora = {
+        "transformer.x_embedder.lora_A.weight": torch.randn(4, 128),
+        "transformer.x_embedder.lora_B.weight": torch.randn(64, 4),
+    }
+    save_file(lora, str(tmp_path / "canny_lora.safetensors"))
+    with pytest.raises(errors.LoraError, match="Canny / Depth LoRA.*flux-canny-dev"):
+        pipe.load_lora(tmp_path / "canny_lora.safetensors")
