@@ -300,3 +300,30 @@ def test_control_lora_is_refused_with_a_clear_error(load, tmp_path):
     save_file(lora, str(tmp_path / "canny_lora.safetensors"))
     with pytest.raises(errors.LoraError, match="Canny / Depth LoRA.*flux-canny-dev"):
         pipe.load_lora(tmp_path / "canny_lora.safetensors")
+
+
+# cv2.Canny(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), 100, 200) of the image below, recorded once with
+# opencv-python-headless 5.1.0 (OpenCV is no test dependency)
+OPENCV_EDGES = [
+    "000010000000000000000000",
+    "000111110000011111111100",
+    "001100000111000000000100",
+    "011000010000111010000011",
+    "000000100011000011000100",
+    "010001001110011001000100",
+    "010010011000100001011000",
+    "000010110000111001101001",
+    "001101100100100110011001",
+    "011001100100010000010101",
+    "001010000100110000010010",
+    "010000101101100110110001",
+    "010011001000001000000001",
+    "001000001010001010010111",
+]
+
+
+def test_canny_equals_opencv_on_a_recorded_image():
+    y, x = np.mgrid[0:14, 0:24]
+    a = np.stack([(x * 23 + y * 7) % 256, (x * y * 5 + 40) % 256, ((x // 4 + y // 3) % 2) * 200 + 20], -1)
+    edges = np.asarray(fastflow.canny(a.astype(np.uint8), 100, 200))[..., 0] > 0
+    assert ["".join(str(int(v)) for v in row) for row in edges] == OPENCV_EDGES
