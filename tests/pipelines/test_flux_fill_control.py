@@ -327,3 +327,18 @@ def test_canny_equals_opencv_on_a_recorded_image():
     a = np.stack([(x * 23 + y * 7) % 256, (x * y * 5 + 40) % 256, ((x // 4 + y // 3) % 2) * 200 + 20], -1)
     edges = np.asarray(fastflow.canny(a.astype(np.uint8), 100, 200))[..., 0] > 0
     assert ["".join(str(int(v)) for v in row) for row in edges] == OPENCV_EDGES
+
+
+def test_composes_with_caching_and_true_cfg(folders):
+    """The condition rides along the cache runner's embed (fbcache at threshold 0 recomputes every
+    step: the same latents) and is repeated over true CFG's two branches."""
+    pipe = _load(folders["canny"])
+    kw = {"control_image": _image(seed=1), "num_inference_steps": 3, "seed": 2, "output_type": "latent"}
+    plain = pipe("x", **kw).images
+    cached = pipe("x", cache="fbcache", cache_threshold=0.0, **kw).images
+    assert _rel(cached, plain) <= 1e-6
+    fill = _load(folders["fill"])
+    kw = {"image": _image(), "mask_image": _mask(), "num_inference_steps": 2, "seed": 2, "output_type": "latent"}
+    prompt = "a handwritten seven"  # words the tiny tokenizers know
+    guided = fill(prompt, true_cfg_scale=2.0, negative_prompt="the digit 3", **kw).images
+    assert torch.isfinite(guided).all() and (guided - fill(prompt, **kw).images).abs().max() > 1e-4
