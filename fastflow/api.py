@@ -11,7 +11,7 @@ from .loading import folder_json, load_components, resolve_model
 from .ops import capability
 from .ops.capability import usable_device
 from .parallel import launched
-from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline
+from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline, canny  # noqa: F401  (canny: fastflow.canny)
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -226,6 +226,10 @@ def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[
             out_features, in_features = _out_in(layers[target])
             rows = take[0] if take else (expected or out_features)
             if up.shape[0] != (expected or out_features) or down.shape[1] != in_features or row + rows > out_features:
+                if target == "img_in" and down.shape[1] == 2 * in_features:  # FLUX.1-Canny/Depth-dev-lora
+                    raise LoraError(path, f"{module}: a FLUX.1 Canny / Depth LoRA: it widens img_in to "
+                                    f"{down.shape[1]} inputs (the control image's latents), which fastflow does not do",
+                                    "load the full model instead (flux-canny-dev or flux-depth-dev)")  # fmt: skip
                 raise LoraError(
                     path,
                     f"{module}: a LoRA of up {list(up.shape)} x down {list(down.shape)} does not fit the layer it "

@@ -75,6 +75,12 @@ def add_parser(sub) -> None:
         "--image", default=None, help="input image: image-to-image (dev, schnell, SD3), or the image to edit (Kontext)"
     )
     p.add_argument(
+        "--control-image",
+        default=None,
+        metavar="IMG",
+        help="FLUX.1 Canny / Depth: the control map (canny edges: fastflow.canny; a depth map), its size the default",
+    )
+    p.add_argument(
         "--lora",
         action="append",
         metavar="PATH[:SCALE]",
@@ -158,6 +164,8 @@ def run(args) -> int:
     if args.image is not None and not Path(args.image).expanduser().is_file():
         missing = not Path(args.image).expanduser().exists()
         raise InputError(f"--image {args.image}: {'no such file' if missing else 'not a regular file'}")
+    if args.control_image is not None and not Path(args.control_image).expanduser().is_file():
+        raise InputError(f"--control-image {args.control_image}: no such file (or not a regular file)")
     loras = [parse_lora_arg(spec) for spec in args.lora or ()]
     if args.strength is not None and not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
@@ -215,6 +223,8 @@ def run(args) -> int:
         kwargs["strength"] = args.strength
     if args.mask is not None:
         kwargs["mask_image"] = args.mask
+    if args.control_image is not None:
+        kwargs["control_image"] = str(Path(args.control_image).expanduser())
     if args.cache is not None:
         kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
     generated = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1])

@@ -25,7 +25,7 @@ def _get(cfg: dict, key: str, default):
     return default if value is None else value
 
 
-def flux_from_diffusers(cfg: dict, name: str, kontext: bool = False) -> registry.FluxConfig:
+def flux_from_diffusers(cfg: dict, name: str, kontext: bool = False, depth: bool = False) -> registry.FluxConfig:
     """FluxConfig from a FluxTransformer2DModel ``config.json`` (diffusers' own defaults for absent
     keys). Sampling facts the weights cannot show follow FLUX.1's: guidance-distilled -> dev's,
     else schnell's."""
@@ -35,8 +35,11 @@ def flux_from_diffusers(cfg: dict, name: str, kontext: bool = False) -> registry
     heads, head_dim = _get(cfg, "num_attention_heads", 24), _get(cfg, "attention_head_dim", 128)
     in_channels = _get(cfg, "in_channels", 64)
     guidance = bool(_get(cfg, "guidance_embeds", False))
+    conditioned = registry.flux_conditioned_sampling(in_channels, _get(cfg, "out_channels", in_channels), depth)
     if kontext:
         sampling = registry.FLUX_KONTEXT_SAMPLING
+    elif conditioned is not None:  # FLUX.1 Fill / Canny / Depth: img_in wider than the output
+        sampling = conditioned
     else:
         sampling = registry.FLUX_DEV_SAMPLING if guidance else registry.FLUX_SCHNELL_SAMPLING
     return registry.FluxConfig(
@@ -153,7 +156,7 @@ def flux_from_folder(source: CheckpointSource, name: str) -> registry.FluxConfig
     if _class_name(source) != "FluxTransformer2DModel":
         return None
     naming = f"{source.pipeline_class or ''} {source.folder_config.get('_name_or_path', '')}".lower()
-    return flux_from_diffusers(source.folder_config, name, kontext="kontext" in naming)
+    return flux_from_diffusers(source.folder_config, name, kontext="kontext" in naming, depth="depth" in naming)
 
 
 def mmdit_from_folder(source: CheckpointSource, name: str) -> registry.MMDiTConfig | None:

@@ -51,6 +51,8 @@ def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | 
         text += " " + Path(source.path).stem.lower()
     text += " " + str(source.folder_config.get("_name_or_path", "")).lower()
     named = bool(text.strip())  # something names the model...
+    if any(getattr(c, "conditioning", None) == "control" for c in candidates):  # FLUX.1 Canny / Depth
+        return _control_hint(text + " " + Path(source.path).stem.lower(), candidates, source)
     if any(hasattr(c, "kontext") for c in candidates):
         if "kontext" in text:
             return [c for c in candidates if c.kontext]
@@ -74,6 +76,22 @@ def _metadata_hint(source: CheckpointSource, candidates: list, layout: Layout | 
                 )
             return base
     return []
+
+
+def _control_hint(text: str, candidates: list, source: CheckpointSource) -> list:
+    """FLUX.1 Canny and Depth have the same tensors (only their default guidance differs): Depth
+    where something names it, else Canny, with a warning when nothing names Canny either."""
+    depth = [c for c in candidates if "depth" in c.name]
+    canny = [c for c in candidates if c not in depth]
+    if "depth" in text:
+        return depth
+    if "canny" not in text and len(canny) == 1:
+        warnings.warn(
+            f"{Path(source.path).name}: a FLUX.1 control model that nothing names Canny or Depth; loading it "
+            f"as {canny[0].name!r} (pass variant= with the Depth name for Depth's default guidance)",
+            stacklevel=2,
+        )
+    return canny
 
 
 def resolve_config(

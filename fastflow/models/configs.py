@@ -37,6 +37,10 @@ class SamplingDefaults:
 FLUX_DEV_SAMPLING = SamplingDefaults(steps=28, guidance=3.5)
 FLUX_SCHNELL_SAMPLING = SamplingDefaults(steps=4, guidance=None)
 FLUX_KONTEXT_SAMPLING = SamplingDefaults(steps=28, guidance=2.5)
+# FLUX.1 Fill / Canny / Depth: BFL's and diffusers' examples (50 steps; guidance 30, 30, 10)
+FLUX_FILL_SAMPLING = SamplingDefaults(steps=50, guidance=30.0)
+FLUX_CANNY_SAMPLING = SamplingDefaults(steps=50, guidance=30.0)
+FLUX_DEPTH_SAMPLING = SamplingDefaults(steps=50, guidance=10.0)
 SD3_MEDIUM_SAMPLING = SamplingDefaults(steps=28, guidance=7.0)  # diffusers' SD3-medium defaults
 SD35_SAMPLING = SamplingDefaults(steps=40, guidance=4.5, sampler="dpmpp_2m")  # SAI's sampler
 SD35_TURBO_SAMPLING = SamplingDefaults(steps=4, guidance=0.0)
@@ -108,6 +112,15 @@ class FluxConfig(_TransformerConfig):
         self.check_heads()
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"{self.name}: sum(axes_dim)={sum(self.axes_dim)} != head_dim {self.head_dim}")
+
+    @property
+    def conditioning(self) -> str | None:
+        """What img_in reads beside the noise, from its width: None (in = out), "control" (FLUX.1
+        Canny / Depth: + the control image's latents, in = 2 out) or "fill" (FLUX.1 Fill: + the
+        masked image's latents and the packed mask, in > 2 out)."""
+        if self.in_channels == self.out_channels:
+            return None
+        return "control" if self.in_channels == 2 * self.out_channels else "fill"
 
 
 @dataclass(frozen=True)
@@ -307,6 +320,27 @@ def _register_flux_variants(dev: FluxConfig, schnell: str, kontext: str) -> None
 
 
 _register_flux_variants(FluxConfig(name="flux-dev"), "flux-schnell", "flux-kontext-dev")
+
+
+def _register_flux_conditioned(dev: FluxConfig, fill: str, canny: str, depth: str, mask_channels: int) -> None:
+    """FLUX.1 Fill (img_in: noise + masked-image latents + the 8x8 mask packed 2x2, ``mask_channels``
+    = 4 f^2 for a VAE downscale f) and Canny / Depth (noise + control latents; the same tensors,
+    told apart by name only: their sampling defaults differ)."""
+    register(dev.replace(name=fill, in_channels=2 * dev.out_channels + mask_channels, sampling=FLUX_FILL_SAMPLING))
+    register(dev.replace(name=canny, in_channels=2 * dev.out_channels, sampling=FLUX_CANNY_SAMPLING))
+    register(dev.replace(name=depth, in_channels=2 * dev.out_channels, sampling=FLUX_DEPTH_SAMPLING))
+
+
+def flux_conditioned_sampling(in_channels: int, out_channels: int, depth: bool = False) -> SamplingDefaults | None:
+    """The sampling defaults of a FLUX.1 Fill / Canny (Depth where ``depth``) img_in width, else None."""
+    if in_channels == out_channels:
+        return None
+    if in_channels == 2 * out_channels:
+        return FLUX_DEPTH_SAMPLING if depth else FLUX_CANNY_SAMPLING
+    return FLUX_FILL_SAMPLING
+
+
+_register_flux_conditioned(FluxConfig(name="flux-dev"), "flux-fill-dev", "flux-canny-dev", "flux-depth-dev", 256)
 # Tiny configs (REFERENCE.md 5.5): hidden 64, 2 heads of 32, axes (8, 12, 12).
 _FLUX_TINY = FluxConfig(
     name="flux-tiny-dev",
@@ -319,6 +353,8 @@ _FLUX_TINY = FluxConfig(
     axes_dim=(8, 12, 12),
 )
 _register_flux_variants(_FLUX_TINY, "flux-tiny-schnell", "flux-tiny-kontext")
+# the tiny VAE downscales 2x: its Fill mask is 2x2 pixels packed 2x2 (16 channels)
+_register_flux_conditioned(_FLUX_TINY, "flux-tiny-fill", "flux-tiny-canny", "flux-tiny-depth", 16)
 
 _SD3_MEDIUM = MMDiTConfig(name="sd3-medium")
 register(_SD3_MEDIUM)

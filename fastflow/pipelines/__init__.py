@@ -1,8 +1,9 @@
 """Pipelines: prompt (and image) -> images, for FLUX.1 (incl. Kontext), SD3 / SD3.5 and SDXL."""
 
 from .flux import FluxPipeline
+from .images import canny
 from .outputs import PipelineOutput
 from .sd3 import SD3Pipeline
 from .sdxl import SDXLPipeline
 
-__all__ = ["FluxPipeline", "PipelineOutput", "SD3Pipeline", "SDXLPipeline"]
+__all__ = ["FluxPipeline", "canny", "PipelineOutput", "SD3Pipeline", "SDXLPipeline"]

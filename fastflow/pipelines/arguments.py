@@ -55,6 +55,7 @@ COMMON = {
         arg("return_dict", "bool", True),
         arg("callback_on_step_end"),
         arg("callback_on_step_end_tensor_inputs", default=("latents",)),
+        arg("control_image"),
     )
 }
 
@@ -69,7 +70,7 @@ INPAINT = ("mask_image", "padding_mask_crop")  # with image= and strength= (pipe
 
 
 TENSORS = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
-           "latents", "image", "mask_image", "sigmas", "generator"}  # fmt: skip
+           "latents", "image", "mask_image", "control_image", "sigmas", "generator"}  # fmt: skip
 
 
 def plain_numbers(value):

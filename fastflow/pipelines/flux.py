@@ -10,6 +10,7 @@ from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
+from . import flux_conditioning as conditioned
 from . import masks
 from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
@@ -77,7 +78,7 @@ class FluxPipeline(BasePipeline):
 
     @call_arguments(*PROMPTS, "image", *STANDARD, "latents", arg("auto_resize", "bool", True), "progress",
                     *CACHE, "sigmas", arg("true_cfg_scale", "float | None"), "strength", *NEGATIVE_EMBEDS,
-                    *STEP_END, *INPAINT)  # fmt: skip
+                    *STEP_END, *INPAINT, "control_image")  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
         its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
@@ -87,7 +88,10 @@ class FluxPipeline(BasePipeline):
         ``true_cfg_scale`` > 1: classifier-free guidance against ``negative_prompt`` (default "")
         as diffusers' option of the same name; off by default except for models trained for it.
         ``mask_image`` (with ``image``; dev / schnell): inpainting as diffusers' FluxInpaintPipeline,
-        white pixels repainted, ``strength`` (default 0.6) and ``padding_mask_crop`` as there."""
+        white pixels repainted, ``strength`` (default 0.6) and ``padding_mask_crop`` as there.
+        FLUX.1 Fill: ``image`` and ``mask_image`` (white: repaint; strength default 1.0), as
+        diffusers' FluxFillPipeline; FLUX.1 Canny / Depth: ``control_image`` (the output size
+        defaulting to its), as FluxControlPipeline (:mod:`.flux_conditioning`)."""
         return masks.generate(self, request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
@@ -115,12 +119,14 @@ class FluxPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
-        cond_tokens = cond_ids = None
+        conditioned.check_request(self, r)  # FLUX.1 Fill / Canny / Depth inputs
+        cond_tokens = cond_ids = extra = None
         default_size = self.default_size
         img2img = r.image is not None and not self.config.kontext
         if r.mask_image is not None and self.config.kontext:
             raise InputError(f"{self.config.name} (Kontext) does not inpaint: load FLUX.1 dev / schnell")
-        masks.check_request(r, "FLUX")
+        if self.config.conditioning is None:  # Fill reads its mask in conditioned.check_request
+            masks.check_request(r, "FLUX")
         inpaint = None
         if r.strength is not None and not img2img:
             raise InputError(
@@ -133,6 +139,8 @@ class FluxPipeline(BasePipeline):
         elif r.image is not None:
             with timer.stage("encode_image"):
                 cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
+        elif r.control_image is not None:
+            default_size = conditioned.control_size(self, r)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, true_cfg > 1.0, uncond_first=False)  # [cond ; uncond] with true CFG
@@ -148,10 +156,18 @@ class FluxPipeline(BasePipeline):
         given = None if r.sigmas is None else [round(float(v), 6) for v in sigmas[:-1]]
         if img2img:
             with timer.stage("encode_image"):
-                if r.mask_image is None:
+                if self.config.conditioning:  # FLUX.1 Fill: masked-image latents and the mask
+                    fill_seeds = conditioned.fill_generators(r, n)
                     noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
-                else:
+                    extra, seeds = conditioned.fill_condition(self, r, n, height, width), fill_seeds or seeds
+                elif r.mask_image is None:
+                    noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
+                else:  # inpainting (dev / schnell)
                     noise, sigmas, seeds, inpaint = masks.flow_start(self, r, n, height, width, sigmas, pack_latents)
+        elif r.control_image is not None:
+            with timer.stage("encode_image"):
+                shape = (self.vae.config.z_channels, h_lat, w_lat)
+                noise, seeds, extra = conditioned.control_start(self, r, n, height, width, shape)
         else:
             shape = (self.vae.config.z_channels, h_lat, w_lat)
             noise, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
@@ -166,7 +182,7 @@ class FluxPipeline(BasePipeline):
         def velocity(x, step):
             t = torch.full((batch,), float(step), device=self.device)
             step = step.with_branch("cfg" if true_cfg > 1.0 else "cond")
-            xs = torch.cat((x, x)) if true_cfg > 1.0 else x
+            xs = conditioned.with_condition(torch.cat((x, x)) if true_cfg > 1.0 else x, extra)
             v = self.predict(step, xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
             return cfg_combine(*v.chunk(2), true_cfg) if true_cfg > 1.0 else v
 

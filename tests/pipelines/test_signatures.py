@@ -52,7 +52,8 @@ EXPECTED = {
         STRENGTH,
         *NEGATIVE_EMBEDS,
         *STEP_END,
-        *INPAINT,
+        *INPAINT,  # inpainting (dev / schnell) and FLUX.1 Fill
+        ("control_image", None, E),  # FLUX.1 Canny / Depth
     ],
     SD3Pipeline: [
         *PROMPTS,
