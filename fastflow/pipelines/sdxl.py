@@ -10,8 +10,9 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
-from .arguments import CACHE, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .arguments import CACHE, CONTROLNET, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
+from .control import check_control
 from .noise import check_seeds
 from .outputs import PipelineOutput
 from .settings import resolve_size
@@ -67,13 +68,14 @@ class SDXLPipeline(BasePipeline):
         return self.vae.downscale * self.transformer.downscale
 
     @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *MICRO_CONDITIONING, "progress", *STEP_END,
-                    "image", "strength", "sigmas", *CACHE)  # fmt: skip
+                    "image", "strength", "sigmas", *CACHE, *CONTROLNET)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
         ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own
         generator) or "dpmpp_2m". ``original_size`` / ``crops_coords_top_left`` / ``target_size``
         (and their ``negative_`` twins) are SDXL's micro-conditioning, defaulting to the output size
-        and (0, 0) as in diffusers."""
+        and (0, 0) as in diffusers. ``control_image`` & co.: ControlNets (pipelines/control.py, as
+        diffusers' StableDiffusionXLControlNetPipeline; the output size defaults to the control image's)."""
         return self.generate(**request)
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
@@ -112,7 +114,9 @@ class SDXLPipeline(BasePipeline):
             self.defaults["guidance"] if r.guidance_scale is None else r.guidance_scale, "guidance_scale"
         )
         do_cfg = guidance > 1.0
-        height, width = resolve_size(r.height, r.width, self.default_size, self.multiple, MAX_SIDE)
+        control = check_control(self, r, "sdxl")
+        height, width = resolve_size(r.height, r.width, control.size or self.default_size, self.multiple, MAX_SIDE)
+        control.check_size(height, width)
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, do_cfg, zeros_for_empty_negative=self.force_zeros_for_empty_prompt)
         ctx, pooled = text.cond
@@ -123,6 +127,7 @@ class SDXLPipeline(BasePipeline):
                 f"(context {cfg.context_dim}, pooled {cfg.pooled_dim})"
             )
         ids = self._time_ids(r, height, width, n, negative=False)
+        control.prepare(self, n, height, width, latents=False)
         spacing = self.timestep_spacing
         if sampler == "dpmpp_2m":
             sigmas, timesteps = dpm_schedule(steps, spacing)
@@ -141,9 +146,12 @@ class SDXLPipeline(BasePipeline):
             t = timesteps[step.index].expand(n)
             x_in = x / model_input_scale(step.sigma)
             if not do_cfg:
-                return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids)
+                return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids,
+                                    **control.residuals(step, x_in, t, ctx, pooled, ids))  # fmt: skip
             x2, t2 = torch.cat((x_in, x_in)), torch.cat((t, t))
-            uncond, cond = self.predict(step.with_branch("cfg"), x2, t2, *both).chunk(2)
+            uncond, cond = self.predict(
+                step.with_branch("cfg"), x2, t2, *both, **control.residuals(step, x2, t2, *both)
+            ).chunk(2)
             return cfg_combine(cond, uncond, guidance)
 
         solver = None
@@ -162,4 +170,6 @@ class SDXLPipeline(BasePipeline):
         settings["original_size"] = list(ids[0, :2].int().tolist())
         settings["crops_coords_top_left"] = list(ids[0, 2:4].int().tolist())
         settings["target_size"] = list(ids[0, 4:].int().tolist())
+        if control.nets:
+            settings["controlnet"] = control.settings()
         return Plan(noise * start, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)
