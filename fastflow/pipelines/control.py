@@ -204,6 +204,9 @@ def check_control(pipe, r, family: str) -> Control:
                          "has none): leave skip_guidance_layers unset")  # fmt: skip
     if getattr(pipe, "_offload", None) is not None or getattr(pipe, "_parallel", None) is not None:
         raise InputError("ControlNets do not run with model CPU offload or a parallel split yet")
+    depths = {len(net.controlnet_blocks) for net in nets if isinstance(net, MMDiTControlNet)}
+    if len(depths) > 1:
+        raise InputError(f"SD3 ControlNets of different depths ({sorted(depths)} blocks) cannot be summed")
     if any(getattr(net.config, "extra_conditioning_channels", 0) for net in nets):
         raise InputError("ControlNets with extra conditioning channels (inpainting ControlNets) are not supported yet")
     loaded = [_image(im, "control_image") for im in images]
