@@ -83,6 +83,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--strength", type=float, default=None, help="image-to-image: how much of --image to redraw, (0, 1] (0.6)"
     )
+    p.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet's diffusers folder; repeatable")
+    p.add_argument("--control-image", action="append", metavar="IMG", help="its control map, one per --controlnet")
+    p.add_argument(
+        "--controlnet-scale", action="append", type=float, metavar="S", help="its scale (1.0); one, or one per net"
+    )
     p.add_argument(
         "--from",
         dest="from_image",
@@ -156,6 +161,7 @@ def run(args) -> int:
         missing = not Path(args.image).expanduser().exists()
         raise InputError(f"--image {args.image}: {'no such file' if missing else 'not a regular file'}")
     loras = [parse_lora_arg(spec) for spec in args.lora or ()]
+    control = _control_args(args)
     if args.strength is not None and not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     if args.strength is not None and args.image is None:
@@ -179,6 +185,7 @@ def run(args) -> int:
         config=config,
         vae=vae,
         text_encoders=text_encoders,
+        controlnet=args.controlnet,
     )
     writer = _parallel(pipe, sizes)
     pipe.set_progress_bar_config(disable=args.no_progress or not writer)
@@ -207,6 +214,7 @@ def run(args) -> int:
         kwargs["strength"] = args.strength
     if args.cache is not None:
         kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
+    kwargs.update(control)
     generated = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1])
     upscale = args.upscale
     if upscale is None:  # the model's viewing upscale, no more than the saved-side limit allows
@@ -316,6 +324,24 @@ def _components(args):
             raise InputError(f"--{role} {model} is a single file: pass its tokenizer folder with --{role}-tokenizer")
         encoders[attr] = model if tokenizer is None else (model, _existing(tokenizer, f"--{role}-tokenizer"))
     return vae, encoders or None
+
+
+def _control_args(args) -> dict:
+    """--controlnet / --control-image / --controlnet-scale, checked before loading: one image per net."""
+    nets, images, scales = args.controlnet or [], args.control_image or [], args.controlnet_scale or []
+    if len(images) != len(nets) or (scales and len(scales) not in (1, len(nets))):
+        raise InputError(f"{len(nets)} --controlnet, {len(images)} --control-image, {len(scales)} --controlnet-scale: "
+                         "give one control image per ControlNet (and one scale, or one per ControlNet)")  # fmt: skip
+    args.controlnet = [_existing(n, "--controlnet") for n in nets] or None
+    if not nets:
+        return {}
+    for image in images:
+        if not Path(image).expanduser().is_file():
+            raise InputError(f"--control-image {image}: no such file")
+    out = {"control_image": images if len(images) > 1 else images[0]}
+    if scales:
+        out["controlnet_conditioning_scale"] = scales if len(scales) > 1 else scales[0]
+    return out
 
 
 def _existing(text: str, flag: str) -> Path:

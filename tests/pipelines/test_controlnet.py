@@ -313,3 +313,35 @@ def test_bad_requests_are_typed_errors_before_work(folders, monkeypatch):
     monkeypatch.setattr(sd3, "prepare_text", no_work)
     with pytest.raises(InputError, match="skip-layer guidance"):
         sd3("a cat", control_image=img, skip_guidance_layers=[0], height=SD3_H, width=SD3_W)
+
+
+def test_every_controlnet_config_field_is_in_a_table():
+    """Every ControlNetModel / SD3ControlNetModel config field is honoured, refused or irrelevant:
+    the base model's table (loading/fields.py) or the ControlNet's own (loading/controlnet.py)."""
+    import inspect
+
+    from fastflow.loading import fields
+    from fastflow.loading.controlnet import SD3_CONTROLNET_FIELDS, UNET_CONTROLNET_FIELDS
+
+    for cls, tables in ((ControlNetModel, (fields.UNET, UNET_CONTROLNET_FIELDS)),
+                        (SD3ControlNetModel, (fields.SD3, SD3_CONTROLNET_FIELDS))):  # fmt: skip
+        names = {n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs", "args")}
+        missing = names - set(tables[0]) - set(tables[1])
+        assert not missing, f"{cls.__name__}: {sorted(missing)}"
+
+
+def test_cli_controlnet(folders, tmp_path):
+    from fastflow.cli import main
+
+    image = tmp_path / "edges.png"
+    _image(0, H, W).resize((W, H)).save(image)
+    out = tmp_path / "out.png"
+    base = ["generate", "a cat", "--model", str(folders["sdxl-tiny"]), "--steps", "2", "--seed", "1", "--no-progress",
+            "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    args = [*base, "-o", str(out), "--controlnet", str(folders["cn-sdxl-a"]), "--control-image", str(image),
+            "--controlnet-scale", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    with Image.open(out) as png:
+        assert png.size == (W, H)  # the control image's size
+        assert json.loads(png.text["settings"])["controlnet"]["scale"] == [0.5]
+    assert main([*base, "-o", str(tmp_path / "x.png"), "--controlnet", str(folders["cn-sdxl-a"])]) == 2
