@@ -36,6 +36,12 @@ STEP_END = [
 CACHE = [("cache", None, E), ("cache_threshold", None, "float | None")]
 LATENTS, PROGRESS, SIGMAS = ("latents", None, TENSOR), ("progress", None, "bool | None"), ("sigmas", None, E)
 IMAGE, STRENGTH = ("image", None, E), ("strength", None, "float | None")
+CONTROLNET = [  # issue 35: ControlNets (SD3, SDXL)
+    ("control_image", None, E),
+    ("controlnet_conditioning_scale", 1.0, "float | list[float]"),
+    ("control_guidance_start", 0.0, "float | list[float]"),
+    ("control_guidance_end", 1.0, "float | list[float]"),
+]
 
 EXPECTED = {
     FluxPipeline: [
@@ -67,6 +73,7 @@ EXPECTED = {
         *CACHE,
         SIGMAS,
         *STEP_END,
+        *CONTROLNET,
     ],
     SDXLPipeline: [
         *PROMPTS,
@@ -85,6 +92,7 @@ EXPECTED = {
         STRENGTH,
         SIGMAS,
         *CACHE,
+        *CONTROLNET,
     ],
 }
 FAMILIES = list(EXPECTED)
