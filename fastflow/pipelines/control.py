@@ -209,6 +209,10 @@ def check_control(pipe, r, family: str) -> Control:
         raise InputError(f"SD3 ControlNets of different depths ({sorted(depths)} blocks) cannot be summed")
     if any(getattr(net.config, "extra_conditioning_channels", 0) for net in nets):
         raise InputError("ControlNets with extra conditioning channels (inpainting ControlNets) are not supported yet")
+    device, dtype = pipe.weights_device, pipe.transformer.dtype
+    for net in nets:  # pipe.to(...) moved / cast the base model: the nets follow
+        if net.dtype != dtype or next(net.parameters()).device != device:
+            net.to(device=device, dtype=dtype)
     loaded = [_image(im, "control_image") for im in images]
     for net, im in zip(nets, loaded, strict=True):
         channels = getattr(net.config, "conditioning_channels", 3)

@@ -345,3 +345,36 @@ def test_cli_controlnet(folders, tmp_path):
         assert png.size == (W, H)  # the control image's size
         assert json.loads(png.text["settings"])["controlnet"]["scale"] == [0.5]
     assert main([*base, "-o", str(tmp_path / "x.png"), "--controlnet", str(folders["cn-sdxl-a"])]) == 2
+
+
+def test_nets_follow_the_base_models_dtype(folders):
+    """After pipe.to(...) the nets are moved / cast to the base model's device and dtype at the call."""
+    pipe = _load(folders["sdxl-tiny"], folders["cn-sdxl-a"])
+    kw = dict(height=H, width=W, num_inference_steps=2, seed=1, output_type="latent", control_image=_image(2, H, W))
+    ref = pipe("a cat", **kw).images
+    pipe.controlnets[0].to(torch.float64)  # (exact round trip)
+    assert torch.equal(pipe("a cat", **kw).images, ref)
+    assert pipe.controlnets[0].dtype == torch.float32
+
+
+def test_mmdit_adds_residuals_where_diffusers_does(tmp_path):
+    """Three residuals on a four-block MMDiT: diffusers' interval (4 / 3) picks residual 0, 0, 1 for
+    blocks 0-2 and none after the pre-only last block; equal to SD3Transformer2DModel's forward."""
+    from fastflow.loading import load_transformer
+
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
+                                num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=128,
+                                pooled_projection_dim=32, out_channels=16, pos_embed_max_size=8).eval()  # fmt: skip
+    _randomize(ref, 1)
+    ref.save_pretrained(tmp_path / "t")
+    ours = load_transformer(tmp_path / "t", dtype=torch.float32)
+    x, ctx, y = torch.randn(2, 16, 8, 12), torch.randn(2, 5, 48), torch.randn(2, 32)
+    t = torch.tensor([500.0, 250.0])
+    controls = [torch.randn(2, 24, 128) for _ in range(3)]
+    with torch.no_grad():
+        theirs = ref(x, ctx, y, t, block_controlnet_hidden_states=controls, return_dict=False)[0]
+        got = ours(x, t, ctx, y, controls=controls)
+        plain = ours(x, t, ctx, y)
+    assert _rel(got, theirs) <= 1e-5
+    assert _rel(got, plain) > 1e-3
