@@ -378,3 +378,14 @@ def test_mmdit_adds_residuals_where_diffusers_does(tmp_path):
         plain = ours(x, t, ctx, y)
     assert _rel(got, theirs) <= 1e-5
     assert _rel(got, plain) > 1e-3
+
+
+def test_fp8_applies_to_the_controlnet(folders):
+    from fastflow.quant import Fp8Linear
+
+    pipe = fastflow.load(folders["sd3.5-tiny-medium"], dtype=torch.float32, device="cpu", quant="fp8",
+                         controlnet=folders["cn-sd3-a"])  # fmt: skip
+    assert any(isinstance(m, Fp8Linear) for m in pipe.controlnets[0].joint_blocks.modules())
+    out = pipe("a cat", control_image=_image(0, SD3_H, SD3_W), height=SD3_H, width=SD3_W, num_inference_steps=2,
+               seed=0, output_type="latent", progress=False)  # fmt: skip
+    assert torch.isfinite(out.images).all()
