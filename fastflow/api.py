@@ -8,10 +8,12 @@ import torch
 
 from .errors import InputError
 from .loading import folder_json, load_components, resolve_model
+from .loading.controlnet import load_controlnet
 from .ops import capability
 from .ops.capability import usable_device
 from .parallel import launched
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline, canny  # noqa: F401  (canny: fastflow.canny)
+from .pipelines.control import attach_controlnets
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -71,6 +73,7 @@ def load(
     t5_max_length: int | None = None,
     quant=None,
     config=None,
+    controlnet=None,
 ):
     """A ready pipeline (FluxPipeline, SD3Pipeline or SDXLPipeline) from local files.
 
@@ -88,16 +91,22 @@ def load(
     loads FP8 / int8 files dequantized. ``config``: the transformer's config where no registered one
     fits and no diffusers config.json describes it (a FluxConfig / MMDiTConfig or a dict of its
     fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
+    ``controlnet``: a ControlNet's diffusers folder, or a list of them (SDXL ControlNetModel, SD3
+    SD3ControlNetModel), checked against the base model's family and widths before any weight is
+    read; the pipeline then takes ``control_image=`` (pipelines/control.py).
     """
     device = str(usable_device(_rank_device(str(device if device is not None else _default_device())),
                                "fastflow.load: device", 'device="cpu"'))  # fmt: skip
     if dtype is not None:
         dtype = _dtype(dtype)
     path = resolve_model(path)
+    nets = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
     if dtype is None:  # the CLI passes None unless --dtype is given
         dtype = default_dtype(path, device)
     parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)
     pipe = PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)
+    if nets:
+        attach_controlnets(pipe, [load_controlnet(p, parts.transformer.config, dtype, device, quant) for p in nets])
     if parts.family == "sdxl" and path.is_dir():  # the pipeline folder's SDXL setting, where it has one
         zeros = folder_json(path, "model_index.json").get("force_zeros_for_empty_prompt")
         if isinstance(zeros, bool):

@@ -51,9 +51,10 @@ class MMDiTAdapter:
     def split(self, args, kwargs):
         kwargs = dict(kwargs)
         skip = kwargs.pop("skip_layers", None)
+        controls = kwargs.pop("controls", None)  # ControlNet residuals: added inside the block ranges
         if len(args) > 4:
             args, skip = args[:4], args[4]
-        return args, kwargs, {"skip_layers": skip}
+        return args, kwargs, {"skip_layers": skip, "controls": controls}
 
     def streams(self, state) -> dict[str, torch.Tensor]:
         return {"x": state.x} if state.context is None else {"x": state.x, "context": state.context}

@@ -75,12 +75,6 @@ def add_parser(sub) -> None:
         "--image", default=None, help="input image: image-to-image (dev, schnell, SD3), or the image to edit (Kontext)"
     )
     p.add_argument(
-        "--control-image",
-        default=None,
-        metavar="IMG",
-        help="FLUX.1 Canny / Depth: the control map (canny edges: fastflow.canny; a depth map), its size the default",
-    )
-    p.add_argument(
         "--lora",
         action="append",
         metavar="PATH[:SCALE]",
@@ -88,6 +82,17 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--strength", type=float, default=None, help="image-to-image: how much of --image to redraw, (0, 1] (0.6)"
+    )
+    p.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet's diffusers folder; repeatable")
+    p.add_argument(
+        "--control-image",
+        action="append",
+        metavar="IMG",
+        help="a control map: one per --controlnet, or without --controlnet the FLUX.1 Canny / Depth model's "
+        "(canny edges: fastflow.canny; a depth map), its size the default",
+    )
+    p.add_argument(
+        "--controlnet-scale", action="append", type=float, metavar="S", help="its scale (1.0); one, or one per net"
     )
     p.add_argument(
         "--mask", default=None, metavar="IMG", help="with --image: inpaint, white pixels of IMG repainted, black kept"
@@ -164,9 +169,8 @@ def run(args) -> int:
     if args.image is not None and not Path(args.image).expanduser().is_file():
         missing = not Path(args.image).expanduser().exists()
         raise InputError(f"--image {args.image}: {'no such file' if missing else 'not a regular file'}")
-    if args.control_image is not None and not Path(args.control_image).expanduser().is_file():
-        raise InputError(f"--control-image {args.control_image}: no such file (or not a regular file)")
     loras = [parse_lora_arg(spec) for spec in args.lora or ()]
+    control = _control_args(args)
     if args.strength is not None and not 0 < args.strength <= 1:
         raise InputError(f"--strength must be in (0, 1], got {args.strength}")
     if args.strength is not None and args.image is None:
@@ -195,6 +199,7 @@ def run(args) -> int:
         config=config,
         vae=vae,
         text_encoders=text_encoders,
+        controlnet=args.controlnet,
     )
     writer = _parallel(pipe, sizes)
     pipe.set_progress_bar_config(disable=args.no_progress or not writer)
@@ -223,10 +228,9 @@ def run(args) -> int:
         kwargs["strength"] = args.strength
     if args.mask is not None:
         kwargs["mask_image"] = args.mask
-    if args.control_image is not None:
-        kwargs["control_image"] = str(Path(args.control_image).expanduser())
     if args.cache is not None:
         kwargs["cache"], kwargs["cache_threshold"] = parse_cache(args.cache)
+    kwargs.update(control)
     generated = max(args.height or pipe.default_size[0], args.width or pipe.default_size[1])
     upscale = args.upscale
     if upscale is None:  # the model's viewing upscale, no more than the saved-side limit allows
@@ -336,6 +340,24 @@ def _components(args):
             raise InputError(f"--{role} {model} is a single file: pass its tokenizer folder with --{role}-tokenizer")
         encoders[attr] = model if tokenizer is None else (model, _existing(tokenizer, f"--{role}-tokenizer"))
     return vae, encoders or None
+
+
+def _control_args(args) -> dict:
+    """--controlnet / --control-image / --controlnet-scale, checked before loading: one image per net."""
+    nets, images, scales = args.controlnet or [], args.control_image or [], args.controlnet_scale or []
+    flux_control = not nets and len(images) == 1 and not scales  # a FLUX.1 Canny / Depth model's control map
+    if not flux_control and (len(images) != len(nets) or (scales and len(scales) not in (1, len(nets)))):
+        raise InputError(f"{len(nets)} --controlnet, {len(images)} --control-image, {len(scales)} --controlnet-scale: "
+                         "give one control image per ControlNet (and one scale, or one per ControlNet)")  # fmt: skip
+    args.controlnet = [_existing(n, "--controlnet") for n in nets] or None
+    for image in images:
+        if not Path(image).expanduser().is_file():
+            raise InputError(f"--control-image {image}: no such file (or not a regular file)")
+    images = [str(Path(image).expanduser()) for image in images]
+    out = {"control_image": images if len(images) > 1 else images[0]} if images else {}
+    if scales:
+        out["controlnet_conditioning_scale"] = scales if len(scales) > 1 else scales[0]
+    return out
 
 
 def _existing(text: str, flag: str) -> Path:

@@ -122,9 +122,10 @@ class DismantledBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, cfg: MMDiTConfig, index: int):
+    def __init__(self, cfg: MMDiTConfig, index: int, pre_only: bool | None = None):
         super().__init__()
-        self.context_block = DismantledBlock(cfg, pre_only=index == cfg.depth - 1)
+        pre_only = index == cfg.depth - 1 if pre_only is None else pre_only  # a ControlNet's: never
+        self.context_block = DismantledBlock(cfg, pre_only=pre_only)
         self.x_block = DismantledBlock(cfg, x_block_self_attn=index in cfg.dual_attention_layers)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
@@ -248,12 +249,18 @@ class MMDiT(nn.Module):
         dtype = self.dtype
         return self.t_embedder(timestep_embedding(timesteps.float()).to(dtype)) + self.y_embedder(y.to(dtype))
 
-    def blocks(self, state: MMDiTState, start: int = 0, end: int | None = None, skip_layers=None) -> MMDiTState:
-        """Run joint blocks ``start`` .. ``end - 1`` on ``state`` in place, leaving out ``skip_layers``."""
+    def blocks(
+        self, state: MMDiTState, start: int = 0, end: int | None = None, skip_layers=None, controls=None
+    ) -> MMDiTState:
+        """Run joint blocks ``start`` .. ``end - 1`` on ``state`` in place, leaving out ``skip_layers``.
+        ``controls``: a ControlNet's residuals [B, h_p*w_p, C], added to x after each block but the
+        pre-only last, block i taking residual ``int(i / (blocks / len(controls)))`` (diffusers)."""
         skip = set(skip_layers or ())
         for i in range(start, self.num_blocks if end is None else end):
             if i not in skip:
                 state.context, state.x = self.joint_blocks[i](state.context, state.x, state.c)
+            if controls is not None and not self.joint_blocks[i].context_block.pre_only:
+                state.x = state.x + controls[int(i / (self.num_blocks / len(controls)))]
         return state
 
     def final(self, state: MMDiTState) -> torch.Tensor:
@@ -267,8 +274,10 @@ class MMDiT(nn.Module):
         context: torch.Tensor,
         y: torch.Tensor,
         skip_layers: tuple[int, ...] | list[int] | None = None,
+        controls: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, 16, h, w]; timesteps [B] = sigma * 1000 (fp32); context [B, L, 4096]; y [B, 2048]
-        pooled; ``skip_layers``: joint blocks to skip entirely (skip-layer guidance).
-        Same as ``final(blocks(embed(...), skip_layers=...))``."""
-        return self.final(self.blocks(self.embed(x, timesteps, context, y), skip_layers=skip_layers))
+        pooled; ``skip_layers``: joint blocks to skip entirely (skip-layer guidance); ``controls``:
+        ControlNet residuals (:meth:`blocks`). Same as ``final(blocks(embed(...), ...))``."""
+        state = self.embed(x, timesteps, context, y)
+        return self.final(self.blocks(state, skip_layers=skip_layers, controls=controls))

@@ -245,17 +245,23 @@ class UNet(nn.Module):
         context: torch.Tensor,
         pooled: torch.Tensor,
         time_ids: torch.Tensor,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``down_residuals`` / ``mid_residual``: a ControlNet's, added to each skip (one per input
+        block) and to the middle block's output, as diffusers' UNet2DConditionModel does."""
         if not torch.compiler.is_compiling():
             self.check_inputs(x, timesteps, context, pooled, time_ids)
         dtype = self.dtype
         emb_silu = F.silu(self.embedding(timesteps, pooled, time_ids))
         context = context.to(dtype)
         h, skips = x.to(dtype), []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb_silu, context)
-            skips.append(h)
+            skips.append(h if down_residuals is None else h + down_residuals[i])
         h = self.middle_block(h, emb_silu, context)
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.output_blocks:
             h = block(torch.cat((h, skips.pop()), dim=1), emb_silu, context)
         return self.out[2](_norm_silu(self.out[0], h))

@@ -55,7 +55,10 @@ COMMON = {
         arg("return_dict", "bool", True),
         arg("callback_on_step_end"),
         arg("callback_on_step_end_tensor_inputs", default=("latents",)),
-        arg("control_image"),
+        arg("control_image"),  # FLUX.1 Canny / Depth; ControlNets (pipelines/control.py): one image per net
+        arg("controlnet_conditioning_scale", "float | list[float]", 1.0),
+        arg("control_guidance_start", "float | list[float]", 0.0),
+        arg("control_guidance_end", "float | list[float]", 1.0),
     )
 }
 
@@ -67,6 +70,7 @@ NEGATIVE_EMBEDS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 CACHE = ("cache", "cache_threshold")
 STEP_END = ("return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 INPAINT = ("mask_image", "padding_mask_crop")  # with image= and strength= (pipelines/masks.py)
+CONTROLNET = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
 
 TENSORS = {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",

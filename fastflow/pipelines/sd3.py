@@ -8,8 +8,9 @@ from ..errors import InputError, check_scale, plain_number
 from ..samplers import cfg as cfg_combine
 from ..samplers import sd3_schedule, skip_layer_guidance, slg_active
 from . import masks
-from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
+from .control import check_control
 from .outputs import PipelineOutput
 from .settings import resolve_size
 from .template import Plan
@@ -49,9 +50,10 @@ class SD3Pipeline(BasePipeline):
         return self.config.pos_embed_max_size * self.multiple
 
     @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *SKIP_LAYER_GUIDANCE, "image", "strength",
-                    "progress", *CACHE, "sigmas", *STEP_END, *INPAINT)  # fmt: skip
+                    "progress", *CACHE, "sigmas", *STEP_END, *INPAINT, *CONTROLNET)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (cond and uncond in one batch).
+        ``control_image`` & co.: ControlNets (pipelines/control.py, diffusers' SD3 ControlNet pipeline).
         ``skip_guidance_layers`` (e.g. [7, 8, 9] for SD3.5-medium) turns on skip-layer guidance.
         ``image``: image-to-image as diffusers' StableDiffusion3Img2ImgPipeline, from the sigma
         ``strength`` (default 0.6) selects; the output size defaults to the image's.
@@ -75,6 +77,8 @@ class SD3Pipeline(BasePipeline):
         skip = check_layers(r.skip_guidance_layers)
         if any(not 0 <= i < mcfg.depth for i in skip):
             raise InputError(f"skip_guidance_layers must be block indices below {mcfg.depth}, got {list(skip)}")
+        control = check_control(self, r, "sd3")
+        control.check_size(height, width)
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, do_cfg)
         (ctx, pooled), both = text.cond, text.batch()  # both: [uncond ; cond] with CFG
@@ -90,14 +94,22 @@ class SD3Pipeline(BasePipeline):
         else:
             shape = (self.vae.config.z_channels, height // f, width // f)
             x, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
+        if control.nets:
+            with timer.stage("encode_image"):
+                control.prepare(self, n, height, width, latents=True)
         start, stop = r.skip_layer_guidance_start, r.skip_layer_guidance_stop
         slg_scale = check_scale(r.skip_layer_guidance_scale, "skip_layer_guidance_scale")
 
         def velocity(x, step):
             t = torch.full((n,), float(step) * 1000.0, device=self.device)
             if not do_cfg:
-                return self.predict(step.with_branch("cond"), x, t, ctx, pooled)
-            uncond, cond = self.predict(step.with_branch("cfg"), torch.cat((x, x)), torch.cat((t, t)), *both).chunk(2)
+                return self.predict(
+                    step.with_branch("cond"), x, t, ctx, pooled, **control.residuals(step, x, t, ctx, pooled)
+                )
+            x2, t2 = torch.cat((x, x)), torch.cat((t, t))
+            uncond, cond = self.predict(
+                step.with_branch("cfg"), x2, t2, *both, **control.residuals(step, x2, t2, *both)
+            ).chunk(2)
             v = cfg_combine(cond, uncond, guidance)
             if skip and slg_active(step.index, step.steps, start, stop):
                 v_skip = self.predict(step.with_branch("slg"), x, t, ctx, pooled, skip_layers=skip)
@@ -107,6 +119,8 @@ class SD3Pipeline(BasePipeline):
         settings = self.base_settings(height, width, steps, guidance, sampler)
         settings["skip_guidance_layers"] = list(skip) or None
         settings["sigmas"] = given
+        if control.nets:
+            settings["controlnet"] = control.settings()
         if r.image is not None:
             settings["strength"] = r.strength
         # the (t, pooled) batches the velocity function runs: CFG's doubled batch, or the

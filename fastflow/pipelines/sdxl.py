@@ -11,8 +11,9 @@ from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
 from . import masks
-from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
+from .control import check_control
 from .noise import check_seeds
 from .outputs import PipelineOutput
 from .settings import resolve_size
@@ -68,7 +69,7 @@ class SDXLPipeline(BasePipeline):
         return self.vae.downscale * self.transformer.downscale
 
     @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *MICRO_CONDITIONING, "progress", *STEP_END,
-                    "image", "strength", "sigmas", *CACHE, *INPAINT)  # fmt: skip
+                    "image", "strength", "sigmas", *CACHE, *INPAINT, *CONTROLNET)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
         ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own
@@ -76,7 +77,9 @@ class SDXLPipeline(BasePipeline):
         (and their ``negative_`` twins) are SDXL's micro-conditioning, defaulting to the output size
         and (0, 0) as in diffusers. ``mask_image`` (with ``image``): inpainting as diffusers'
         StableDiffusionXLInpaintPipeline (``strength`` default 0.9999, ``padding_mask_crop``), with a
-        4-channel UNet (the known region blended every step) or an inpainting UNet (9 channels)."""
+        4-channel UNet (the known region blended every step) or an inpainting UNet (9 channels).
+        ``control_image`` & co.: ControlNets (pipelines/control.py, as diffusers'
+        StableDiffusionXLControlNetPipeline; the output size defaults to the control image's)."""
         return masks.generate(self, request)
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
@@ -128,8 +131,10 @@ class SDXLPipeline(BasePipeline):
             r.strength = 0.9999 if r.strength is None else r.strength  # diffusers' SDXL inpaint default
             if sampler == "dpmpp_2m":
                 raise InputError("SDXL inpainting runs the euler or euler_ancestral sampler, not dpmpp_2m")
-        default_size = self.default_size if r.mask_image is None else self.image_size(r)
+        control = check_control(self, r, "sdxl")
+        default_size = self.image_size(r) if r.mask_image is not None else control.size or self.default_size
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, MAX_SIDE)
+        control.check_size(height, width)
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, do_cfg, zeros_for_empty_negative=self.force_zeros_for_empty_prompt)
         ctx, pooled = text.cond
@@ -140,6 +145,7 @@ class SDXLPipeline(BasePipeline):
                 f"(context {cfg.context_dim}, pooled {cfg.pooled_dim})"
             )
         ids = self._time_ids(r, height, width, n, negative=False)
+        control.prepare(self, n, height, width, latents=False)
         spacing = self.timestep_spacing
         if sampler == "dpmpp_2m":
             sigmas, timesteps = dpm_schedule(steps, spacing)
@@ -165,9 +171,12 @@ class SDXLPipeline(BasePipeline):
             if inpaint is not None and inpaint.masked is not None:  # an inpainting UNet's extra channels
                 x_in = torch.cat((x_in, inpaint.masked), 1)
             if not do_cfg:
-                return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids)
+                return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids,
+                                    **control.residuals(step, x_in, t, ctx, pooled, ids))  # fmt: skip
             x2, t2 = torch.cat((x_in, x_in)), torch.cat((t, t))
-            uncond, cond = self.predict(step.with_branch("cfg"), x2, t2, *both).chunk(2)
+            uncond, cond = self.predict(
+                step.with_branch("cfg"), x2, t2, *both, **control.residuals(step, x2, t2, *both)
+            ).chunk(2)
             return cfg_combine(cond, uncond, guidance)
 
         solver = None
@@ -186,5 +195,7 @@ class SDXLPipeline(BasePipeline):
         settings["original_size"] = list(ids[0, :2].int().tolist())
         settings["crops_coords_top_left"] = list(ids[0, 2:4].int().tolist())
         settings["target_size"] = list(ids[0, 4:].int().tolist())
+        if control.nets:
+            settings["controlnet"] = control.settings()
         plan = Plan(noise, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)
         return masks.attach(plan, inpaint, r)

@@ -37,6 +37,12 @@ CACHE = [("cache", None, E), ("cache_threshold", None, "float | None")]
 LATENTS, PROGRESS, SIGMAS = ("latents", None, TENSOR), ("progress", None, "bool | None"), ("sigmas", None, E)
 IMAGE, STRENGTH = ("image", None, E), ("strength", None, "float | None")
 INPAINT = [("mask_image", None, E), ("padding_mask_crop", None, "int | None")]  # issue 35
+CONTROLNET = [  # issue 35: ControlNets (SD3, SDXL)
+    ("control_image", None, E),
+    ("controlnet_conditioning_scale", 1.0, "float | list[float]"),
+    ("control_guidance_start", 0.0, "float | list[float]"),
+    ("control_guidance_end", 1.0, "float | list[float]"),
+]
 
 EXPECTED = {
     FluxPipeline: [
@@ -71,6 +77,7 @@ EXPECTED = {
         SIGMAS,
         *STEP_END,
         *INPAINT,
+        *CONTROLNET,
     ],
     SDXLPipeline: [
         *PROMPTS,
@@ -90,6 +97,7 @@ EXPECTED = {
         SIGMAS,
         *CACHE,
         *INPAINT,
+        *CONTROLNET,
     ],
 }
 FAMILIES = list(EXPECTED)
