@@ -130,6 +130,8 @@ def _mutate_tensors(rng: random.Random, state: dict, surface: str) -> tuple[str,
         return "unmutated", False
     if op == "dtype":
         dt = rng.choice([torch.int32, torch.int64, torch.uint8, torch.bool, torch.int8])
+        if key.endswith(".alpha"):  # an integer alpha is read as its number (kohya's); bool / uint8 are refused
+            dt = rng.choice([torch.uint8, torch.bool])
         state[key] = (v * 100).to(dt) if dt != torch.bool else v > 0
         return f"{key} as {dt}", True
     if op == "fp64":
