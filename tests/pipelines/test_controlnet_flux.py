@@ -238,3 +238,19 @@ def test_every_flux_controlnet_config_field_is_in_a_table():
     names = {n for n in inspect.signature(FluxControlNetModel.__init__).parameters if n not in ("self", "kwargs")}
     missing = names - set(fields.FLUX) - set(FLUX_CONTROLNET_FIELDS)
     assert not missing, sorted(missing)
+
+
+def test_cli_union_controlnet(folders, tmp_path):
+    from fastflow.cli import main
+
+    image = tmp_path / "edges.png"
+    _image(0).resize((W, H)).save(image)
+    base = ["generate", "a cat", "--model", str(folders["flux"]), "--steps", "2", "--seed", "1", "--no-progress",
+            "--device", "cpu", "--dtype", "float32", "--height", str(H), "--width", str(W)]  # fmt: skip
+    net = ["--controlnet", str(folders["cn-union"]), "--control-image", str(image)]
+    out = tmp_path / "out.png"
+    assert main([*base, "-o", str(out), *net, "--control-mode", "2"]) == 0
+    with Image.open(out) as png:
+        assert json.loads(png.text["settings"])["controlnet"]["mode"] == [2]
+    assert main([*base, "-o", str(tmp_path / "x.png"), *net]) == 2  # a union net needs its mode
+    assert main([*base, "-o", str(tmp_path / "y.png"), *net, "--control-mode", "1", "--control-mode", "2"]) == 2
