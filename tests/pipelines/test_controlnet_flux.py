@@ -254,3 +254,15 @@ def test_cli_union_controlnet(folders, tmp_path):
         assert json.loads(png.text["settings"])["controlnet"]["mode"] == [2]
     assert main([*base, "-o", str(tmp_path / "x.png"), *net]) == 2  # a union net needs its mode
     assert main([*base, "-o", str(tmp_path / "y.png"), *net, "--control-mode", "1", "--control-mode", "2"]) == 2
+
+
+def test_fp8_applies_to_the_controlnet(folders):
+    from fastflow.quant import Fp8Linear
+
+    pipe = fastflow.load(folders["flux"], dtype=torch.float32, device="cpu", quant="fp8",
+                         controlnet=folders["cn-union"])  # fmt: skip
+    net = pipe.controlnets[0]
+    assert any(isinstance(m, Fp8Linear) for m in net.double_blocks.modules())
+    out = pipe("a cat", control_image=_image(0), control_mode=1, height=H, width=W, num_inference_steps=2, seed=0,
+               output_type="latent", progress=False)  # fmt: skip
+    assert torch.isfinite(out.images).all()
