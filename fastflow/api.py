@@ -92,8 +92,9 @@ def load(
     fits and no diffusers config.json describes it (a FluxConfig / MMDiTConfig or a dict of its
     fields, e.g. ``{"depth": 2, "depth_single_blocks": 4}``).
     ``controlnet``: a ControlNet's diffusers folder, or a list of them (SDXL ControlNetModel, SD3
-    SD3ControlNetModel), checked against the base model's family and widths before any weight is
-    read; the pipeline then takes ``control_image=`` (pipelines/control.py).
+    SD3ControlNetModel, FLUX FluxControlNetModel incl. union models: ``control_mode=``), checked
+    against the base model's family and widths before any weight is read; the pipeline then takes
+    ``control_image=`` (pipelines/control.py).
     """
     device = str(usable_device(_rank_device(str(device if device is not None else _default_device())),
                                "fastflow.load: device", 'device="cpu"'))  # fmt: skip

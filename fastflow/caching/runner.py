@@ -22,7 +22,9 @@ Residual = dict[str, torch.Tensor]
 
 class FluxAdapter:
     def split(self, args, kwargs):
-        return args, kwargs, {}
+        kwargs = dict(kwargs)  # ControlNet residuals: added inside the block ranges
+        controls = {k: kwargs.pop(k, None) for k in ("controls", "single_controls")}
+        return args, kwargs, controls if any(v is not None for v in controls.values()) else {}
 
     def streams(self, state) -> dict[str, torch.Tensor]:
         return {"x": state.x} if state.x is not None else {"img": state.img, "txt": state.txt}

@@ -95,6 +95,10 @@ def add_parser(sub) -> None:
         "--controlnet-scale", action="append", type=float, metavar="S", help="its scale (1.0); one, or one per net"
     )
     p.add_argument(
+        "--control-mode", action="append", type=int, metavar="M",
+        help="a FLUX union ControlNet's control mode; one, or one per net (-1: none, for a net without modes)",
+    )  # fmt: skip
+    p.add_argument(
         "--mask", default=None, metavar="IMG", help="with --image: inpaint, white pixels of IMG repainted, black kept"
     )
     p.add_argument(
@@ -357,6 +361,11 @@ def _control_args(args) -> dict:
     out = {"control_image": images if len(images) > 1 else images[0]} if images else {}
     if scales:
         out["controlnet_conditioning_scale"] = scales if len(scales) > 1 else scales[0]
+    modes = [None if m == -1 else m for m in getattr(args, "control_mode", None) or []]
+    if modes and (not nets or len(modes) not in (1, len(nets))):
+        raise InputError(f"{len(modes)} --control-mode for {len(nets)} --controlnet: give one, or one per ControlNet")
+    if modes:
+        out["control_mode"] = modes if len(modes) > 1 else modes[0]
     return out
 
 

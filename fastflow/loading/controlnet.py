@@ -6,9 +6,9 @@ dtype validated) and materialize.
 
 A ControlNet must fit the base model it drives: its family and the widths its residuals and inputs
 have (:func:`check_fits`); a mismatch is a :class:`~fastflow.errors.FamilyMismatchError` naming
-both. One :data:`CONTROLNETS` row per diffusers class: FLUX ControlNets will be another row.
-Single-file layouts (InstantX / XLabs / Shakker-Labs files without config.json) are refused: their
-key lists are not verified here against real files.
+both. One :data:`CONTROLNETS` row per diffusers class (SDXL, SD3, FLUX). Single-file layouts
+(InstantX / XLabs / Shakker-Labs files without config.json) are refused: their key lists are not
+verified here against real files.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import torch
 
 from ..errors import CheckpointError, FamilyMismatchError
 from ..models.configs import UNetConfig
+from ..models.controlnet_flux import FluxControlNet, FluxControlNetConfig
 from ..models.controlnet_sd3 import MMDiTControlNet, MMDiTControlNetConfig
 from ..models.controlnet_unet import UNetControlNet, UNetControlNetConfig
 from . import described, fields
 from .describe import detect_layout
-from .keymaps import Segment, sd3_from_diffusers, unet_from_diffusers
+from .keymaps import Segment, flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
 from .materialize import materialize
 from .plan import make_plan
 from .source import open_checkpoint
@@ -45,6 +46,10 @@ SD3_CONTROLNET_FIELDS = {
     "pos_embed_type": ("refused", ("sincos",)),
     "use_pos_embed": ("refused", (True,)),
     "joint_attention_dim": ("honoured", "the text width; null (SD3.5's single-stream ControlNets) refused"),
+}
+FLUX_CONTROLNET_FIELDS = {
+    "num_mode": ("honoured", "FluxControlNetConfig.num_mode (union ControlNets: control_mode=)"),
+    "conditioning_embedding_channels": ("refused", (None,)),  # XLabs' input_hint_block (pixel control)
 }
 
 
@@ -90,6 +95,29 @@ def sd3_controlnet_config(cfg: dict, path) -> MMDiTControlNetConfig:
     )
 
 
+def flux_controlnet_config(cfg: dict, path) -> FluxControlNetConfig:
+    """A FluxControlNetModel config.json: the FLUX fields (:func:`described.flux_from_diffusers`,
+    checked against :data:`fields.FLUX`), and the union's mode count."""
+    if cfg.get("conditioning_embedding_channels") is not None:
+        raise CheckpointError(path, "a FLUX ControlNet with a pixel-space input_hint_block (XLabs-style, "
+                              "conditioning_embedding_channels set) is not supported yet", "use an InstantX / "
+                              "Shakker-Labs style FLUX ControlNet (VAE-latent control), or diffusers")  # fmt: skip
+    flux = described.flux_from_diffusers({k: v for k, v in cfg.items() if k != "_class_name"}, "controlnet")
+    base = {f.name: getattr(flux, f.name) for f in dataclasses.fields(flux)}
+    modes = cfg.get("num_mode")
+    if modes is not None and (not isinstance(modes, int) or isinstance(modes, bool) or modes < 1):
+        raise CheckpointError(path, f"config.json num_mode is {modes!r}", "a positive integer or null")
+    return FluxControlNetConfig(**base, num_mode=modes)
+
+
+def flux_controlnet_keys(key: str, config) -> list[Segment]:
+    """Sources, in diffusers FluxControlNetModel names, of one of our tensors."""
+    if key.startswith(("controlnet_blocks.", "controlnet_single_blocks.", "controlnet_x_embedder.",
+                       "controlnet_mode_embedder.")):  # fmt: skip
+        return [Segment(key)]
+    return flux_from_diffusers(key, config)
+
+
 def unet_controlnet_keys(key: str, config) -> list[Segment]:
     """Sources, in diffusers ControlNetModel names, of one of our (cldm-named) tensors."""
     name, _, param = key.rpartition(".")
@@ -125,11 +153,12 @@ class ControlSpec:
 CONTROLNETS = {
     "ControlNetModel": ControlSpec("sdxl", UNetControlNet, unet_controlnet_config, unet_controlnet_keys),
     "SD3ControlNetModel": ControlSpec("sd3", MMDiTControlNet, sd3_controlnet_config, sd3_controlnet_keys),
+    "FluxControlNetModel": ControlSpec("flux", FluxControlNet, flux_controlnet_config, flux_controlnet_keys),
 }
 FAMILY_TITLES = {"flux": "FLUX.1", "sd3": "SD3 / SD3.5", "sdxl": "SDXL"}
 NOT_YET = {
-    "FluxControlNetModel": "FLUX ControlNets are not supported yet",
-    "FluxMultiControlNetModel": "FLUX ControlNets are not supported yet",
+    "FluxMultiControlNetModel": "a FluxMultiControlNetModel folder is not loaded as one: pass each "
+    "ControlNet's folder (fastflow.load(model, controlnet=[a, b]))",
     "ControlNetUnionModel": "SDXL union ControlNets (control modes) are not supported yet",
 }
 
@@ -147,6 +176,8 @@ def _width_checks(family: str, net, base) -> dict[str, tuple]:
     """What must agree between a ControlNet's config and its base model's: (net's, base's)."""
     if family == "sdxl":
         names = ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels")
+    elif family == "flux":  # the residuals' width, what the net reads of the latents and the text
+        names = ("hidden_size", "in_channels", "context_in_dim", "vec_in_dim")
     else:
         names = ("hidden_size", "patch_size", "in_channels", "context_in_dim", "adm_in_dim")
     return {n: (getattr(net, n), getattr(base, n)) for n in names if getattr(net, n) != getattr(base, n)}
@@ -161,6 +192,13 @@ def check_fits(path, family: str, config, base_config) -> None:
             f"{FAMILY_TITLES.get(base_config.family, base_config.family)}",
             "load a ControlNet trained for this base model's family",
         )
+    if family == "flux" and (base_config.conditioning or base_config.kontext):
+        raise FamilyMismatchError(path, f"ControlNets drive FLUX.1 dev / schnell; {base_config.name} is a "
+                                  f"{'Kontext' if base_config.kontext else base_config.conditioning} model",
+                                  "load FLUX.1 dev (or schnell) with the ControlNet")  # fmt: skip
+    if family == "flux" and config.guidance_embed and not base_config.guidance_embed:
+        raise FamilyMismatchError(path, "this ControlNet embeds the guidance scale (a FLUX.1 dev ControlNet); "
+                                  f"{base_config.name} has no guidance embedding", "use FLUX.1 dev")  # fmt: skip
     differ = _width_checks(family, config, base_config)
     if differ:
         shown = ", ".join(f"{n} {a} vs the base's {b}" for n, (a, b) in differ.items())
@@ -193,7 +231,7 @@ def load_controlnet(
             raise FamilyMismatchError(path, f"config.json names {cls or 'no class'}, not a ControlNet fastflow knows "
                                       f"({', '.join(CONTROLNETS)})", "pass a ControlNet folder")  # fmt: skip
         spec = CONTROLNETS[cls]
-        fields.check("sdxl" if spec.family == "sdxl" else "sd3", cfg, path)
+        fields.check(spec.family, cfg, path)
         try:
             config = spec.read_config(cfg, path)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:

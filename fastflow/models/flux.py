@@ -309,14 +309,25 @@ class Flux(nn.Module):
         vec = self.conditioning(timesteps, y, guidance)
         return FluxState(self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype)), vec, pe, n_txt, n_img)
 
-    def blocks(self, state: FluxState, start: int = 0, end: int | None = None) -> FluxState:
-        """Run blocks ``start`` .. ``end - 1`` (see :attr:`num_blocks`) on ``state``, in place."""
+    def blocks(
+        self, state: FluxState, start: int = 0, end: int | None = None, controls=None, single_controls=None
+    ) -> FluxState:
+        """Run blocks ``start`` .. ``end - 1`` (see :attr:`num_blocks`) on ``state``, in place.
+        ``controls`` / ``single_controls``: ControlNet residuals [B, N, C] added to the image tokens
+        after each double / single block, block i taking residual ``i // ceil(blocks / residuals)``
+        (diffusers' FluxTransformer2DModel)."""
         depth = len(self.double_blocks)
         for i in range(start, self.num_blocks if end is None else end):
             if i < depth:
                 state.img, state.txt = self.double_blocks[i](state.img, state.txt, state.vec, state.pe)
+                if controls is not None:
+                    state.img = state.img + controls[i // -(-depth // len(controls))]
             else:
                 state.x = self.single_blocks[i - depth](state.joined(), state.vec, state.pe)
+                if single_controls is not None:
+                    j, a, b = i - depth, state.n_txt, state.n_txt + state.n_img
+                    r = single_controls[j // -(-len(self.single_blocks) // len(single_controls))]
+                    state.x = torch.cat((state.x[:, :a], state.x[:, a:b] + r, state.x[:, b:]), dim=1)
         return state
 
     def final(self, state: FluxState) -> torch.Tensor:
@@ -335,6 +346,8 @@ class Flux(nn.Module):
         guidance: torch.Tensor | None = None,
         img_cond: torch.Tensor | None = None,
         img_cond_ids: torch.Tensor | None = None,
+        controls: list[torch.Tensor] | None = None,
+        single_controls: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the velocity of the target image tokens.
 
@@ -342,10 +355,11 @@ class Flux(nn.Module):
         timesteps [B] sigma in [0, 1]; img_ids [N, 3] (or [B, N, 3], one grid for the batch);
         txt_ids [T, 3] (default zeros); guidance [B] (dev/Kontext); img_cond [B, M, in] with
         img_cond_ids [M, 3] (Kontext context image, ids with axis 0 = 1) is appended after the
-        target tokens and sliced off the output. Same as ``final(blocks(embed(...)))``.
+        target tokens and sliced off the output; ``controls`` / ``single_controls``: ControlNet
+        residuals (:meth:`blocks`). Same as ``final(blocks(embed(...)))``.
         """
         state = self.embed(img, txt, y, timesteps, img_ids, txt_ids, guidance, img_cond, img_cond_ids)
-        return self.final(self.blocks(state))
+        return self.final(self.blocks(state, controls=controls, single_controls=single_controls))
 
 
 def make_img_ids(h_tokens: int, w_tokens: int, index: int = 0, device=None) -> torch.Tensor:

@@ -59,6 +59,7 @@ COMMON = {
         arg("controlnet_conditioning_scale", "float | list[float]", 1.0),
         arg("control_guidance_start", "float | list[float]", 0.0),
         arg("control_guidance_end", "float | list[float]", 1.0),
+        arg("control_mode", "int | list[int] | None"),  # FLUX union ControlNets
     )
 }
 

@@ -1,5 +1,6 @@
 """ControlNets in the pipelines, as diffusers' StableDiffusionXLControlNetPipeline and
-StableDiffusion3ControlNetPipeline: ``control_image`` (one per ControlNet), the per-net
+StableDiffusion3ControlNetPipeline, and FLUX's as FluxControlNetPipeline (with
+``control_mode`` for union ControlNets): ``control_image`` (one per ControlNet), the per-net
 ``controlnet_conditioning_scale``, and the keep window ``control_guidance_start`` /
 ``control_guidance_end`` (a ControlNet counts at step i of n unless i / n < start or
 (i + 1) / n > end). Every argument is checked before any work (:func:`check_control`); the
@@ -11,6 +12,10 @@ Control maps: SDXL ControlNets take the image in [0, 1] (diffusers' control imag
 normalisation); SD3 ControlNets its VAE latent (posterior mean, ``(mean - shift) * scale`` with no
 shift where the config forces zeros for the pooled text, as diffusers). diffusers draws that
 posterior sample from the global RNG, unseeded; fastflow takes its mean, so results repeat.
+FLUX ControlNets take the packed VAE latent of the image resized to the output: a posterior sample
+drawn from the call's generator(s) before the noise, one per ControlNet in order (diffusers' order);
+with true CFG the nets run on the positive prompt and their residuals serve both branches
+(diffusers).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError, plain_number
+from ..models.controlnet_flux import FluxControlNet
 from ..models.controlnet_sd3 import MMDiTControlNet
+from ..models.flux import pack_latents
 from .images import load_image, to_tensor
 
 CONTROL = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -80,7 +87,8 @@ class Control:
     scales: list[float] = field(default_factory=list)
     starts: list[float] = field(default_factory=list)
     ends: list[float] = field(default_factory=list)
-    inputs: list = field(default_factory=list)  # per net: [n, C, h, w] after prepare
+    inputs: list = field(default_factory=list)  # per net: [n, C, h, w] ([n, N, 64] FLUX) after prepare
+    modes: list = field(default_factory=list)  # per net: the union ControlNet's control mode, or None
     n: int = 1
     _batches: dict = field(default_factory=dict)
 
@@ -123,6 +131,42 @@ class Control:
                 shift = 0.0 if net.config.force_zeros_for_pooled_projection else pipe.vae.config.shift_factor
                 unit = (mean - shift) * pipe.vae.config.scale_factor
             self.inputs.append(unit.to(pipe.device, net.dtype).expand(n, -1, -1, -1))
+
+    def flux_start(self, pipe, r, n: int, height: int, width: int, shape: tuple[int, ...]):
+        """FLUX: (noise [n, *shape], seeds). Each net's control image, resized to the output, is
+        VAE-encoded (a posterior sample from the call's generator(s)) and packed; then the noise is
+        drawn from the same generator(s), as diffusers' FluxControlNetPipeline does."""
+        from .flux_conditioning import _generators, _sample
+
+        self.n = n
+        self.check_size(height, width)
+        gens = _generators(r, n)
+        seeds = list(r.seed) if r.generator is None else [None] * n
+        for net, image in zip(self.nets, self.images, strict=True):
+            pixels = image * 2.0 - 1.0 if isinstance(image, torch.Tensor) else to_tensor(image, width, height)
+            latents = pack_latents(_sample(pipe, pixels, gens, n))
+            self.inputs.append(latents.to(pipe.device, net.dtype).expand(n, -1, -1))
+        noise, _ = pipe.initial_noise(n, shape, None, gens, r.latents)
+        return noise, seeds
+
+    def flux_residuals(self, step, x, txt, y, t, img_ids, txt_ids, guidance) -> dict:
+        """FLUX: the transformer's ``controls`` / ``single_controls`` for one forward, summed over the
+        nets that count at this step ({} when none does). The nets see the first ``n`` rows (the
+        positive prompt under true CFG); their residuals are repeated over the batch's branches."""
+        n, rows = self.n, x.shape[0]
+        doubles = singles = None
+        for index, (net, scale) in enumerate(zip(self.nets, self.scales_at(step), strict=True)):
+            if scale == 0:
+                continue
+            g = guidance[:n] if guidance is not None and net.config.guidance_embed else None
+            d, s = net(x[:n], txt[:n], y[:n], t[:n], img_ids, txt_ids, g, self.inputs[index], self.modes[index], scale)
+            doubles = d if doubles is None else [p + q for p, q in zip(doubles, d, strict=True)]
+            singles = s if singles is None else [p + q for p, q in zip(singles, s, strict=True)]
+        if doubles is None:
+            return {}
+        if rows != n:
+            doubles, singles = ([torch.cat([o] * (rows // n)) for o in outs] for outs in (doubles, singles))
+        return {"controls": doubles or None, "single_controls": singles or None}
 
     def scales_at(self, step) -> list[float]:
         """Each net's scale at this step: scale x keep (diffusers' controlnet_keep)."""
@@ -176,12 +220,14 @@ def check_control(pipe, r, family: str) -> Control:
     nets = controlnets_of(pipe)
     given = {name: getattr(r, name) for name in CONTROL}
     if not nets:
-        if given["control_image"] is not None:
+        if given["control_image"] is not None and family != "flux":  # FLUX: Canny / Depth take it
             raise InputError("control_image needs a ControlNet: fastflow.load(model, controlnet=PATH)")
         changed = [n for n, d in zip(CONTROL[1:], (1.0, 0.0, 1.0), strict=True) if given[n] != d]
         if changed:
             raise InputError(f"{', '.join(changed)} set, but this pipeline has no ControlNet "
                              "(fastflow.load(model, controlnet=PATH))")  # fmt: skip
+        if getattr(r, "control_mode", None) is not None:
+            raise InputError("control_mode needs a union ControlNet: fastflow.load(model, controlnet=PATH)")
         return Control()
     count = len(nets)
     if given["control_image"] is None:
@@ -213,9 +259,50 @@ def check_control(pipe, r, family: str) -> Control:
     for net in nets:  # pipe.to(...) moved / cast the base model: the nets follow
         if net.dtype != dtype or next(net.parameters()).device != device:
             net.to(device=device, dtype=dtype)
+    modes = _modes(getattr(r, "control_mode", None), nets)
+    if family == "flux":
+        _check_flux(pipe, r, nets)
     loaded = [_image(im, "control_image") for im in images]
     for net, im in zip(nets, loaded, strict=True):
         channels = getattr(net.config, "conditioning_channels", 3)
         if isinstance(im, torch.Tensor) and im.shape[1] != channels:
             raise InputError(f"control_image has {im.shape[1]} channels; this ControlNet takes {channels}")
-    return Control(nets, loaded, scales, starts, ends)
+    return Control(nets, loaded, scales, starts, ends, modes=modes)
+
+
+def _modes(value, nets) -> list:
+    """One control mode per net: an int below a union net's num_mode, None for other nets; a single
+    value is given to every net (diffusers), a list must have one per net."""
+    count = len(nets)
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise InputError(f"control_mode has {len(value)} values for {count} ControlNet(s): give one per ControlNet")
+        values = list(value)
+    else:
+        values = [value] * count
+    for net, mode in zip(nets, values, strict=True):
+        modes = getattr(net.config, "num_mode", None)
+        if modes is None:
+            if mode is not None:
+                raise InputError("control_mode is for union ControlNets; this ControlNet has no control modes: "
+                                 "leave control_mode unset (or None for this net in a list)")  # fmt: skip
+            continue
+        if mode is None:
+            raise InputError(f"this union ControlNet needs control_mode= (an int, 0 .. {modes - 1})")
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode < modes:
+            raise InputError(f"control_mode {mode!r}: this union ControlNet has modes 0 .. {modes - 1}")
+    return values
+
+
+def _check_flux(pipe, r, nets) -> None:
+    """FLUX ControlNets: on dev / schnell only (not Fill / Canny / Depth / Kontext), all FLUX
+    ControlNets, all with the same numbers of blocks (their residuals are summed per block)."""
+    config = pipe.config
+    if config.conditioning or config.kontext:
+        raise InputError(f"{config.name} does not take ControlNets: load FLUX.1 dev or schnell with them")
+    if not all(isinstance(net, FluxControlNet) for net in nets):
+        raise InputError("a FLUX pipeline drives FLUX ControlNets only")
+    depths = {(len(net.controlnet_blocks), len(net.controlnet_single_blocks)) for net in nets}
+    if len(depths) > 1:
+        raise InputError(f"FLUX ControlNets of different depths ({sorted(depths)} double / single blocks) "
+                         "cannot be summed")  # fmt: skip

@@ -12,8 +12,9 @@ from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
 from . import flux_conditioning as conditioned
 from . import masks
-from .arguments import CACHE, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
+from .control import check_control
 from .images import kontext_size, load_image, to_tensor
 from .outputs import PipelineOutput
 from .prompts import as_prompt_list, check_embeds
@@ -78,7 +79,7 @@ class FluxPipeline(BasePipeline):
 
     @call_arguments(*PROMPTS, "image", *STANDARD, "latents", arg("auto_resize", "bool", True), "progress",
                     *CACHE, "sigmas", arg("true_cfg_scale", "float | None"), "strength", *NEGATIVE_EMBEDS,
-                    *STEP_END, *INPAINT, "control_image")  # fmt: skip
+                    *STEP_END, *INPAINT, *CONTROLNET, "control_mode")  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images. ``image``: for Kontext the image to edit, the output size defaulting to
         its (resized) size; for dev / schnell the start of image-to-image, noised to the sigma
@@ -91,7 +92,9 @@ class FluxPipeline(BasePipeline):
         white pixels repainted, ``strength`` (default 0.6) and ``padding_mask_crop`` as there.
         FLUX.1 Fill: ``image`` and ``mask_image`` (white: repaint; strength default 1.0), as
         diffusers' FluxFillPipeline; FLUX.1 Canny / Depth: ``control_image`` (the output size
-        defaulting to its), as FluxControlPipeline (:mod:`.flux_conditioning`)."""
+        defaulting to its), as FluxControlPipeline (:mod:`.flux_conditioning`). With ControlNets
+        (fastflow.load(..., controlnet=)): ``control_image`` (one per net), ``control_mode`` (union
+        nets) & co., as FluxControlNetPipeline (pipelines/control.py)."""
         return masks.generate(self, request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
@@ -119,7 +122,9 @@ class FluxPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         steps, sampler = self.sampling(r.num_inference_steps, r.sampler, r.sigmas)
         guidance, true_cfg = self._guidance(r.guidance_scale, r.true_cfg_scale, r.negative_prompt)
-        conditioned.check_request(self, r)  # FLUX.1 Fill / Canny / Depth inputs
+        control = check_control(self, r, "flux")  # ControlNets (pipelines/control.py)
+        if not control.nets:
+            conditioned.check_request(self, r)  # FLUX.1 Fill / Canny / Depth inputs
         cond_tokens = cond_ids = extra = None
         default_size = self.default_size
         img2img = r.image is not None and not self.config.kontext
@@ -139,9 +144,10 @@ class FluxPipeline(BasePipeline):
         elif r.image is not None:
             with timer.stage("encode_image"):
                 cond_tokens, cond_ids, default_size = self._context_image(r.image, r.auto_resize)
-        elif r.control_image is not None:
+        elif r.control_image is not None and not control.nets:
             default_size = conditioned.control_size(self, r)
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, self.max_side)
+        control.check_size(height, width)  # tensor control images must have the output's size
         with timer.stage("encode_prompt"):
             text = self.prepare_text(r, true_cfg > 1.0, uncond_first=False)  # [cond ; uncond] with true CFG
         (txt, y), n = text.batch(), text.images
@@ -164,13 +170,17 @@ class FluxPipeline(BasePipeline):
                     noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
                 else:  # inpainting (dev / schnell)
                     noise, sigmas, seeds, inpaint = masks.flow_start(self, r, n, height, width, sigmas, pack_latents)
-        elif r.control_image is not None:
+        elif r.control_image is not None and not control.nets:
             with timer.stage("encode_image"):
                 shape = (self.vae.config.z_channels, h_lat, w_lat)
                 noise, seeds, extra = conditioned.control_start(self, r, n, height, width, shape)
         else:
             shape = (self.vae.config.z_channels, h_lat, w_lat)
-            noise, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
+            if control.nets:
+                with timer.stage("encode_image"):
+                    noise, seeds = control.flux_start(self, r, n, height, width, shape)
+            else:
+                noise, seeds = self.initial_noise(n, shape, r.seed, r.generator, r.latents)
         x = pack_latents(noise)  # [B, N, 64], fp32 state
         img_ids = make_img_ids(h_lat // 2, w_lat // 2, device=self.device)
         txt_ids = torch.zeros(txt.shape[1], 3, device=self.device)
@@ -183,7 +193,10 @@ class FluxPipeline(BasePipeline):
             t = torch.full((batch,), float(step), device=self.device)
             step = step.with_branch("cfg" if true_cfg > 1.0 else "cond")
             xs = conditioned.with_condition(torch.cat((x, x)) if true_cfg > 1.0 else x, extra)
-            v = self.predict(step, xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids)
+            nets = control.flux_residuals(step, xs, txt, y, t, img_ids, txt_ids, g) if control.nets else {}
+            v = self.predict(
+                step, xs, txt, y, t, img_ids, txt_ids, g, img_cond=cond_tokens, img_cond_ids=cond_ids, **nets
+            )
             return cfg_combine(*v.chunk(2), true_cfg) if true_cfg > 1.0 else v
 
         settings = self.base_settings(height, width, steps, guidance, sampler)
@@ -191,6 +204,8 @@ class FluxPipeline(BasePipeline):
         if img2img:
             settings["strength"] = r.strength
         settings["sigmas"] = given
+        if control.nets:
+            settings["controlnet"] = {**control.settings(), "mode": control.modes}
         conditioning = self._conditioning(sigmas, batch, y, g)
         plan = Plan(
             x, sigmas, sampler, velocity, seeds, settings, lambda x: unpack_latents(x, h_lat, w_lat), conditioning

@@ -267,9 +267,9 @@ def test_layouts_that_cannot_be_verified_are_refused(folders, tmp_path):
         _load(folders["sdxl-tiny"], single)
     flux = tmp_path / "flux-cn"
     flux.mkdir()
-    (flux / "config.json").write_text(json.dumps({"_class_name": "FluxControlNetModel"}))
+    (flux / "config.json").write_text(json.dumps({"_class_name": "FluxMultiControlNetModel"}))
     (flux / "diffusion_pytorch_model.safetensors").write_bytes(single.read_bytes())
-    with pytest.raises(CheckpointError, match="FLUX ControlNets are not supported yet"):
+    with pytest.raises(CheckpointError, match="each ControlNet's folder"):
         _load(folders["sdxl-tiny"], flux)
     pooled = tmp_path / "pooled"
     cfg = json.loads((folders["cn-sdxl-a"] / "config.json").read_text())

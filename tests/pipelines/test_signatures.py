@@ -59,7 +59,8 @@ EXPECTED = {
         *NEGATIVE_EMBEDS,
         *STEP_END,
         *INPAINT,  # inpainting (dev / schnell) and FLUX.1 Fill
-        ("control_image", None, E),  # FLUX.1 Canny / Depth
+        *CONTROLNET,  # FLUX.1 Canny / Depth (control_image); FLUX ControlNets
+        ("control_mode", None, "int | list[int] | None"),  # union ControlNets
     ],
     SD3Pipeline: [
         *PROMPTS,
