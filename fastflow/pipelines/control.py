@@ -51,6 +51,11 @@ def _number(value, name: str) -> float:
     return float(value)
 
 
+def _is_number(value, number: float) -> bool:
+    """``value`` is the plain number ``number`` (an array, list or tensor never compares equal here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == number
+
+
 def _per_net(value, name: str, count: int) -> list[float]:
     """One number for every ControlNet: a number is repeated, a list must have one per net."""
     if isinstance(value, (list, tuple)):
@@ -222,7 +227,7 @@ def check_control(pipe, r, family: str) -> Control:
     if not nets:
         if given["control_image"] is not None and family != "flux":  # FLUX: Canny / Depth take it
             raise InputError("control_image needs a ControlNet: fastflow.load(model, controlnet=PATH)")
-        changed = [n for n, d in zip(CONTROL[1:], (1.0, 0.0, 1.0), strict=True) if given[n] != d]
+        changed = [n for n, d in zip(CONTROL[1:], (1.0, 0.0, 1.0), strict=True) if not _is_number(given[n], d)]
         if changed:
             raise InputError(f"{', '.join(changed)} set, but this pipeline has no ControlNet "
                              "(fastflow.load(model, controlnet=PATH))")  # fmt: skip

@@ -138,6 +138,8 @@ class TemplateMixin:
         timer = Timer()
         output_type = self.check_output_type(output_type)
         self.check_request(request, callback_on_step_end, tensor_inputs)
+        if progress is not None and not isinstance(progress, bool):
+            raise InputError(f"progress must be True, False or None, got {type(progress).__name__}")
         if cache is None:
             cache = self.defaults.get("cache")  # fastflow.accelerate(pipe, cache=...)
         policy = resolve_policy(cache, cache_threshold, self.config)

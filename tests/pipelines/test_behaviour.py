@@ -58,6 +58,9 @@ def test_size_not_a_multiple_is_rounded_down_with_a_warning(load):
         {"width": 10_000},
         {"output_type": "jpeg"},
         {"sampler": "ddim"},
+        {"progress": torch.zeros(2, 2)},  # fuzz 2000 / seed 1: was an untyped RuntimeError
+        {"progress": "yes"},
+        {"control_guidance_end": np.array([1, 2])},  # no ControlNet: refused, not compared as an array
     ],
 )
 def test_bad_arguments_are_clear_errors(load, bad):
