@@ -74,6 +74,7 @@ def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0, **changes
     model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,  # FLUX.1 Fill / Canny / Depth: img_in wider than proj_out
         num_layers=cfg.depth,
         num_single_layers=cfg.depth_single_blocks,
         attention_head_dim=cfg.head_dim,

@@ -17,41 +17,15 @@ from fastflow.models.configs import from_name
 from fastflow.models.flux import unpack_latents
 from fastflow.pipelines.flux_conditioning import pack_mask
 
-from ..conftest import diffusers_flux_scheduler, tiny_pipeline_folder
+from ..conftest import diffusers_flux_scheduler, tiny_diffusers_flux, tiny_pipeline_folder
 from .test_parity import _modules, _rel, _to_uint8
 
 H, W = 24, 40
 
 
-def _transformer(variant: str, seed: int = 0) -> FluxTransformer2DModel:
-    """diffusers' transformer of a tiny Fill / Control config (img_in wider than proj_out), random."""
-    cfg = from_name(variant)
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim,
-        guidance_embeds=cfg.guidance_embed,
-        axes_dims_rope=cfg.axes_dim,
-    ).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))  # as conftest.tiny_diffusers_flux
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
-
-
 def _folder(root, variant: str, pipeline_class: str, name_or_path: str | None = None):
     folder = tiny_pipeline_folder(root, "flux-tiny-dev")
-    _transformer(variant).save_pretrained(folder / "transformer")
+    tiny_diffusers_flux(variant).save_pretrained(folder / "transformer")
     if name_or_path is not None:
         config = json.loads((folder / "transformer" / "config.json").read_text())
         (folder / "transformer" / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
