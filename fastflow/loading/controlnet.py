@@ -6,9 +6,10 @@ dtype validated) and materialize.
 
 A ControlNet must fit the base model it drives: its family and the widths its residuals and inputs
 have (:func:`check_fits`); a mismatch is a :class:`~fastflow.errors.FamilyMismatchError` naming
-both. One :data:`CONTROLNETS` row per diffusers class (SDXL, SD3, FLUX). Single-file layouts
-(InstantX / XLabs / Shakker-Labs files without config.json) are refused: their key lists are not
-verified here against real files.
+both. One :data:`CONTROLNETS` row per diffusers class (SDXL, SD3, FLUX). A lone safetensors file
+(diffusers names without config.json, or an SDXL net in the original cldm names) is read by
+:mod:`.controlnet_files`: its config.json inferred from the shapes and the base model, then loaded
+as a folder would be.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..models.controlnet_flux import FluxControlNet, FluxControlNetConfig
 from ..models.controlnet_sd3 import MMDiTControlNet, MMDiTControlNetConfig
 from ..models.controlnet_unet import UNetControlNet, UNetControlNetConfig
 from . import described, fields
+from .controlnet_files import read_single_file
 from .describe import detect_layout
 from .keymaps import Segment, flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
 from .materialize import materialize
@@ -183,8 +185,8 @@ def _width_checks(family: str, net, base) -> dict[str, tuple]:
     return {n: (getattr(net, n), getattr(base, n)) for n in names if getattr(net, n) != getattr(base, n)}
 
 
-def check_fits(path, family: str, config, base_config) -> None:
-    """A ControlNet of another family than the base, or of other widths: FamilyMismatchError naming both."""
+def check_family(path, family: str, base_config) -> None:
+    """A ControlNet of another family than the base: FamilyMismatchError naming both."""
     if family != base_config.family:
         raise FamilyMismatchError(
             path,
@@ -192,6 +194,11 @@ def check_fits(path, family: str, config, base_config) -> None:
             f"{FAMILY_TITLES.get(base_config.family, base_config.family)}",
             "load a ControlNet trained for this base model's family",
         )
+
+
+def check_fits(path, family: str, config, base_config) -> None:
+    """A ControlNet of another family than the base, or of other widths: FamilyMismatchError naming both."""
+    check_family(path, family, base_config)
     if family == "flux" and (base_config.conditioning or base_config.kontext):
         raise FamilyMismatchError(path, f"ControlNets drive FLUX.1 dev / schnell; {base_config.name} is a "
                                   f"{'Kontext' if base_config.kontext else base_config.conditioning} model",
@@ -212,18 +219,18 @@ def check_fits(path, family: str, config, base_config) -> None:
 def load_controlnet(
     path: str | os.PathLike, base_config, dtype: torch.dtype = torch.float32, device="cpu", quant=None
 ) -> torch.nn.Module:
-    """A ControlNet from a diffusers folder, checked to fit a base model of ``base_config``.
+    """A ControlNet from a diffusers folder or a single safetensors file (:mod:`.controlnet_files`),
+    checked to fit a base model of ``base_config``.
     ``quant`` as :func:`~.loader.load_transformer`'s (FP8 / int8 apply to its linear layers)."""
     path = Path(path).expanduser()
-    if path.is_file():
-        raise CheckpointError(path, "single-file ControlNets are not supported yet (their layouts differ per "
-                              "publisher and are not verified here)", "pass the ControlNet's diffusers folder "
-                              "(config.json + *.safetensors)")  # fmt: skip
     if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(path, "no config.json in this ControlNet folder", "pass a diffusers ControlNet folder "
                               "(config.json + *.safetensors)")  # fmt: skip
     with open_checkpoint(path) as source:
-        cfg = source.folder_config
+        single = read_single_file(source) if path.is_file() else None
+        if single:
+            check_family(path, single.family, base_config)  # the base's head widths etc. fill its config
+        cfg = single.config(base_config) if single else source.folder_config
         cls = str(cfg.get("_class_name", ""))
         if cls in NOT_YET:
             raise CheckpointError(path, NOT_YET[cls], "use diffusers for this ControlNet")
@@ -240,6 +247,9 @@ def load_controlnet(
             raise CheckpointError(path, f"config.json cannot be read as a {cls} config ({e})"[:300],
                                   "fix config.json") from None  # fmt: skip
         check_fits(path, spec.family, config, base_config)
-        layout = dataclasses.replace(detect_layout(source.key_file), naming="diffusers", prefix="")
+        if single:
+            layout = single.layout
+        else:
+            layout = dataclasses.replace(detect_layout(source.key_file), naming="diffusers", prefix="")
         plan = make_plan(source, _Description(layout, config, spec), dtype, device, quant)
         return materialize(source, plan)
