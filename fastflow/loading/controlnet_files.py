@@ -9,8 +9,10 @@ Layouts: diffusers names without config.json (what InstantX, Shakker-Labs and xi
 incl. union nets), and SDXL ControlNets in the original cldm / sgm names (lllyasviel's layout, as
 A1111 / ComfyUI load them: ``input_hint_block``, ``input_blocks``, ``zero_convs``,
 ``middle_block_out``, ``time_embed``, ``label_emb``, with or without ``control_model.``), which
-are :class:`~fastflow.models.controlnet_unet.UNetControlNet`'s own names. Anything else (XLabs
-FLUX nets, SDXL union nets, SD 1.x nets, SD3.5's single-stream nets) is a typed refusal.
+are :class:`~fastflow.models.controlnet_unet.UNetControlNet`'s own names; XLabs FLUX nets in
+x-flux's names (``ControlNetFlux``: BFL's transformer names, ``input_hint_block``,
+``pos_embed_input``). Anything else (SDXL union nets, SD 1.x nets, SD3.5's single-stream nets) is a
+typed refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CheckpointError, FamilyMismatchError, MissingKeysError, ShapeMismatchError
+from .keymaps import Segment
 from .layout import Layout
 from .quantized import split_quant_keys
 from .source import CheckpointSource
@@ -37,6 +40,7 @@ class SingleFile:
     layout: Layout
     shapes: object  # _Shapes
     reader: Callable  # (shapes, the base model's config) -> the inferred config.json
+    key_map: Callable | None = None  # (our key, config) -> its sources, where not the class's map
 
     @property
     def family(self) -> str:
@@ -86,9 +90,10 @@ def flux_config(s: _Shapes, base) -> dict:
     norm = next((k for k in norms if k in s), None)
     head_dim = s(norm, 1)[0] if norm else base.head_dim  # no block: the base's
     modes = s("controlnet_mode_embedder.weight")[0] if "controlnet_mode_embedder.weight" in s else None
+    hint = "input_hint_block.conv_out.weight" in s  # XLabs' nets in diffusers names (hint maps packed 2x2)
     return {
         "_class_name": "FluxControlNetModel",
-        "patch_size": 1,
+        "patch_size": 2 if hint else 1,
         "in_channels": in_channels,
         "num_layers": len(s.indices(r"transformer_blocks\.(\d+)\.")),
         "num_single_layers": len(s.indices(r"single_transformer_blocks\.(\d+)\.")),
@@ -99,7 +104,7 @@ def flux_config(s: _Shapes, base) -> dict:
         "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in s,
         "axes_dims_rope": list(base.axes_dim),  # RoPE axes: not in the weights, the base model's
         "num_mode": modes,
-        "conditioning_embedding_channels": None,
+        "conditioning_embedding_channels": s("input_hint_block.conv_out.weight", 4)[0] if hint else None,
     }
 
 
@@ -132,6 +137,36 @@ def sd3_config(s: _Shapes, base) -> dict:
         # nets, which set it false, are refused above)
         "force_zeros_for_pooled_projection": True,
     }
+
+
+def xlabs_config(s: _Shapes, base) -> dict:
+    """A FluxControlNetModel config.json (its XLabs form) for an x-flux ControlNetFlux file: BFL's
+    transformer names, ``pos_embed_input``, ``input_hint_block`` (convs at 0, 2, ..., 14)."""
+    hidden, in_channels = s("img_in.weight")
+    head_dim = s("double_blocks.0.img_attn.norm.query_norm.scale", 1)[0]
+    return {
+        "_class_name": "FluxControlNetModel",
+        "patch_size": 2,  # the hint maps are packed 2x2 (x-flux's rearrange), as diffusers' XLabs configs say
+        "in_channels": in_channels,
+        "num_layers": len(s.indices(r"double_blocks\.(\d+)\.")),
+        "num_single_layers": len(s.indices(r"single_blocks\.(\d+)\.")),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": _heads(s.source, hidden, head_dim, "file's"),
+        "joint_attention_dim": s("txt_in.weight")[1],
+        "pooled_projection_dim": s("vector_in.in_layer.weight")[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in s,
+        "axes_dims_rope": list(base.axes_dim),  # RoPE axes: not in the weights, the base model's
+        "num_mode": None,
+        "conditioning_embedding_channels": s("input_hint_block.14.weight", 4)[0],
+    }
+
+
+def xlabs_keys(key: str, config) -> list[Segment]:
+    """Sources, in x-flux names, of one of our tensors: ours are BFL's and x-flux's but for the
+    control input's linear (x-flux: ``pos_embed_input``)."""
+    if key.startswith("controlnet_x_embedder."):
+        return [Segment("pos_embed_input." + key.rpartition(".")[2])]
+    return [Segment(key)]
 
 
 def _sdxl_config(s: _Shapes, base, arch: dict) -> dict:
@@ -241,12 +276,8 @@ def read_single_file(source: CheckpointSource) -> SingleFile:
     for marker, what, fix in _REFUSED:
         if marker in s:
             raise CheckpointError(source.path, f"this file is {what}", fix)
-    if "input_hint_block.0.weight" in s and (
-        "pos_embed_input.weight" in s or "double_blocks.0.img_mod.lin.weight" in s
-    ):
-        raise CheckpointError(source.path, "an XLabs-style FLUX ControlNet (x-flux's ControlNetFlux: a pixel-space "
-                              "input_hint_block) is not supported yet", "use an InstantX / Shakker-Labs style "
-                              "FLUX ControlNet (VAE-latent control, diffusers names), or x-flux / ComfyUI")  # fmt: skip
+    if prefix == "" and "input_hint_block.0.weight" in s and "pos_embed_input.weight" in s:  # x-flux
+        return SingleFile("FluxControlNetModel", _layout("flux", "diffusers", "", keys), s, xlabs_config, xlabs_keys)
     if "input_hint_block.0.weight" in s and "zero_convs.0.0.weight" in s:
         if "label_emb.0.0.weight" not in s:
             raise FamilyMismatchError(source.path, "this is an SD 1.x / 2.x ControlNet (original layout, no "
@@ -258,6 +289,6 @@ def read_single_file(source: CheckpointSource) -> SingleFile:
             family = {"FluxControlNetModel": "flux", "SD3ControlNetModel": "sd3"}.get(cls, "sdxl")
             return SingleFile(cls, _layout(family, "diffusers", "", keys), s, reader)
     raise FamilyMismatchError(source.path, "this safetensors file is not a ControlNet layout fastflow knows "
-                              "(diffusers' ControlNetModel / SD3ControlNetModel / FluxControlNetModel names, or "
-                              "an SDXL ControlNet in the original cldm names)", "pass a ControlNet's diffusers "
-                              "folder or its safetensors file")  # fmt: skip
+                              "(diffusers' ControlNetModel / SD3ControlNetModel / FluxControlNetModel names, an "
+                              "SDXL ControlNet in the original cldm names, or x-flux's)",
+                              "pass a ControlNet's diffusers folder or its safetensors file")  # fmt: skip

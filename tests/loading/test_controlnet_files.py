@@ -30,10 +30,15 @@ def _randomize(model, seed):
 
 def flux_net(seed, **kw):
     c = from_name("flux-tiny-dev")
-    return _randomize(FluxControlNetModel(patch_size=1, in_channels=c.in_channels, num_layers=2, num_single_layers=1,
-                                          attention_head_dim=c.head_dim, num_attention_heads=c.num_heads,
-                                          joint_attention_dim=c.context_in_dim, pooled_projection_dim=c.vec_in_dim,
-                                          guidance_embeds=True, axes_dims_rope=c.axes_dim, **kw), seed)  # fmt: skip
+    args = dict(patch_size=1, in_channels=c.in_channels, num_layers=2, num_single_layers=1,
+                attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim,
+                pooled_projection_dim=c.vec_in_dim, guidance_embeds=True, axes_dims_rope=c.axes_dim)  # fmt: skip
+    return _randomize(FluxControlNetModel(**{**args, **kw}), seed)
+
+
+def xlabs_net(seed):
+    """diffusers' form of an XLabs net: a pixel-space input_hint_block, maps packed 2x2 (patch_size 2)."""
+    return flux_net(seed, patch_size=2, num_single_layers=0, conditioning_embedding_channels=16)
 
 
 def sd3_net(seed, heads=None, head_dim=None, qk_norm="rms_norm", **kw):
@@ -71,6 +76,7 @@ NETS = {  # name: (builder, base variant)
     "sd3": (lambda: sd3_net(2, extra_conditioning_channels=1), "sd3.5-tiny-medium"),
     "flux": (lambda: flux_net(3), "flux-tiny-dev"),
     "flux-union": (lambda: flux_net(4, num_mode=5), "flux-tiny-dev"),
+    "flux-xlabs": (lambda: xlabs_net(6), "flux-tiny-dev"),
 }
 
 
@@ -101,8 +107,8 @@ def _inputs(net, seed):
         ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"), -1)
         return dict(img=r(1, n, c.in_channels), txt=r(1, t, c.context_in_dim), y=r(1, c.vec_in_dim),
                     timesteps=torch.tensor([0.7]), img_ids=ids.reshape(n, 3), txt_ids=torch.zeros(t, 3),
-                    guidance=torch.tensor([3.5]), control=r(1, n, c.in_channels),
-                    mode=2 if c.num_mode else None)  # fmt: skip
+                    guidance=torch.tensor([3.5]), control=r(1, 3, 48, 64) if hasattr(c, "hint_channels")
+                    else r(1, n, c.in_channels), mode=2 if c.num_mode else None)  # fmt: skip
     if c.family == "sd3":
         control = r(1, c.in_channels + c.extra_conditioning_channels, 8, 12)
         return dict(x=r(1, c.in_channels, 8, 12), timesteps=torch.tensor([700.0]), context=r(1, 6, c.context_in_dim),
@@ -214,7 +220,7 @@ def test_other_layouts_are_typed_refusals(saved, tmp_path):
     sdxl = from_name("sdxl-tiny")
     cases = [
         ({"input_hint_block.0.weight": (16, 3, 3, 3), "pos_embed_input.weight": (64, 64),
-          "double_blocks.0.img_mod.lin.weight": (384, 64)}, flux, CheckpointError, "XLabs"),
+          "double_blocks.0.img_mod.lin.weight": (384, 64)}, flux, MissingKeysError, "img_in.weight"),  # x-flux
         ({"input_hint_block.0.weight": (16, 3, 3, 3), "zero_convs.0.0.weight": (32, 32, 1, 1),
           "time_embed.0.weight": (128, 32)}, sdxl, FamilyMismatchError, "SD 1.x"),
         ({"control_add_embedding.linear_1.weight": (128, 64), "conv_in.weight": (32, 4, 3, 3)}, sdxl,
@@ -250,3 +256,49 @@ def test_a_head_count_the_file_cannot_show_is_refused(tmp_path):
     sd3_net(5, heads=3, head_dim=32, qk_norm=None).save_pretrained(tmp_path / "n")
     with pytest.raises(CheckpointError, match="head count.*config.json"):
         load_controlnet(tmp_path / "n" / "diffusion_pytorch_model.safetensors", from_name("sd3-tiny-medium"))
+
+
+def test_an_xlabs_net_equals_diffusers_xlabs_path(saved):
+    """diffusers' FluxControlNetModel with conditioning_embedding_channels is XLabs' net; its block
+    samples, times the scale, go to the base's double block i as sample i % 2
+    (controlnet_blocks_repeat): ours returns them so for a 5-block base, no single residuals."""
+    folder, _ = saved["flux-xlabs"]
+    ref = FluxControlNetModel.from_pretrained(folder).eval()
+    ours = load_controlnet(folder, from_name("flux-tiny-dev").replace(depth=5))
+    x = _inputs(ours, 1)
+    with torch.no_grad():
+        doubles, singles = ours(**x, scale=0.7)
+        samples, single_samples = ref(hidden_states=x["img"], controlnet_cond=x["control"],
+                                      encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                                      timestep=x["timesteps"], img_ids=x["img_ids"], txt_ids=x["txt_ids"],
+                                      guidance=x["guidance"], conditioning_scale=0.7, return_dict=False)  # fmt: skip
+    assert len(samples) == 2 and single_samples is None and singles == [] and len(doubles) == 5
+    for i, d in enumerate(doubles):
+        want = samples[i % 2]
+        assert ((d - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def to_xflux(state: dict) -> dict:
+    """One of our XLabs modules' state dict in x-flux's ControlNetFlux names. Facts from x-flux's
+    src/flux/controlnet.py: the transformer layers are BFL's (img_in, time_in, vector_in,
+    guidance_in, txt_in, double_blocks: our names), input_hint_block an nn.Sequential with the
+    convs at 0, 2, ..., 14 (ours too), the control input's linear ``pos_embed_input``."""
+    out = {}
+    for key, value in state.items():
+        name = key.replace("controlnet_x_embedder.", "pos_embed_input.")
+        assert not name.startswith(("controlnet_single_blocks", "single_blocks", "controlnet_mode")), key
+        out[name] = value.contiguous()
+    assert {k for k in out if k.startswith("input_hint_block.")} == {
+        f"input_hint_block.{i}.{p}" for i in range(0, 15, 2) for p in ("weight", "bias")
+    }
+    return out
+
+
+def test_an_xflux_file_loads_as_the_diffusers_folder(saved, tmp_path):
+    folder, _ = saved["flux-xlabs"]
+    base = from_name("flux-tiny-dev")
+    from_folder = load_controlnet(folder, base)
+    save_file(to_xflux(from_folder.state_dict()), tmp_path / "flux-canny-controlnet.safetensors")
+    from_file = load_controlnet(tmp_path / "flux-canny-controlnet.safetensors", base)
+    _same(from_folder, from_file)
+    assert from_file.config.base_depth == base.depth and from_file.pixel_control
