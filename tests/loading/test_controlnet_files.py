@@ -6,16 +6,27 @@ original cldm names (renamed here from diffusers' published conversion facts, wi
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxTransformer2DModel,
+    SD3ControlNetModel,
+)
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import fastflow
 from fastflow.errors import CheckpointError, FamilyMismatchError, MissingKeysError, ShapeMismatchError
 from fastflow.loading.controlnet import load_controlnet
 from fastflow.models.configs import from_name
+from fastflow.models.flux import unpack_latents
 
-from ..conftest import tiny_diffusers_unet
+from ..conftest import diffusers_flux_scheduler, tiny_diffusers_flux, tiny_diffusers_unet, tiny_pipeline_folder
 
 
 def _randomize(model, seed):
@@ -302,3 +313,52 @@ def test_an_xflux_file_loads_as_the_diffusers_folder(saved, tmp_path):
     from_file = load_controlnet(tmp_path / "flux-canny-controlnet.safetensors", base)
     _same(from_folder, from_file)
     assert from_file.config.base_depth == base.depth and from_file.pixel_control
+
+
+def _vae8(seed):
+    """A tiny AutoencoderKL that downsamples 8x, as FLUX.1's (XLabs' hint stack assumes it: the
+    control image / 16 is the token grid)."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4, layers_per_block=1,
+                        latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False).eval()  # fmt: skip
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "norm" not in name:
+                p.mul_(1.0 + 0.2 * torch.randn_like(p))
+    return vae
+
+
+def test_an_xlabs_net_in_the_pipeline_equals_diffusers(tmp_path):
+    """fastflow's FLUX pipeline with an XLabs net against diffusers' FluxControlNetPipeline (its XLabs
+    path: the control image not encoded, residuals repeated): latents to 1e-5. A 3-block base, so
+    that block 2 takes residual 0 (repeat), not 1 (InstantX's interval)."""
+    base = tiny_pipeline_folder(tmp_path / "flux", "flux-tiny-dev")
+    tiny_diffusers_flux("flux-tiny-dev", 0, depth=3, depth_single_blocks=2).save_pretrained(base / "transformer")
+    shutil.rmtree(base / "vae")
+    _vae8(1).save_pretrained(base / "vae")
+    xlabs_net(7).save_pretrained(tmp_path / "xlabs")
+    h, w = 48, 64  # 6 x 8 latents, 3 x 4 tokens; the hint stack: 6 x 8 maps, packed 3 x 4
+    pipe = fastflow.load(base, dtype=torch.float32, device="cpu", controlnet=tmp_path / "xlabs")
+    pipe.set_progress_bar_config(disable=True)
+    txt, y = pipe.text_encoder(["a house"])
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (h + 5, w + 3, 3), dtype=np.uint8))  # resized by both
+    kw = dict(prompt_embeds=txt, pooled_prompt_embeds=y, num_inference_steps=3, guidance_scale=3.5, height=h,
+              width=w, control_image=image, controlnet_conditioning_scale=0.8)  # fmt: skip
+    ours = pipe(generator=torch.Generator().manual_seed(5), output_type="latent", **kw).images
+    ref = FluxControlNetPipeline(
+        scheduler=diffusers_flux_scheduler(dynamic=True),
+        vae=AutoencoderKL.from_pretrained(base / "vae"),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=FluxTransformer2DModel.from_pretrained(base / "transformer"),
+        controlnet=FluxControlNetModel.from_pretrained(tmp_path / "xlabs"),
+    )  # fmt: skip
+    theirs = unpack_latents(ref(generator=torch.Generator().manual_seed(5), output_type="latent", **kw).images, 6, 8)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+    kw["controlnet_conditioning_scale"] = 0.0
+    plain = pipe(generator=torch.Generator().manual_seed(5), output_type="latent", **kw).images
+    assert not torch.allclose(plain, ours)  # the net changes the result
