@@ -21,7 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import fastflow
-from fastflow.errors import CheckpointError, FamilyMismatchError, MissingKeysError, ShapeMismatchError
+from fastflow.errors import (
+    CheckpointError,
+    FamilyMismatchError,
+    InputError,
+    MissingKeysError,
+    ShapeMismatchError,
+)
 from fastflow.loading.controlnet import load_controlnet
 from fastflow.models.configs import from_name
 from fastflow.models.flux import unpack_latents
@@ -362,3 +368,9 @@ def test_an_xlabs_net_in_the_pipeline_equals_diffusers(tmp_path):
     kw["controlnet_conditioning_scale"] = 0.0
     plain = pipe(generator=torch.Generator().manual_seed(5), output_type="latent", **kw).images
     assert not torch.allclose(plain, ours)  # the net changes the result
+    flux_net(3).save_pretrained(tmp_path / "instantx")
+    mixed = fastflow.load(
+        base, dtype=torch.float32, device="cpu", controlnet=[tmp_path / "xlabs", tmp_path / "instantx"]
+    )
+    with pytest.raises(InputError, match="XLabs"):
+        mixed(**{**kw, "control_image": [image, image], "controlnet_conditioning_scale": 1.0})
