@@ -6,9 +6,10 @@ dtype validated) and materialize.
 
 A ControlNet must fit the base model it drives: its family and the widths its residuals and inputs
 have (:func:`check_fits`); a mismatch is a :class:`~fastflow.errors.FamilyMismatchError` naming
-both. One :data:`CONTROLNETS` row per diffusers class (SDXL, SD3, FLUX). Single-file layouts
-(InstantX / XLabs / Shakker-Labs files without config.json) are refused: their key lists are not
-verified here against real files.
+both. One :data:`CONTROLNETS` row per diffusers class (SDXL, SD3, FLUX). A lone safetensors file
+(diffusers names without config.json, or an SDXL net in the original cldm names) is read by
+:mod:`.controlnet_files`: its config.json inferred from the shapes and the base model, then loaded
+as a folder would be.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import torch
 
 from ..errors import CheckpointError, FamilyMismatchError
 from ..models.configs import UNetConfig
-from ..models.controlnet_flux import FluxControlNet, FluxControlNetConfig
+from ..models.controlnet_flux import FluxControlNetConfig
 from ..models.controlnet_sd3 import MMDiTControlNet, MMDiTControlNetConfig
 from ..models.controlnet_unet import UNetControlNet, UNetControlNetConfig
+from ..models.controlnet_xlabs import XLabsControlNetConfig, flux_controlnet
 from . import described, fields
+from .controlnet_files import read_single_file
 from .describe import detect_layout
 from .keymaps import Segment, flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
 from .materialize import materialize
@@ -49,7 +52,8 @@ SD3_CONTROLNET_FIELDS = {
 }
 FLUX_CONTROLNET_FIELDS = {
     "num_mode": ("honoured", "FluxControlNetConfig.num_mode (union ControlNets: control_mode=)"),
-    "conditioning_embedding_channels": ("refused", (None,)),  # XLabs' input_hint_block (pixel control)
+    # XLabs nets: the control image through input_hint_block, packed 2x2 (their patch_size 2)
+    "conditioning_embedding_channels": ("honoured", "XLabsControlNetConfig.hint_channels"),
 }
 
 
@@ -95,23 +99,45 @@ def sd3_controlnet_config(cfg: dict, path) -> MMDiTControlNetConfig:
     )
 
 
+def _xlabs(cfg: dict) -> bool:
+    return cfg.get("_class_name") == "FluxControlNetModel" and cfg.get("conditioning_embedding_channels") is not None
+
+
+def _table_view(cfg: dict) -> dict:
+    """What :func:`fields.check` sees: an XLabs net's patch_size (2: its hint maps are packed 2x2,
+    the transformer's tokens are not patched) is checked by :func:`flux_controlnet_config`."""
+    return {k: v for k, v in cfg.items() if k != "patch_size"} if _xlabs(cfg) else cfg
+
+
 def flux_controlnet_config(cfg: dict, path) -> FluxControlNetConfig:
     """A FluxControlNetModel config.json: the FLUX fields (:func:`described.flux_from_diffusers`,
-    checked against :data:`fields.FLUX`), and the union's mode count."""
-    if cfg.get("conditioning_embedding_channels") is not None:
-        raise CheckpointError(path, "a FLUX ControlNet with a pixel-space input_hint_block (XLabs-style, "
-                              "conditioning_embedding_channels set) is not supported yet", "use an InstantX / "
-                              "Shakker-Labs style FLUX ControlNet (VAE-latent control), or diffusers")  # fmt: skip
-    flux = described.flux_from_diffusers({k: v for k, v in cfg.items() if k != "_class_name"}, "controlnet")
+    checked against :data:`fields.FLUX`), the union's mode count, an XLabs net's hint channels."""
+    hint = cfg.get("conditioning_embedding_channels")
+    if hint is not None and (cfg.get("patch_size") != 2 or cfg.get("num_mode") is not None or hint * 4 != cfg.get(
+            "in_channels", 64)):  # fmt: skip
+        raise CheckpointError(path, f"config.json conditioning_embedding_channels {hint!r} (an XLabs net's "
+                              "input_hint_block) needs patch_size 2, no num_mode and 4 x it = in_channels",
+                              "fix config.json")  # fmt: skip
+    flux = described.flux_from_diffusers(
+        {k: v for k, v in cfg.items() if k not in ("_class_name", "patch_size" if hint else "")}, "controlnet"
+    )
     base = {f.name: getattr(flux, f.name) for f in dataclasses.fields(flux)}
     modes = cfg.get("num_mode")
     if modes is not None and (not isinstance(modes, int) or isinstance(modes, bool) or modes < 1):
         raise CheckpointError(path, f"config.json num_mode is {modes!r}", "a positive integer or null")
+    if hint is not None:
+        return XLabsControlNetConfig(**base, hint_channels=int(hint))  # base_depth: load_controlnet's
     return FluxControlNetConfig(**base, num_mode=modes)
 
 
 def flux_controlnet_keys(key: str, config) -> list[Segment]:
-    """Sources, in diffusers FluxControlNetModel names, of one of our tensors."""
+    """Sources, in diffusers FluxControlNetModel names, of one of our tensors (an XLabs net's
+    input_hint_block: convs at even indices, diffusers' conv_in, blocks 0..5, conv_out)."""
+    if key.startswith("input_hint_block."):
+        _, index, param = key.split(".")
+        i = int(index)
+        inner = "conv_in" if i == 0 else "conv_out" if i == 14 else f"blocks.{i // 2 - 1}"
+        return [Segment(f"input_hint_block.{inner}.{param}")]
     if key.startswith(("controlnet_blocks.", "controlnet_single_blocks.", "controlnet_x_embedder.",
                        "controlnet_mode_embedder.")):  # fmt: skip
         return [Segment(key)]
@@ -145,7 +171,7 @@ class ControlSpec:
     """One ControlNet class: the base family it drives, its module, config reader and key map."""
 
     family: str
-    model: type
+    model: Callable  # config -> the module
     read_config: Callable  # (config.json dict, path) -> the module's config
     key_map: Callable  # (our key, config) -> its diffusers sources
 
@@ -153,7 +179,7 @@ class ControlSpec:
 CONTROLNETS = {
     "ControlNetModel": ControlSpec("sdxl", UNetControlNet, unet_controlnet_config, unet_controlnet_keys),
     "SD3ControlNetModel": ControlSpec("sd3", MMDiTControlNet, sd3_controlnet_config, sd3_controlnet_keys),
-    "FluxControlNetModel": ControlSpec("flux", FluxControlNet, flux_controlnet_config, flux_controlnet_keys),
+    "FluxControlNetModel": ControlSpec("flux", flux_controlnet, flux_controlnet_config, flux_controlnet_keys),
 }
 FAMILY_TITLES = {"flux": "FLUX.1", "sd3": "SD3 / SD3.5", "sdxl": "SDXL"}
 NOT_YET = {
@@ -183,8 +209,8 @@ def _width_checks(family: str, net, base) -> dict[str, tuple]:
     return {n: (getattr(net, n), getattr(base, n)) for n in names if getattr(net, n) != getattr(base, n)}
 
 
-def check_fits(path, family: str, config, base_config) -> None:
-    """A ControlNet of another family than the base, or of other widths: FamilyMismatchError naming both."""
+def check_family(path, family: str, base_config) -> None:
+    """A ControlNet of another family than the base: FamilyMismatchError naming both."""
     if family != base_config.family:
         raise FamilyMismatchError(
             path,
@@ -192,6 +218,11 @@ def check_fits(path, family: str, config, base_config) -> None:
             f"{FAMILY_TITLES.get(base_config.family, base_config.family)}",
             "load a ControlNet trained for this base model's family",
         )
+
+
+def check_fits(path, family: str, config, base_config) -> None:
+    """A ControlNet of another family than the base, or of other widths: FamilyMismatchError naming both."""
+    check_family(path, family, base_config)
     if family == "flux" and (base_config.conditioning or base_config.kontext):
         raise FamilyMismatchError(path, f"ControlNets drive FLUX.1 dev / schnell; {base_config.name} is a "
                                   f"{'Kontext' if base_config.kontext else base_config.conditioning} model",
@@ -212,18 +243,18 @@ def check_fits(path, family: str, config, base_config) -> None:
 def load_controlnet(
     path: str | os.PathLike, base_config, dtype: torch.dtype = torch.float32, device="cpu", quant=None
 ) -> torch.nn.Module:
-    """A ControlNet from a diffusers folder, checked to fit a base model of ``base_config``.
+    """A ControlNet from a diffusers folder or a single safetensors file (:mod:`.controlnet_files`),
+    checked to fit a base model of ``base_config``.
     ``quant`` as :func:`~.loader.load_transformer`'s (FP8 / int8 apply to its linear layers)."""
     path = Path(path).expanduser()
-    if path.is_file():
-        raise CheckpointError(path, "single-file ControlNets are not supported yet (their layouts differ per "
-                              "publisher and are not verified here)", "pass the ControlNet's diffusers folder "
-                              "(config.json + *.safetensors)")  # fmt: skip
     if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(path, "no config.json in this ControlNet folder", "pass a diffusers ControlNet folder "
                               "(config.json + *.safetensors)")  # fmt: skip
     with open_checkpoint(path) as source:
-        cfg = source.folder_config
+        single = read_single_file(source) if path.is_file() else None
+        if single:
+            check_family(path, single.family, base_config)  # the base's head widths etc. fill its config
+        cfg = single.config(base_config) if single else source.folder_config
         cls = str(cfg.get("_class_name", ""))
         if cls in NOT_YET:
             raise CheckpointError(path, NOT_YET[cls], "use diffusers for this ControlNet")
@@ -231,7 +262,7 @@ def load_controlnet(
             raise FamilyMismatchError(path, f"config.json names {cls or 'no class'}, not a ControlNet fastflow knows "
                                       f"({', '.join(CONTROLNETS)})", "pass a ControlNet folder")  # fmt: skip
         spec = CONTROLNETS[cls]
-        fields.check(spec.family, cfg, path)
+        fields.check(spec.family, _table_view(cfg), path)
         try:
             config = spec.read_config(cfg, path)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
@@ -240,6 +271,12 @@ def load_controlnet(
             raise CheckpointError(path, f"config.json cannot be read as a {cls} config ({e})"[:300],
                                   "fix config.json") from None  # fmt: skip
         check_fits(path, spec.family, config, base_config)
-        layout = dataclasses.replace(detect_layout(source.key_file), naming="diffusers", prefix="")
+        if isinstance(config, XLabsControlNetConfig):  # its residuals repeat over the base's double blocks
+            config = config.replace(base_depth=base_config.depth)
+        if single:
+            layout = single.layout
+            spec = dataclasses.replace(spec, key_map=single.key_map or spec.key_map)
+        else:
+            layout = dataclasses.replace(detect_layout(source.key_file), naming="diffusers", prefix="")
         plan = make_plan(source, _Description(layout, config, spec), dtype, device, quant)
         return materialize(source, plan)

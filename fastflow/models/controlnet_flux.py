@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from ..errors import InputError
 from .configs import FluxConfig
-from .flux import DoubleStreamBlock, EmbedND, Flux, MLPEmbedder, SingleStreamBlock
+from .flux import Flux, build_trunk
 from .layers import batch_shared_ids
 
 
@@ -39,18 +39,7 @@ class FluxControlNet(nn.Module):
     def __init__(self, config: FluxControlNetConfig):
         super().__init__()
         self.config = c = config
-        self.pe_embedder = EmbedND(c.head_dim, c.theta, c.axes_dim)
-        self.img_in = nn.Linear(c.in_channels, c.hidden_size, bias=True)
-        self.time_in = MLPEmbedder(256, c.hidden_size)
-        self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
-        self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
-        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.qkv_bias) for _ in range(c.depth)
-        )
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden) for _ in range(c.depth_single_blocks)
-        )
+        build_trunk(self, c)  # the transformer's embedders and blocks
         self.controlnet_blocks = nn.ModuleList(nn.Linear(c.hidden_size, c.hidden_size) for _ in range(c.depth))
         self.controlnet_single_blocks = nn.ModuleList(
             nn.Linear(c.hidden_size, c.hidden_size) for _ in range(c.depth_single_blocks)

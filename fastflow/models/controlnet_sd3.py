@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..errors import InputError
 from .configs import MMDiTConfig
-from .mmdit import Embedder, JointBlock, MMDiT, PatchEmbed
+from .mmdit import MMDiT, PatchEmbed, build_trunk
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,7 @@ class MMDiTControlNet(nn.Module):
     def __init__(self, config: MMDiTControlNetConfig):
         super().__init__()
         self.config = c = config
-        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.t_embedder = Embedder(256, c.hidden_size)
-        self.y_embedder = Embedder(c.adm_in_dim, c.hidden_size)
-        self.context_embedder = nn.Linear(c.context_in_dim, c.hidden_size)
-        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size**2, c.hidden_size), persistent=True)
-        self.joint_blocks = nn.ModuleList(JointBlock(c, i, pre_only=False) for i in range(c.depth))
+        build_trunk(self, c, pre_only=False)  # the MMDiT's embedders, position table and blocks
         self.controlnet_blocks = nn.ModuleList(nn.Linear(c.hidden_size, c.hidden_size) for _ in range(c.depth))
         self.pos_embed_input = PatchEmbed(c.patch_size, c.in_channels + c.extra_conditioning_channels, c.hidden_size)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import InputError
 from .configs import UNetConfig
-from .unet import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, UNet
+from .unet import UNet, build_encoder
 from .vae import set_groups
 
 
@@ -51,32 +51,10 @@ class UNetControlNet(nn.Module):
     def __init__(self, config: UNetControlNetConfig):
         super().__init__()
         self.config = cfg = config
-        mc, emb = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = nn.Sequential(
-            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
-        )
+        widths = build_encoder(self, cfg)  # the UNet's embeddings and encoder, block for block
         self.input_hint_block = hint_block(cfg)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        widths, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):  # the UNet's encoder, block for block
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb, mc * mult)]
-                ch = mc * mult
-                if cfg.transformer_depth[level]:
-                    layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg.head_dim, cfg.context_dim))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                widths.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                widths.append(ch)
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb, ch),
-            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.head_dim, cfg.context_dim),
-            ResBlock(ch, emb, ch),
-        )
         self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(w, w, 1)) for w in widths)
-        self.middle_block_out = nn.Sequential(nn.Conv2d(ch, ch, 1))
+        self.middle_block_out = nn.Sequential(nn.Conv2d(widths[-1], widths[-1], 1))
         set_groups(self, cfg.norm_groups)
 
     # the added embedding and the input checks are the UNet's own

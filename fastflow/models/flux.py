@@ -231,25 +231,30 @@ class FluxState:
         return self.x
 
 
+def build_trunk(module: nn.Module, c: FluxConfig) -> None:
+    """The transformer's RoPE, embedders, ``depth`` double and ``depth_single_blocks`` single blocks
+    as attributes of ``module`` (BFL's names): :class:`Flux` and the FLUX ControlNets build theirs so."""
+    module.pe_embedder = EmbedND(c.head_dim, c.theta, c.axes_dim)
+    module.img_in = nn.Linear(c.in_channels, c.hidden_size, bias=True)
+    module.time_in = MLPEmbedder(256, c.hidden_size)
+    module.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
+    module.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
+    module.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
+    module.double_blocks = nn.ModuleList(
+        DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.qkv_bias) for _ in range(c.depth)
+    )
+    module.single_blocks = nn.ModuleList(
+        SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden) for _ in range(c.depth_single_blocks)
+    )
+
+
 class Flux(nn.Module):
     """The FLUX.1 transformer on packed latents: img [B, N, 64] -> velocity [B, N, 64]."""
 
     def __init__(self, config: FluxConfig):
         super().__init__()
-        self.config = config
-        c = config
-        self.pe_embedder = EmbedND(c.head_dim, c.theta, c.axes_dim)
-        self.img_in = nn.Linear(c.in_channels, c.hidden_size, bias=True)
-        self.time_in = MLPEmbedder(256, c.hidden_size)
-        self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
-        self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
-        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
-        self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.qkv_bias) for _ in range(c.depth)
-        )
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden) for _ in range(c.depth_single_blocks)
-        )
+        self.config = c = config
+        build_trunk(self, c)
         self.final_layer = LastLayer(c.hidden_size, c.out_channels)
 
     @property

@@ -178,19 +178,26 @@ class MMDiTState:
     w_p: int
 
 
+def build_trunk(module: nn.Module, c: MMDiTConfig, pre_only: bool | None = None) -> None:
+    """The MMDiT's embedders, position table and ``depth`` joint blocks as attributes of ``module``
+    (SAI's names; ``pre_only``: JointBlock's, None: the last block's text stream ends early):
+    :class:`MMDiT` and the SD3 ControlNet build theirs so."""
+    module.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
+    module.t_embedder = Embedder(256, c.hidden_size)
+    module.y_embedder = Embedder(c.adm_in_dim, c.hidden_size)
+    module.context_embedder = nn.Linear(c.context_in_dim, c.hidden_size)
+    # Stored in every checkpoint and always loaded, never recomputed (REFERENCE.md 7.12).
+    module.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size**2, c.hidden_size), persistent=True)
+    module.joint_blocks = nn.ModuleList(JointBlock(c, i, pre_only) for i in range(c.depth))
+
+
 class MMDiT(nn.Module):
     """SD3 / SD3.5 transformer: x [B, 16, h, w] latents -> velocity of the same shape."""
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = c = config
-        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.t_embedder = Embedder(256, c.hidden_size)
-        self.y_embedder = Embedder(c.adm_in_dim, c.hidden_size)
-        self.context_embedder = nn.Linear(c.context_in_dim, c.hidden_size)
-        # Stored in every checkpoint and always loaded, never recomputed (REFERENCE.md 7.12).
-        self.register_buffer("pos_embed", torch.zeros(1, c.pos_embed_max_size**2, c.hidden_size), persistent=True)
-        self.joint_blocks = nn.ModuleList(JointBlock(c, i) for i in range(c.depth))
+        build_trunk(self, c)
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
 
     @property

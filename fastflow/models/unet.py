@@ -155,45 +155,53 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def level_layers(cfg: UNetConfig, channels_in: int, level: int) -> list[nn.Module]:
+    """One block of a level: a ResBlock to the level's width, then its spatial transformer if it has one."""
+    width = cfg.model_channels * cfg.channel_mult[level]
+    layers = [ResBlock(channels_in, cfg.time_embed_dim, width)]
+    if cfg.transformer_depth[level]:
+        layers.append(SpatialTransformer(width, cfg.transformer_depth[level], cfg.head_dim, cfg.context_dim))
+    return layers
+
+
+def build_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
+    """The UNet's embeddings, input blocks and middle block as attributes of ``module`` (sgm's names):
+    :class:`UNet` and the SDXL ControlNet build theirs so. Returns the widths of the input blocks'
+    outputs (the decoder's skips, the ControlNet's zero convs)."""
+    mc, emb = cfg.model_channels, cfg.time_embed_dim
+    module.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+    module.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+    module.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skips, ch = [mc], mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            module.input_blocks.append(TimestepEmbedSequential(*level_layers(cfg, ch, level)))
+            ch = mc * mult
+            skips.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            module.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skips.append(ch)
+    module.middle_block = TimestepEmbedSequential(
+        ResBlock(ch, emb, ch),
+        SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.head_dim, cfg.context_dim),
+        ResBlock(ch, emb, ch),
+    )
+    return skips
+
+
 class UNet(nn.Module):
     """eps = UNet(x [B, 4, h, w], timesteps [B], context [B, L, 2048], pooled [B, 1280], time_ids [B, 6])."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        mc, emb = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = nn.Sequential(
-            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
-        )
-
-        def level_layers(channels_in: int, level: int) -> list[nn.Module]:
-            width = mc * cfg.channel_mult[level]
-            layers = [ResBlock(channels_in, emb, width)]
-            if cfg.transformer_depth[level]:
-                layers.append(SpatialTransformer(width, cfg.transformer_depth[level], cfg.head_dim, cfg.context_dim))
-            return layers
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skips, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                self.input_blocks.append(TimestepEmbedSequential(*level_layers(ch, level)))
-                ch = mc * mult
-                skips.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skips.append(ch)
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb, ch),
-            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg.head_dim, cfg.context_dim),
-            ResBlock(ch, emb, ch),
-        )
+        skips = build_encoder(self, cfg)
+        ch = skips[-1]
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = level_layers(ch + skips.pop(), level)
-                ch = mc * cfg.channel_mult[level]
+                layers = level_layers(cfg, ch + skips.pop(), level)
+                ch = cfg.model_channels * cfg.channel_mult[level]
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))

@@ -149,6 +149,9 @@ class Control:
         seeds = list(r.seed) if r.generator is None else [None] * n
         for net, image in zip(self.nets, self.images, strict=True):
             pixels = image * 2.0 - 1.0 if isinstance(image, torch.Tensor) else to_tensor(image, width, height)
+            if getattr(net, "pixel_control", False):  # XLabs: the image itself (no latents drawn, as diffusers)
+                self.inputs.append(pixels.to(pipe.device, net.dtype).expand(n, -1, -1, -1))
+                continue
             latents = pack_latents(_sample(pipe, pixels, gens, n))
             self.inputs.append(latents.to(pipe.device, net.dtype).expand(n, -1, -1))
         noise, _ = pipe.initial_noise(n, shape, None, gens, r.latents)
@@ -307,6 +310,9 @@ def _check_flux(pipe, r, nets) -> None:
         raise InputError(f"{config.name} does not take ControlNets: load FLUX.1 dev or schnell with them")
     if not all(isinstance(net, FluxControlNet) for net in nets):
         raise InputError("a FLUX pipeline drives FLUX ControlNets only")
+    if len({getattr(net, "pixel_control", False) for net in nets}) > 1:
+        raise InputError("XLabs FLUX ControlNets and InstantX-style ones add their residuals differently: "
+                         "use nets of one kind together")  # fmt: skip
     depths = {(len(net.controlnet_blocks), len(net.controlnet_single_blocks)) for net in nets}
     if len(depths) > 1:
         raise InputError(f"FLUX ControlNets of different depths ({sorted(depths)} double / single blocks) "

@@ -263,8 +263,9 @@ def test_wrong_family_and_width_are_refused(folders, tmp_path):
 
 def test_layouts_that_cannot_be_verified_are_refused(folders, tmp_path):
     single = next(folders["cn-sdxl-a"].glob("*.safetensors"))
-    with pytest.raises(CheckpointError, match="single-file ControlNets"):
-        _load(folders["sdxl-tiny"], single)
+    unet = next((folders["sdxl-tiny"] / "unet").glob("*.safetensors"))  # single files: tests/loading
+    with pytest.raises(FamilyMismatchError, match="not a ControlNet layout"):
+        _load(folders["sdxl-tiny"], unet)
     flux = tmp_path / "flux-cn"
     flux.mkdir()
     (flux / "config.json").write_text(json.dumps({"_class_name": "FluxMultiControlNetModel"}))
