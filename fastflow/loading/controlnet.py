@@ -34,7 +34,7 @@ from .describe import detect_layout
 from .keymaps import Segment, flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
 from .materialize import materialize
 from .plan import make_plan
-from .source import open_checkpoint
+from .source import folder_json, open_checkpoint
 
 # config.json fields of the ControlNet classes beyond their base model's (fields.UNET / fields.SD3)
 UNET_CONTROLNET_FIELDS = {
@@ -240,6 +240,16 @@ def check_fits(path, family: str, config, base_config) -> None:
         )
 
 
+def _config_beside(path: Path) -> dict | None:
+    """The config.json of a ControlNet folder when ``path`` is one of its weight files: it is read
+    (its fields are honoured or refused) rather than inferred from the shapes."""
+    if not path.is_file() or not (path.parent / "config.json").is_file():
+        return None
+    cfg = folder_json(path.parent, "config.json")
+    cls = str(cfg.get("_class_name", ""))
+    return cfg if cls in CONTROLNETS or cls in NOT_YET else None
+
+
 def load_controlnet(
     path: str | os.PathLike, base_config, dtype: torch.dtype = torch.float32, device="cpu", quant=None
 ) -> torch.nn.Module:
@@ -250,11 +260,12 @@ def load_controlnet(
     if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(path, "no config.json in this ControlNet folder", "pass a diffusers ControlNet folder "
                               "(config.json + *.safetensors)")  # fmt: skip
+    beside = _config_beside(path)
     with open_checkpoint(path) as source:
-        single = read_single_file(source) if path.is_file() else None
+        single = read_single_file(source) if path.is_file() and not beside else None
         if single:
             check_family(path, single.family, base_config)  # the base's head widths etc. fill its config
-        cfg = single.config(base_config) if single else source.folder_config
+        cfg = beside or (single.config(base_config) if single else source.folder_config)
         cls = str(cfg.get("_class_name", ""))
         if cls in NOT_YET:
             raise CheckpointError(path, NOT_YET[cls], "use diffusers for this ControlNet")

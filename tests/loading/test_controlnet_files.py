@@ -4,6 +4,7 @@ ControlNetModel, SD3ControlNetModel and FluxControlNetModel (plain and union); a
 original cldm names (renamed here from diffusers' published conversion facts, with and without
 ``control_model.``) loads to the same outputs; other layouts are typed refusals naming the file."""
 
+import json
 import shutil
 
 import numpy as np
@@ -162,6 +163,19 @@ def test_a_lone_diffusers_file_loads_as_its_folder(saved, name):
     _same(load_controlnet(folder, base), load_controlnet(alone, base))
 
 
+def test_a_weights_file_inside_its_folder_reads_the_folder_config(saved, tmp_path):
+    """The file of a diffusers folder honours that folder's config.json (a field the shapes cannot
+    show, here the bgr channel order), rather than inferring the config."""
+    folder = tmp_path / "bgr"
+    shutil.copytree(saved["sdxl"][0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "controlnet_conditioning_channel_order": "bgr"}))
+    base = from_name("sdxl-tiny")
+    net = load_controlnet(folder / "diffusion_pytorch_model.safetensors", base)
+    assert net.config.bgr
+    assert not load_controlnet(saved["sdxl"][1], base).config.bgr
+
+
 def test_the_union_net_keeps_its_modes(saved):
     net = load_controlnet(saved["flux-union"][1], from_name("flux-tiny-dev"))
     assert net.config.num_mode == 5 and net.union
@@ -271,6 +285,7 @@ def test_another_family_width_missing_or_misshaped_tensors_are_refused(saved, tm
 def test_a_head_count_the_file_cannot_show_is_refused(tmp_path):
     """No qk-norm: the head width is the base's (64); a 96-wide net cannot be split into its heads."""
     sd3_net(5, heads=3, head_dim=32, qk_norm=None).save_pretrained(tmp_path / "n")
+    (tmp_path / "n" / "config.json").unlink()  # the lone file: no config.json beside it
     with pytest.raises(CheckpointError, match="head count.*config.json"):
         load_controlnet(tmp_path / "n" / "diffusion_pytorch_model.safetensors", from_name("sd3-tiny-medium"))
 
