@@ -9,9 +9,9 @@ final layer on this rank's target tokens and gathers the output from every rank,
 returns the whole ``[B, ...]`` velocity. Shards are contiguous and may be uneven (no padding:
 token counts need not divide), so gathering them in rank order gives the original order back.
 
-ControlNet residuals (computed whole, on every rank, from the whole inputs) reach the base model as
-keyword arguments of ``blocks`` (FLUX, MMDiT) or ``forward`` (the UNet); the wrapped methods cut
-them to the rows and image tokens this rank's ``embed`` kept (:func:`local_residuals`).
+ControlNet residuals reach the base model as keyword arguments of ``blocks`` (FLUX, MMDiT) or
+``forward`` (the UNet); the wrapped methods cut whole ones to the rows and image tokens this rank's
+``embed`` kept (:meth:`Shard.residuals`) and take those of a split net (:mod:`.control`) as they are.
 """
 
 from __future__ import annotations
@@ -120,20 +120,24 @@ class Shard:
     rows: slice  # this rank's batch rows (of the whole batch b)
 
     def residuals(self, values, what: str):
-        """Whole-batch ControlNet residuals [b, target tokens, C] -> this rank's [rows, its target
-        tokens, C] (views: nothing is copied)."""
+        """ControlNet residuals -> this rank's [rows, its target tokens, C]. Each may be whole ([b,
+        target tokens, C]: cut here, as views) or already cut to this rank's rows and / or tokens by
+        a split net (fastflow.parallel.control); whole and cut sizes differ whenever there is a split."""
         if values is None:
             return None
         start, end = self.img
         local = slice(start, max(start, min(end, self.n_img)))
+        n_rows, n_tokens = self.rows.stop - self.rows.start, local.stop - local.start
         out = []
         for r in values:
-            if r.ndim != 3 or r.shape[0] != self.b or r.shape[1] != self.n_img:
+            if r.ndim != 3 or r.shape[0] not in (self.b, n_rows) or r.shape[1] not in (self.n_img, n_tokens):
                 raise ParallelError(
-                    f"{what}: a residual of shape {list(r.shape)} does not cover the whole batch ({self.b} rows) and "
-                    f"image ({self.n_img} tokens) this split was made for; pass the ControlNet's whole residuals"
+                    f"{what}: a residual of shape {list(r.shape)} matches neither the whole batch ({self.b} rows, "
+                    f"{self.n_img} image tokens) nor this rank's share ({n_rows} rows, {n_tokens} tokens); "
+                    "pass the ControlNet's whole residuals"
                 )
-            out.append(r[self.rows, local])
+            r = r[self.rows] if r.shape[0] == self.b else r
+            out.append(r[:, local] if r.shape[1] == self.n_img else r)
         return out
 
 
@@ -271,16 +275,17 @@ class UNetSharding:
         b = x.shape[0]
         rows, self.ranks.real_rows = self.ranks.rows(b)
         sliced = [a[rows] if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == b else a for a in args]
+        n = rows.stop - rows.start  # whole residuals are cut; a split net's come with this rank's rows
         residuals = [*(down_residuals or ()), *(() if mid_residual is None else (mid_residual,))]
-        if any(r.shape[0] != b for r in residuals):
+        if any(r.shape[0] not in (b, n) for r in residuals):
             raise ParallelError(
-                f"SDXL ControlNet residuals of {sorted({r.shape[0] for r in residuals})} rows for a batch of {b}: "
-                "pass the ControlNet's whole residuals"
+                f"SDXL ControlNet residuals of {sorted({r.shape[0] for r in residuals})} rows for a batch of {b} "
+                f"({n} on this rank): pass the ControlNet's whole residuals"
             )
         if down_residuals is not None:
-            kwargs["down_residuals"] = [r[rows] for r in down_residuals]
+            kwargs["down_residuals"] = [r[rows] if r.shape[0] == b else r for r in down_residuals]
         if mid_residual is not None:
-            kwargs["mid_residual"] = mid_residual[rows]
+            kwargs["mid_residual"] = mid_residual[rows] if mid_residual.shape[0] == b else mid_residual
         out = self.forward(x[rows], *sliced, **kwargs)
         return gather_rows(out, self.ranks, b)
 

@@ -1,10 +1,11 @@
 """ControlNets under a parallel split (issue 35: "control residuals follow the sequence shards"), on
-the CPU with gloo: 2 and 4 ranks spawned by the test. Every rank runs the nets whole and the base
-model's wrapped ``blocks`` / ``forward`` cuts their residuals to its rows and tokens; each rank's
+the CPU with gloo: 2 and 4 ranks spawned by the test. FLUX nets split their tokens like the base
+model (a union net runs whole and its residuals are cut), SD3 / SDXL nets their rows; the base
+model's wrapped ``blocks`` / ``forward`` takes those residuals, or cuts whole ones. Each rank's
 latents must equal the one-process run with the same ControlNets (fp32, <= 1e-5 relative) for FLUX
-(Ulysses, Ring, both, a union net with control_mode, two nets, true CFG over cfg ranks, FBCache),
-SD3 (cfg x ulysses) and SDXL (cfg), with every rank ending with the same latents and a cache
-taking the same decisions as one process."""
+(Ulysses, Ring, both, a union net with control_mode, two nets, true CFG over cfg x ulysses and cfg x
+data, FBCache), SD3 (cfg x ulysses) and SDXL (cfg), every rank ending with the same latents and a
+cache taking the same decisions as one process."""
 
 from __future__ import annotations
 
@@ -19,12 +20,20 @@ SD3_H, SD3_W = 24, 32  # 6 x 8 patches
 SDXL_H, SDXL_W = 32, 48
 
 
+TOKENS, CUT, ROWS = ("FluxNetSharding", True), ("FluxNetSharding", False), ("RowNetSharding", None)
+
+
+def _kind(net):
+    s = net.__dict__.get("_fastflow_sharding")
+    return None if s is None else (type(s).__name__, getattr(s, "split", None))
+
+
 def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
 def _scenarios(world: int):
-    """(name, pipeline, parallel sizes, call arguments)."""
+    """(name, pipeline, parallel sizes, call arguments, how each net is split: (kind, tokens split) or None)."""
     flux = {"prompt": "a seven", "height": FLUX_H, "width": FLUX_W, "num_inference_steps": 3, "seed": 5,
             "control_image": "FLUX0", "controlnet_conditioning_scale": 0.9}  # fmt: skip
     union = dict(flux, control_mode=2)
@@ -36,18 +45,20 @@ def _scenarios(world: int):
             "seed": 1, "control_image": "SDXL", "controlnet_conditioning_scale": 0.7}  # fmt: skip
     if world == 2:
         return [
-            ("flux ulysses", "flux-a", {"ulysses": 2}, flux),
-            ("flux ring union", "flux-union", {"ring": 2}, union),
-            ("flux ulysses two nets", "flux-two", {"ulysses": 2}, two),
+            ("flux ulysses", "flux-a", {"ulysses": 2}, flux, [TOKENS]),
+            ("flux ring union", "flux-union", {"ring": 2}, union, [CUT]),  # union: run whole, cut
+            ("flux ulysses two nets", "flux-two", {"ulysses": 2}, two, [TOKENS, CUT]),
             ("flux ulysses fbcache", "flux-a", {"ulysses": 2},
-             dict(flux, num_inference_steps=8, cache="fbcache", cache_threshold=0.95)),  # skips 20 of 48
-            ("sdxl cfg", "sdxl", {"cfg": 2}, sdxl),
+             dict(flux, num_inference_steps=8, cache="fbcache", cache_threshold=0.95), [TOKENS]),  # skips 20 of 48
+            ("sdxl cfg", "sdxl", {"cfg": 2}, sdxl, [ROWS]),
         ]  # fmt: skip
     return [
-        ("flux usp two nets", "flux-two", {"ulysses": 2, "ring": 2}, two),
+        ("flux usp two nets", "flux-two", {"ulysses": 2, "ring": 2}, two, [TOKENS, CUT]),
         ("flux true-cfg cfg x ulysses", "flux-a", {"cfg": 2, "ulysses": 2},
-         dict(flux, true_cfg_scale=2.0, negative_prompt="x")),
-        ("sd3 cfg x ulysses", "sd3", {"cfg": 2, "ulysses": 2}, sd3),
+         dict(flux, true_cfg_scale=2.0, negative_prompt="x"), [TOKENS]),
+        ("flux cfg x data", "flux-two", {"cfg": 2, "data": 2},
+         dict(two, true_cfg_scale=2.0, negative_prompt="x", num_images_per_prompt=2), [None, None]),  # rows only
+        ("sd3 cfg x ulysses", "sd3", {"cfg": 2, "ulysses": 2}, sd3, [ROWS]),
     ]  # fmt: skip
 
 
@@ -61,7 +72,7 @@ def _worker(folders: dict, images: dict):
             "sdxl": ["cn-sdxl"]}  # fmt: skip
     base = {"flux-a": "flux", "flux-union": "flux", "flux-two": "flux", "sd3": "sd3", "sdxl": "sdxl"}
     results = {}
-    for name, variant, sizes, call in _scenarios(world):
+    for name, variant, sizes, call, _ in _scenarios(world):
         paths = [folders[n] for n in nets[variant]]
         pipe = fastflow.load(folders[base[variant]], device="cpu", dtype=torch.float32,
                              controlnet=paths if len(paths) > 1 else paths[0])  # fmt: skip
@@ -78,7 +89,9 @@ def _worker(folders: dict, images: dict):
             plain = pipe(**dict(c, controlnet_conditioning_scale=zero), output_type="latent")  # = no ControlNet
             pipe.enable_parallelism(**sizes)
             split = pipe(**c, output_type="latent")
+            split_nets = [_kind(net) for net in pipe.controlnets]
             pipe.disable_parallelism()
+            left = [net for net in pipe.controlnets if net.__dict__.keys() & {"forward", "_fastflow_sharding"}]
         except Exception as e:
             raise RuntimeError(f"scenario {name!r} on rank {rank}") from e
         every = [None] * world
@@ -90,6 +103,8 @@ def _worker(folders: dict, images: dict):
             "stats": (split.stats, single.stats),
             "parallel": split.settings.get("parallel"),
             "controlnet": (split.settings.get("controlnet"), single.settings.get("controlnet")),
+            "nets": split_nets,
+            "unwrapped": not left,
         }
     return results
 
@@ -133,9 +148,12 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_controlnet_generations_equal_the_single_process_run(world, files):
     results = check_ranks(run_ranks(_worker, world, *files, timeout=900))
+    expected_nets = {s[0]: s[4] for s in _scenarios(world)}
     for rank, res in enumerate(results):
-        assert set(res) == {s[0] for s in _scenarios(world)}
+        assert set(res) == set(expected_nets)
         for name, r in res.items():
+            assert r["nets"] == expected_nets[name], (rank, name, r["nets"])  # each rank computes its share
+            assert r["unwrapped"], (rank, name)  # disable_parallelism gives the nets back as they were
             assert r["rel"] <= 1e-5, (rank, name, r["rel"])
             assert r["control_effect"] > 1e-3, (rank, name, r["control_effect"])  # the residuals matter
             assert r["same_latents"], (rank, name)
@@ -146,17 +164,20 @@ def test_split_controlnet_generations_equal_the_single_process_run(world, files)
                 assert r["stats"][0]["blocks_computed"] < r["stats"][0]["blocks_total"], r["stats"]  # it skipped
 
 
-def test_wrapped_methods_refuse_residuals_of_another_split():
-    """Residuals that do not cover the whole batch and image are refused, never silently misapplied."""
+def test_base_model_takes_whole_or_cut_residuals_and_refuses_others():
+    """Whole residuals are cut to this rank's rows and tokens, a split net's cut ones are taken as they
+    are, and any other shape is refused, never silently misapplied."""
     from fastflow.errors import ParallelError
     from fastflow.parallel.shard import Shard
 
-    shard = Shard(b=2, real_rows=1, txt=(0, 4), img=(3, 6), img_lengths=[3, 3], n_img=6, rows=slice(1, 2))
-    whole = torch.arange(2 * 6 * 2.0).view(2, 6, 2)
-    (local,) = shard.residuals([whole], "controls")
-    assert torch.equal(local, whole[1:2, 3:6])
+    shard = Shard(b=3, real_rows=1, txt=(0, 4), img=(3, 6), img_lengths=[3, 3], n_img=6, rows=slice(1, 2))
+    whole = torch.arange(3 * 6 * 2.0).view(3, 6, 2)
+    mine = whole[1:2, 3:6]
+    for given in (whole, whole[1:2], whole[:, 3:6], mine):
+        (local,) = shard.residuals([given], "controls")
+        assert torch.equal(local, mine)
     with pytest.raises(ParallelError, match="whole batch"):
-        shard.residuals([whole[:1]], "controls")
-    with pytest.raises(ParallelError, match="6 tokens"):
-        shard.residuals([whole[:, :3]], "controls")
+        shard.residuals([whole[:2]], "controls")
+    with pytest.raises(ParallelError, match="6 image tokens"):
+        shard.residuals([whole[:, :4]], "controls")
     assert shard.residuals(None, "controls") is None
