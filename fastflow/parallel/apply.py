@@ -11,6 +11,7 @@ import pickle
 import random
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from ..caching import change_reducer
 from ..errors import ParallelError
 from ..ops.sequence_parallel import record_comm
+from .control import install_nets, uninstall_nets
 from .mesh import ParallelConfig, build_mesh
 from .shard import Ranks, gather_rows, install, sharding_for, uninstall
 
@@ -82,6 +84,15 @@ class Parallel:
         self._check_heads()
         self.sharding = sharding_for(self.model, self.ranks)
         install(self.model, self.sharding)
+        self._pipe = weakref.ref(pipe)  # (the pipeline holds this plan: no cycle)
+        self.nets = []  # the ControlNets split with the model (each generation checks the pipeline's)
+        self._split_nets()
+
+    def _split_nets(self) -> None:
+        nets = list(getattr(self._pipe(), "controlnets", None) or [])
+        uninstall_nets([net for net in self.nets if not any(net is n for n in nets)])
+        install_nets(nets, self.ranks)
+        self.nets = nets
 
     def _check_heads(self) -> None:
         heads = getattr(self.model.config, "num_heads", None)
@@ -94,6 +105,8 @@ class Parallel:
 
     def remove(self) -> None:
         uninstall(self.model)
+        uninstall_nets(self.nets)
+        self.nets = []
 
     def describe(self) -> str:
         return self.config.describe()
@@ -102,6 +115,7 @@ class Parallel:
 
     def request(self, request: dict) -> dict:
         """Rank 0's seeds for a request that asks for random ones (every rank must draw the same)."""
+        self._split_nets()  # ControlNets given to the pipeline since the last call are split too
         seed = request.get("seed")
         # (also with latents=: image-to-image / inpainting / control encodings draw from the seeds too)
         if (seed is None or seed == -1) and request.get("generator") is None:

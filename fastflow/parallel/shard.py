@@ -8,6 +8,10 @@ rank's rows and tokens; each block's ``attention`` method becomes sequence-paral
 final layer on this rank's target tokens and gathers the output from every rank, so every rank
 returns the whole ``[B, ...]`` velocity. Shards are contiguous and may be uneven (no padding:
 token counts need not divide), so gathering them in rank order gives the original order back.
+
+ControlNet residuals reach the base model as keyword arguments of ``blocks`` (FLUX, MMDiT) or
+``forward`` (the UNet); the wrapped methods cut whole ones to the rows and image tokens this rank's
+``embed`` kept (:meth:`Shard.residuals`) and take those of a split net (:mod:`.control`) as they are.
 """
 
 from __future__ import annotations
@@ -113,6 +117,28 @@ class Shard:
     img: tuple[int, int]  # this rank's image tokens (FLUX: target + Kontext context)
     img_lengths: list[int]  # image tokens per sequence rank
     n_img: int  # target image tokens (the output)
+    rows: slice  # this rank's batch rows (of the whole batch b)
+
+    def residuals(self, values, what: str):
+        """ControlNet residuals -> this rank's [rows, its target tokens, C]. Each may be whole ([b,
+        target tokens, C]: cut here, as views) or already cut to this rank's rows and / or tokens by
+        a split net (fastflow.parallel.control); whole and cut sizes differ whenever there is a split."""
+        if values is None:
+            return None
+        start, end = self.img
+        local = slice(start, max(start, min(end, self.n_img)))
+        n_rows, n_tokens = self.rows.stop - self.rows.start, local.stop - local.start
+        out = []
+        for r in values:
+            if r.ndim != 3 or r.shape[0] not in (self.b, n_rows) or r.shape[1] not in (self.n_img, n_tokens):
+                raise ParallelError(
+                    f"{what}: a residual of shape {list(r.shape)} matches neither the whole batch ({self.b} rows, "
+                    f"{self.n_img} image tokens) nor this rank's share ({n_rows} rows, {n_tokens} tokens); "
+                    "pass the ControlNet's whole residuals"
+                )
+            r = r[self.rows] if r.shape[0] == self.b else r
+            out.append(r[:, local] if r.shape[1] == self.n_img else r)
+        return out
 
 
 def _token_split(ranks: Ranks, n_txt: int, n_img: int, what: str):
@@ -133,11 +159,19 @@ class FluxSharding:
 
     def __init__(self, model: Flux, ranks: Ranks):
         self.model, self.ranks = model, ranks
-        self.embed, self.final = model.embed, model.final  # the unwrapped methods
+        self.embed, self.final, self.blocks = model.embed, model.final, model.blocks  # the unwrapped methods
 
     def attention_methods(self):
         for block in (*self.model.double_blocks, *self.model.single_blocks):
             yield block, "attention"
+
+    def wrapped_blocks(self, state, start=0, end=None, controls=None, single_controls=None):
+        """ControlNet residuals cut to this rank's rows and target tokens (the single blocks' too: they
+        touch only the image part of this rank's [txt shard, img shard] stream)."""
+        shard = state.shard
+        controls = shard.residuals(controls, "FLUX ControlNet controls")
+        single_controls = shard.residuals(single_controls, "FLUX ControlNet single_controls")
+        return self.blocks(state, start, end, controls=controls, single_controls=single_controls)
 
     def wrapped_embed(self, *args, **kwargs):
         state = self.embed(*args, **kwargs)
@@ -153,7 +187,7 @@ class FluxSharding:
         state.txt = state.txt[rows, txt[0] : txt[1]]
         state.vec = state.vec[rows]
         state.n_txt = txt[1] - txt[0]
-        state.shard = Shard(b, r.real_rows, txt, img, img_lengths, state.n_img)
+        state.shard = Shard(b, r.real_rows, txt, img, img_lengths, state.n_img, rows)
         state.n_img = max(0, min(img[1], state.n_img) - img[0])  # this rank's target tokens
         self.sp = r.sequence(joint)
         return state
@@ -175,12 +209,17 @@ class MMDiTSharding:
 
     def __init__(self, model: MMDiT, ranks: Ranks):
         self.model, self.ranks = model, ranks
-        self.embed, self.final = model.embed, model.final
+        self.embed, self.final, self.blocks = model.embed, model.final, model.blocks
 
     def attention_methods(self):
         for block in self.model.joint_blocks:
             yield block, "attention"
             yield block, "attention_x"
+
+    def wrapped_blocks(self, state, start=0, end=None, skip_layers=None, controls=None):
+        """ControlNet residuals (image tokens, one per joint block) cut to this rank's rows and tokens."""
+        controls = state.shard.residuals(controls, "SD3 ControlNet controls")
+        return self.blocks(state, start, end, skip_layers=skip_layers, controls=controls)
 
     def wrapped_embed(self, *args, **kwargs):
         state = self.embed(*args, **kwargs)
@@ -191,7 +230,7 @@ class MMDiTSharding:
         state.x = state.x[rows, img[0] : img[1]]
         state.context = state.context[rows, txt[0] : txt[1]]
         state.c = state.c[rows]
-        state.shard = Shard(b, r.real_rows, txt, img, img_lengths, sum(img_lengths))
+        state.shard = Shard(b, r.real_rows, txt, img, img_lengths, sum(img_lengths), rows)
         self.sp, self.sp_x = r.sequence(joint), r.sequence(img_lengths)
         return state
 
@@ -230,10 +269,23 @@ class UNetSharding:
     def attention_methods(self):
         return iter(())
 
-    def wrapped_forward(self, x, *args, **kwargs):
+    def wrapped_forward(self, x, *args, down_residuals=None, mid_residual=None, **kwargs):
+        """This rank's rows of the inputs and of the ControlNet residuals (``down_residuals`` [b, ...]
+        per input block, ``mid_residual`` [b, ...]), then the output rows gathered."""
         b = x.shape[0]
         rows, self.ranks.real_rows = self.ranks.rows(b)
         sliced = [a[rows] if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == b else a for a in args]
+        n = rows.stop - rows.start  # whole residuals are cut; a split net's come with this rank's rows
+        residuals = [*(down_residuals or ()), *(() if mid_residual is None else (mid_residual,))]
+        if any(r.shape[0] not in (b, n) for r in residuals):
+            raise ParallelError(
+                f"SDXL ControlNet residuals of {sorted({r.shape[0] for r in residuals})} rows for a batch of {b} "
+                f"({n} on this rank): pass the ControlNet's whole residuals"
+            )
+        if down_residuals is not None:
+            kwargs["down_residuals"] = [r[rows] if r.shape[0] == b else r for r in down_residuals]
+        if mid_residual is not None:
+            kwargs["mid_residual"] = mid_residual[rows] if mid_residual.shape[0] == b else mid_residual
         out = self.forward(x[rows], *sliced, **kwargs)
         return gather_rows(out, self.ranks, b)
 
@@ -254,6 +306,7 @@ def install(model, sharding) -> None:
         model.forward = sharding.wrapped_forward
     else:
         model.embed = sharding.wrapped_embed
+        model.blocks = sharding.wrapped_blocks  # ControlNet residuals follow the shards
         model.final = sharding.wrapped_final
     if sharding.ranks.seq_size > 1:  # with the tokens whole, attention is the model's own
         for block, name in sharding.attention_methods():
@@ -269,7 +322,7 @@ def uninstall(model) -> None:
     sharding = model.__dict__.pop("_fastflow_sharding", None)
     if sharding is None:
         return
-    for attr in ("forward", "embed", "final"):
+    for attr in ("forward", "embed", "blocks", "final"):
         model.__dict__.pop(attr, None)
     for block, name in sharding.attention_methods():
         block.__dict__.pop(name, None)

@@ -224,7 +224,7 @@ def _add(a, b):
 def check_control(pipe, r, family: str) -> Control:
     """The ControlNet arguments of a request, checked before any work: a control image for every
     ControlNet, lists of one value per net, 0 <= start < end <= 1; SD3's skip-layer guidance,
-    image-to-image, offload and parallel runs are not combined with ControlNets (refused)."""
+    image-to-image and offload are not combined with ControlNets (refused)."""
     nets = controlnets_of(pipe)
     given = {name: getattr(r, name) for name in CONTROL}
     if not nets:
@@ -256,8 +256,8 @@ def check_control(pipe, r, family: str) -> Control:
     if getattr(r, "skip_guidance_layers", None):
         raise InputError("skip-layer guidance with a ControlNet is not supported (diffusers' ControlNet pipeline "
                          "has none): leave skip_guidance_layers unset")  # fmt: skip
-    if getattr(pipe, "_offload", None) is not None or getattr(pipe, "_parallel", None) is not None:
-        raise InputError("ControlNets do not run with model CPU offload or a parallel split yet")
+    if getattr(pipe, "_offload", None) is not None:  # (a parallel split cuts the residuals: fastflow.parallel)
+        raise InputError("ControlNets do not run with model CPU offload yet")
     depths = {len(net.controlnet_blocks) for net in nets if isinstance(net, MMDiTControlNet)}
     if len(depths) > 1:
         raise InputError(f"SD3 ControlNets of different depths ({sorted(depths)} blocks) cannot be summed")
