@@ -6,6 +6,7 @@ are reduced over all ranks) and ends with the same latents, and so the same imag
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -117,6 +118,8 @@ class Parallel:
         """Rank 0's seeds for a request that asks for random ones (every rank must draw the same)."""
         self._split_nets()  # ControlNets given to the pipeline since the last call are split too
         seed = request.get("seed")
+        if request.get("generator") is not None:
+            self._check_same_generators(request["generator"])
         # (also with latents=: image-to-image / inpainting / control encodings draw from the seeds too)
         if (seed is None or seed == -1) and request.get("generator") is None:
             pick = [random.randrange(2**63 - 2**16)]
@@ -125,6 +128,21 @@ class Parallel:
             dist.broadcast_object_list(pick, src=0)
             request = dict(request, seed=pick[0])
         return request
+
+    def _check_same_generators(self, generator) -> None:
+        """A user's generator(s) must be in the same state on every rank: the image-to-image,
+        inpainting and ControlNet encodings draw from them on each rank (only the start noise is
+        broadcast), so differing generators would make the ranks compute different images."""
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        states = [g.get_state() if isinstance(g, torch.Generator) else None for g in gens]
+        mine = hashlib.sha256(b"".join(bytes(s.numpy()) if s is not None else b"-" for s in states)).hexdigest()
+        every = [None] * self.mesh.world_size
+        dist.all_gather_object(every, mine)
+        if len(set(every)) > 1:
+            raise ParallelError(
+                "the generator(s) passed differ between ranks: pass generators seeded alike on every rank "
+                "(or seed=, which rank 0 broadcasts)"
+            )
 
     def plan(self, plan) -> None:
         """Every rank starts from rank 0's state (a user's generator or latents that differ between

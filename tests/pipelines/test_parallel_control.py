@@ -106,6 +106,20 @@ def _worker(folders: dict, images: dict):
             "nets": split_nets,
             "unwrapped": not left,
         }
+    # a user's generators must agree over the ranks (the encodings draw from them on each rank)
+    from fastflow.errors import ParallelError
+
+    c = {k: v for k, v in c.items() if k != "seed"}
+    pipe.enable_parallelism(**sizes)
+    try:
+        pipe(**c, generator=torch.Generator().manual_seed(rank), output_type="latent")
+        results["differing generators"] = "ran"
+    except ParallelError as e:
+        results["differing generators"] = str(e)
+    alike = pipe(**c, generator=torch.Generator().manual_seed(9), output_type="latent").images
+    pipe.disable_parallelism()
+    one = pipe(**c, generator=torch.Generator().manual_seed(9), output_type="latent").images
+    results["same generators"] = _rel(alike, one)
     return results
 
 
@@ -150,6 +164,8 @@ def test_split_controlnet_generations_equal_the_single_process_run(world, files)
     results = check_ranks(run_ranks(_worker, world, *files, timeout=900))
     expected_nets = {s[0]: s[4] for s in _scenarios(world)}
     for rank, res in enumerate(results):
+        assert "differ between ranks" in res.pop("differing generators"), rank
+        assert res.pop("same generators") <= 1e-5, rank
         assert set(res) == set(expected_nets)
         for name, r in res.items():
             assert r["nets"] == expected_nets[name], (rank, name, r["nets"])  # each rank computes its share
