@@ -19,13 +19,14 @@ def accelerate(
 ):
     """Make ``pipe`` faster in place and return it.
 
-    * ``compile``: the transformer (in place: ``module.compile``, so the pipeline keeps its object)
-      and the VAE's ``decode`` go through ``torch.compile(backend="fastflow")``. ``dynamic=None``
-      lets dynamo mark the changing sizes dynamic when a second resolution arrives: one recompile,
-      then none for further resolutions. A fastflow pipeline's modulation precompute is turned
-      off (its row lookup depends on data, which would break the compiled graph).
-    * ``quant="fp8"`` (or an :class:`fastflow.quant.Fp8Config`): the transformer's linear layers
-      become FP8 (``fastflow.quant.quantize_``), before compiling.
+    * ``compile``: the transformer and a fastflow pipeline's ControlNets (in place:
+      ``module.compile``, so the pipeline keeps its objects) and the VAE's ``decode`` go through
+      ``torch.compile(backend="fastflow")``. ``dynamic=None`` lets dynamo mark the changing sizes
+      dynamic when a second resolution arrives: one recompile, then none for further resolutions.
+      A fastflow pipeline's modulation precompute is turned off (its row lookup depends on data,
+      which would break the compiled graph).
+    * ``quant="fp8"`` (or an :class:`fastflow.quant.Fp8Config`): the linear layers of the
+      transformer and of the ControlNets become FP8 (``fastflow.quant.quantize_``), before compiling.
     * ``cache``: a fastflow feature-caching policy ("fbcache", "teacache:0.3", ... as for
       ``pipe(cache=...)``) used by default by every call; fastflow pipelines only.
     """
@@ -35,6 +36,7 @@ def accelerate(
             "fastflow.accelerate takes a pipeline with a .transformer: a diffusers FluxPipeline, "
             f"FluxKontextPipeline or StableDiffusion3Pipeline, or a fastflow pipeline; got {type(pipe).__name__}"
         )
+    nets = list(getattr(pipe, "controlnets", None) or []) if _is_fastflow(pipe) else []
     if cache is not None:
         if not _is_fastflow(pipe):
             raise InputError(
@@ -52,12 +54,14 @@ def accelerate(
             quant = Fp8Config()
         if not isinstance(quant, Fp8Config):
             raise InputError(f"quant must be 'fp8', 'none' or a fastflow.quant.Fp8Config, got {quant!r}")
-        quantize_(transformer, quant)
+        for model in (transformer, *nets):
+            quantize_(model, quant)
     if compile:
         if _is_fastflow(pipe):  # its table lookup is data-dependent: it would break the compiled graph
             pipe.defaults["precompute_modulation"] = False
         options = {"backend": "fastflow", "dynamic": dynamic, "mode": mode}
-        transformer.compile(**options)
+        for model in (transformer, *nets):  # the nets run in the same loop: same backend
+            model.compile(**options)
         vae = getattr(pipe, "vae", None)
         if vae is not None and hasattr(vae, "decode"):
             vae.decode = torch.compile(vae.decode, **options)

@@ -163,7 +163,10 @@ def gated_residual(gm: fx.GraphModule) -> int:
 
 
 def gated_residual_layernorm_modulate(gm: fx.GraphModule) -> int:
-    """gated_residual whose result feeds a layernorm_modulate => one op returning (r, h)."""
+    """gated_residual whose result feeds a layernorm_modulate => one op returning (r, h). The op
+    goes where the layernorm was, or, where r has users before the layernorm (a ControlNet's
+    projection of a block's output comes before the next block's modulation), right after its last
+    input; where a user of r comes before that too, the two stay separate."""
     count = 0
     for node in list(gm.graph.nodes):
         if not _is_call(node, fastflow.layernorm_modulate.default):
@@ -172,7 +175,10 @@ def gated_residual_layernorm_modulate(gm: fx.GraphModule) -> int:
         if not _is_call(r, fastflow.gated_residual.default):
             continue
         x, gate, y = r.args
-        with gm.graph.inserting_before(node):
+        place = _boundary_place(gm, node, r, (x, gate, y, shift, scale, eps))
+        if place is None:
+            continue
+        with gm.graph.inserting_before(place):
             fused = gm.graph.call_function(
                 fastflow.gated_residual_layernorm_modulate.default, (x, gate, y, shift, scale, eps)
             )
@@ -183,6 +189,20 @@ def gated_residual_layernorm_modulate(gm: fx.GraphModule) -> int:
         r.replace_all_uses_with(new_r)
         count += 1
     return count
+
+
+def _boundary_place(gm: fx.GraphModule, node: fx.Node, r: fx.Node, inputs) -> fx.Node | None:
+    """The node to insert the combined op before: ``node`` (the layernorm) when every other user of
+    ``r`` comes after it, else the node after the last of ``inputs`` when every user of ``r`` comes
+    after that one; None when no place is before all of ``r``'s users and after all its inputs."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    early = [u for u in r.users if u is not node and order[u] < order[node]]
+    if not early:
+        return node
+    last = max((a for a in inputs if isinstance(a, fx.Node)), key=order.__getitem__)
+    if any(order[u] <= order[last] for u in early):
+        return None
+    return last.next
 
 
 def bias_gelu_tanh(gm: fx.GraphModule) -> int:

@@ -44,6 +44,16 @@ def attach_controlnets(pipe, nets) -> None:
     pipe.controlnets = list(nets)
 
 
+def follow_base(pipe) -> None:
+    """The nets to the base model's device and dtype (where ``pipe.to(...)`` or the offload left the
+    transformer: with model CPU offload, CPU memory between stages; they move with the transformer
+    in its stage)."""
+    device, dtype = pipe.weights_device, pipe.transformer.dtype
+    for net in controlnets_of(pipe):
+        if net.dtype != dtype or next(net.parameters()).device != device:
+            net.to(device=device, dtype=dtype)
+
+
 def _number(value, name: str) -> float:
     value = plain_number(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -224,7 +234,7 @@ def _add(a, b):
 def check_control(pipe, r, family: str) -> Control:
     """The ControlNet arguments of a request, checked before any work: a control image for every
     ControlNet, lists of one value per net, 0 <= start < end <= 1; SD3's skip-layer guidance,
-    image-to-image and offload are not combined with ControlNets (refused)."""
+    image-to-image are not combined with ControlNets (refused)."""
     nets = controlnets_of(pipe)
     given = {name: getattr(r, name) for name in CONTROL}
     if not nets:
@@ -256,17 +266,12 @@ def check_control(pipe, r, family: str) -> Control:
     if getattr(r, "skip_guidance_layers", None):
         raise InputError("skip-layer guidance with a ControlNet is not supported (diffusers' ControlNet pipeline "
                          "has none): leave skip_guidance_layers unset")  # fmt: skip
-    if getattr(pipe, "_offload", None) is not None:  # (a parallel split cuts the residuals: fastflow.parallel)
-        raise InputError("ControlNets do not run with model CPU offload yet")
     depths = {len(net.controlnet_blocks) for net in nets if isinstance(net, MMDiTControlNet)}
     if len(depths) > 1:
         raise InputError(f"SD3 ControlNets of different depths ({sorted(depths)} blocks) cannot be summed")
     if any(getattr(net.config, "extra_conditioning_channels", 0) for net in nets):
         raise InputError("ControlNets with extra conditioning channels (inpainting ControlNets) are not supported yet")
-    device, dtype = pipe.weights_device, pipe.transformer.dtype
-    for net in nets:  # pipe.to(...) moved / cast the base model: the nets follow
-        if net.dtype != dtype or next(net.parameters()).device != device:
-            net.to(device=device, dtype=dtype)
+    follow_base(pipe)
     modes = _modes(getattr(r, "control_mode", None), nets)
     if family == "flux":
         _check_flux(pipe, r, nets)

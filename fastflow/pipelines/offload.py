@@ -1,6 +1,6 @@
 """Model CPU offload for GPUs of 12-24 GB: every component lives in CPU memory and moves to the GPU
-only for the stage that runs it (text encoders for the prompt, the transformer for the conditioning
-table and the denoising loop, the VAE for encoding an input image and decoding), the previous one
+only for the stage that runs it (text encoders for the prompt, the transformer and the ControlNets
+for the conditioning table and the denoising loop, the VAE for encoding an input image and decoding), the previous one
 going back to the CPU first. Peak GPU memory is the largest component plus activations instead of
 all of them (FLUX.1-dev in bf16: 23.8 GB transformer, 9.5 GB T5, 0.2 GB VAE); the cost is one
 host-to-device copy of each component per generation.
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .control import controlnets_of
 
 STAGES = ("text", "transformer", "vae")
 
@@ -77,7 +78,7 @@ class OffloadMixin:
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         """diffusers' ``pipe.to("cuda")`` / ``pipe.to(torch.bfloat16)`` / ``pipe.to("cuda", torch.bfloat16)``:
-        moves (and casts) the transformer, the VAE and the text encoders; returns the pipeline. T5
+        moves (and casts) the transformer, its ControlNets, the VAE and the text encoders; returns the pipeline. T5
         is never cast to float16 (it overflows there): it keeps its dtype, with a warning."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
@@ -89,6 +90,8 @@ class OffloadMixin:
             check_not_offloaded(self, "pipe.to(device)")
             device = torch.device(usable_device(device, "pipe.to", 'pipe.to("cpu")'))
         self.transformer.to(device=device, dtype=dtype)
+        for net in controlnets_of(self):  # they run beside the transformer, on its device and dtype
+            net.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=dtype)
         for name, model in text_models(self.text_encoder).items():
             cast = dtype
@@ -114,7 +117,7 @@ class OffloadMixin:
         device = torch.device(usable_device(device, "enable_model_cpu_offload", 'device="cpu"'))
         groups = {
             "text": list(text_models(self.text_encoder).values()),
-            "transformer": [self.transformer],
+            "transformer": self._transformer_group(),
             "vae": [self.vae],
         }
         self.disable_model_cpu_offload()
@@ -130,8 +133,17 @@ class OffloadMixin:
 
     def stage(self, name: str):
         """Context of a pipeline stage ("text", "transformer", "vae"): with model CPU offload on,
-        that component group is on the execution device for the block."""
-        return contextlib.nullcontext() if self._offload is None else self._offload.use(name)
+        that component group is on the execution device for the block (the transformer's group
+        includes the ControlNets)."""
+        if self._offload is None:
+            return contextlib.nullcontext()
+        if self._offload.resident != "transformer":  # ControlNets attached after enable_model_cpu_offload
+            self._offload.groups["transformer"] = self._transformer_group()
+        return self._offload.use(name)
+
+    def _transformer_group(self) -> list[nn.Module]:
+        """The transformer stage's modules: the transformer and the ControlNets (run in its loop)."""
+        return [self.transformer, *controlnets_of(self)]
 
     @property
     def device(self) -> torch.device:
