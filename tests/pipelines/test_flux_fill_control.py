@@ -289,21 +289,6 @@ def test_official_single_files_are_recognised(folders, tmp_path):
     assert fastflow.load_transformer(named).config.name == "flux-tiny-depth"
 
 
-def test_control_lora_is_refused_with_a_clear_error(load, tmp_path):
-    """FLUX.1-Canny-dev-lora / Depth-dev-lora widen dev's img_in (x_embedder) to 128 inputs, as
-    diffusers' _maybe_expand_transformer_param_shape_or_error does: not supported, said so."""
-    from safetensors.torch import save_file
-
-    pipe = load("flux-tiny-dev")
-    lora = {
-        "transformer.x_embedder.lora_A.weight": torch.randn(4, 128),
-        "transformer.x_embedder.lora_B.weight": torch.randn(64, 4),
-    }
-    save_file(lora, str(tmp_path / "canny_lora.safetensors"))
-    with pytest.raises(errors.LoraError, match="Canny / Depth LoRA.*flux-canny-dev"):
-        pipe.load_lora(tmp_path / "canny_lora.safetensors")
-
-
 # cv2.Canny(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), 100, 200) of the image below, recorded once with
 # opencv-python-headless 5.1.0 (OpenCV is no test dependency)
 OPENCV_EDGES = [
