@@ -310,3 +310,23 @@ def test_the_published_files_map_onto_flux_dev():
             assert {p.down.shape[1] for p in pieces} == {inp}, name
             rank = min(128, inp, out)  # BFL's LinearLora caps the rank (final_layer.linear: 64)
             assert all(p.down.shape[0] == rank and p.bias is not None and p.scale == 1.0 for p in pieces), name
+
+
+def test_cli_generate_with_a_control_lora(pipeline_folders, tmp_path):
+    """``fastflow generate --model DEV --lora flux1-depth-dev-lora.safetensors --control-image IMG``
+    (a subprocess, as a user runs it): dev becomes Depth, the output takes the control image's size."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    lora = _save(tmp_path, "flux1-depth-dev-lora.safetensors", _bfl_lora())
+    fastflow.canny(_image(48, 32, seed=4)).save(tmp_path / "edges.png")
+    args = [sys.executable, "-m", "fastflow", "generate", "a house", "-o", tmp_path / "out.png", "--model",
+            pipeline_folders["flux-tiny-dev"], "--lora", lora, "--steps", "1", "--seed", "1", "--no-progress",
+            "--control-image", tmp_path / "edges.png"]  # fmt: skip
+    done = subprocess.run([*map(str, args)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "flux-tiny-depth" in done.stdout + done.stderr
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size[0] / image.size[1] == 48 / 32
