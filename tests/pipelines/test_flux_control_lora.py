@@ -273,6 +273,13 @@ def test_refusals_are_typed_and_change_nothing(load, tmp_path):
         pipe.unload_lora("canny")
     pipe.unload_lora()  # all at once: "after" first, then the control LoRA
     assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+
+    class Quantized(torch.nn.Linear):  # stands for an FP8 / int8 img_in (the default skip groups keep it)
+        pass
+
+    pipe.transformer.img_in.__class__ = Quantized
+    with pytest.raises(errors.LoraError, match="img_in is quantized"):
+        pipe.load_lora(canny)
     for variant in ("flux-tiny-schnell", "flux-tiny-kontext"):
         with pytest.raises(errors.LoraError, match="is for FLUX.1 dev"):
             load(variant).load_lora(canny)
