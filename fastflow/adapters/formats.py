@@ -4,7 +4,8 @@ layer names and fused layouts.
 Formats read:
 
 * diffusers / PEFT: ``[transformer.]<diffusers module>.lora_A.weight`` / ``.lora_B.weight`` (also
-  the older ``.lora.down.weight`` / ``.lora.up.weight``), optional ``.alpha``;
+  the older ``.lora.down.weight`` / ``.lora.up.weight``), optional ``.alpha`` and
+  ``.lora_B.bias`` (PEFT's lora_bias, in BFL's control LoRAs: scaled like the product);
 * the same on official names (BFL's own LoRAs, ComfyUI's ``diffusion_model.`` prefix);
 * kohya / sd-scripts: ``lora_unet_<official module, dots as underscores>.lora_down.weight`` /
   ``.lora_up.weight`` / ``.alpha`` (and ``lora_transformer_<diffusers module>``);
@@ -36,9 +37,10 @@ from ..errors import FamilyMismatchError, LoraError
 from ..loading.keymaps import flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
 from .layers import LoraLinear, Piece
 
-DOWN, UP, ALPHA = "down", "up", "alpha"
+DOWN, UP, ALPHA, BIAS = "down", "up", "alpha", "bias"
 # suffix -> role, longest first (".lora_A.weight" before ".weight" alone)
 _SUFFIXES = (
+    (".lora_B.bias", BIAS),  # BFL's control LoRAs (PEFT's lora_bias): added with the product's scale
     (".lora_A.weight", DOWN),
     (".lora_B.weight", UP),
     (".lora.down.weight", DOWN),
@@ -148,7 +150,9 @@ def _check_tensor(path, key: str, role: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point() and not integer_alpha:
         raise LoraError(path, f"tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, not a float type",
                         "LoRA weights are fp32 / bf16 / fp16: the file is corrupt or not a LoRA")  # fmt: skip
-    if role != ALPHA and tensor.dim() != 2:
+    if role == BIAS and tensor.dim() != 1:
+        raise LoraError(path, f"bias {key!r} has shape {list(tensor.shape)}, not a vector", "the file is corrupt")
+    if role not in (ALPHA, BIAS) and tensor.dim() != 2:
         raise LoraError(path, f"tensor {key!r} has shape {list(tensor.shape)}, not a [rank, features] matrix",
                         "the file is corrupt or not a LoRA of linear layers")  # fmt: skip
     if role == ALPHA and tensor.numel() != 1:
@@ -161,10 +165,16 @@ def _check_tensor(path, key: str, role: str, tensor: torch.Tensor) -> None:
                         f"{MAX_LORA_VALUE:g}", "no trained LoRA has such values: the file is corrupt")  # fmt: skip
 
 
-def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[str, list[Piece]], list[str]]:
+def parse(
+    state: dict[str, torch.Tensor], model: nn.Module, path, widths: dict[str, tuple[int, int]] | None = None
+) -> tuple[dict[str, list[Piece]], list[str]]:
     """(target layer -> pieces, keys that match no layer of ``model``). Raises :class:`LoraError`
     for a file with no LoRA key, a missing half, a rank or shape mismatch (naming the first bad
-    key), or no key that targets this model; :class:`FamilyMismatchError` for another family's."""
+    key), or no key that targets this model; :class:`FamilyMismatchError` for another family's.
+    ``widths``: layer -> (inputs it will have, inputs it had) for a layer a control LoRA widens
+    (adapters/control.py): downs of either width fit, the narrower zero-padded (as diffusers'
+    ``_maybe_expand_lora_state_dict``)."""
+    widths = widths or {}
     layers = linear_layers(model)
     kohya = {"lora_unet_" + n.replace(".", "_"): n for n in layers}
     dmap = _diffusers_map(model, layers)
@@ -222,14 +232,26 @@ def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[
         else:
             unmatched.extend(f"{module}{s}" for s, r in _SUFFIXES if r in parts and f"{module}{s}" in state)
             continue
+        bias = parts.get(BIAS)
+        if bias is not None and bias.shape[0] != up.shape[0]:
+            raise LoraError(path, f"{module}: lora_B bias {list(bias.shape)} does not match up {list(up.shape)}",
+                            "re-download the file")  # fmt: skip
         for target, row, src, expected, *take in places:
             out_features, in_features = _out_in(layers[target])
+            if bias is not None and getattr(getattr(layers[target], "base", layers[target]), "bias", None) is None:
+                raise LoraError(path, f"{module}: a lora_B bias for {target}, a layer without a bias",
+                                "LoRA biases are supported on layers that have one (FLUX's all do)")  # fmt: skip
+            piece_down = down
+            if target in widths:
+                in_features, narrow = widths[target]
+                if down.shape[1] == narrow < in_features:  # a LoRA of the narrow layer: zeros for the new inputs
+                    piece_down = torch.cat((down, down.new_zeros(down.shape[0], in_features - narrow)), dim=1)
             rows = take[0] if take else (expected or out_features)
-            if up.shape[0] != (expected or out_features) or down.shape[1] != in_features or row + rows > out_features:
-                if target == "img_in" and down.shape[1] == 2 * in_features:  # FLUX.1-Canny/Depth-dev-lora
-                    raise LoraError(path, f"{module}: a FLUX.1 Canny / Depth LoRA: it widens img_in to "
-                                    f"{down.shape[1]} inputs (the control image's latents), which fastflow does not do",
-                                    "load the full model instead (flux-canny-dev or flux-depth-dev)")  # fmt: skip
+            if (
+                up.shape[0] != (expected or out_features)
+                or piece_down.shape[1] != in_features
+                or row + rows > out_features
+            ):
                 raise LoraError(
                     path,
                     f"{module}: a LoRA of up {list(up.shape)} x down {list(down.shape)} does not fit the layer it "
@@ -242,7 +264,10 @@ def parse(state: dict[str, torch.Tensor], model: nn.Module, path) -> tuple[dict[
                         path, f"{other.key} and {module} both target rows of {target}",
                         "the file holds the same layer twice (two prefixes or two formats): keep one",
                     )  # fmt: skip
-            targets.setdefault(target, []).append(Piece(down, up[src : src + rows], scale, row, module))
+            piece_bias = None if bias is None else bias[src : src + rows]
+            targets.setdefault(target, []).append(
+                Piece(piece_down, up[src : src + rows], scale, row, module, piece_bias)
+            )
     if not targets:
         raise LoraError(path, f"no key of this LoRA names a layer of {model.config.name} "
                         f"(first: {next(iter(state))})", "check that the LoRA is for this model")  # fmt: skip

@@ -23,6 +23,7 @@ class Piece:
     scale: float  # alpha / r
     row: int
     key: str  # the file's module name, for messages
+    bias: torch.Tensor | None = None  # [rows]: lora_B's bias (BFL's control LoRAs), scaled like the product
 
 
 class LoraLinear(nn.Module):
@@ -39,6 +40,8 @@ class LoraLinear(nn.Module):
         self.register_buffer("lora_down", torch.zeros(0, in_features, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_up", torch.zeros(out_features, 0, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_scale", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+        # [out] when a piece has a lora_B bias (the scaled sum of the biases), else [0]
+        self.register_buffer("lora_bias", torch.zeros(0, dtype=dtype, device=device), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -61,10 +64,22 @@ class LoraLinear(nn.Module):
         """In place: the buffers keep their shapes (no recompile under torch.compile)."""
         self.scales[name] = scale
         self.lora_scale.copy_(self._scale_vector())
+        if self.lora_bias.numel():
+            self.lora_bias.copy_(self._bias_vector())
 
     def _scale_vector(self) -> torch.Tensor:
         values = [p.scale * self.scales[n] for n, ps in self.pieces.items() for p in ps for _ in range(p.down.shape[0])]
         return torch.tensor(values, dtype=self.lora_scale.dtype, device=self.lora_scale.device)
+
+    def _bias_vector(self) -> torch.Tensor:
+        """The pieces' lora_B biases times their scales, on their rows of the output (fp32 sum)."""
+        out = torch.zeros(self.lora_up.shape[0], dtype=torch.float32, device=self.lora_bias.device)
+        for n, ps in self.pieces.items():
+            for p in ps:
+                if p.bias is not None:
+                    rows = slice(p.row, p.row + p.bias.shape[0])
+                    out[rows] += (p.scale * self.scales[n]) * p.bias.to(out.device, torch.float32)
+        return out.to(self.lora_bias.dtype)
 
     def _stack(self) -> None:
         """All adapters as one down [R, in] and a block up [out, R] (zero outside each piece's rows)."""
@@ -81,6 +96,8 @@ class LoraLinear(nn.Module):
         self.lora_down = torch.cat(downs).to(device=device, dtype=dtype) if downs else self.lora_down[:0]
         self.lora_up = up
         self.lora_scale = self._scale_vector()
+        has_bias = any(p.bias is not None for ps in self.pieces.values() for p in ps)
+        self.lora_bias = self._bias_vector() if has_bias else self.lora_bias[:0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _lora_linear(x, self, None)
@@ -101,5 +118,5 @@ def _lora_linear(x: torch.Tensor, layer: LoraLinear, epilogue: str | None) -> to
     y = linear(x, layer.base)
     if layer.lora_down.shape[0]:
         h = F.linear(x.to(layer.lora_down.dtype), layer.lora_down) * layer.lora_scale
-        y = y + F.linear(h, layer.lora_up).to(y.dtype)
+        y = y + F.linear(h, layer.lora_up, layer.lora_bias if layer.lora_bias.numel() else None).to(y.dtype)
     return _apply_epilogue(y, epilogue)

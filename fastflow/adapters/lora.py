@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError, plain_number
+from ..errors import InputError, LoraError, plain_number
 from ..quant import replace_module
+from . import control as control_lora
 from .formats import is_other_component, linear_layers, parse
 from .layers import LoraLinear, Piece
 
@@ -37,6 +38,7 @@ class Adapter:
     scale: float
     fused: bool
     unmatched: list[str] = field(default_factory=list)
+    control: control_lora.ControlParts | None = None  # a FLUX.1 Canny / Depth LoRA's norms and img_in width
 
 
 class LoraManager:
@@ -48,7 +50,9 @@ class LoraManager:
         self._originals: dict[str, dict[str, torch.Tensor]] = {}  # layer -> its weights before fusing (CPU)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> Adapter:
+    def load(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False, on_control=None) -> Adapter:
+        """Load one LoRA file. ``on_control(parts)``: called for a control LoRA (adapters/control.py)
+        before anything changes, to refuse it with a typed error."""
         if not isinstance(path, (str, os.PathLike)):
             raise InputError(f"load_lora takes the path of a .safetensors LoRA file, got {type(path).__name__}")
         path = Path(path).expanduser()
@@ -57,7 +61,13 @@ class LoraManager:
             raise InputError(f"a LoRA named {name!r} is already loaded: pass name=, or unload_lora({name!r}) first")
         scale = _check_scale(scale)
         state = read_lora_file(path)
-        targets, unmatched = parse(state, self.model, path)
+        control = control_lora.split(state, self.model, path)  # takes a control LoRA's norms out of state
+        if control is not None:
+            control.hint = control_lora.hint(path)
+            self._check_control(control, path)
+            if on_control is not None:
+                on_control(control)
+        targets, unmatched = parse(state, self.model, path, self._widths(control))
         if unmatched:
             other = [k for k in unmatched if is_other_component(k)]
             warnings.warn(
@@ -69,7 +79,9 @@ class LoraManager:
                 UserWarning,
                 stacklevel=3,
             )
-        adapter = Adapter(name, path, targets, scale, fuse, unmatched)
+        adapter = Adapter(name, path, targets, scale, fuse, unmatched, control)
+        if control is not None:
+            control_lora.apply(control, self.model)
         self.adapters[name] = adapter
         if fuse:
             self._refuse(set(targets))
@@ -96,7 +108,14 @@ class LoraManager:
             self._refuse(refuse)
 
     def unload(self, name: str | None = None) -> None:
-        for n in self._names(name):
+        names = sorted(self._names(name), key=lambda n: self.adapters[n].control is not None)  # control last
+        for n in names:
+            if self.adapters[n].control is not None and self.adapters[n].control.width is not None:
+                kept = [a.name for a in self.adapters.values() if a.name not in names and "img_in" in a.targets]
+                if kept:
+                    raise InputError(f"LoRA {kept[0]!r} also changes img_in, which unloading {n!r} narrows back: "
+                                     f"unload {kept[0]!r} first (or all LoRAs at once)")  # fmt: skip
+        for n in names:
             adapter = self.adapters.pop(n)
             if adapter.fused:
                 self._refuse(set(adapter.targets))
@@ -106,6 +125,8 @@ class LoraManager:
                     layer.remove(n)
                     if not layer.pieces:
                         replace_module(self.model, target, layer.base)
+            if adapter.control is not None:
+                control_lora.restore(adapter.control, self.model)
 
     def set_fused(self, fused: bool, names=None) -> None:
         """Move adapters between the fused and the unfused form (same outputs, up to rounding)."""
@@ -127,6 +148,33 @@ class LoraManager:
         self._refuse(touched)
 
     # -- internals ---------------------------------------------------------------------------------
+    def control(self) -> Adapter | None:
+        """The loaded control LoRA (adapters/control.py), if any."""
+        return next((a for a in self.adapters.values() if a.control is not None), None)
+
+    def _check_control(self, parts: control_lora.ControlParts, path) -> None:
+        loaded = self.control()
+        if loaded is not None:
+            raise LoraError(path, f"a control LoRA ({loaded.name!r}: img_in and norm scales) is already loaded",
+                            f"unload_lora({loaded.name!r}) first: one control LoRA at a time")  # fmt: skip
+        if parts.width is None:
+            return
+        holders = [a.name for a in self.adapters.values() if "img_in" in a.targets]
+        if holders or type(self.model.img_in) is not nn.Linear:
+            why = f"LoRA {holders[0]!r} targets img_in" if holders else "img_in is quantized"
+            raise LoraError(path, f"this control LoRA widens img_in, but {why}",
+                            "load the control LoRA first, or unload that LoRA / load the model with img_in "
+                            "unquantized (the default skip groups keep it so)")  # fmt: skip
+
+    def _widths(self, parts) -> dict[str, tuple[int, int]]:
+        """img_in's (width once loaded, width before) while a control LoRA widens it (formats.parse)."""
+        if parts is None or parts.width is None:
+            loaded = self.control()
+            parts = None if loaded is None else loaded.control
+        if parts is None or parts.width is None:
+            return {}
+        return {"img_in": (parts.width, parts.narrow)}
+
     def _names(self, names) -> list[str]:
         """``names`` (None: all; a name; a list of names) checked to be loaded LoRAs."""
         names = list(self.adapters) if names is None else [names] if isinstance(names, str) else names
@@ -173,7 +221,8 @@ class LoraManager:
 
 
 def _weight_names(layer: nn.Module) -> tuple[str, ...]:
-    return ("weight", "weight_scale") if hasattr(layer, "weight_scale") else ("weight",)
+    names = ("weight", "weight_scale") if hasattr(layer, "weight_scale") else ("weight",)
+    return (*names, "bias") if getattr(layer, "bias", None) is not None else names
 
 
 def _fuse_into(layer: nn.Module, original: dict[str, torch.Tensor], adapters) -> None:
@@ -195,6 +244,14 @@ def _fuse_into(layer: nn.Module, original: dict[str, torch.Tensor], adapters) ->
         layer.weight.data, layer.weight_scale = q, s
     else:
         layer.weight.data = w.to(original["weight"].dtype)
+    biased = [(p, scale) for pieces, scale in adapters for p in pieces if p.bias is not None]
+    if biased:  # lora_B biases (control LoRAs): into the layer's bias, summed in fp32
+        b = original["bias"].to(device, torch.float32, copy=True)
+        for p, scale in biased:
+            b[p.row : p.row + p.bias.shape[0]] += (p.scale * scale) * p.bias.to(device, torch.float32)
+        layer.bias.data = b.to(original["bias"].dtype)
+    elif "bias" in original:
+        layer.bias.data = original["bias"].to(device)
 
 
 def _check_scale(scale) -> float:

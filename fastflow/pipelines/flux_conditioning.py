@@ -24,10 +24,9 @@ import torch
 
 from ..errors import InputError
 from ..models.flux import pack_latents
+from . import masks
 from .images import load_image, to_tensor
 from .noise import check_generators, check_seeds
-
-MASK_MODES = ("1", "L", "P", "RGB", "RGBA", "LA")  # what diffusers' mask processor reads as grayscale
 
 
 def check_request(pipe, r) -> None:
@@ -78,33 +77,10 @@ def control_size(pipe, r) -> tuple[int, int]:
 
 
 def load_mask(mask, size: tuple[int, int]):
-    """The mask as a PIL image of ``size`` (the input image's (width, height)): a path, a PIL image
-    (mode in :data:`MASK_MODES`) or an HxW / HxWx1 / HxWx3 uint8 or bool array."""
-    from pathlib import Path
-
-    from PIL import Image, ImageOps
-
-    if isinstance(mask, (str, Path)):
-        if not Path(mask).is_file():
-            raise InputError(f"mask_image {mask} not found")
-        try:
-            mask = Image.open(mask)
-            mask.load()
-        except OSError as e:
-            raise InputError(f"{mask} is not an image Pillow can read ({e})") from None
-    elif isinstance(mask, np.ndarray):
-        if mask.dtype == np.bool_:
-            mask = mask.astype(np.uint8) * 255
-        if mask.ndim == 3 and mask.shape[-1] == 1:
-            mask = mask[..., 0]
-        if mask.dtype != np.uint8 or mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[-1] != 3):
-            raise InputError(f"mask arrays must be HxW (or HxWx3) uint8 or bool, got {mask.shape} {mask.dtype}")
-        mask = Image.fromarray(mask)
-    if not isinstance(mask, Image.Image):
-        raise InputError(f"mask_image must be a path, PIL image or uint8 array, got {type(mask).__name__}")
-    if mask.mode not in MASK_MODES:
-        raise InputError(f"mask_image mode {mask.mode!r} is not supported: pass one of {', '.join(MASK_MODES)}")
-    mask = ImageOps.exif_transpose(mask)
+    """The mask as a PIL image of ``size`` (the input image's (width, height)), read as inpainting
+    reads masks (:func:`.masks.load_mask`: a path, a PIL image or a uint8 / bool array, any mode
+    Pillow makes grayscale); Fill's own rule is the exact size."""
+    mask = masks.load_mask(mask)
     if mask.size != size:
         raise InputError(
             f"mask_image is {mask.size[0]}x{mask.size[1]} but image is {size[0]}x{size[1]}: "

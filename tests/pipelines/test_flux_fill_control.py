@@ -176,8 +176,8 @@ def test_missing_or_foreign_inputs_are_typed_errors(folders, load):
         fill("x", image=_image(), mask_image=_mask(), control_image=_image(), **kw)
     with pytest.raises(errors.InputError, match="of the image's size"):
         fill("x", image=_image(), mask_image=_mask(W + 4, H), **kw)
-    with pytest.raises(errors.InputError, match="mode"):
-        fill("x", image=_image(), mask_image=Image.new("F", (W, H)), **kw)
+    with pytest.raises(errors.InputError, match="mode"):  # masks.load_mask's refusal (PIL cannot make it gray)
+        fill("x", image=_image(), mask_image=Image.new("La", (W, H)), **kw)
     with pytest.raises(errors.InputError, match="needs control_image"):
         canny("x", **kw)
     with pytest.raises(errors.InputError, match="control_image= only"):
@@ -261,21 +261,6 @@ def test_official_single_files_are_recognised(folders, tmp_path):
     named = tmp_path / "meta.safetensors"
     save_file(states["canny"], str(named), metadata={"modelspec.title": "FLUX.1 Depth [dev]"})
     assert fastflow.load_transformer(named).config.name == "flux-tiny-depth"
-
-
-def test_control_lora_is_refused_with_a_clear_error(load, tmp_path):
-    """FLUX.1-Canny-dev-lora / Depth-dev-lora widen dev's img_in (x_embedder) to 128 inputs, as
-    diffusers' _maybe_expand_transformer_param_shape_or_error does: not supported, said so."""
-    from safetensors.torch import save_file
-
-    pipe = load("flux-tiny-dev")
-    lora = {
-        "transformer.x_embedder.lora_A.weight": torch.randn(4, 128),
-        "transformer.x_embedder.lora_B.weight": torch.randn(64, 4),
-    }
-    save_file(lora, str(tmp_path / "canny_lora.safetensors"))
-    with pytest.raises(errors.LoraError, match="Canny / Depth LoRA.*flux-canny-dev"):
-        pipe.load_lora(tmp_path / "canny_lora.safetensors")
 
 
 # cv2.Canny(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), 100, 200) of the image below, recorded once with
