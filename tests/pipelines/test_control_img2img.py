@@ -1,0 +1,156 @@
+"""ControlNets with image-to-image and inpainting: fastflow against diffusers'
+FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline on the tiny FLUX.1 dev folder and
+ControlNets of tests/pipelines/test_controlnet_flux.py (latents to 1e-5 relative, images to 1/255):
+the keep window over the steps strength leaves, strength's edge cases, several images / nets,
+padding_mask_crop; the refused combinations (typed errors before any work)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetModel,
+    FluxMultiControlNetModel,
+    FluxTransformer2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from fastflow.errors import InputError
+from fastflow.models.flux import unpack_latents
+
+from ..conftest import diffusers_flux_scheduler
+from . import test_controlnet_flux
+from .test_controlnet_flux import H, W, _gen, _image, _load, _rel
+
+folders = test_controlnet_flux.folders  # the tiny FLUX.1 dev folder and ControlNets (a module fixture)
+
+
+def _mask(h=H, w=W, box=(0.25, 0.2, 0.7, 0.8)):
+    a = np.zeros((h, w), np.uint8)
+    x1, y1, x2, y2 = box
+    a[int(y1 * h) : int(y2 * h), int(x1 * w) : int(x2 * w)] = 255
+    return Image.fromarray(a)
+
+
+def _flux_reference(folders, nets, cls):
+    loaded = [FluxControlNetModel.from_pretrained(folders[k]) for k in nets]
+    return cls(
+        scheduler=diffusers_flux_scheduler(dynamic=True),
+        vae=AutoencoderKL.from_pretrained(folders["flux"] / "vae"),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=FluxTransformer2DModel.from_pretrained(folders["flux"] / "transformer"),
+        controlnet=loaded[0] if len(loaded) == 1 else FluxMultiControlNetModel(loaded),
+    )  # fmt: skip
+
+
+FLUX_CASES = {
+    # 5 steps at strength 0.6 run 3: the window 0.34 .. 1 leaves out steps 0 and 1 of those 3
+    "img2img-window": dict(nets=("cn-a",), kw=dict(strength=0.6, control_guidance_start=0.34)),
+    "img2img-full-strength-two-images": dict(nets=("cn-a",), kw=dict(strength=1.0, control_guidance_end=0.5), n=2),
+    "img2img-one-step": dict(nets=("cn-a",), kw=dict(strength=0.2, controlnet_conditioning_scale=1.4)),
+    "img2img-two-nets": dict(
+        nets=("cn-a", "cn-union"),
+        kw=dict(
+            strength=0.8,
+            controlnet_conditioning_scale=[0.6, 1.1],
+            control_guidance_end=[0.5, 1.0],
+            control_mode=[None, 1],
+        ),  # fmt: skip
+    ),
+    "inpaint-window": dict(nets=("cn-a",), kw=dict(strength=0.8, control_guidance_end=0.6), mask=True),
+    "inpaint-union-two-images": dict(nets=("cn-union",), kw=dict(strength=1.0, control_mode=2), mask=True, n=2),
+}
+
+
+@pytest.mark.parametrize("case", list(FLUX_CASES))
+def test_flux_equals_diffusers(folders, case):
+    spec = FLUX_CASES[case]
+    nets, n = spec["nets"], spec.get("n", 1)
+    pipe = _load(folders["flux"], [folders[k] for k in nets] if len(nets) > 1 else folders[nets[0]])
+    txt, y = pipe.text_encoder(["a house"])
+    controls = [_image(i + 1) for i in range(len(nets))]
+    kw = dict(prompt_embeds=txt, pooled_prompt_embeds=y, num_inference_steps=5, guidance_scale=3.5, height=H,
+              width=W, num_images_per_prompt=n, control_image=controls if len(nets) > 1 else controls[0],
+              image=_image(9), **spec["kw"])  # fmt: skip
+    cls = FluxControlNetImg2ImgPipeline
+    if spec.get("mask"):
+        kw.update(mask_image=_mask(), image=_image(9).resize((W, H)))  # a mask of the image's aspect
+        cls = FluxControlNetInpaintPipeline
+    gens = lambda: _gen(5)  # noqa: E731 (one generator: diffusers draws a list's image sample from its first only)
+    ours = pipe(generator=gens(), output_type="latent", **kw)
+    ref = _flux_reference(folders, nets, cls)
+    theirs = ref(generator=gens(), output_type="latent", **kw).images
+    assert ours.images.shape[0] == n
+    assert _rel(ours.images, unpack_latents(theirs, H // 2, W // 2)) <= 1e-5
+    assert ours.settings["strength"] == spec["kw"]["strength"] and ours.settings["controlnet"]
+    if case in ("img2img-two-nets", "inpaint-window"):  # the decoded images too
+        ours_img = np.asarray(pipe(generator=gens(), output_type="np", **kw).images)
+        theirs_img = np.asarray(ref(generator=gens(), output_type="np", **kw).images)
+        assert np.abs((ours_img * 255).round() - (theirs_img * 255).round()).max() <= 1
+
+
+def test_flux_window_counts_the_steps_that_run(folders):
+    """The keep window is over the shortened schedule: at strength 0.6 of 5 steps (3 run), a start of
+    0.34 drops the first two steps that run, which differs from keeping the net at every step and
+    from dropping one step."""
+    pipe = _load(folders["flux"], folders["cn-a"])
+    kw = dict(height=H, width=W, num_inference_steps=5, strength=0.6, image=_image(9), control_image=_image(1),
+              output_type="latent", guidance_scale=3.5)  # fmt: skip
+    runs = {s: pipe("a house", generator=_gen(2), control_guidance_start=s, **kw).images for s in (0.0, 0.3, 0.34, 0.6)}
+    assert not torch.equal(runs[0.0], runs[0.3]) and not torch.equal(runs[0.3], runs[0.34])
+    assert torch.equal(runs[0.34], runs[0.6])  # 0.34 and 0.6 both leave only the last of the 3 steps
+
+
+def test_flux_seeds_and_scale_zero(folders):
+    """seed= gives each image its own generator (control sample, image sample, noise); an image
+    depends on its seed alone. A scale of 0 runs no net: it equals the window that drops every step."""
+    pipe = _load(folders["flux"], folders["cn-a"])
+    kw = dict(height=H, width=W, num_inference_steps=3, image=_image(9).resize((W, H)), control_image=_image(1),
+              mask_image=_mask(), output_type="latent", strength=0.9)  # fmt: skip
+    two = pipe("a house", seed=[4, 8], num_images_per_prompt=2, **kw)
+    one = pipe("a house", seed=8, **kw)
+    assert two.seeds == [4, 8]
+    torch.testing.assert_close(two.images[1:], one.images, rtol=1e-5, atol=1e-6)
+    zero = pipe("a house", seed=8, controlnet_conditioning_scale=0.0, **kw).images
+    late = pipe("a house", seed=8, control_guidance_start=0.99, **kw).images  # no step reaches 0.99
+    assert torch.equal(zero, late) and not torch.equal(zero, one.images)
+
+
+def test_flux_padding_mask_crop(folders):
+    """The init image and mask are cropped, the control image is not (resized whole, as diffusers);
+    fastflow pastes the result back into the image (diffusers' FluxControlNetInpaintPipeline returns
+    the crop's image: compared after diffusers' own apply_overlay)."""
+    pipe = _load(folders["flux"], folders["cn-a"])
+    image, mask = _image(9, 48, 80).resize((80, 48)), _mask(48, 80, box=(0.5, 0.1, 0.7, 0.4))
+    txt, y = pipe.text_encoder(["a house"])
+    kw = dict(prompt_embeds=txt, pooled_prompt_embeds=y, num_inference_steps=4, guidance_scale=3.5, height=H,
+              width=W, image=image, mask_image=mask, strength=0.8, padding_mask_crop=4,
+              control_image=_image(1))  # fmt: skip
+    ours = pipe(generator=_gen(1), **kw).images[0]
+    theirs = _flux_reference(folders, ("cn-a",), FluxControlNetInpaintPipeline)(generator=_gen(1), **kw).images[0]
+    processor = VaeImageProcessor(vae_scale_factor=2)
+    crop = processor.get_crop_region(mask, W, H, pad=4)
+    theirs = processor.apply_overlay(mask, image, theirs, crop)
+    assert ours.size == image.size
+    a, b = np.asarray(ours).astype(int), np.asarray(theirs).astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_flux_bad_requests_are_typed_errors_before_work(folders, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("work started")
+
+    pipe = _load(folders["flux"], folders["cn-a"])
+    monkeypatch.setattr(pipe, "prepare_text", no_work)
+    kw = dict(height=H, width=W, num_inference_steps=2, image=_image(9))
+    with pytest.raises(InputError, match="output size"):  # a tensor control image is not resized
+        pipe("a cat", control_image=torch.rand(3, H, W + 4), **kw)
+    with pytest.raises(InputError, match="strength must be a number in"):
+        pipe("a cat", control_image=_image(1), mask_image=_mask(), strength=0.0, **kw)
+    with pytest.raises(InputError, match="mask_image needs image"):
+        pipe("a cat", control_image=_image(1), mask_image=_mask(), height=H, width=W)
+    with pytest.raises(InputError, match="pass control_image"):
+        pipe("a cat", **kw)
