@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
-from . import masks
+from . import control_image, masks
 from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .control import check_control
@@ -132,6 +132,7 @@ class SDXLPipeline(BasePipeline):
             if sampler == "dpmpp_2m":
                 raise InputError("SDXL inpainting runs the euler or euler_ancestral sampler, not dpmpp_2m")
         control = check_control(self, r, "sdxl")
+        control_image.check_sdxl(control, r)  # ControlNets with inpainting (pipelines/control_image.py)
         default_size = self.image_size(r) if r.mask_image is not None else control.size or self.default_size
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, MAX_SIDE)
         control.check_size(height, width)
@@ -145,6 +146,7 @@ class SDXLPipeline(BasePipeline):
                 f"(context {cfg.context_dim}, pooled {cfg.pooled_dim})"
             )
         ids = self._time_ids(r, height, width, n, negative=False)
+        control_image.crop_sdxl(control, r, height, width)
         control.prepare(self, n, height, width, latents=False)
         spacing = self.timestep_spacing
         if sampler == "dpmpp_2m":
@@ -167,16 +169,15 @@ class SDXLPipeline(BasePipeline):
 
         def velocity(x, step):  # the predicted noise eps = dx / dsigma
             t = timesteps[step.index].expand(n)
-            x_in = x / model_input_scale(step.sigma)
+            x_in = x_net = x / model_input_scale(step.sigma)  # ControlNets see the latent channels only
             if inpaint is not None and inpaint.masked is not None:  # an inpainting UNet's extra channels
                 x_in = torch.cat((x_in, inpaint.masked), 1)
             if not do_cfg:
                 return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids,
-                                    **control.residuals(step, x_in, t, ctx, pooled, ids))  # fmt: skip
+                                    **control.residuals(step, x_net, t, ctx, pooled, ids))  # fmt: skip
             x2, t2 = torch.cat((x_in, x_in)), torch.cat((t, t))
-            uncond, cond = self.predict(
-                step.with_branch("cfg"), x2, t2, *both, **control.residuals(step, x2, t2, *both)
-            ).chunk(2)
+            nets = control.residuals(step, torch.cat((x_net, x_net)), t2, *both) if control.nets else {}
+            uncond, cond = self.predict(step.with_branch("cfg"), x2, t2, *both, **nets).chunk(2)
             return cfg_combine(cond, uncond, guidance)
 
         solver = None

@@ -1,28 +1,37 @@
 """ControlNets with image-to-image and inpainting: fastflow against diffusers'
 FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline on the tiny FLUX.1 dev folder and
-ControlNets of tests/pipelines/test_controlnet_flux.py (latents to 1e-5 relative, images to 1/255):
+ControlNets of tests/pipelines/test_controlnet_flux.py, StableDiffusionXLControlNetInpaintPipeline
+(4- and 9-channel UNets) on test_controlnet.py's (latents to 1e-5 relative, images to 1/255):
 the keep window over the steps strength leaves, strength's edge cases, several images / nets,
 padding_mask_crop; the refused combinations (typed errors before any work)."""
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     FluxControlNetImg2ImgPipeline,
     FluxControlNetInpaintPipeline,
     FluxControlNetModel,
     FluxMultiControlNetModel,
     FluxTransformer2DModel,
+    StableDiffusionXLControlNetInpaintPipeline,
+    UNet2DConditionModel,
 )
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from fastflow.errors import InputError
+from fastflow.models import configs
 from fastflow.models.flux import unpack_latents
+from fastflow.pipelines import masks
 
-from ..conftest import diffusers_flux_scheduler
-from . import test_controlnet_flux
+from ..conftest import diffusers_flux_scheduler, diffusers_sdxl_scheduler, tiny_diffusers_unet, tiny_pipeline_folder
+from . import test_controlnet, test_controlnet_flux
 from .test_controlnet_flux import H, W, _gen, _image, _load, _rel
 
 folders = test_controlnet_flux.folders  # the tiny FLUX.1 dev folder and ControlNets (a module fixture)
@@ -154,3 +163,132 @@ def test_flux_bad_requests_are_typed_errors_before_work(folders, monkeypatch):
         pipe("a cat", control_image=_image(1), mask_image=_mask(), height=H, width=W)
     with pytest.raises(InputError, match="pass control_image"):
         pipe("a cat", **kw)
+
+
+# SDXL: StableDiffusionXLControlNetInpaintPipeline, 4- and 9-channel UNets
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """test_controlnet.py's tiny SDXL folder and ControlNets, and that folder with a 9-channel
+    inpainting UNet (its ControlNets read the 4 latent channels, as diffusers feeds them)."""
+    root = tmp_path_factory.mktemp("sdxl-cn")
+    out = {v: tiny_pipeline_folder(root / v, v) for v in ("sdxl-tiny", "sd3.5-tiny-medium")}
+    test_controlnet.sdxl_controlnet(out["sdxl-tiny"], 10).save_pretrained(root / "cn-sdxl-a")
+    net = test_controlnet.sdxl_controlnet(out["sdxl-tiny"], 11, controlnet_conditioning_channel_order="bgr")
+    net.save_pretrained(root / "cn-sdxl-b")
+    test_controlnet.sd3_controlnet(out["sd3.5-tiny-medium"], 12).save_pretrained(root / "cn-sd3-a")
+    out.update({k: root / k for k in ("cn-sdxl-a", "cn-sdxl-b", "cn-sd3-a")})
+    nine = tmp_path_factory.mktemp("sdxl-cn-inpaint") / "sdxl-tiny-inpainting"
+    shutil.copytree(out["sdxl-tiny"], nine)
+    shutil.rmtree(nine / "unet")
+    tiny_diffusers_unet("sdxl-tiny", seed=7, in_channels=9, out_channels=4).save_pretrained(nine / "unet")
+    return {**out, "sdxl-9": nine}
+
+
+def _sdxl_reference(folder, nets, ancestral=False):
+    pipe = StableDiffusionXLControlNetInpaintPipeline(
+        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        controlnet=[ControlNetModel.from_pretrained(n) for n in nets] if len(nets) > 1 else
+        ControlNetModel.from_pretrained(nets[0]),
+        scheduler=diffusers_sdxl_scheduler(configs.from_name("sdxl-tiny"), ancestral),
+        add_watermarker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SH, SW = test_controlnet.H, test_controlnet.W
+
+SDXL_CASES = {
+    # 6 steps at strength 0.75 run 4 ("leading" spacing): the window 0.3 .. 0.8 keeps steps 2 and 3 of those
+    "4ch-window": dict(
+        unet="sdxl-tiny",
+        nets=("cn-sdxl-a",),
+        kw=dict(strength=0.75, control_guidance_start=0.3, control_guidance_end=0.8, controlnet_conditioning_scale=1.2),
+    ),  # fmt: skip
+    "4ch-ancestral-two-nets": dict(
+        unet="sdxl-tiny",
+        nets=("cn-sdxl-a", "cn-sdxl-b"),
+        sampler="euler_ancestral",
+        kw=dict(controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.25]),
+    ),  # fmt: skip
+    "9ch-full-strength": dict(unet="sdxl-9", nets=("cn-sdxl-a",), kw=dict(strength=1.0, control_guidance_end=0.6)),
+    "9ch-strength": dict(unet="sdxl-9", nets=("cn-sdxl-b",), kw=dict(strength=0.6)),
+}
+
+
+@pytest.mark.parametrize("case", list(SDXL_CASES))
+def test_sdxl_inpaint_equals_diffusers(sdxl, case):
+    spec = SDXL_CASES[case]
+    nets = [sdxl[k] for k in spec["nets"]]
+    pipe = test_controlnet._load(sdxl[spec["unet"]], nets if len(nets) > 1 else nets[0])
+    ref = _sdxl_reference(sdxl[spec["unet"]], nets, ancestral=spec.get("sampler") == "euler_ancestral")
+    controls = [test_controlnet._image(i, SH, SW) for i in range(len(nets))]
+    kw = dict(height=SH, width=SW, num_inference_steps=6, guidance_scale=5.0, image=_image(9, SH, SW),
+              mask_image=_mask(SH + 5, SW + 3), control_image=controls if len(nets) > 1 else controls[0],
+              **spec["kw"])  # fmt: skip
+    prompts = ["a handwritten seven", "the number nine"]
+    sampler = spec.get("sampler", "euler")
+    ours = pipe(prompts, generator=_gen(3), sampler=sampler, output_type="latent", **kw)
+    theirs = ref(prompts, generator=_gen(3), output_type="latent", **kw).images
+    assert _rel(ours.images, theirs) <= 1e-5
+    assert ours.settings["inpaint"] and ours.settings["controlnet"]
+    ours_img = pipe(prompts, generator=_gen(3), sampler=sampler, output_type="np", **kw).images
+    theirs_img = ref(prompts, generator=_gen(3), output_type="np", **kw).images
+    assert np.abs((np.asarray(ours_img) * 255).round() - (np.asarray(theirs_img) * 255).round()).max() <= 1
+
+
+def test_sdxl_padding_mask_crop_crops_the_control_image(sdxl):
+    """The control image is cropped with the mask's box and fill-resized, as the init image; the
+    result is pasted back (diffusers' apply_overlay)."""
+    pipe = test_controlnet._load(sdxl["sdxl-tiny"], sdxl["cn-sdxl-a"])
+    ref = _sdxl_reference(sdxl["sdxl-tiny"], [sdxl["cn-sdxl-a"]])
+    image, mask = _image(9, 48, 80).resize((80, 48)), _mask(48, 80, box=(0.5, 0.1, 0.7, 0.4))
+    control = test_controlnet._image(1, 48, 80).resize((80, 48))
+    kw = dict(height=SH, width=SW, num_inference_steps=4, guidance_scale=5.0, image=image, mask_image=mask,
+              strength=0.8, padding_mask_crop=4, control_image=control)  # fmt: skip
+    ours = pipe("a house", generator=_gen(1), **kw).images[0]
+    theirs = ref("a house", generator=_gen(1), **kw).images[0]
+    assert ours.size == image.size
+    assert np.abs(np.asarray(ours).astype(int) - np.asarray(theirs).astype(int)).max() <= 1
+    x1, y1, x2, y2 = masks.crop_region(mask, SW, SH, 4)
+    outside = np.asarray(control).copy()
+    outside[:, :x1], outside[:, x2:], outside[:y1], outside[y2:] = 0, 255, 0, 255  # changed outside the box only
+    same = pipe("a house", generator=_gen(1), **{**kw, "control_image": Image.fromarray(outside)}).images[0]
+    assert np.array_equal(np.asarray(same), np.asarray(ours))  # the net sees the crop only
+
+
+def test_sdxl_bad_requests_are_typed_errors_before_work(sdxl, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("work started")
+
+    pipe = test_controlnet._load(sdxl["sdxl-tiny"], sdxl["cn-sdxl-a"])
+    monkeypatch.setattr(pipe, "prepare_text", no_work)
+    image, mask, control = _image(9, SH, SW).resize((SW, SH)), _mask(SH, SW), _image(1, SH, SW).resize((SW, SH))
+    kw = dict(num_inference_steps=2, image=image, mask_image=mask)
+    with pytest.raises(InputError, match="control image of the image's size"):
+        pipe("a cat", control_image=control.resize((SW * 2, SH)), **kw)
+    with pytest.raises(InputError, match="control image of the image's size"):
+        pipe("a cat", control_image=control.resize((SW * 2, SH)), padding_mask_crop=2, height=SH, width=SW, **kw)
+    with pytest.raises(InputError, match="not a tensor"):
+        pipe("a cat", control_image=torch.rand(3, SH, SW), padding_mask_crop=2, **kw)
+    with pytest.raises(InputError, match="image-to-image"):
+        pipe("a cat", control_image=control, image=image, num_inference_steps=2)  # no mask: refused
+    with pytest.raises(InputError, match="strength"):
+        pipe("a cat", control_image=control, strength=1.5, **kw)
+    sd3 = test_controlnet._load(sdxl["sd3.5-tiny-medium"], sdxl["cn-sd3-a"])
+    monkeypatch.setattr(sd3, "prepare_text", no_work)
+    with pytest.raises(InputError, match="image-to-image / inpainting with a ControlNet is not supported for sd3"):
+        sd3("a cat", control_image=control, num_inference_steps=2, image=image.resize((32, 24)),
+            mask_image=mask.resize((32, 24)))  # fmt: skip
+    # height / width given, no crop: both images are resized to the output (as diffusers)
+    monkeypatch.undo()
+    out = pipe("a cat", control_image=control.resize((SW * 2, SH)), height=SH, width=SW, seed=0,
+               output_type="latent", **kw)  # fmt: skip
+    assert out.images.shape[-2:] == (SH // 2, SW // 2)
