@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..models.flux import pack_latents
 from . import masks
-from .images import to_tensor
+from .images import load_image, to_tensor
 
 
 def flux_start(pipe, control, r, n: int, height: int, width: int, sigmas: torch.Tensor):
@@ -47,24 +47,37 @@ def flux_start(pipe, control, r, n: int, height: int, width: int, sigmas: torch.
     return x, sigmas, seeds, inpaint
 
 
-def check_sdxl(control, r) -> None:
-    """SDXL inpainting with ControlNets (StableDiffusionXLControlNetInpaintPipeline), before any
-    work: diffusers preprocesses the control image at its own size unless height and width are
-    given, and crops it with the mask's box under ``padding_mask_crop``, so a control image (PIL)
-    must then have the init image's size; a tensor control image cannot be cropped."""
-    if not control.nets or r.mask_image is None:
+def check_sdxl(control, r, sampler: str) -> None:
+    """SDXL image-to-image and inpainting with ControlNets (StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline), before any work: diffusers preprocesses the control
+    image at its own size unless height and width are given, and crops it with the mask's box under
+    ``padding_mask_crop``, so a control image (PIL) must then have the init image's size; a tensor
+    control image cannot be cropped. Image-to-image: strength (default 0.8, diffusers') in (0, 1],
+    the euler or euler_ancestral sampler. Reads ``r.image``."""
+    if not control.nets:
         return
+    if r.image is None:
+        if r.strength is not None:
+            raise InputError("strength needs an input image (image=)")
+        return
+    if r.mask_image is None:
+        r.image = load_image(r.image)
+        r.strength = 0.8 if r.strength is None else r.strength
+        masks.start_steps(r.strength, 1)  # its range
+        if sampler == "dpmpp_2m":
+            raise InputError("SDXL image-to-image runs the euler or euler_ancestral sampler, not dpmpp_2m")
+    crop = r.mask_image is not None and r.padding_mask_crop is not None
     for image in control.images:
         if isinstance(image, torch.Tensor):
-            if r.padding_mask_crop is not None:
+            if crop:
                 raise InputError("padding_mask_crop crops the control image too: pass control_image as a PIL "
                                  "image or path, not a tensor")  # fmt: skip
             continue
-        if (r.padding_mask_crop is not None or r.height is None or r.width is None) and image.size != r.image.size:
+        if (crop or r.height is None or r.width is None) and image.size != r.image.size:
             (cw, ch), (iw, ih) = image.size, r.image.size
-            raise InputError(f"control_image is {cw}x{ch}, the image {iw}x{ih}: SDXL inpainting with a ControlNet "
-                             "needs a control image of the image's size (or height= and width=, without "
-                             "padding_mask_crop)")  # fmt: skip
+            raise InputError(f"control_image is {cw}x{ch}, the image {iw}x{ih}: SDXL image-to-image / inpainting "
+                             "with a ControlNet needs a control image of the image's size (or height= and "
+                             "width=, without padding_mask_crop)")  # fmt: skip
 
 
 def crop_sdxl(control, r, height: int, width: int) -> None:
@@ -74,3 +87,18 @@ def crop_sdxl(control, r, height: int, width: int) -> None:
         return
     box = masks.crop_region(r.mask_image, width, height, r.padding_mask_crop)
     control.images = [masks._resize(image.crop(box), width, height, "fill") for image in control.images]
+
+
+def sdxl_image_start(pipe, r, n: int, height: int, width: int, sigmas, timesteps):
+    """SDXL image-to-image with ControlNets: (start state, sigmas, timesteps still to run). The first
+    step is diffusers' ``steps - min(int(steps * strength), steps)``; the image's posterior sample
+    and then the noise come from ``r.generator`` (a generator, or one per image); the start is the
+    image latent noised to that step's sigma (EulerDiscreteScheduler.add_noise, also at strength 1).
+    ``latents`` replaces the noise (fastflow's image-to-image convention)."""
+    t_start = masks.start_steps(r.strength, len(sigmas) - 1, discrete=True)
+    latent = masks._draw(pipe, to_tensor(r.image, width, height), r.generator).expand(n, -1, -1, -1)
+    f = pipe.vae.downscale
+    shape = (pipe.vae.config.z_channels, height // f, width // f)
+    noise, _ = pipe.initial_noise(n, shape, None, r.generator, r.latents)
+    x = masks.discrete_noised(latent, noise, float(sigmas[t_start]))
+    return x, sigmas[t_start:], timesteps[t_start:]

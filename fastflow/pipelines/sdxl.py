@@ -13,7 +13,7 @@ from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral
 from . import control_image, masks
 from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
-from .control import check_control
+from .control import check_control, controlnets_of
 from .noise import check_seeds
 from .outputs import PipelineOutput
 from .settings import resolve_size
@@ -108,7 +108,7 @@ class SDXLPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         cfg = self.config
         z = self.vae.config.z_channels
-        if r.mask_image is None and (r.image is not None or r.strength is not None):
+        if r.mask_image is None and (r.image is not None or r.strength is not None) and not controlnets_of(self):
             raise InputError("image-to-image is not implemented for SDXL yet: generate from text (or inpaint)")
         if r.mask_image is None and cfg.in_channels != z:
             raise InputError(
@@ -132,8 +132,8 @@ class SDXLPipeline(BasePipeline):
             if sampler == "dpmpp_2m":
                 raise InputError("SDXL inpainting runs the euler or euler_ancestral sampler, not dpmpp_2m")
         control = check_control(self, r, "sdxl")
-        control_image.check_sdxl(control, r)  # ControlNets with inpainting (pipelines/control_image.py)
-        default_size = self.image_size(r) if r.mask_image is not None else control.size or self.default_size
+        control_image.check_sdxl(control, r, sampler)  # ControlNets with img2img / inpainting (control_image.py)
+        default_size = self.image_size(r) if r.image is not None else control.size or self.default_size
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, MAX_SIDE)
         control.check_size(height, width)
         with timer.stage("encode_prompt"):
@@ -157,9 +157,12 @@ class SDXLPipeline(BasePipeline):
             start = init_noise_sigma(sigmas, spacing)
         gens, seeds = self._generators(r, n)
         shape = (self.vae.config.z_channels, height // f, width // f)
-        if r.mask_image is None:
+        if r.image is None:
             noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
             noise = noise * start
+        elif r.mask_image is None:  # image-to-image with ControlNets
+            r.generator, r.seed = gens, seeds
+            noise, sigmas, timesteps = control_image.sdxl_image_start(self, r, n, height, width, sigmas, timesteps)
         else:
             r.generator, r.seed = gens, seeds
             noise, sigmas, timesteps, _, inpaint = masks.sdxl_start(self, r, n, height, width, sigmas, timesteps, start)
@@ -198,5 +201,7 @@ class SDXLPipeline(BasePipeline):
         settings["target_size"] = list(ids[0, 4:].int().tolist())
         if control.nets:
             settings["controlnet"] = control.settings()
+        if r.image is not None:
+            settings["strength"] = r.strength
         plan = Plan(noise, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)
         return masks.attach(plan, inpaint, r)

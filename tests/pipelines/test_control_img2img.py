@@ -18,6 +18,7 @@ from diffusers import (
     FluxControlNetModel,
     FluxMultiControlNetModel,
     FluxTransformer2DModel,
+    StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     UNet2DConditionModel,
 )
@@ -165,7 +166,8 @@ def test_flux_bad_requests_are_typed_errors_before_work(folders, monkeypatch):
         pipe("a cat", **kw)
 
 
-# SDXL: StableDiffusionXLControlNetInpaintPipeline, 4- and 9-channel UNets
+# SDXL: StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetInpaintPipeline (4- and
+# 9-channel UNets)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +188,8 @@ def sdxl(tmp_path_factory):
     return {**out, "sdxl-9": nine}
 
 
-def _sdxl_reference(folder, nets, ancestral=False):
-    pipe = StableDiffusionXLControlNetInpaintPipeline(
+def _sdxl_reference(folder, nets, ancestral=False, cls=StableDiffusionXLControlNetInpaintPipeline):
+    pipe = cls(
         vae=AutoencoderKL.from_pretrained(folder / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
@@ -244,6 +246,51 @@ def test_sdxl_inpaint_equals_diffusers(sdxl, case):
     assert np.abs((np.asarray(ours_img) * 255).round() - (np.asarray(theirs_img) * 255).round()).max() <= 1
 
 
+# diffusers' SDXL ControlNet img2img pipeline defaults controlnet_conditioning_scale to 0.8 (its other
+# ControlNet pipelines, and fastflow everywhere, to 1.0): the cases give it
+SDXL_IMG2IMG_CASES = {
+    # 6 steps at strength 0.75 run 4 of them; the window 0.3 .. 0.8 keeps steps 2 and 3 of those
+    "window-generator-list": dict(
+        nets=("cn-sdxl-a",),
+        gens=True,
+        kw=dict(strength=0.75, control_guidance_start=0.3, control_guidance_end=0.8, controlnet_conditioning_scale=1.0),
+    ),
+    "default-strength-ancestral-two-nets": dict(
+        nets=("cn-sdxl-a", "cn-sdxl-b"), sampler="euler_ancestral", kw=dict(controlnet_conditioning_scale=[0.7, 1.2])
+    ),
+    "full-strength-own-size": dict(
+        nets=("cn-sdxl-b",), kw=dict(strength=1.0, controlnet_conditioning_scale=0.8), own_size=True
+    ),
+    "one-step": dict(nets=("cn-sdxl-a",), kw=dict(strength=0.2, guidance_scale=1.0, controlnet_conditioning_scale=1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SDXL_IMG2IMG_CASES))
+def test_sdxl_img2img_equals_diffusers(sdxl, case):
+    spec = SDXL_IMG2IMG_CASES[case]
+    nets = [sdxl[k] for k in spec["nets"]]
+    pipe = test_controlnet._load(sdxl["sdxl-tiny"], nets if len(nets) > 1 else nets[0])
+    ancestral = spec.get("sampler") == "euler_ancestral"
+    ref = _sdxl_reference(sdxl["sdxl-tiny"], nets, ancestral, StableDiffusionXLControlNetImg2ImgPipeline)
+    controls = [test_controlnet._image(i, SH, SW) for i in range(len(nets))]
+    image = _image(9, SH, SW)
+    kw = dict(height=SH, width=SW)
+    if spec.get("own_size"):  # no height / width: both images at their (equal) own size
+        image, controls, kw = image.resize((SW, SH)), [c.resize((SW, SH)) for c in controls], {}
+    kw.update({"num_inference_steps": 6, "guidance_scale": 5.0, "image": image, **spec["kw"]})
+    control = controls if len(nets) > 1 else controls[0]
+    prompts = ["a handwritten seven", "the number nine"]
+    gens = (lambda: [_gen(3), _gen(4)]) if spec.get("gens") else (lambda: _gen(3))  # noqa: E731
+    sampler = spec.get("sampler", "euler")
+    ours = pipe(prompts, control_image=control, generator=gens(), sampler=sampler, output_type="latent", **kw)
+    theirs = ref(prompts, control_image=control, generator=gens(), output_type="latent", **kw).images
+    assert _rel(ours.images, theirs) <= 1e-5
+    assert ours.settings["strength"] == spec["kw"].get("strength", 0.8) and ours.settings["controlnet"]
+    ours_img = pipe(prompts, control_image=control, generator=gens(), sampler=sampler, output_type="np", **kw).images
+    theirs_img = ref(prompts, control_image=control, generator=gens(), output_type="np", **kw).images
+    assert np.abs((np.asarray(ours_img) * 255).round() - (np.asarray(theirs_img) * 255).round()).max() <= 1
+
+
 def test_sdxl_padding_mask_crop_crops_the_control_image(sdxl):
     """The control image is cropped with the mask's box and fill-resized, as the init image; the
     result is pasted back (diffusers' apply_overlay)."""
@@ -278,13 +325,19 @@ def test_sdxl_bad_requests_are_typed_errors_before_work(sdxl, monkeypatch):
         pipe("a cat", control_image=control.resize((SW * 2, SH)), padding_mask_crop=2, height=SH, width=SW, **kw)
     with pytest.raises(InputError, match="not a tensor"):
         pipe("a cat", control_image=torch.rand(3, SH, SW), padding_mask_crop=2, **kw)
-    with pytest.raises(InputError, match="image-to-image"):
-        pipe("a cat", control_image=control, image=image, num_inference_steps=2)  # no mask: refused
+    with pytest.raises(InputError, match="not dpmpp_2m"):
+        pipe("a cat", control_image=control, image=image, sampler="dpmpp_2m", num_inference_steps=2)
+    with pytest.raises(InputError, match="strength must be a number in"):
+        pipe("a cat", control_image=control, image=image, strength=0, num_inference_steps=2)
+    with pytest.raises(InputError, match="strength needs an input image"):
+        pipe("a cat", control_image=control, strength=0.5, num_inference_steps=2)
+    with pytest.raises(InputError, match="control image of the image's size"):
+        pipe("a cat", control_image=control.resize((SW, SH * 2)), image=image, num_inference_steps=2)
     with pytest.raises(InputError, match="strength"):
         pipe("a cat", control_image=control, strength=1.5, **kw)
     sd3 = test_controlnet._load(sdxl["sd3.5-tiny-medium"], sdxl["cn-sd3-a"])
     monkeypatch.setattr(sd3, "prepare_text", no_work)
-    with pytest.raises(InputError, match="image-to-image / inpainting with a ControlNet is not supported for sd3"):
+    with pytest.raises(InputError, match="image-to-image / inpainting with an SD3 ControlNet"):
         sd3("a cat", control_image=control, num_inference_steps=2, image=image.resize((32, 24)),
             mask_image=mask.resize((32, 24)))  # fmt: skip
     # height / width given, no crop: both images are resized to the output (as diffusers)
