@@ -94,7 +94,8 @@ class FluxPipeline(BasePipeline):
         diffusers' FluxFillPipeline; FLUX.1 Canny / Depth: ``control_image`` (the output size
         defaulting to its), as FluxControlPipeline (:mod:`.flux_conditioning`). With ControlNets
         (fastflow.load(..., controlnet=)): ``control_image`` (one per net), ``control_mode`` (union
-        nets) & co., as FluxControlNetPipeline (pipelines/control.py)."""
+        nets) & co., as FluxControlNetPipeline (pipelines/control.py); with ``image`` (and
+        ``mask_image``) as FluxControlNetImg2ImgPipeline / FluxControlNetInpaintPipeline."""
         return masks.generate(self, request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:

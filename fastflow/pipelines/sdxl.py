@@ -79,7 +79,9 @@ class SDXLPipeline(BasePipeline):
         StableDiffusionXLInpaintPipeline (``strength`` default 0.9999, ``padding_mask_crop``), with a
         4-channel UNet (the known region blended every step) or an inpainting UNet (9 channels).
         ``control_image`` & co.: ControlNets (pipelines/control.py, as diffusers'
-        StableDiffusionXLControlNetPipeline; the output size defaults to the control image's)."""
+        StableDiffusionXLControlNetPipeline; the output size defaults to the control image's), with
+        ``image`` (and ``mask_image``) as StableDiffusionXLControlNetImg2ImgPipeline (strength default
+        0.8) / StableDiffusionXLControlNetInpaintPipeline (pipelines/control_image.py)."""
         return masks.generate(self, request)
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
