@@ -206,7 +206,10 @@ def _width_checks(family: str, net, base) -> dict[str, tuple]:
         names = ("hidden_size", "in_channels", "context_in_dim", "vec_in_dim")
     else:
         names = ("hidden_size", "patch_size", "in_channels", "context_in_dim", "adm_in_dim")
-    return {n: (getattr(net, n), getattr(base, n)) for n in names if getattr(net, n) != getattr(base, n)}
+    out = {n: (getattr(net, n), getattr(base, n)) for n in names if getattr(net, n) != getattr(base, n)}
+    if family == "sdxl" and out.get("in_channels", (0, 0))[1] == 2 * net.in_channels + 1:
+        del out["in_channels"]  # an inpainting UNet's net reads the latent channels only (diffusers)
+    return out
 
 
 def check_family(path, family: str, base_config) -> None:

@@ -261,8 +261,9 @@ def check_control(pipe, r, family: str) -> Control:
     for s, e in zip(starts, ends, strict=True):
         if not 0.0 <= s < e <= 1.0:
             raise InputError(f"control_guidance_start {s} / end {e}: need 0 <= start < end <= 1")
-    if getattr(r, "image", None) is not None or getattr(r, "strength", None) is not None:
-        raise InputError("image-to-image with a ControlNet is not supported yet: pass control_image alone")
+    if family == "sd3" and (getattr(r, "image", None) is not None or getattr(r, "strength", None) is not None):
+        raise InputError("image-to-image / inpainting with an SD3 ControlNet is not supported yet (FLUX and SDXL "
+                         "only): pass control_image alone")  # fmt: skip
     if getattr(r, "skip_guidance_layers", None):
         raise InputError("skip-layer guidance with a ControlNet is not supported (diffusers' ControlNet pipeline "
                          "has none): leave skip_guidance_layers unset")  # fmt: skip

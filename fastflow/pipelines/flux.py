@@ -10,8 +10,8 @@ from ..errors import InputError, MissingComponentError, check_scale
 from ..models.flux import make_img_ids, pack_latents, unpack_latents
 from ..samplers import cfg as cfg_combine
 from ..samplers import flux_schedule
+from . import control_image, masks
 from . import flux_conditioning as conditioned
-from . import masks
 from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .control import check_control
@@ -94,7 +94,8 @@ class FluxPipeline(BasePipeline):
         diffusers' FluxFillPipeline; FLUX.1 Canny / Depth: ``control_image`` (the output size
         defaulting to its), as FluxControlPipeline (:mod:`.flux_conditioning`). With ControlNets
         (fastflow.load(..., controlnet=)): ``control_image`` (one per net), ``control_mode`` (union
-        nets) & co., as FluxControlNetPipeline (pipelines/control.py)."""
+        nets) & co., as FluxControlNetPipeline (pipelines/control.py); with ``image`` (and
+        ``mask_image``) as FluxControlNetImg2ImgPipeline / FluxControlNetInpaintPipeline."""
         return masks.generate(self, request)
 
     def _guidance(self, guidance_scale, true_cfg_scale, negative_prompt) -> tuple[float | None, float]:
@@ -166,6 +167,8 @@ class FluxPipeline(BasePipeline):
                     fill_seeds = conditioned.fill_generators(r, n)
                     noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
                     extra, seeds = conditioned.fill_condition(self, r, n, height, width), fill_seeds or seeds
+                elif control.nets:  # ControlNet img2img / inpainting (pipelines/control_image.py)
+                    noise, sigmas, seeds, inpaint = control_image.flux_start(self, control, r, n, height, width, sigmas)
                 elif r.mask_image is None:
                     noise, sigmas, seeds = self.image_start(r, n, height, width, sigmas)
                 else:  # inpainting (dev / schnell)

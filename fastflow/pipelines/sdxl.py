@@ -10,10 +10,10 @@ import torch
 from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
-from . import masks
+from . import control_image, masks
 from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
 from .base import BasePipeline
-from .control import check_control
+from .control import check_control, controlnets_of
 from .noise import check_seeds
 from .outputs import PipelineOutput
 from .settings import resolve_size
@@ -79,7 +79,9 @@ class SDXLPipeline(BasePipeline):
         StableDiffusionXLInpaintPipeline (``strength`` default 0.9999, ``padding_mask_crop``), with a
         4-channel UNet (the known region blended every step) or an inpainting UNet (9 channels).
         ``control_image`` & co.: ControlNets (pipelines/control.py, as diffusers'
-        StableDiffusionXLControlNetPipeline; the output size defaults to the control image's)."""
+        StableDiffusionXLControlNetPipeline; the output size defaults to the control image's), with
+        ``image`` (and ``mask_image``) as StableDiffusionXLControlNetImg2ImgPipeline (strength default
+        0.8) / StableDiffusionXLControlNetInpaintPipeline (pipelines/control_image.py)."""
         return masks.generate(self, request)
 
     def _time_ids(self, r, height: int, width: int, n: int, negative: bool) -> torch.Tensor:
@@ -108,7 +110,7 @@ class SDXLPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         cfg = self.config
         z = self.vae.config.z_channels
-        if r.mask_image is None and (r.image is not None or r.strength is not None):
+        if r.mask_image is None and (r.image is not None or r.strength is not None) and not controlnets_of(self):
             raise InputError("image-to-image is not implemented for SDXL yet: generate from text (or inpaint)")
         if r.mask_image is None and cfg.in_channels != z:
             raise InputError(
@@ -132,7 +134,8 @@ class SDXLPipeline(BasePipeline):
             if sampler == "dpmpp_2m":
                 raise InputError("SDXL inpainting runs the euler or euler_ancestral sampler, not dpmpp_2m")
         control = check_control(self, r, "sdxl")
-        default_size = self.image_size(r) if r.mask_image is not None else control.size or self.default_size
+        control_image.check_sdxl(control, r, sampler)  # ControlNets with img2img / inpainting (control_image.py)
+        default_size = self.image_size(r) if r.image is not None else control.size or self.default_size
         height, width = resolve_size(r.height, r.width, default_size, self.multiple, MAX_SIDE)
         control.check_size(height, width)
         with timer.stage("encode_prompt"):
@@ -145,6 +148,7 @@ class SDXLPipeline(BasePipeline):
                 f"(context {cfg.context_dim}, pooled {cfg.pooled_dim})"
             )
         ids = self._time_ids(r, height, width, n, negative=False)
+        control_image.crop_sdxl(control, r, height, width)
         control.prepare(self, n, height, width, latents=False)
         spacing = self.timestep_spacing
         if sampler == "dpmpp_2m":
@@ -155,9 +159,12 @@ class SDXLPipeline(BasePipeline):
             start = init_noise_sigma(sigmas, spacing)
         gens, seeds = self._generators(r, n)
         shape = (self.vae.config.z_channels, height // f, width // f)
-        if r.mask_image is None:
+        if r.image is None:
             noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
             noise = noise * start
+        elif r.mask_image is None:  # image-to-image with ControlNets
+            r.generator, r.seed = gens, seeds
+            noise, sigmas, timesteps = control_image.sdxl_image_start(self, r, n, height, width, sigmas, timesteps)
         else:
             r.generator, r.seed = gens, seeds
             noise, sigmas, timesteps, _, inpaint = masks.sdxl_start(self, r, n, height, width, sigmas, timesteps, start)
@@ -167,16 +174,15 @@ class SDXLPipeline(BasePipeline):
 
         def velocity(x, step):  # the predicted noise eps = dx / dsigma
             t = timesteps[step.index].expand(n)
-            x_in = x / model_input_scale(step.sigma)
+            x_in = x_net = x / model_input_scale(step.sigma)  # ControlNets see the latent channels only
             if inpaint is not None and inpaint.masked is not None:  # an inpainting UNet's extra channels
                 x_in = torch.cat((x_in, inpaint.masked), 1)
             if not do_cfg:
                 return self.predict(step.with_branch("cond"), x_in, t, ctx, pooled, ids,
-                                    **control.residuals(step, x_in, t, ctx, pooled, ids))  # fmt: skip
+                                    **control.residuals(step, x_net, t, ctx, pooled, ids))  # fmt: skip
             x2, t2 = torch.cat((x_in, x_in)), torch.cat((t, t))
-            uncond, cond = self.predict(
-                step.with_branch("cfg"), x2, t2, *both, **control.residuals(step, x2, t2, *both)
-            ).chunk(2)
+            nets = control.residuals(step, torch.cat((x_net, x_net)), t2, *both) if control.nets else {}
+            uncond, cond = self.predict(step.with_branch("cfg"), x2, t2, *both, **nets).chunk(2)
             return cfg_combine(cond, uncond, guidance)
 
         solver = None
@@ -197,5 +203,7 @@ class SDXLPipeline(BasePipeline):
         settings["target_size"] = list(ids[0, 4:].int().tolist())
         if control.nets:
             settings["controlnet"] = control.settings()
+        if r.image is not None:
+            settings["strength"] = r.strength
         plan = Plan(noise, sigmas, sampler, velocity, seeds, settings, solver=solver, timesteps=timesteps)
         return masks.attach(plan, inpaint, r)
