@@ -233,8 +233,8 @@ def _add(a, b):
 
 def check_control(pipe, r, family: str) -> Control:
     """The ControlNet arguments of a request, checked before any work: a control image for every
-    ControlNet, lists of one value per net, 0 <= start < end <= 1; SD3's skip-layer guidance,
-    image-to-image are not combined with ControlNets (refused)."""
+    ControlNet, lists of one value per net, 0 <= start < end <= 1; SD3's skip-layer guidance and
+    SD3 image-to-image / inpainting are not combined with ControlNets (refused)."""
     nets = controlnets_of(pipe)
     given = {name: getattr(r, name) for name in CONTROL}
     if not nets:
