@@ -93,6 +93,22 @@ def tiny_diffusers_flux(variant: str = "flux-tiny-dev", seed: int = 0, **changes
     return model
 
 
+def diffusers_sdxl_modules(folder) -> dict:
+    """The diffusers / transformers modules of a tiny SDXL pipeline folder (VAE, both text encoders and
+    tokenizers, UNet): the keyword arguments every SDXL pipeline class takes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+    return dict(
+        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+    )
+
+
 def tiny_diffusers_sd3(variant: str = "sd3-tiny-medium", seed: int = 0):
     """diffusers SD3Transformer2DModel of a tiny registered MMDiT config, every weight random,
     including the stored pos_embed (so that loading it, not recomputing it, is what is tested)."""

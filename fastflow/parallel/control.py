@@ -25,7 +25,7 @@ from ..models.controlnet_flux import FluxControlNet
 from ..models.controlnet_sd3 import MMDiTControlNet
 from ..models.controlnet_unet import UNetControlNet
 from ..ops.sequence_parallel import sp_attention
-from .shard import Ranks, _token_split
+from .shard import Ranks, _call_attention, _token_split
 
 
 class FluxNetSharding:
@@ -97,12 +97,8 @@ def install_nets(nets, ranks: Ranks) -> None:
             continue
         net.forward = sharding.wrapped_forward
         for block, name in sharding.attention_methods():
-            setattr(block, name, functools.partial(_call, sharding, name))
+            setattr(block, name, functools.partial(_call_attention, sharding, name))
         net._fastflow_sharding = sharding
-
-
-def _call(sharding, name, q, k, v):
-    return getattr(sharding, name)(q, k, v)
 
 
 def uninstall_nets(nets) -> None:

@@ -11,27 +11,19 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
     FluxControlNetImg2ImgPipeline,
     FluxControlNetInpaintPipeline,
-    FluxControlNetModel,
-    FluxMultiControlNetModel,
-    FluxTransformer2DModel,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from fastflow.errors import InputError
-from fastflow.models import configs
 from fastflow.models.flux import unpack_latents
 from fastflow.pipelines import masks
 
-from ..conftest import diffusers_flux_scheduler, diffusers_sdxl_scheduler, tiny_diffusers_unet, tiny_pipeline_folder
+from ..conftest import tiny_diffusers_unet, tiny_pipeline_folder
 from . import test_controlnet, test_controlnet_flux
 from .test_controlnet_flux import H, W, _gen, _image, _load, _rel
 
@@ -43,17 +35,6 @@ def _mask(h=H, w=W, box=(0.25, 0.2, 0.7, 0.8)):
     x1, y1, x2, y2 = box
     a[int(y1 * h) : int(y2 * h), int(x1 * w) : int(x2 * w)] = 255
     return Image.fromarray(a)
-
-
-def _flux_reference(folders, nets, cls):
-    loaded = [FluxControlNetModel.from_pretrained(folders[k]) for k in nets]
-    return cls(
-        scheduler=diffusers_flux_scheduler(dynamic=True),
-        vae=AutoencoderKL.from_pretrained(folders["flux"] / "vae"),
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-        transformer=FluxTransformer2DModel.from_pretrained(folders["flux"] / "transformer"),
-        controlnet=loaded[0] if len(loaded) == 1 else FluxMultiControlNetModel(loaded),
-    )  # fmt: skip
 
 
 FLUX_CASES = {
@@ -91,7 +72,7 @@ def test_flux_equals_diffusers(folders, case):
         cls = FluxControlNetInpaintPipeline
     gens = lambda: _gen(5)  # noqa: E731 (one generator: diffusers draws a list's image sample from its first only)
     ours = pipe(generator=gens(), output_type="latent", **kw)
-    ref = _flux_reference(folders, nets, cls)
+    ref = test_controlnet_flux._reference(folders, nets, cls)
     theirs = ref(generator=gens(), output_type="latent", **kw).images
     assert ours.images.shape[0] == n
     assert _rel(ours.images, unpack_latents(theirs, H // 2, W // 2)) <= 1e-5
@@ -140,7 +121,9 @@ def test_flux_padding_mask_crop(folders):
               width=W, image=image, mask_image=mask, strength=0.8, padding_mask_crop=4,
               control_image=_image(1))  # fmt: skip
     ours = pipe(generator=_gen(1), **kw).images[0]
-    theirs = _flux_reference(folders, ("cn-a",), FluxControlNetInpaintPipeline)(generator=_gen(1), **kw).images[0]
+    theirs = test_controlnet_flux._reference(folders, ("cn-a",), FluxControlNetInpaintPipeline)(
+        generator=_gen(1), **kw
+    ).images[0]
     processor = VaeImageProcessor(vae_scale_factor=2)
     crop = processor.get_crop_region(mask, W, H, pad=4)
     theirs = processor.apply_overlay(mask, image, theirs, crop)
@@ -188,23 +171,6 @@ def sdxl(tmp_path_factory):
     return {**out, "sdxl-9": nine}
 
 
-def _sdxl_reference(folder, nets, ancestral=False, cls=StableDiffusionXLControlNetInpaintPipeline):
-    pipe = cls(
-        vae=AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-        controlnet=[ControlNetModel.from_pretrained(n) for n in nets] if len(nets) > 1 else
-        ControlNetModel.from_pretrained(nets[0]),
-        scheduler=diffusers_sdxl_scheduler(configs.from_name("sdxl-tiny"), ancestral),
-        add_watermarker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 SH, SW = test_controlnet.H, test_controlnet.W
 
 SDXL_CASES = {
@@ -230,7 +196,9 @@ def test_sdxl_inpaint_equals_diffusers(sdxl, case):
     spec = SDXL_CASES[case]
     nets = [sdxl[k] for k in spec["nets"]]
     pipe = test_controlnet._load(sdxl[spec["unet"]], nets if len(nets) > 1 else nets[0])
-    ref = _sdxl_reference(sdxl[spec["unet"]], nets, ancestral=spec.get("sampler") == "euler_ancestral")
+    ref = test_controlnet.diffusers_sdxl(
+        sdxl[spec["unet"]], nets, spec.get("sampler") == "euler_ancestral", StableDiffusionXLControlNetInpaintPipeline
+    )
     controls = [test_controlnet._image(i, SH, SW) for i in range(len(nets))]
     kw = dict(height=SH, width=SW, num_inference_steps=6, guidance_scale=5.0, image=_image(9, SH, SW),
               mask_image=_mask(SH + 5, SW + 3), control_image=controls if len(nets) > 1 else controls[0],
@@ -271,7 +239,7 @@ def test_sdxl_img2img_equals_diffusers(sdxl, case):
     nets = [sdxl[k] for k in spec["nets"]]
     pipe = test_controlnet._load(sdxl["sdxl-tiny"], nets if len(nets) > 1 else nets[0])
     ancestral = spec.get("sampler") == "euler_ancestral"
-    ref = _sdxl_reference(sdxl["sdxl-tiny"], nets, ancestral, StableDiffusionXLControlNetImg2ImgPipeline)
+    ref = test_controlnet.diffusers_sdxl(sdxl["sdxl-tiny"], nets, ancestral, StableDiffusionXLControlNetImg2ImgPipeline)
     controls = [test_controlnet._image(i, SH, SW) for i in range(len(nets))]
     image = _image(9, SH, SW)
     kw = dict(height=SH, width=SW)
@@ -295,7 +263,9 @@ def test_sdxl_padding_mask_crop_crops_the_control_image(sdxl):
     """The control image is cropped with the mask's box and fill-resized, as the init image; the
     result is pasted back (diffusers' apply_overlay)."""
     pipe = test_controlnet._load(sdxl["sdxl-tiny"], sdxl["cn-sdxl-a"])
-    ref = _sdxl_reference(sdxl["sdxl-tiny"], [sdxl["cn-sdxl-a"]])
+    ref = test_controlnet.diffusers_sdxl(
+        sdxl["sdxl-tiny"], [sdxl["cn-sdxl-a"]], cls=StableDiffusionXLControlNetInpaintPipeline
+    )
     image, mask = _image(9, 48, 80).resize((80, 48)), _mask(48, 80, box=(0.5, 0.1, 0.7, 0.4))
     control = test_controlnet._image(1, 48, 80).resize((80, 48))
     kw = dict(height=SH, width=SW, num_inference_steps=4, guidance_scale=5.0, image=image, mask_image=mask,

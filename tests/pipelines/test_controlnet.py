@@ -19,13 +19,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 import fastflow
 from fastflow.errors import CheckpointError, FamilyMismatchError, InputError
 from fastflow.models import configs
 
-from ..conftest import diffusers_sdxl_scheduler, tiny_pipeline_folder
+from ..conftest import diffusers_sdxl_modules, diffusers_sdxl_scheduler, tiny_pipeline_folder
 
 H, W = 32, 48  # SDXL: the tiny VAE and UNet halve once each
 SD3_H, SD3_W = 24, 32  # SD3: the tiny MMDiT's position table is 8x8 patches
@@ -113,18 +112,13 @@ def _gens(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def diffusers_sdxl(folder, nets):
-    cfg = configs.from_name("sdxl-tiny")
-    pipe = StableDiffusionXLControlNetPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+def diffusers_sdxl(folder, nets, ancestral=False, cls=StableDiffusionXLControlNetPipeline):
+    """diffusers' SDXL ControlNet pipeline ``cls`` (text-to-image, image-to-image or inpainting)."""
+    pipe = cls(
+        **diffusers_sdxl_modules(folder),
         controlnet=[ControlNetModel.from_pretrained(n) for n in nets] if len(nets) > 1 else
         ControlNetModel.from_pretrained(nets[0]),
-        scheduler=diffusers_sdxl_scheduler(cfg),
+        scheduler=diffusers_sdxl_scheduler(configs.from_name("sdxl-tiny"), ancestral),
         add_watermarker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -84,9 +84,10 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _reference(folders, nets):
+def _reference(folders, nets, cls=FluxControlNetPipeline):
+    """diffusers' FLUX ControlNet pipeline ``cls`` (text-to-image, image-to-image or inpainting)."""
     loaded = [FluxControlNetModel.from_pretrained(folders[k]) for k in nets]
-    return FluxControlNetPipeline(
+    return cls(
         scheduler=diffusers_flux_scheduler(dynamic=True),
         vae=AutoencoderKL.from_pretrained(folders["flux"] / "vae"),
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,

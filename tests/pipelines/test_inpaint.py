@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxInpaintPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3InpaintPipeline,
     StableDiffusionXLInpaintPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 import fastflow
 from fastflow import errors
@@ -27,7 +24,7 @@ from fastflow.models import configs
 from fastflow.models.flux import unpack_latents
 from fastflow.pipelines import masks
 
-from ..conftest import diffusers_flux_scheduler, diffusers_sdxl_scheduler, tiny_diffusers_unet
+from ..conftest import diffusers_flux_scheduler, diffusers_sdxl_modules, diffusers_sdxl_scheduler, tiny_diffusers_unet
 from .test_parity import SD3_W, _modules, _rel, _to_uint8
 
 H, W = 32, 48  # multiples of every tiny model's (FLUX 4, SD3 4 with a 32 px side limit, SDXL 4)
@@ -153,12 +150,7 @@ def inpainting_unet_folder(pipeline_folders, tmp_path_factory):
 
 def diffusers_sdxl_inpaint(folder, ancestral=False):
     pipe = StableDiffusionXLInpaintPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        **diffusers_sdxl_modules(folder),
         scheduler=diffusers_sdxl_scheduler(configs.from_name("sdxl-tiny"), ancestral),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -6,15 +6,14 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 import fastflow
 from fastflow.errors import FamilyMismatchError, InputError, MissingComponentError
 from fastflow.models import configs
 
-from ..conftest import diffusers_sdxl_scheduler
+from ..conftest import diffusers_sdxl_modules, diffusers_sdxl_scheduler
 
 H, W = 32, 48  # the tiny VAE halves and the tiny UNet halves once more: sides are multiples of 4
 
@@ -29,12 +28,7 @@ def diffusers_sdxl(folder, variant, ancestral=None, dpm=False):
             scheduler.config, algorithm_type="dpmsolver++", solver_order=2
         )
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        **diffusers_sdxl_modules(folder),
         scheduler=scheduler,
     )
     pipe.set_progress_bar_config(disable=True)
