@@ -11,7 +11,9 @@ frames at each position, a sinusoidal frame embedding, the first frame's context
 and temporal results are mixed by a learned ``alpha = sigmoid(mix_factor)``:
 ``alpha * spatial + (1 - alpha) * temporal`` (AlphaBlender ``learned_with_images`` with no
 image-only frames, as diffusers' UNet always runs it). The embedding adds the three time ids
-(fps - 1, motion bucket, noise augmentation) as sinusoids through ``label_emb``.
+(fps - 1, motion bucket, noise augmentation) as sinusoids through ``label_emb``. Cross-attention
+on a one-token context (SVD's CLIP image embedding) is ``to_out(to_v(context))`` exactly (softmax
+over one key is 1): :class:`ImageCrossAttention` skips the query / key projections and attention.
 
 GroupNorm eps as diffusers' (the parity reference; sgm uses 1e-5 throughout): 1e-6 in the ResNet
 blocks (spatial and temporal) of levels with attention on the way down and of every level on the
@@ -99,6 +101,18 @@ class VideoResBlock(ResBlock):
         return self.time_mixer(spatial, temporal).transpose(1, 2).reshape(bf, c, hh, ww)
 
 
+class ImageCrossAttention(CrossAttention):
+    """Cross-attention on the image embedding. With one context token softmax is exactly 1, so
+    every query's output is ``to_out(to_v(context))``: computed once per context row, the query
+    and key projections and the attention skipped (SVD's context is one CLIP image token).
+    Returns [N, 1, C] (broadcast over the queries by the residual add) or [N, L_q, C]."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is not None and context.shape[1] == 1:
+            return ops.linear(ops.linear(context, self.to_v), self.to_out[0])
+        return super().forward(x, context)
+
+
 class TemporalTransformerBlock(nn.Module):
     """sgm ``VideoTransformerBlock`` (diffusers ``TemporalBasicTransformerBlock``) on tokens
     regrouped per position [B * S, F, C]: ``ff_in`` (GEGLU) with a residual, self-attention over
@@ -111,15 +125,14 @@ class TemporalTransformerBlock(nn.Module):
         self.ff_in = FeedForward(dim)
         self.attn1 = CrossAttention(dim, heads, head_dim)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, heads, head_dim, context_dim)
+        self.attn2 = ImageCrossAttention(dim, heads, head_dim, context_dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def cross(self, x: torch.Tensor, context: torch.Tensor, b: int, s: int) -> torch.Tensor:
-        """attn2 of x [B * S, F, C] on the context [B, L, D], the same for every position of a sample.
-        With one context token softmax is exactly 1, so the output is to_out(to_v(context)) for
-        every query: computed once per sample instead of per position (the SVD image embedding)."""
+        """attn2 of x [B * S, F, C] on the context [B, L, D], the same for every position of a
+        sample (one token: computed once per sample, see :class:`ImageCrossAttention`)."""
         if context.shape[1] == 1:
-            v = ops.linear(ops.linear(context, self.attn2.to_v), self.attn2.to_out[0])  # [B, 1, C]
+            v = self.attn2(x, context)  # [B, 1, C]
             return v.expand(b, s, v.shape[-1]).reshape(b * s, 1, v.shape[-1])
         ctx = context[:, None].expand(b, s, *context.shape[1:]).reshape(b * s, *context.shape[1:])
         return self.attn2(x, ctx)
@@ -144,6 +157,8 @@ class VideoTransformer(SpatialTransformer):
     def __init__(self, channels: int, depth: int, head_dim: int, context_dim: int):
         super().__init__(channels, depth, head_dim, context_dim)
         heads = channels // head_dim
+        for block in self.transformer_blocks:  # the same tensors, one-token cross-attention shortcut
+            block.attn2 = ImageCrossAttention(channels, heads, head_dim, context_dim)
         self.time_stack = nn.ModuleList(
             TemporalTransformerBlock(channels, heads, head_dim, context_dim) for _ in range(depth)
         )
