@@ -1,5 +1,6 @@
 """Model modules (official layouts) and their configs."""
 
+from . import configs_svd  # noqa: F401  (registers the SVD configs: svd, svd-xt, svd-tiny)
 from .configs import FluxConfig, MMDiTConfig, VAEConfig, from_name, list_models
 from .flux import Flux
 from .mmdit import MMDiT
