@@ -276,3 +276,16 @@ def test_image_embeddings_equal_diffusers_encode_image(num_videos, guidance):
     got = image_embeddings(ours, images, num_videos=num_videos, guidance=guidance)
     assert got.shape == want.shape == ((2 if guidance else 1) * 2 * num_videos, 1, 24)
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_half_precision_encoder_takes_fp32_pixels():
+    ref, ours = _tiny(seed=8, image_size=224, patch_size=32)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours = ours.eval().to(torch.bfloat16)
+    images = [_random_image(90, 160, seed=13)]
+    got = image_embeddings(ours, images, guidance=True)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 1, 24)
+    assert torch.count_nonzero(got[0]) == 0  # the unconditional half
+    with torch.no_grad():
+        want = ref(pixel_values=clip_pixels(images)).image_embeds
+    torch.testing.assert_close(got[1].float(), want, rtol=0.05, atol=0.05)
