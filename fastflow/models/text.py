@@ -102,15 +102,20 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """Causal for the text tower; ``causal=False`` (the vision tower) runs :func:`fastflow.ops.attention`."""
+
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         w = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
+        self.heads, self.causal = cfg.num_attention_heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(w, w) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (_heads(ops.linear(x, p), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = ops.attention(q, k, v)
         return ops.linear(out.transpose(1, 2).flatten(2), self.out_proj)
 
 
@@ -126,9 +131,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -149,9 +154,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPStack(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPLayer(cfg, causal) for _ in range(cfg.num_hidden_layers))
 
 
 class CLIPTextModel(_Module):
