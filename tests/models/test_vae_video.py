@@ -220,3 +220,11 @@ def test_full_size_names_and_shapes():
     assert used == set(diffusers)
     numbers = sum(math.prod(s) for s in ours.values())
     assert numbers == sum(math.prod(s) for s in diffusers.values()) == 97_742_847
+
+
+def test_unknown_keys_are_named():
+    cfg = VIDEO_VAE_CONFIGS["svd-vae"]
+    with pytest.raises(KeyError, match="time_stack.emb_layers"):
+        svd_vae_from_diffusers("decoder.mid.block_1.time_stack.emb_layers.1.weight", cfg)
+    with pytest.raises(KeyError, match="post_quant_conv"):
+        svd_vae_official_key("post_quant_conv.weight")
