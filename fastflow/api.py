@@ -14,6 +14,7 @@ from .ops.capability import usable_device
 from .parallel import launched
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline, canny  # noqa: F401  (canny: fastflow.canny)
 from .pipelines.control import attach_controlnets
+from .pipelines.video_export import export_video  # noqa: F401  (fastflow.export_video)
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
