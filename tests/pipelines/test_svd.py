@@ -252,3 +252,91 @@ def test_compiled_pipeline_equals_eager():
     fastflow.accelerate(ours)
     got = ours(_image(), generator=_gen(), output_type="latent", **KW).frames
     assert _rel(got, want) <= 1e-5
+
+
+# -- fastflow.load and the CLI --------------------------------------------------------------------
+
+
+def test_load_without_the_svd_loader_keeps_the_image_families(monkeypatch, tmp_path):
+    """api._load_video gives None where fastflow.loading.svd is not installed (main before the loader)."""
+    import importlib.util
+
+    from fastflow import api
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastflow.loading.svd" else
+                        real(name, *a))  # fmt: skip
+    assert api._load_video(tmp_path, None, "cpu", torch.float32, None, None, None, None, None, []) is None
+
+
+def _cli(*argv):
+    from fastflow.cli import main
+
+    return main(["generate", *map(str, argv)])
+
+
+@pytest.fixture
+def video_cli(monkeypatch, svd):
+    """The CLI's video branch with the tiny pipeline standing in for fastflow.load's (the loader is
+    another module); records load()'s arguments."""
+    from fastflow import api
+    from fastflow.cli import video
+
+    calls = []
+    monkeypatch.setattr(video, "is_video_model", lambda path: True)
+    monkeypatch.setattr(api, "load", lambda path, **kw: calls.append((path, kw)) or svd[1])
+    return calls
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4", ".webp"])
+def test_cli_writes_a_clip(video_cli, tmp_path, capsys, suffix):
+    from PIL import Image as PILImage
+
+    src = tmp_path / "in.png"
+    _image().save(src)
+    out = tmp_path / f"clip{suffix}"
+    args = ["--model", tmp_path, "--image", src, "-o", out, "-H", 16, "-W", 24, "--steps", 2, "--frames", 4]
+    args += ["--fps", 8, "--motion-bucket", 60, "--noise-aug", 0.05, "--decode-chunk", 2, "--max-guidance", 2.0]
+    assert _cli(*args, "--seed", 3) == 0
+    assert out.is_file() and out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
+    if suffix != ".mp4":
+        with PILImage.open(out) as clip:
+            assert clip.n_frames == 4 and clip.size == (24, 16)
+    else:
+        import av
+
+        with av.open(str(out)) as clip:
+            assert len(list(clip.decode(video=0))) == 4
+    assert _cli(*args, "--seed", 3) == 0 and out.with_name(f"clip-1{suffix}").is_file()  # never overwritten
+    assert video_cli[0][1]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["a cat"], "not from a prompt"),
+        (["--guidance", 3], "--guidance"),
+        (["--fps", 0], "fps"),
+        (["--frames", 0], "num_frames"),
+        (["--decode-chunk", 0], "decode_chunk_size"),
+        (["-o", "clip.txt"], "writes .mp4"),
+    ],
+)
+def test_cli_video_errors(video_cli, tmp_path, capsys, extra, match):
+    src = tmp_path / "in.png"
+    _image().save(src)
+    args = ["--model", tmp_path, "--image", src, "-o", tmp_path / "c.gif", "-H", 16, "-W", 24, "--steps", 1]
+    assert _cli(*args, *extra) == 2
+    assert match in capsys.readouterr().err
+    assert not list(tmp_path.glob("c*.gif"))
+
+
+def test_cli_video_needs_an_image(video_cli, tmp_path, capsys):
+    assert _cli("--model", tmp_path, "-o", tmp_path / "c.gif") == 2
+    assert "--image" in capsys.readouterr().err and not video_cli
+
+
+@pytest.mark.parametrize(("extra", "match"), [(["-o", "clip.mp4"], "image model"), (["--fps", 8], "video option")])
+def test_cli_image_model_refuses_video_options(tmp_path, capsys, extra, match):
+    assert _cli("a cat", "-o", tmp_path / "x.png", *extra) == 2
+    assert match in capsys.readouterr().err
