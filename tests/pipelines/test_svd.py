@@ -157,6 +157,40 @@ def test_given_latents_and_the_step_callback(svd):
     assert seen == pytest.approx([float(t) for t in ref.scheduler.timesteps])
 
 
+def test_progress_bars_over_steps_and_decode_chunks(svd, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+            self.updates = []
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    _, ours = svd
+    ours(_image(), generator=_gen(), output_type="np", decode_chunk_size=2, progress=True, **KW)
+    assert [(b.desc, b.total, b.updates) for b in bars] == [("denoising", 6, [1] * 6), ("decoding", 3, [2, 1])]
+
+
+def test_bfloat16_follows_float32(svd):
+    """pipe.to(dtype) casts the image encoder with the UNet and VAE; bf16 stays near fp32."""
+    _, ours = svd
+    want = ours(_image(), generator=_gen(), output_type="pt", **KW).frames
+    try:
+        ours.to(torch.bfloat16)
+        assert ours.image_encoder.dtype == ours.unet.dtype == torch.bfloat16
+        got = ours(_image(), generator=_gen(), output_type="pt", **KW).frames
+    finally:
+        ours.to(torch.float32)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.1
+
+
 BAD = [
     ({"image": None}, "needs image"),
     ({"image": "nowhere.png"}, "not found"),
