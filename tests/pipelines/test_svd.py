@@ -130,6 +130,21 @@ def test_pil_output_and_several_videos_equal_diffusers(svd):
     assert np.abs(np.asarray(got[0][1], dtype=int) - np.asarray(got[1][1], dtype=int)).max() > 0
 
 
+@pytest.mark.parametrize("form", ["tensor", "two images"])
+def test_tensor_images_and_batches_equal_diffusers(svd, form):
+    """A [B, 3, 224, 224] tensor in [0, 1] (CLIP unresized, the VAE's input by nearest resize), and a
+    list of two PIL images (one video each)."""
+    ref, ours = svd
+    if form == "tensor":
+        image = torch.rand(1, 3, 224, 224, generator=_gen(8))
+    else:
+        image = [_image(seed=1), _image(seed=2)]
+    want = ref(image, generator=_gen(3), output_type="latent", **KW).frames
+    got = ours(image, generator=_gen(3), output_type="latent", **KW).frames
+    assert got.shape == want.shape and got.shape[0] == (1 if form == "tensor" else 2)
+    assert _rel(got, want) <= 1e-5
+
+
 def test_seeds_are_a_list_of_generators(svd):
     """seed=s gives video i the generator manual_seed(s + i): diffusers with that generator list."""
     ref, ours = svd
