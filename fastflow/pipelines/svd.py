@@ -179,11 +179,15 @@ class SVDPipeline(BasePipeline):
 
     @staticmethod
     def _randn(shape, generator, dtype) -> torch.Tensor:
-        """diffusers' randn_tensor on the CPU: one draw of ``shape`` from a generator, or one row of
-        shape (1, ...) from each of the first shape[0] generators of a list."""
+        """diffusers' randn_tensor: one draw of ``shape`` from a generator, or one row of shape
+        (1, ...) from each of the first shape[0] generators of a list, each on its generator's
+        device; returned on the CPU."""
         if isinstance(generator, list):
-            return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generator[: shape[0]]])
-        return torch.randn(shape, generator=generator, dtype=dtype)
+            rows = [
+                torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator[: shape[0]]
+            ]
+            return torch.cat([row.cpu() for row in rows])
+        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).cpu()
 
     def prepare(self, timer, r) -> Plan:
         check_video_request(r, self.config.num_frames)
