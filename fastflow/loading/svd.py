@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,44 +199,60 @@ def _module_plan(source, model, plan: dict, device, dtype, owned=("",), skip=())
 _FOLDER_PARTS = ("unet", "vae", "image_encoder")
 
 
+def check_fits(path, unet: SVDUNetConfig, vae: VideoVAEConfig, encoder: CLIPVisionConfig) -> None:
+    """The three configs describe one model: the UNet reads the VAE's latents (noise + image latent)
+    and the image encoder's embedding."""
+    wrong = []
+    if unet.in_channels != 2 * vae.z_channels or unet.out_channels != vae.z_channels:
+        wrong.append(f"the UNet's in / out channels {unet.in_channels} / {unet.out_channels} vs the VAE's "
+                     f"{vae.z_channels} latent channels (in = 2 x latent, out = latent)")  # fmt: skip
+    if unet.context_dim != encoder.projection_dim:
+        wrong.append(f"the UNet's cross_attention_dim {unet.context_dim} vs the image encoder's projection_dim "
+                     f"{encoder.projection_dim}")  # fmt: skip
+    if wrong:
+        raise CheckpointError(path, "the components do not fit together: " + "; ".join(wrong),
+                              "the subfolders come from different models: re-download the folder")  # fmt: skip
+
+
 def _load_folder(path: Path, variant, device, dtype, quant) -> SVDComponents:
     missing = [p for p in _FOLDER_PARTS if not (path / p).is_dir()]
     if missing:
         raise CheckpointError(path, f"this SVD folder has no {', '.join(p + '/' for p in missing)} (found: "
                               f"{', '.join(sorted(p.name for p in path.iterdir())[:20]) or 'nothing'})",
                               "pass a complete SVD diffusers folder (unet/, vae/, image_encoder/)")  # fmt: skip
-    scheduler = {}
-    if (path / "scheduler").is_dir():
-        scheduler = folder_json(path / "scheduler", "scheduler_config.json")
-    scheduler = scheduler_settings(scheduler, path / "scheduler", SVD_SCHEDULER)  # before any weight is read
-    with open_checkpoint(path / "unet") as source:
-        config = unet_config(source.folder_config, path / "unet")
-        if variant is not None:
-            want = registry.from_name(variant) if variant in OFFICIAL_VARIANTS else None
-            if want is None or want.num_frames != config.num_frames:
-                raise InputError(f"variant={variant!r} does not fit this folder, whose unet/config.json says "
-                                 f"num_frames {config.num_frames}: leave variant= unset for a folder")  # fmt: skip
-        keys, quant_keys = split_quant_keys(list(source.key_file))
-        layout = Layout("svd", "diffusers", "", tuple(keys), (), (), tuple(quant_keys))
-        unet = materialize(source, _unet_plan(source, layout, config, device, dtype, quant))
-    with open_checkpoint(path / "vae") as source:
-        vae_cfg = vae_config(source.folder_config, path / "vae")
-        with on_meta():
-            model = VideoAutoEncoder(vae_cfg)
-        plan = {k: svd_vae_from_diffusers(k, vae_cfg) for k in model.state_dict()}
-        vae = materialize(source, _module_plan(source, model, plan, device, dtype))
-    with open_checkpoint(path / "image_encoder") as source:
-        clip_cfg = image_encoder_config(source.folder_config, path / "image_encoder")
-        with on_meta():
-            model = CLIPVisionModelWithProjection(clip_cfg)
-        present = set(source.key_file)
-        plan = {k: [Segment(k if k in present else "vision_model." + k)] for k in model.state_dict()}
-        extra = {k for k in present if k.endswith("position_ids")}  # a buffer older transformers saved
-        encoder = materialize(source, _module_plan(source, model, plan, device, dtype, skip=extra))
+    # every config first, then every plan (names, shapes, dtypes), and only then any weight
+    config = unet_config(folder_json(path / "unet", "config.json"), path / "unet")
+    if variant is not None:
+        want = registry.from_name(variant) if variant in OFFICIAL_VARIANTS else None
+        if want is None or want.num_frames != config.num_frames:
+            raise InputError(f"variant={variant!r} does not fit this folder, whose unet/config.json says "
+                             f"num_frames {config.num_frames}: leave variant= unset for a folder")  # fmt: skip
+    vae_cfg = vae_config(folder_json(path / "vae", "config.json"), path / "vae")
+    clip_cfg = image_encoder_config(folder_json(path / "image_encoder", "config.json"), path / "image_encoder")
+    check_fits(path, config, vae_cfg, clip_cfg)
+    raw = folder_json(path / "scheduler", "scheduler_config.json") if (path / "scheduler").is_dir() else {}
+    scheduler = scheduler_settings(raw, path / "scheduler", SVD_SCHEDULER)
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     processor = path / "feature_extractor"
     if processor.is_dir():
         mean, std = image_processor_stats(folder_json(processor, "preprocessor_config.json"), processor, mean, std)
+    with ExitStack() as stack:
+        unet_src, vae_src, clip_src = (stack.enter_context(open_checkpoint(path / p)) for p in _FOLDER_PARTS)
+        keys, quant_keys = split_quant_keys(list(unet_src.key_file))
+        layout = Layout("svd", "diffusers", "", tuple(keys), (), (), tuple(quant_keys))
+        unet_plan = _unet_plan(unet_src, layout, config, device, dtype, quant)
+        with on_meta():
+            model = VideoAutoEncoder(vae_cfg)
+        plan = {k: svd_vae_from_diffusers(k, vae_cfg) for k in model.state_dict()}
+        vae_plan = _module_plan(vae_src, model, plan, device, dtype)
+        with on_meta():
+            model = CLIPVisionModelWithProjection(clip_cfg)
+        extra = {k for k in clip_src.key_file if k.endswith("position_ids")}  # a buffer older transformers saved
+        plan = {k: [Segment(k)] for k in model.state_dict()}  # transformers' names are ours
+        clip_plan = _module_plan(clip_src, model, plan, device, dtype, skip=extra)
+        unet = materialize(unet_src, unet_plan)
+        vae = materialize(vae_src, vae_plan)
+        encoder = materialize(clip_src, clip_plan)
     return SVDComponents(unet, vae, encoder, config, mean, std, scheduler)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import fastflow.ops.capability
 from fastflow.errors import (
     AmbiguousVariantError,
     CheckpointError,
@@ -264,6 +265,8 @@ def _edit(folder, tmp_path, file: str, **changes) -> Path:
         ("vae/config.json", {"scaling_factor": "big"}, "scaling_factor"),
         ("image_encoder/config.json", {"hidden_act": "swish-ish"}, "not implemented"),
         ("feature_extractor/preprocessor_config.json", {"image_std": [0.5, 0, 0.5]}, "image_std"),
+        ("image_encoder/config.json", {"projection_dim": 8}, "do not fit together"),
+        ("vae/config.json", {"latent_channels": 8}, "do not fit together"),
     ],
 )
 def test_config_fields_that_change_the_math_are_refused(folder, tmp_path, file, changes, match):
@@ -275,6 +278,21 @@ def test_num_heads_from_config_json_are_honoured(folder, tmp_path):
     """Heads are not visible in the tensors: config.json's must be used (they change the numbers)."""
     loaded = load_svd(_edit(folder, tmp_path, "unet/config.json", num_attention_heads=[1, 4]))
     assert loaded.config.num_heads == (1, 4) and loaded.config.name == "svd (config.json)"
+
+
+def test_quant_reaches_the_unet_plan(folder, ours):
+    from fastflow.quant import Fp8Linear
+
+    with pytest.raises(InputError, match="quant="):
+        load_svd(folder, quant="fp4")
+    if fastflow.ops.capability.fp8_runs_natively("cpu") is False:
+        pytest.skip("this CPU loads FP8 dequantized")
+    fp8 = load_svd(folder, quant="fp8")
+    assert any(isinstance(m, Fp8Linear) for m in fp8.unet.modules())
+    assert not any(isinstance(m, Fp8Linear) for m in (*fp8.vae.modules(), *fp8.image_encoder.modules()))
+    with torch.no_grad():
+        args = _unet_inputs(ours.config, seed=6)
+        assert 0 < _max_rel(fp8.unet(*args), ours.unet(*args)) < 0.2  # quantized, still the same model
 
 
 def test_missing_parts(folder, tmp_path):
