@@ -130,16 +130,16 @@ def is_svd(path: str | os.PathLike) -> bool:
 
 
 def official_variant(path: str | os.PathLike, variant: str | None) -> str:
-    """The variant of an official single file: ``variant=``, else its file name (svd_xt* -> svd-xt,
-    svd* -> svd); the weights cannot tell them apart."""
+    """The variant of an official single file: ``variant=``, else its file name (svd_xt* or
+    *img2vid-xt* -> svd-xt, svd* or *img2vid* -> svd); the weights cannot tell them apart."""
     if variant is not None:
         if variant not in OFFICIAL_VARIANTS:
             raise InputError(f"variant={variant!r} is not an SVD variant: use one of {', '.join(OFFICIAL_VARIANTS)}")
         return variant
-    name = Path(path).name.lower()
-    if name.startswith("svd_xt"):
+    name = Path(path).name.lower().replace("-", "_")
+    if name.startswith("svd_xt") or "img2vid_xt" in name:  # Stability's file / hub repository names
         return "svd-xt"
-    if name.startswith("svd") and not name.startswith("svd_tiny"):
+    if name.startswith("svd") or "img2vid" in name:
         return "svd"
     raise AmbiguousVariantError(
         path,
@@ -276,6 +276,10 @@ def plan_official(source, variant: str, device="cpu", dtype=torch.float32, quant
                               "time_stack* tensors)", "pass an official svd*.safetensors file or an SVD diffusers "
                               "folder")  # fmt: skip
     _check_official_keys(source)
+    if not any(k.startswith("first_stage_model.decoder.") and k.endswith("mix_factor") for k in source.key_file):
+        raise CheckpointError(source.path, "this file's first_stage_model decoder has no temporal layers (an "
+                              "*_image_decoder file, decoding frame by frame)", "use svd.safetensors / "
+                              "svd_xt.safetensors (the temporal decoder), or diffusers")  # fmt: skip
     mine = [k[len(UNET_PREFIX) :] for k in source.key_file if k.startswith(UNET_PREFIX)]
     keys, quant_keys = split_quant_keys(mine)
     layout = Layout("svd", "official", UNET_PREFIX, tuple(keys), (), (), tuple(quant_keys))

@@ -166,7 +166,9 @@ def test_official_file_loads_to_the_folder_numbers(ours, official):
 
 def test_variant_from_the_file_name(tmp_path):
     for name, want in [("svd.safetensors", "svd"), ("svd_xt.safetensors", "svd-xt"),
-                       ("SVD_XT_1_1.safetensors", "svd-xt"), ("svd_image_decoder.safetensors", "svd")]:  # fmt: skip
+                       ("SVD_XT_1_1.safetensors", "svd-xt"), ("svd_image_decoder.safetensors", "svd"),
+                       ("stable-video-diffusion-img2vid-xt-1-1.safetensors", "svd-xt"),
+                       ("stable-video-diffusion-img2vid.safetensors", "svd")]:  # fmt: skip
         assert official_variant(tmp_path / name, None) == want
     assert official_variant(tmp_path / "svd_xt.safetensors", "svd") == "svd"  # variant= wins
     with pytest.raises(AmbiguousVariantError, match='variant="svd"'):
@@ -236,6 +238,11 @@ def test_unknown_or_missing_official_tensors(ours, tmp_path):
         load_svd(path, variant="svd-tiny")
     save_file({**state, "first_stage_model.decoder.extra.weight": torch.ones(2)}, path)
     with pytest.raises(UnexpectedKeysError, match="decoder.extra"):
+        load_svd(path, variant="svd-tiny")
+    image_decoder = {k: v for k, v in state.items() if not (k.startswith("first_stage_model.decoder.") and any(
+        part in k for part in ("mix_factor", "time_stack", "time_mix_conv")))}  # fmt: skip
+    save_file(image_decoder, path)
+    with pytest.raises(CheckpointError, match="no temporal layers"):
         load_svd(path, variant="svd-tiny")
     del state["conditioner.embedders.3.encoder.quant_conv.weight"]
     save_file(state, path)
