@@ -352,3 +352,42 @@ def counting_backend():
         return gm.forward
 
     return backend, reports
+
+
+SVD_SCHEDULER_CONFIG = {  # stabilityai/stable-video-diffusion-img2vid*/scheduler/scheduler_config.json
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "sigma_max": 700.0, "sigma_min": 0.002,
+    "steps_offset": 1, "timestep_spacing": "leading", "timestep_type": "continuous", "use_karras_sigmas": True,
+}  # fmt: skip
+
+
+def tiny_svd_folder(root, num_frames: int | None = None, seed: int = 0):
+    """A diffusers StableVideoDiffusionPipeline folder of the svd-tiny configs (fastflow.loading.svd's
+    "svd-tiny" variant: UNet svd-tiny, VAE svd-vae-tiny, TINY_IMAGE_ENCODER), every weight random,
+    written by diffusers' / transformers' own classes (save_pretrained). ``num_frames``: the UNet
+    config's (svd-tiny's 3 by default). Returns the folder."""
+    import dataclasses
+
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor
+    from transformers import CLIPVisionConfig as HFVisionConfig
+    from transformers import CLIPVisionModelWithProjection as HFVisionModel
+
+    from fastflow.loading.svd import TINY_IMAGE_ENCODER
+
+    from .models.test_clip_vision import _randomize as randomize_clip
+    from .models.test_unet_video import tiny_diffusers_svd_unet
+    from .models.test_vae_video import _tiny_diffusers as tiny_diffusers_svd_vae
+
+    cfg = from_name("svd-tiny")
+    cfg = cfg if num_frames is None else cfg.replace(num_frames=num_frames)
+    encoder = HFVisionModel(HFVisionConfig(**dataclasses.asdict(TINY_IMAGE_ENCODER), attention_dropout=0.0))
+    pipe = StableVideoDiffusionPipeline(
+        vae=tiny_diffusers_svd_vae(seed + 1),
+        image_encoder=randomize_clip(encoder, seed + 2),
+        unet=tiny_diffusers_svd_unet(cfg, seed),
+        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG),
+        feature_extractor=CLIPImageProcessor(),
+    )
+    pipe.save_pretrained(root)
+    return root

@@ -6,7 +6,7 @@
     materialize (materialize.py) -> the module, tensor by tensor
 
 loader.py runs them for a transformer or a VAE; text.py for CLIP / T5; components.py gathers a
-pipeline's parts.
+pipeline's parts; svd.py Stable Video Diffusion's (UNet, temporal VAE, image encoder).
 """
 
 from .components import load_clip, load_components, load_t5
@@ -16,6 +16,7 @@ from .loader import CheckpointInfo, human_bytes, inspect_checkpoint, load_transf
 from .materialize import materialize
 from .plan import LoadPlan, make_plan
 from .source import DEFAULT_MODEL, CheckpointSource, folder_json, open_checkpoint, resolve_model
+from .svd import SVDComponents, is_svd, load_svd
 from .writer import quantize_checkpoint
 
 __all__ = [
@@ -24,12 +25,15 @@ __all__ = [
     "CheckpointSource",
     "Description",
     "LoadPlan",
+    "SVDComponents",
     "describe",
     "folder_json",
     "human_bytes",
     "inspect_checkpoint",
+    "is_svd",
     "load_clip",
     "load_components",
+    "load_svd",
     "load_t5",
     "load_transformer",
     "load_vae",

@@ -106,16 +106,37 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
 }
 
+# Stable Video Diffusion (issue 36, loading/svd.py): its UNet also shows SDXL's signatures and its
+# temporal-decoder VAE the VAE's, so these are checked first. The temporal parts name them: sgm's
+# ``time_stack`` / ``time_mixer.mix_factor`` / ``time_mix_conv``, diffusers' ``spatial_res_block`` /
+# ``temporal_transformer_blocks`` / ``time_conv_out``.
+VIDEO_SIGNATURES = {
+    "svd": {
+        "official": (r"(input_blocks|middle_block|output_blocks)\.\d+\.(\d+\.)?(time_stack\.|time_mixer\.mix_factor)",),
+        "diffusers": (r"(down|up)_blocks\.\d+\.(resnets\.\d+\.(spatial|temporal)_res_block\.|attentions\.\d+\."
+                      r"temporal_transformer_blocks\.)",),
+    },
+    "svd-vae": {
+        "official": (r"(first_stage_model\.)?decoder\.(mid\.block_1\.mix_factor|conv_out\.time_mix_conv\.)",),
+        "diffusers": (r"(vae\.)?decoder\.time_conv_out\.",),
+    },
+}  # fmt: skip
+SVD_HINT = "load Stable Video Diffusion with fastflow.load(path) (a video pipeline) or fastflow.loading.load_svd"
+
 # What detection may find besides the families above (refused by the loaders, named in messages).
 _TEXT_ENCODER = r"(text_encoders?\.\w*\.?)?(transformer\.)?(text_model\.|encoder\.block\.|shared\.weight)"
 FAMILY_NAMES = {
     **{family: spec.title for family, spec in FAMILIES.items()},
+    "svd": "a Stable Video Diffusion UNet",
+    "svd-vae": "a Stable Video Diffusion temporal-decoder VAE",
     "text_encoder": "a text encoder (CLIP or T5)",
     "unknown": "no model fastflow knows",
 }
 MISMATCH_HINTS = {
     **{family: spec.mismatch_hint for family, spec in FAMILIES.items()},
     "text_encoder": "pass it as a text encoder, not as the transformer",
+    "svd": SVD_HINT,
+    "svd-vae": SVD_HINT,
 }
 
 
@@ -131,6 +152,10 @@ def identify(keys) -> tuple[str, str | None]:
     def has(pattern: str) -> bool:
         return any(re.match(pattern, k) for k in keys)
 
+    for family, signatures in VIDEO_SIGNATURES.items():
+        for naming, patterns in signatures.items():
+            if all(has(p) for p in patterns):
+                return family, naming
     for family, spec in FAMILIES.items():
         for naming, patterns in spec.signatures.items():
             if all(has(p) for p in patterns):

@@ -227,6 +227,77 @@ T5 = {
     "eos_token_id": ("irrelevant", "the tokenizer adds it"),
 }
 
+# Stable Video Diffusion folders (issue 36; loading/svd.py reads them): the UNet, the temporal-decoder
+# VAE, the image encoder (transformers' CLIPVisionConfig), the CLIP image processor and the scheduler.
+_SVD_SHAPE = ("honoured", "loading/svd.py's config (checked against the tensors)")
+SVD_UNET = {
+    "_class_name": ("honoured", "selects the reader (UNetSpatioTemporalConditionModel only)"),
+    "_diffusers_version": _NAME,
+    "_name_or_path": _NAME,
+    "sample_size": ("irrelevant", "the default image size; the pipeline's comes from its arguments"),
+    **{f: _SVD_SHAPE for f in ("in_channels", "out_channels", "block_out_channels", "layers_per_block")},
+    **{f: _SVD_SHAPE for f in ("cross_attention_dim", "projection_class_embeddings_input_dim")},
+    "transformer_layers_per_block": _SVD_SHAPE,
+    "down_block_types": ("honoured", "levels with attention; up_block_types must mirror them"),
+    "up_block_types": ("honoured", "must mirror down_block_types"),
+    "num_attention_heads": ("honoured", "SVDUNetConfig.num_heads (not visible in the tensors)"),
+    "addition_time_embed_dim": ("honoured", "SVDUNetConfig.time_id_dim (3 x it = the added embedding's input)"),
+    "num_frames": ("honoured", "SVDUNetConfig.num_frames: the pipeline's default frame count"),
+}
+SVD_VAE = {
+    "_class_name": ("honoured", "selects the reader (AutoencoderKLTemporalDecoder only)"),
+    "_diffusers_version": _NAME,
+    "_name_or_path": _NAME,
+    **{f: _SVD_SHAPE for f in ("in_channels", "out_channels", "block_out_channels", "latent_channels")},
+    "layers_per_block": ("honoured", "VideoVAEConfig.num_res_blocks; 2 only (sgm's mid block)"),
+    "down_block_types": ("honoured", "every entry DownEncoderBlock2D, else refused"),
+    "sample_size": ("irrelevant", "a default size, no effect on the math"),
+    "scaling_factor": ("honoured", "VideoVAEConfig.scale_factor"),
+    "force_upcast": ("honoured", "VideoVAEConfig.force_upcast"),
+}
+CLIP_VISION = {
+    **_HF_GENERIC,
+    **{f: _HONOURED for f in ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers")},
+    **{f: _HONOURED for f in ("num_attention_heads", "num_channels", "image_size", "patch_size")},
+    "hidden_act": ("honoured", "refused unless an activation fastflow implements"),
+    "layer_norm_eps": ("honoured", "the LayerNorms' eps"),
+    "attention_dropout": ("irrelevant", "dropout is off at inference"),
+    "output_attentions": ("irrelevant", "an API choice of transformers"),
+    "is_encoder_decoder": ("refused", (False,)),
+}
+# StableVideoDiffusionPipeline calls its CLIPImageProcessor with do_normalize=True and do_resize,
+# do_center_crop, do_rescale False (it resizes to 224 itself): only the mean and std count
+_PIPELINE_SETS = ("irrelevant", "StableVideoDiffusionPipeline overrides it when it calls the processor")
+SVD_IMAGE_PROCESSOR = {
+    "image_mean": ("honoured", "SVDComponents.image_mean"),
+    "image_std": ("honoured", "SVDComponents.image_std"),
+    **{f: _PIPELINE_SETS for f in ("do_normalize", "do_resize", "do_center_crop", "do_rescale")},
+    **{f: ("irrelevant", "used only by steps the pipeline turns off") for f in ("size", "crop_size", "resample")},
+    "rescale_factor": ("irrelevant", "used only by do_rescale, which the pipeline turns off"),
+    "do_convert_rgb": ("irrelevant", "the pipeline hands the processor tensors"),
+    **{f: _NAME for f in ("image_processor_type", "feature_extractor_type", "processor_class")},
+}
+# EulerDiscreteScheduler as SVD configures it; fastflow samples with samplers/edm.py (Karras sigmas
+# between sigma_min and sigma_max, v-prediction EDM scalings, continuous timesteps 0.25 ln sigma)
+_KARRAS = ("irrelevant", "Karras sigmas between sigma_min and sigma_max replace the beta schedule")
+SVD_SCHEDULER = {
+    "_class_name": ("refused", ("EulerDiscreteScheduler",)),
+    "_diffusers_version": _NAME,
+    **{f: _KARRAS for f in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")},
+    "steps_offset": _KARRAS,
+    "sigma_min": ("honoured", "SVDComponents.scheduler: the Karras schedule's smallest sigma"),
+    "sigma_max": ("honoured", "SVDComponents.scheduler: the Karras schedule's largest sigma"),
+    "prediction_type": ("refused", ("v_prediction",)),
+    "timestep_type": ("refused", ("continuous",)),
+    "use_karras_sigmas": ("refused", (True,)),
+    "use_exponential_sigmas": ("refused", (False,)),
+    "use_beta_sigmas": ("refused", (False,)),
+    "interpolation_type": ("refused", ("linear",)),
+    "timestep_spacing": ("refused", ("leading",)),  # init_noise_sigma sqrt(sigma_max^2 + 1)
+    "rescale_betas_zero_snr": ("refused", (False,)),
+    "final_sigmas_type": ("refused", ("zero",)),
+}
+
 SPACINGS = ("leading", "trailing", "linspace")  # samplers/discrete.py's
 
 TABLES = {
@@ -238,6 +309,11 @@ TABLES = {
     "flow_scheduler": FLOW_SCHEDULER,
     "clip": CLIP,
     "t5": T5,
+    "svd_unet": SVD_UNET,
+    "svd_vae": SVD_VAE,
+    "clip_vision": CLIP_VISION,
+    "svd_image_processor": SVD_IMAGE_PROCESSOR,
+    "svd_scheduler": SVD_SCHEDULER,
 }
 
 _LISTS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}

@@ -85,6 +85,17 @@ def plain_numbers(value):
     return plain_number(value)
 
 
+def check_kinds(name: str, given: dict) -> None:
+    """Arguments that must be a bool or a name, checked before any use (an array or a tensor in
+    their place would otherwise fail deep inside with an ambiguous-truth-value error)."""
+    if "return_dict" in given and not isinstance(given["return_dict"], bool):
+        raise ArgumentError(f"{name}(): return_dict must be True or False, got {given['return_dict']!r}"[:300])
+    for key in ("output_type", "sampler"):
+        value = given.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ArgumentError(f"{name}(): {key} must be a name (a str), got {type(value).__name__}")
+
+
 def call_arguments(*arguments: str | inspect.Parameter) -> Callable[[Callable], Callable]:
     """Decorates a family's ``__call__(self, **request)``: it takes ``arguments`` (the names of
     common ones, or the family's own :func:`arg`), each positional or keyword, with their defaults,
@@ -117,6 +128,7 @@ def call_arguments(*arguments: str | inspect.Parameter) -> Callable[[Callable], 
                 given[key] = value
             for key in given.keys() - TENSORS:
                 given[key] = plain_numbers(given[key])
+            check_kinds(name, given)
             with torch.no_grad(), threads_for_call(self):
                 return func(self, **{key: given.get(key, default) for key, default in defaults.items()})
 

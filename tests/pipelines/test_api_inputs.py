@@ -143,6 +143,23 @@ def test_numpy_bools_and_arrays_are_still_refused(digits):
         digits("a seven", seed=np.array([1, 2]))
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"return_dict": None},
+        {"return_dict": 1},
+        {"output_type": np.array([1, 2])},
+        {"sampler": torch.zeros(2, 2)},
+        {"sampler": 3},
+    ],
+)
+def test_flags_and_names_of_another_type_are_argument_errors(digits, kw):
+    """Found by tools/fuzz.py: these failed deep inside (tuple returned, ambiguous truth values)."""
+    (name,) = kw
+    with pytest.raises(errors.ArgumentError, match=name):
+        digits("a seven", num_inference_steps=1, **kw)
+
+
 def test_img2img_takes_numpy_strength(load):
     from PIL import Image
 
