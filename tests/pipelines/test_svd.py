@@ -413,3 +413,45 @@ def test_cli_video_needs_an_image(video_cli, tmp_path, capsys):
 def test_cli_image_model_refuses_video_options(tmp_path, capsys, extra, match):
     assert _cli("a cat", "-o", tmp_path / "x.png", *extra) == 2
     assert match in capsys.readouterr().err
+
+
+# -- through a saved diffusers folder and the SVD loader ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tests.conftest import tiny_svd_folder
+
+    return tiny_svd_folder(tmp_path_factory.mktemp("svd") / "svd-tiny", num_frames=4)
+
+
+def test_a_saved_folder_loads_to_diffusers_numbers(folder):
+    ref = StableVideoDiffusionPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    pipe = fastflow.load(folder, device="cpu", dtype=torch.float32)
+    assert isinstance(pipe, SVDPipeline) and pipe.config.num_frames == 4
+    kw = {**KW, "max_guidance_scale": 2.0}
+    want = ref(_image(), generator=_gen(), output_type="latent", **kw).frames
+    got = pipe(_image(), generator=_gen(), output_type="latent", **kw).frames
+    assert got.shape == want.shape == (1, 4, 4, 8, 12) and _rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_cli_through_the_folder(folder, tmp_path, capsys, suffix):
+    from PIL import Image as PILImage
+
+    src = tmp_path / "in.png"
+    _image().save(src)
+    out = tmp_path / f"clip{suffix}"
+    args = ["--model", folder, "--image", src, "-o", out, "-H", 16, "-W", 24, "--steps", 2, "--seed", 1]
+    assert _cli(*args, "--dtype", "float32", "--decode-chunk", 2, "--no-progress") == 0, capsys.readouterr().err
+    if suffix == ".gif":
+        with PILImage.open(out) as clip:
+            assert clip.n_frames == 4 and clip.size == (24, 16)
+    else:
+        import av
+
+        with av.open(str(out)) as clip:
+            assert len(list(clip.decode(video=0))) == 4
+    assert _cli("a cat", "--model", folder, "--image", src, "-o", tmp_path / "x.gif") == 2
+    assert "not from a prompt" in capsys.readouterr().err
