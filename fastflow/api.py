@@ -44,6 +44,28 @@ def _rank_device(device: str) -> str:
     return device
 
 
+def _load_video(path, variant, device, dtype, quant, vae, text_encoders, t5_max_length, config, nets):
+    """Stable Video Diffusion (issue 36): an SVDPipeline where ``path`` holds SVD's files (a diffusers
+    folder or an official single file: ``fastflow.loading.svd.is_svd``), else None. Arguments of
+    the image families are refused for it. The SVD loader is looked up only where it is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("fastflow.loading.svd") is None:
+        return None
+    from .loading.svd import is_svd, load_svd
+    from .pipelines.svd import SVDPipeline
+
+    if not is_svd(path):
+        return None
+    given = {"vae": vae, "text_encoders": text_encoders, "t5_max_length": t5_max_length, "config": config,
+             "controlnet": nets or None}  # fmt: skip
+    extra = [name for name, value in given.items() if value is not None]
+    if extra:
+        raise InputError(f"fastflow.load: {', '.join(extra)} do not apply to Stable Video Diffusion ({path}): its "
+                         "folder or file holds every component")  # fmt: skip
+    return SVDPipeline.from_components(load_svd(path, variant=variant, device=device, dtype=dtype, quant=quant))
+
+
 CPU_DTYPE_FIELD = "_fastflow_cpu_dtype"  # model_index.json: the dtype a model keeps on a bf16 CPU
 
 
@@ -76,7 +98,8 @@ def load(
     config=None,
     controlnet=None,
 ):
-    """A ready pipeline (FluxPipeline, SD3Pipeline or SDXLPipeline) from local files.
+    """A ready pipeline (FluxPipeline, SD3Pipeline, SDXLPipeline, or SVDPipeline for Stable Video
+    Diffusion's image-to-video: docs/video.md) from local files.
 
     ``path``: the name of an embedded model (``"fastflow-tiny-digits"``), a diffusers pipeline folder
     (transformer/, vae/, text_encoder*/, tokenizer*/) or a single
@@ -105,6 +128,9 @@ def load(
     nets = [] if controlnet is None else list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
     if dtype is None:  # the CLI passes None unless --dtype is given
         dtype = default_dtype(path, device)
+    video = _load_video(path, variant, device, dtype, quant, vae, text_encoders, t5_max_length, config, nets)
+    if video is not None:
+        return video
     parts = load_components(path, variant, device, dtype, vae, text_encoders, t5_max_length, quant, config)
     pipe = PIPELINES[parts.family](parts.transformer, parts.vae, parts.text)
     if nets:

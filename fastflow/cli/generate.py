@@ -1,5 +1,6 @@
 """``fastflow generate``: images from a prompt (text-to-image, image-to-image, Kontext edits),
-each saved with its prompt, seed and settings; ``--from IMAGE`` re-runs a saved one."""
+each saved with its prompt, seed and settings; ``--from IMAGE`` re-runs a saved one. A Stable
+Video Diffusion model makes a clip from ``--image`` instead (cli/video.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from ..errors import InputError
 from ..loading.source import DEFAULT_MODEL
+from . import video
 from .common import (
     DTYPES,
     MAX_SAVED_SIDE,
@@ -44,7 +46,8 @@ def add_parser(sub) -> None:
         "-o",
         "--output",
         default="fastflow.png",
-        help="image path (.png, .jpg, .webp) or a folder; never overwritten (numbered instead)",
+        help="image path (.png, .jpg, .webp) or a folder; a video model's clip: .mp4, .webp or .gif; never "
+        "overwritten (numbered instead)",
     )
     p.add_argument("--model", default=None, help="pipeline folder or transformer file (default: the embedded model)")
     p.add_argument("--variant", default=None, help="e.g. flux-kontext-dev, sd3.5-large-turbo")
@@ -148,12 +151,16 @@ def add_parser(sub) -> None:
         help="under torchrun: split each generation over the processes, e.g. ulysses=2,ring=2 or cfg=2,data=2 "
         "(sizes of ulysses / ring / cfg / data multiplying to the number of processes; docs/parallel.md)",
     )
+    video.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..api import load
 
+    model = Path(args.model).expanduser() if args.model else DEFAULT_MODEL
+    if video.wanted(args, model, args.model is not None and video.is_video_model(model)):  # cli/video.py
+        return video.run(args, model, *device_and_dtype(args.device, args.dtype))
     if args.from_image is not None:
         _settings_from_image(args)
     prompts = [*(args.prompt_opt or ()), *args.prompt]

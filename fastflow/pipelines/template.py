@@ -178,7 +178,7 @@ class TemplateMixin:
         if output_type == "latent":
             return PipelineOutput(latent, plan.seeds, plan.settings, timer.done(), stats)
         with timer.stage("decode"), self.stage("vae"):
-            pixels = self.vae.decode(latent) if parallel is None else parallel.decode(self.vae.decode, latent)
+            pixels = self.decode_latent(latent, plan, show)
         if not torch.isfinite(pixels).all():
             raise NumericalError(
                 f"NaN/Inf in the decoded image (VAE decode, {self.vae.dtype}): "
@@ -194,6 +194,12 @@ class TemplateMixin:
 
     def prepare(self, timer: Timer, request: SimpleNamespace) -> Plan:
         raise NotImplementedError
+
+    def decode_latent(self, latent: torch.Tensor, plan: Plan, progress: bool) -> torch.Tensor:
+        """The final latent's pixels (in the "vae" stage). A video pipeline decodes its frames in
+        chunks here (pipelines/svd.py); ``format_images`` then formats what this returns."""
+        parallel = self._parallel
+        return self.vae.decode(latent) if parallel is None else parallel.decode(self.vae.decode, latent)
 
     def on_images(self, images, output_type: str) -> None:
         """Called with the formatted images of each generation (FLUX Kontext keeps the last one)."""
