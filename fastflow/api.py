@@ -9,11 +9,13 @@ import torch
 from .errors import InputError
 from .loading import folder_json, load_components, resolve_model
 from .loading.controlnet import load_controlnet
+from .loading.svd import is_svd, load_svd
 from .ops import capability
 from .ops.capability import usable_device
 from .parallel import launched
 from .pipelines import FluxPipeline, SD3Pipeline, SDXLPipeline, canny  # noqa: F401  (canny: fastflow.canny)
 from .pipelines.control import attach_controlnets
+from .pipelines.svd import SVDPipeline
 from .pipelines.video_export import export_video  # noqa: F401  (fastflow.export_video)
 
 PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline, "sdxl": SDXLPipeline}
@@ -47,14 +49,7 @@ def _rank_device(device: str) -> str:
 def _load_video(path, variant, device, dtype, quant, vae, text_encoders, t5_max_length, config, nets):
     """Stable Video Diffusion (issue 36): an SVDPipeline where ``path`` holds SVD's files (a diffusers
     folder or an official single file: ``fastflow.loading.svd.is_svd``), else None. Arguments of
-    the image families are refused for it. The SVD loader is looked up only where it is installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("fastflow.loading.svd") is None:
-        return None
-    from .loading.svd import is_svd, load_svd
-    from .pipelines.svd import SVDPipeline
-
+    the image families are refused for it."""
     if not is_svd(path):
         return None
     given = {"vae": vae, "text_encoders": text_encoders, "t5_max_length": t5_max_length, "config": config,

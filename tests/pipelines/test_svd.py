@@ -320,21 +320,18 @@ def test_load_without_the_svd_loader_keeps_the_image_families(monkeypatch, tmp_p
 
 def test_load_builds_the_pipeline_from_the_loaders_components(monkeypatch, svd, tmp_path):
     """fastflow.load's SVD branch against the loader's interface (is_svd, load_svd -> SVDComponents),
-    here a stand-in module: the arguments passed on, the image families' arguments refused."""
-    import importlib.machinery
-    import sys
+    here stand-ins: the arguments passed on, the image families' arguments refused."""
     import types
+
+    import fastflow.api
 
     _, ours = svd
     calls = []
-    fake = types.ModuleType("fastflow.loading.svd")
-    fake.__spec__ = importlib.machinery.ModuleSpec("fastflow.loading.svd", None)
-    fake.is_svd = lambda path: True
-    fake.load_svd = lambda path, **kw: calls.append((path, kw)) or types.SimpleNamespace(
+    monkeypatch.setattr(fastflow.api, "is_svd", lambda path: True)
+    monkeypatch.setattr(fastflow.api, "load_svd", lambda path, **kw: calls.append((path, kw)) or types.SimpleNamespace(
         unet=ours.unet, vae=ours.vae, image_encoder=ours.image_encoder, config=ours.config,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), scheduler=dict(SVD_SCHEDULER),
-    )  # fmt: skip
-    monkeypatch.setitem(sys.modules, "fastflow.loading.svd", fake)
+    ))  # fmt: skip
     pipe = fastflow.load(tmp_path, device="cpu", dtype=torch.float32, quant="fp8", variant="svd-xt")
     assert isinstance(pipe, SVDPipeline) and pipe.unet is ours.unet and pipe.image_std == (0.25, 0.25, 0.25)
     assert calls == [(tmp_path, {"variant": "svd-xt", "device": "cpu", "dtype": torch.float32, "quant": "fp8"})]
