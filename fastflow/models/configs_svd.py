@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .configs import _check_groups, _Config, register
+from .configs import UNetConfig, _check_groups, _Config, register
 
 # -- the spatio-temporal UNet (models/unet_video.py) ------------------------------------------------
 
@@ -59,18 +59,7 @@ class SVDUNetConfig(_Config):
     def head_dim(self, level: int) -> int:
         return self.widths[level] // self.num_heads[level]
 
-    def arch(self) -> tuple:
-        return (
-            self.in_channels,
-            self.out_channels,
-            self.model_channels,
-            tuple(self.channel_mult),
-            self.num_res_blocks,
-            tuple(self.transformer_depth),
-            self.transformer_depth_middle,
-            self.context_dim,
-            self.adm_in_channels,
-        )
+    arch = UNetConfig.arch  # the same architecture fields as the SDXL UNet's
 
     def __post_init__(self):
         n = len(self.channel_mult)
