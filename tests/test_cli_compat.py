@@ -27,7 +27,7 @@ def _run(capsys, *argv):
         (["-W", "-16"], "-W must be a positive integer"),
         (["--steps", "0"], "--steps must be a positive integer"),
         (["--upscale", "0"], "--upscale must be from 1"),
-        (["-o", "out.gif"], "name an image file ending in .png"),
+        (["-o", "out.gif"], "out.gif is a video, but fastflow-tiny-digits is an image model"),
         (["-o", "no-suffix"], "name an image file ending in .png"),
         (["--config", "[1, 2]"], "--config must be a JSON object"),
         (["--strength", "0.5"], "--strength needs --image"),
