@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ops_common import git_sha  # noqa: E402
-from parallel_gloo import gloo_rows, gloo_table  # noqa: E402
+from parallel_gloo import PipeStandIn, gloo_rows, gloo_table  # noqa: E402
 
 MB = 1e6
 
@@ -163,7 +163,7 @@ def count(workload: Workload, sizes: dict, rank: int) -> dict:
     real = sp_module.attention_lse
     sp_module.attention_lse = _one_chunk_attention_lse
     try:
-        parallel = Parallel(SimpleNamespace(transformer=model, device="cpu", _offload=None), ParallelConfig(**sizes))
+        parallel = Parallel(PipeStandIn(model), ParallelConfig(**sizes))
         with count_comm() as log, torch.no_grad():
             out = model(*args, **kwargs)
         assert tuple(out.shape) == shape, (out.shape, shape)
@@ -198,7 +198,7 @@ def count_generation(sizes: dict, images: int, rank: int) -> list:
     model = _build(WORKLOADS["flux"])
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_of(sizes))
     try:
-        parallel = Parallel(SimpleNamespace(transformer=model, device="cpu", _offload=None), ParallelConfig(**sizes))
+        parallel = Parallel(PipeStandIn(model), ParallelConfig(**sizes))
         rows = images * (2 if sizes.get("cfg", 1) > 1 else 1)  # the forward's batch (true CFG: 2 rows per image)
         with count_comm() as log:
             if rank == 0:

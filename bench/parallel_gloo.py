@@ -19,10 +19,17 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
-from types import SimpleNamespace
 
 FORWARD = "flux-tiny-dev transformer, 1 forward, 1024 + 64 tokens, fp32"
 PIPELINE = "fastflow-tiny-digits pipeline, 64x64, true CFG 1.5, fp32"
+
+
+class PipeStandIn:
+    """What Parallel reads of a pipeline, around a bare model (Parallel keeps a weak reference to its
+    pipeline, which a SimpleNamespace cannot give)."""
+
+    def __init__(self, transformer):
+        self.transformer, self.device, self._offload = transformer, "cpu", None
 
 
 def scenarios(world: int, quick: bool) -> list[tuple]:
@@ -110,9 +117,7 @@ def _worker(cases: list[tuple], reps: int) -> list[dict]:
         with torch.no_grad():
             single = fn()
         if what == FORWARD:
-            undo = Parallel(
-                SimpleNamespace(transformer=obj, device="cpu", _offload=None), ParallelConfig(**sizes)
-            ).remove
+            undo = Parallel(PipeStandIn(obj), ParallelConfig(**sizes)).remove
         else:
             undo = obj.enable_parallelism(**sizes).disable_parallelism
         with torch.no_grad():

@@ -85,10 +85,7 @@ class Parallel:
         self._check_heads()
         self.sharding = sharding_for(self.model, self.ranks)
         install(self.model, self.sharding)
-        try:
-            self._pipe = weakref.ref(pipe)  # (the pipeline holds this plan: no cycle)
-        except TypeError:  # a stand-in that takes no weak reference (the benches' namespace of a model)
-            self._pipe = lambda: pipe
+        self._pipe = weakref.ref(pipe)  # (the pipeline holds this plan: no cycle)
         self.nets = []  # the ControlNets split with the model (each generation checks the pipeline's)
         self._split_nets()
 
