@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 
-from ..errors import FastflowError, GenerationInterrupted, InputError
+from ..errors import CheckpointError, FastflowError, GenerationInterrupted, InputError
 from .protocol import ApiError, Work
 
 log = logging.getLogger("fastflow.serve")
@@ -53,7 +53,9 @@ class Job:
     def resolve(self, result=None, error: ApiError | None = None) -> None:
         def done():
             if not self.future.done():
-                if error is not None:
+                if self.cancelled:  # nobody awaits it any more
+                    self.future.cancel()
+                elif error is not None:
                     self.future.set_exception(error)
                 else:
                     self.future.set_result(result)
@@ -206,7 +208,7 @@ class Engine:
     def _error(e: Exception) -> ApiError:
         if isinstance(e, GenerationInterrupted):
             return ApiError(499, "the generation was cancelled: its clients went away", "cancelled")
-        if isinstance(e, InputError):
+        if isinstance(e, (InputError, CheckpointError)):  # the request's settings or its LoRA
             return ApiError(422, f"the model refused the request: {e}"[:1000], "unprocessable")
         log.error("fastflow serve: a generation failed", exc_info=e)
         message = f"{type(e).__name__}: {e}" if isinstance(e, FastflowError) else type(e).__name__
