@@ -7,6 +7,7 @@ with ``mask`` (white: repaint), inpainting. Anything else is refused with a 400.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -58,7 +59,9 @@ def read_image(upload, what: str, mode: str):
         if image.width * image.height > MAX_INPUT_PIXELS:
             raise ApiError(413, f"{what} is {image.width}x{image.height}: over {MAX_INPUT_PIXELS} pixels", "too_large")
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's own limit, from the header
+        raise ApiError(413, f"{what} is over {MAX_INPUT_PIXELS} pixels", "too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise bad(f"{what} is not a readable image", "invalid_image") from None
     return image.convert(mode), hashlib.sha256(data).hexdigest()
 
@@ -103,14 +106,14 @@ async def parse_edit(request, model: ModelInfo, limits: Limits, resolve_lora):
         raise bad("image is required (the image to edit, as a file)", "missing_field")
     body = {name: _typed(name, text) for name, text in fields.items()}
     strength = body.pop("strength", None)
-    image, digest = read_image(files["image"], "image", "RGB")
+    image, digest = await asyncio.to_thread(read_image, files["image"], "image", "RGB")  # decoding: off the loop
     mask = None
     if model.fill and "mask" not in files:
         raise bad(f"{model.name} (FLUX.1 Fill) needs a mask (white: repaint)", "missing_field")
     if "mask" in files:
         if not (model.inpaint or model.fill):
             raise bad(f"{model.name} does not inpaint (no mask)", "inpainting_unsupported")
-        mask, mask_digest = read_image(files["mask"], "mask", "L")
+        mask, mask_digest = await asyncio.to_thread(read_image, files["mask"], "mask", "L")
         digest += mask_digest
     if strength is not None:  # else the pipeline's default (image-to-image 0.6, Fill 1.0), reported back
         if model.kontext or not (model.img2img or model.fill):

@@ -129,3 +129,21 @@ def test_edits_the_model_cannot_do(server, inputs):
         assert r.status_code == 400 and "strength" in r.json()["error"]["message"]
     finally:
         state.info = info
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # over fastflow serve's limit; over PIL's too
+def test_input_image_over_the_pixel_limit_is_413_before_decoding(server, side):
+    """A PNG whose header claims side x side pixels (a decompression bomb's shape): refused from
+    the header, never decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+    base, _ = server
+    r = httpx.post(base + EDITS, data={"prompt": "a 1"}, files={"image": ("b.png", bomb, "image/png")}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "too_large"
