@@ -41,7 +41,8 @@ def test_concurrent_requests_batched_equal_in_process(pipe):
     calls = metric(text, "fastflow_batch_size_count")
     assert metric(text, "fastflow_batch_size_sum") == 8
     assert calls < 8 and metric(text, 'fastflow_batch_size_bucket{le="1.0"}') < calls, text
-    assert metric(text, "fastflow_images_total") == 8
+    assert metric(text, "fastflow_images_total") == 8 and metric(text, "fastflow_requests_total") == 8
+    assert metric(text, "fastflow_request_latency_seconds_count") == 8 and metric(text, "fastflow_queue_depth") == 0
     for (prompt, seed), body in zip(asks, answers, strict=True):
         assert body["data"][0]["seed"] == seed
         assert np.array_equal(png_pixels(body["data"][0]["b64_json"]), reference(pipe, prompt, seed)), (prompt, seed)
@@ -69,5 +70,28 @@ def test_health_models_page(pipe):
         models = httpx.get(base + "/v1/models").json()
         page = httpx.get(base + "/")
     assert models["data"][0]["id"] == "fastflow-tiny-digits" and models["data"][0]["size_multiple"] == 4
+    assert (
+        models["data"][0]["edits"] == ["image-to-image", "inpainting"] and models["data"][0]["default_size"] == "16x16"
+    )
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert b"<" in page.content
+
+
+def test_settings_are_passed_through(pipe):
+    """negative_prompt, sampler, steps and size reach the pipeline: the image equals the in-process
+    call with the same arguments (and differs from the defaults')."""
+    ask = {"prompt": "a 6", "seed": 12, "negative_prompt": "a 0", "sampler": "heun", "num_inference_steps": 6,
+           "size": "24x16"}  # fmt: skip
+    with serving(pipe) as (base, _):
+        r = httpx.post(base + "/v1/images/generations", json=ask, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    image = png_pixels(body["data"][0]["b64_json"])
+    assert image.shape == (16, 24, 3)
+    expected = reference(pipe, "a 6", 12, negative_prompt="a 0", sampler="heun", num_inference_steps=6, width=24,
+                         height=16)  # fmt: skip
+    assert np.array_equal(image, expected)
+    assert not np.array_equal(image, reference(pipe, "a 6", 12, width=24, height=16))
+    settings = body["settings"]
+    assert (settings["sampler"], settings["num_inference_steps"], settings["size"]) == ("heun", 6, "24x16")
+    assert settings["negative_prompt"] == "a 0" and settings["true_cfg_scale"] == 1.5
