@@ -2,7 +2,7 @@
 
 Errors from bad input print one line and exit with status 2; an interrupted run exits 130.
 
-Each command module (generate, tune_cache, tune_steps, quantize, info, smoke, tune, doctor)
+Each command module (generate, tune_cache, tune_steps, quantize, info, smoke, tune, doctor, serve)
 exposes ``add_parser(sub)``, which registers its arguments and sets ``func``; common.py holds the
 argument types several commands share, output.py the writing of images, calibration.py what the
 two tuners share. A command
@@ -25,10 +25,10 @@ import warnings
 
 from .. import __version__
 from ..errors import FastflowError
-from . import doctor, generate, info, quantize, smoke, tune, tune_cache, tune_steps
+from . import doctor, generate, info, quantize, serve, smoke, tune, tune_cache, tune_steps
 from .common import safe_text
 
-COMMANDS = (generate, tune_cache, tune_steps, quantize, info, smoke, tune, doctor)  # in `fastflow --help` order
+COMMANDS = (generate, tune_cache, tune_steps, quantize, info, smoke, tune, doctor, serve)  # in `fastflow --help` order
 
 
 def build_parser() -> argparse.ArgumentParser:
