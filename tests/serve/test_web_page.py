@@ -197,6 +197,18 @@ def record_progress(driver):
     """)
 
 
+def wait_for_images(driver, count):
+    """Until the gallery holds ``count`` images; fails at once with the page's error message if one shows."""
+
+    def done(d):
+        error = by_id(d, "error")
+        if error.is_displayed():
+            pytest.fail(f"the page shows an error: {error.text}", pytrace=False)
+        return len(gallery_images(d)) == count
+
+    wait(driver, GENERATE_S).until(done)
+
+
 def gallery_images(driver):
     from selenium.webdriver.common.by import By
 
@@ -215,7 +227,7 @@ def png_of(img):
 # ---------------------------------------------------------------- the tests
 
 
-def test_page_loads_with_an_accessible_form(server, browser):
+def test_page_loads_with_an_accessible_form(server, browser, pipe):
     from selenium.webdriver.common.by import By
 
     with urllib.request.urlopen(server.url + "/", timeout=LOAD_S) as r:
@@ -231,7 +243,7 @@ def test_page_loads_with_an_accessible_form(server, browser):
     wait(browser).until(lambda d: by_id(d, "model-name").text == MODEL)
 
     form = by_id(browser, "generate-form")
-    for name in ("prompt", "negative-prompt", "size", "steps", "guidance", "seed", "seed-random", "n"):
+    for name in ("prompt", "negative-prompt", "size", "sampler", "steps", "guidance", "seed", "seed-random", "n"):
         field = by_id(browser, name)
         assert form.find_elements(By.ID, name), f"#{name} is not in the form"
         labels = browser.find_elements(By.CSS_SELECTOR, f"label[for='{name}']")
@@ -240,10 +252,17 @@ def test_page_loads_with_an_accessible_form(server, browser):
     assert by_id(browser, "generate").text == "Generate"
     assert by_id(browser, "seed-random").is_selected() and not by_id(browser, "seed").is_enabled()
 
-    # the sizes: whole multiples of the model's own size (16x16 for the tiny model)
-    h, w = 16, 16
+    # what /v1/models says: the sizes are whole multiples of the model's own, its samplers, and the
+    # fields it does not take are disabled (the server would refuse them)
+    h, w = pipe.default_size
     sizes = [o.get_attribute("value") for o in by_id(browser, "size").find_elements(By.TAG_NAME, "option")]
     assert sizes[0] == "" and f"{w}x{h}" in sizes and f"{2 * w}x{2 * h}" in sizes, sizes
+    with urllib.request.urlopen(server.url + "/v1/models", timeout=LOAD_S) as r:
+        entry = json.loads(r.read())["data"][0]
+    samplers = [o.get_attribute("value") for o in by_id(browser, "sampler").find_elements(By.TAG_NAME, "option")]
+    assert samplers == ["", *entry["samplers"]]
+    assert by_id(browser, "guidance").is_enabled() == entry["guidance_scale"]
+    assert by_id(browser, "negative-prompt").is_enabled() == entry["negative_prompt"]
     assert by_id(browser, "auth").is_displayed() is False, "no API key is configured, yet the page asks for one"
 
 
@@ -264,7 +283,7 @@ def test_generate_streams_progress_and_shows_the_image(server, browser, pipe):
 
     # the progress bar moves through intermediate steps, then the image lands in the gallery
     wait(browser, GENERATE_S).until(lambda d: any(0 < s < steps for s in d.execute_script("return window.__steps")))
-    wait(browser, GENERATE_S).until(lambda d: len(gallery_images(d)) == before + 1)
+    wait_for_images(browser, before + 1)
     seen = browser.execute_script("return window.__steps")
     assert seen == sorted(seen), f"progress went backwards: {seen}"
     assert seen[-1] == steps, seen
@@ -287,6 +306,27 @@ def test_generate_streams_progress_and_shows_the_image(server, browser, pipe):
     expected = pipe(prompt, height=32, width=32, num_inference_steps=steps, seed=seed, progress=False).images[0]
     assert served.size == (32, 32)
     assert served.tobytes() == expected.convert("RGB").tobytes()
+
+
+def test_seeds_beyond_2_to_the_53_stay_exact(server, browser):
+    """The server takes seeds up to 2**63 - 1: the page sends and shows their exact digits (a JS
+    number holds integers exactly only up to 2**53)."""
+    seed = 2**63 - 5
+    open_page(browser, server.url)
+    fill(browser, "prompt", "a 2")
+    fill(browser, "steps", "2")
+    fill(browser, "n", "2")
+    by_id(browser, "seed-random").click()
+    fill(browser, "seed", str(seed))
+    before = len(gallery_images(browser))
+    by_id(browser, "generate").click()
+    wait_for_images(browser, before + 2)
+    assert not by_id(browser, "error").is_displayed(), by_id(browser, "error").text
+    shown = [img.get_attribute("data-seed") for img in gallery_images(browser)[:2]]
+    assert shown == [str(seed), str(seed + 1)], shown  # in the answer's order
+    by_id(browser, "seed").clear()
+    gallery_images(browser)[1].find_element("xpath", "following-sibling::figcaption//button").click()
+    assert by_id(browser, "seed").get_attribute("value") == str(seed + 1)
 
 
 @pytest.mark.filterwarnings("ignore:a prompt is longer than:UserWarning")
@@ -326,7 +366,7 @@ def test_bad_request_shows_the_servers_message(server, browser):
     fill(browser, "prompt", "a 1")
     fill(browser, "steps", "2")
     by_id(browser, "generate").click()
-    wait(browser, GENERATE_S).until(lambda d: len(gallery_images(d)) == before + 1)
+    wait_for_images(browser, before + 1)
     assert not by_id(browser, "error").is_displayed()
 
 
@@ -347,6 +387,36 @@ def test_api_key_is_asked_for_and_sent(pipe, browser):
         before = len(gallery_images(browser))
         wait(browser).until(lambda d: by_id(d, "generate").is_enabled())
         by_id(browser, "generate").click()
-        wait(browser, GENERATE_S).until(lambda d: len(gallery_images(d)) == before + 1)
+        wait_for_images(browser, before + 1)
         assert not by_id(browser, "error").is_displayed()
         wait(browser).until(lambda d: by_id(d, "model-name").text == MODEL)
+
+
+def test_cancel_stops_waiting_and_the_form_stays_usable(server, browser):
+    steps = 200
+    open_page(browser, server.url)
+    wait(browser).until(lambda d: len(d.find_elements("css selector", "#size option[value='64x64']")) == 1)
+    from selenium.webdriver.support.ui import Select
+
+    fill(browser, "prompt", "a 9")
+    fill(browser, "steps", str(steps))
+    Select(by_id(browser, "size")).select_by_value("64x64")
+    before = len(gallery_images(browser))
+    record_progress(browser)
+    by_id(browser, "generate").click()
+    assert by_id(browser, "cancel").is_enabled() and not by_id(browser, "generate").is_enabled()
+    wait(browser, GENERATE_S).until(lambda d: any(0 < s for s in d.execute_script("return window.__steps")))
+    by_id(browser, "cancel").click()
+    wait(browser, GENERATE_S).until(lambda d: by_id(d, "progress").get_attribute("data-state") in ("cancelled", "done"))
+    if by_id(browser, "progress").get_attribute("data-state") == "done":
+        pytest.fail("the generation finished before Cancel took effect: raise its steps or size")
+    assert by_id(browser, "error").text == "cancelled"
+    assert by_id(browser, "generate").is_enabled() and not by_id(browser, "cancel").is_enabled()
+    assert len(gallery_images(browser)) == before
+
+    # the server goes on answering: the next request from the page completes
+    fill(browser, "steps", "2")
+    Select(by_id(browser, "size")).select_by_value("")
+    by_id(browser, "generate").click()
+    wait_for_images(browser, before + 1)
+    assert not by_id(browser, "error").is_displayed()
