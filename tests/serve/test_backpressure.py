@@ -98,3 +98,52 @@ def test_refused_request_fails_alone_in_its_batch(pipe):
             if a.status_code == 200:
                 assert np.array_equal(png_pixels(a.json()["data"][0]["b64_json"]), reference(pipe, prompt, seed))
         assert _post(base, {"prompt": "a 4", "seed": 8}).status_code == 200
+
+
+def test_stream_disconnect_cancels_queued_work(pipe):
+    with serving(pipe, max_batch=1) as (base, app), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        engine = app.state.server.engine
+        with gated(app) as (gate, entered):
+            running = pool.submit(_post, base, {"prompt": "a 1", "seed": 1})
+            assert entered.wait(30)
+            ask = {"prompt": "a 9", "seed": 99, "stream": True}
+            with httpx.stream("POST", base + GEN, json=ask, timeout=30) as r:
+                assert r.status_code == 200
+                wait_for(lambda: engine.queued() == 1, "the request in the queue")
+                job = engine._queue[0]
+            wait_for(lambda: job.cancelled, "the disconnect to cancel the streamed job")
+            gate.set()
+        assert running.result(60).status_code == 200
+        wait_for(lambda: engine.queued() == 0, "the queue to empty")
+        assert metric(httpx.get(base + "/metrics").text, "fastflow_images_total") == 1 and not job.started
+
+
+def test_disconnect_interrupts_running_work_nobody_waits_for(pipe):
+    """Every client of a running call gone: the call stops after its current step (pipe.interrupt)."""
+    with serving(pipe, max_batch=1) as (base, app):
+        engine = app.state.server.engine
+        steps = []
+        with gated(app) as (gate, entered):
+            ask = {"prompt": "a 9", "seed": 99, "num_inference_steps": 50, "stream": True}
+            with httpx.stream("POST", base + GEN, json=ask, timeout=30) as r:
+                assert r.status_code == 200
+                assert entered.wait(30)
+                job = engine._running_jobs[0]
+            wait_for(lambda: job.cancelled, "the disconnect")
+            original = job.progress
+            job.progress = lambda step, total: (steps.append(step), original(step, total))
+            gate.set()
+            wait_for(lambda: not engine._running_jobs, "the call to end")
+        assert steps and max(steps) < 50, steps
+        text = httpx.get(base + "/metrics").text
+        assert metric(text, "fastflow_images_total") == 0
+        assert _post(base, {"prompt": "a 1", "seed": 1}).status_code == 200
+
+
+def test_shutting_down_answers_503(pipe):
+    with serving(pipe) as (base, app):
+        app.state.server.engine.stop_accepting()
+        r = _post(base, {"prompt": "a 1"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        h = httpx.get(base + "/health", timeout=10)
+        assert h.status_code == 503 and h.json() == {"status": "shutting_down"}
