@@ -420,3 +420,22 @@ def test_cancel_stops_waiting_and_the_form_stays_usable(server, browser):
     by_id(browser, "generate").click()
     wait_for_images(browser, before + 1)
     assert not by_id(browser, "error").is_displayed()
+
+
+def test_an_error_event_in_the_stream_is_shown(pipe, browser):
+    """A request past the server's timeout ends its stream with `event: error`: the page shows it."""
+    from selenium.webdriver.support.ui import Select
+
+    with ServerThread(pipe, timeout_s=0.2) as short:  # 200 steps at 64x64 take seconds on a CPU
+        open_page(browser, short.url)
+        wait(browser).until(lambda d: len(d.find_elements("css selector", "#size option[value='64x64']")) == 1)
+        fill(browser, "prompt", "a 6")
+        fill(browser, "steps", "200")
+        Select(by_id(browser, "size")).select_by_value("64x64")
+        before = len(gallery_images(browser))
+        by_id(browser, "generate").click()
+        error = by_id(browser, "error")
+        wait(browser, GENERATE_S).until(lambda d: error.is_displayed())
+        assert "took longer than" in error.text, error.text
+        assert by_id(browser, "progress").get_attribute("data-state") == "error"
+        assert len(gallery_images(browser)) == before and by_id(browser, "generate").is_enabled()
