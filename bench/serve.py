@@ -12,7 +12,8 @@ answer), p50 / p99 latency (client-side, per request), and the server's batch-si
 
 Runs (default): ``serial`` (1 client, --max-batch 1: one request at a time), ``concurrent``
 (N clients, max_batch 1: queued, not merged) and ``batched`` (N clients, --max-batch B).
-``--url`` benches a server already running (e.g. the Ray Serve deployment): 1 client, then N.
+``--url`` benches a server already running: 1 client, then N; behind a Ray Serve deployment
+(fastflow/serve/ray_app.py) the histogram sums every replica's /metrics.
 
     python bench/serve.py [--clients 8] [--seconds 10] [--max-batch 8] [--threads 1] [--out serve.json]
 """
@@ -29,6 +30,7 @@ import time
 
 MODEL = "fastflow-tiny-digits"
 BATCH_METRIC = "fastflow_batch_size_bucket"
+REPLICA_HEADER = "x-fastflow-replica"  # fastflow.serve.ray_app's: which Ray Serve replica answered
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -69,15 +71,44 @@ def histogram(before: dict[float, float], after: dict[float, float]) -> dict[str
     return out
 
 
-def metrics_snapshot(client, base: str) -> tuple[dict[float, float], float, float]:
-    """(batch buckets, sum of batch sizes, images served) from /metrics."""
-    text = client.get(base + "/metrics", timeout=30).text
+def parse_metrics(text: str) -> dict:
+    """{"buckets": batch buckets, "batch_sum": images over all pipeline calls, "images": images served}."""
     values = {}
     for line in text.splitlines():
         for name in ("fastflow_batch_size_sum", "fastflow_images_total"):
             if line.startswith(name + " "):
                 values[name] = float(line.rsplit(" ", 1)[1])
-    return batch_buckets(text), values.get("fastflow_batch_size_sum", 0.0), values.get("fastflow_images_total", 0.0)
+    return {"buckets": batch_buckets(text), "batch_sum": values.get("fastflow_batch_size_sum", 0.0),
+            "images": values.get("fastflow_images_total", 0.0)}  # fmt: skip
+
+
+def metrics_snapshot(client, base: str, settle: int = 16, limit: int = 200) -> dict[str, dict]:
+    """/metrics of every replica behind ``base``: {replica: parse_metrics(...)}. A Ray Serve
+    deployment answers each GET from one replica (the x-fastflow-replica header says which): GETs
+    until ``settle`` in a row found no new replica. A plain server has one ("-")."""
+    seen, quiet = {}, 0
+    for _ in range(limit):
+        r = client.get(base + "/metrics", timeout=30)
+        r.raise_for_status()
+        replica = r.headers.get(REPLICA_HEADER, "-")
+        quiet = quiet + 1 if replica in seen else 0
+        seen[replica] = parse_metrics(r.text)
+        if replica == "-" or quiet >= settle:
+            break
+    return seen
+
+
+def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict:
+    """A run's batch histogram, batch-size sum and images served, summed over the replicas."""
+    buckets, batch_sum, images = {}, 0.0, 0.0
+    for replica, now in after.items():
+        then = before.get(replica, {"buckets": {}, "batch_sum": 0.0, "images": 0.0})
+        for bound, count in now["buckets"].items():
+            buckets[bound] = buckets.get(bound, 0.0) + count - then["buckets"].get(bound, 0.0)
+        batch_sum += now["batch_sum"] - then["batch_sum"]
+        images += now["images"] - then["images"]
+    return {"hist": histogram({}, buckets), "batch_sum": batch_sum, "images": images,
+            "replicas": len(after), "partial": set(after) != set(before)}  # fmt: skip
 
 
 def load(base: str, clients: int, seconds: float, steps: int | None, seed0: int, api_key: str | None = None) -> dict:
@@ -90,7 +121,7 @@ def load(base: str, clients: int, seconds: float, steps: int | None, seed0: int,
     latencies: list[float] = []
     next_seed = [seed0]
     with httpx.Client(headers=headers) as probe:
-        before, batch_sum0, served0 = metrics_snapshot(probe, base)
+        before = metrics_snapshot(probe, base)
     start = time.perf_counter()
     stop_at = start + seconds
     last_answer = [start]
@@ -131,8 +162,8 @@ def load(base: str, clients: int, seconds: float, steps: int | None, seed0: int,
         th.join(seconds + 900)
     elapsed = last_answer[0] - start
     with httpx.Client(headers=headers) as probe:
-        after, batch_sum1, served1 = metrics_snapshot(probe, base)
-    hist = histogram(before, after)
+        delta = metrics_delta(before, metrics_snapshot(probe, base))
+    hist = delta["hist"]
     calls = sum(hist.values())
     return {
         "clients": clients,
@@ -143,13 +174,15 @@ def load(base: str, clients: int, seconds: float, steps: int | None, seed0: int,
         "lost": stats["sent"] - stats["answered"] - stats["failed"],
         "errors": stats["errors"],
         "images": stats["images"],
-        "images_served_metric": int(served1 - served0),
+        "images_served_metric": int(delta["images"]),
+        "replicas": delta["replicas"],
+        "metrics_partial": delta["partial"],
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(stats["images"] / elapsed, 3) if elapsed > 0 else 0.0,
         "p50_ms": None if not latencies else round(1000 * quantile(latencies, 0.50), 1),
         "p99_ms": None if not latencies else round(1000 * quantile(latencies, 0.99), 1),
         "pipeline_calls": calls,
-        "mean_batch": round((batch_sum1 - batch_sum0) / calls, 2) if calls else None,
+        "mean_batch": round(delta["batch_sum"] / calls, 2) if calls else None,
         "batch_hist": hist,
     }
 
@@ -236,15 +269,23 @@ def bench(args) -> dict:
     }
 
 
+COLUMNS = [("run", "name"), ("clients", "clients"), ("replicas", "replicas"), ("max batch", "max_batch"),
+           ("sent", "sent"), ("answered", "answered"), ("failed", "failed"), ("lost", "lost"),
+           ("images/s", "images_per_s"), ("speedup", "speedup"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"),
+           ("mean batch", "mean_batch"), ("batch sizes (calls)", "batch_hist")]  # fmt: skip
+
+
 def table(report: dict) -> str:
-    head = ("| run | clients | max batch | sent | answered | failed | lost | images/s | speedup | p50 ms | p99 ms "
-            "| mean batch | batch sizes (calls) |")  # fmt: skip
-    lines = [head, "|" + "---|" * 13]
-    for r in report["runs"]:
-        hist = ", ".join(f"{k}: {v}" for k, v in r["batch_hist"].items()) or "-"
-        lines.append(f"| {r['name']} | {r['clients']} | {r['max_batch'] or 'server'} | {r['sent']} | {r['answered']} "
-                     f"| {r['failed']} | {r['lost']} | {r['images_per_s']:.2f} | {r['speedup']} | {r['p50_ms']} "
-                     f"| {r['p99_ms']} | {r['mean_batch']} | {hist} |")  # fmt: skip
+    def cell(run, key):
+        value = run[key]
+        if key == "batch_hist":
+            return ", ".join(f"{size}: {calls}" for size, calls in value.items()) or "-"
+        if key == "max_batch" and value is None:
+            return "server's"
+        return f"{value:.2f}" if key == "images_per_s" else str(value)
+
+    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(run, key) for _, key in COLUMNS) + " |" for run in report["runs"]]
     return "\n".join(lines)
 
 

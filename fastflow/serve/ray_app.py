@@ -175,8 +175,10 @@ def run(config: ServeConfig, replicas: int, *, address: str | None = None, cpus_
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build(config, replicas, cpus_per_replica=cpus_per_replica), name=APP_NAME, route_prefix="/")
+        logging_config = {"log_level": config.log_level.upper()}
+        serve.start(http_options={"host": config.host, "port": config.port}, logging_config=logging_config)
+        app = build(config, replicas, cpus_per_replica=cpus_per_replica)
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
         log.warning("fastflow serve: %d Ray Serve replicas of %s at http://%s:%d", replicas, config.model,
                     config.host, config.port)  # fmt: skip
         stop.wait()

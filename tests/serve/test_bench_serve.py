@@ -55,7 +55,8 @@ def test_tiny_run_reports_every_field_and_loses_nothing(bench, tmp_path, capsys)
         assert run["images_per_s"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"], run
         assert sum(run["batch_hist"].values()) == run["pipeline_calls"] > 0, run
         assert run["mean_batch"] == pytest.approx(run["images"] / run["pipeline_calls"], abs=0.006), run
-        assert f"| {run['name']} | {run['clients']} |" in printed
+        assert f"| {run['name']} | {run['clients']} | 1 | {run['max_batch']} | {run['sent']} |" in printed
+        assert run["replicas"] == 1 and run["metrics_partial"] is False, run
     for run in report["runs"][:2]:  # max_batch 1: one image per call
         assert run["batch_hist"] == {"1": run["images"]}, run
     assert report["runs"][0]["speedup"] == 1.0
