@@ -295,7 +295,7 @@ def main(argv=None) -> dict:
     p.add_argument("--url", default=None, help="bench a running server instead (e.g. http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=None, help="with --url: the server's bearer key")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the concurrent / batched runs")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long each run sends requests")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long each run sends requests")
     p.add_argument("--max-batch", type=int, default=8, help="the batched run's max_batch")
     p.add_argument("--batch-window-ms", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")

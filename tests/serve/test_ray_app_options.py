@@ -74,12 +74,21 @@ async def _wait_ready(client):
     raise AssertionError("the app did not become ready in 30 s")
 
 
-def test_from_args_rejects_unknown_fields():
+def test_from_args_builds_the_deployment_or_refuses_unknown_fields():
+    """`serve run fastflow.serve.ray_app:from_args k=v ...`: strings converted by ServeConfig's field
+    types; binding loads nothing (no Ray cluster needed)."""
     pytest.importorskip("ray.serve")
     from fastflow.serve.ray_app import from_args
 
+    app = from_args({"model": MODEL, "replicas": "3", "max_batch": "8", "batch_window_ms": "5", "device": "cpu",
+                     "cpus_per_replica": "2"})  # fmt: skip
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 3 and deployment.ray_actor_options == {"num_cpus": 2.0}
+    assert deployment.max_ongoing_requests == 64 + 8  # the engine's queue and a batch: its 429 answers first
     with pytest.raises(InputError, match="unknown argument 'modle'"):
         from_args({"modle": MODEL, "replicas": "2"})
+    with pytest.raises(InputError, match="max_batch"):
+        from_args({"model": MODEL, "max_batch": "0"})
 
 
 def test_cli_replicas_needs_ray(monkeypatch, capsys):
