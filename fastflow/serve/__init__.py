@@ -8,6 +8,7 @@ finish, exit 0). FastAPI and uvicorn (``pip install fastflow[serve]``) are impor
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 
 from .config import ServeConfig, is_loopback
@@ -43,6 +44,9 @@ def run(config: ServeConfig, pipe=None) -> None:
         def handle_exit(self, sig, frame):
             engine.stop_accepting()  # requests still arriving on open connections: 503
             super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)  # uvicorn re-raises these after serving
+            if sig == signal.SIGTERM and captured is not None:  # a graceful stop, done: exit 0, not 143
+                captured[:] = [s for s in captured if s != signal.SIGTERM]
 
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=None, server_header=False)  # fmt: skip

@@ -86,14 +86,15 @@ class Server:
         request._body = body  # Starlette reads a form from the body already read
         return body
 
-    def answer(self, work, results) -> dict:
+    def answer(self, work, result) -> dict:
         import base64
 
+        images, used = result
         return {
             "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed} for png, seed in results],
+            "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed} for png, seed in images],
             "model": self.info.name,
-            "settings": work.settings(self.info.name),
+            "settings": {**work.settings(self.info.name), **used},
         }
 
     async def wait(self, job, request: Request):

@@ -20,10 +20,11 @@ import logging
 import threading
 import time
 
-from ..errors import FastflowError, GenerationInterrupted, InputError
+from ..errors import CheckpointError, FastflowError, GenerationInterrupted, InputError
 from .protocol import ApiError, Work
 
 log = logging.getLogger("fastflow.serve")
+USED = ("dtype", "true_cfg_scale", "cache")  # what the pipeline reports of a call, added to a request's settings
 
 
 class Job:
@@ -53,7 +54,9 @@ class Job:
     def resolve(self, result=None, error: ApiError | None = None) -> None:
         def done():
             if not self.future.done():
-                if error is not None:
+                if self.cancelled:  # nobody awaits it any more
+                    self.future.cancel()
+                elif error is not None:
                     self.future.set_exception(error)
                 else:
                     self.future.set_result(result)
@@ -82,6 +85,7 @@ class Engine:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._running_jobs: list[Job] = []  # the call running now (tests, introspection)
         self._batch_seconds = 1.0  # running mean of a call's wall time (Retry-After)
         self._thread = threading.Thread(target=self._run, name="fastflow-serve-worker", daemon=True)
 
@@ -137,8 +141,13 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            if batch:
-                self._serve(batch)
+            try:
+                if batch:
+                    self._serve(batch)
+            except Exception as e:  # a bug of ours: the batch fails, the worker goes on
+                log.exception("fastflow serve: serving a batch failed")
+                for job in batch:
+                    job.resolve(error=ApiError(500, f"internal error ({type(e).__name__})", "internal_error"))
 
     def _take_live(self) -> Job | None:
         """The oldest queued job that still has a client (called under the lock)."""
@@ -184,10 +193,11 @@ class Engine:
         for job in batch:
             job.started = True
         t0 = time.monotonic()
+        self._running_jobs = batch
         try:
             results = self._generate(batch)
         except Exception as e:
-            if len(batch) > 1 and isinstance(e, FastflowError):
+            if len(batch) > 1 and isinstance(e, FastflowError) and not isinstance(e, GenerationInterrupted):
                 for job in batch:  # each alone: only the request at fault fails
                     self._serve([job])
                 return
@@ -195,6 +205,8 @@ class Engine:
             for job in batch:
                 job.resolve(error=error)
             return
+        finally:
+            self._running_jobs = []
         seconds = time.monotonic() - t0
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         self.metrics.batch(sum(job.work.n for job in batch))
@@ -206,14 +218,14 @@ class Engine:
     def _error(e: Exception) -> ApiError:
         if isinstance(e, GenerationInterrupted):
             return ApiError(499, "the generation was cancelled: its clients went away", "cancelled")
-        if isinstance(e, InputError):
+        if isinstance(e, (InputError, CheckpointError)):  # the request's settings or its LoRA
             return ApiError(422, f"the model refused the request: {e}"[:1000], "unprocessable")
         log.error("fastflow serve: a generation failed", exc_info=e)
         message = f"{type(e).__name__}: {e}" if isinstance(e, FastflowError) else type(e).__name__
         return ApiError(500, f"the generation failed ({message})"[:1000], "generation_failed")
 
-    def _generate(self, batch: list[Job]) -> list[list[tuple[bytes, int]]]:
-        """One pipeline call for the whole batch -> per job [(png, seed), ...]."""
+    def _generate(self, batch: list[Job]) -> list[tuple[list[tuple[bytes, int]], dict]]:
+        """One pipeline call for the whole batch -> per job ([(png, seed), ...], settings the call used)."""
         work = batch[0].work
         prompts = [job.work.prompt for job in batch for _ in job.work.seeds]
         seeds = [s for job in batch for s in job.work.seeds]
@@ -238,5 +250,6 @@ class Engine:
                 kwargs["strength"] = work.strength
         out = pipe(prompts, height=work.height, width=work.width, num_inference_steps=work.steps, seed=seeds,
                    sampler=work.sampler, cache=work.cache, callback=on_step, progress=False, **kwargs)  # fmt: skip
+        used = {key: out.settings.get(key) for key in USED if key in out.settings}
         images = iter(zip(out.images, out.seeds, strict=True))
-        return [[(png_bytes(image), seed) for image, seed in (next(images) for _ in job.work.seeds)] for job in batch]
+        return [([(png_bytes(im), seed) for im, seed in (next(images) for _ in job.work.seeds)], used) for job in batch]

@@ -80,3 +80,31 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+@contextlib.contextmanager
+def gated(app):
+    """Holds the worker at the start of its next pipeline call until the gate opens: yields
+    (gate, entered), two threading.Events. Lets a test fill the queue deterministically."""
+    engine = app.state.server.engine
+    gate, entered = threading.Event(), threading.Event()
+    original = engine.apply_loras
+
+    def wait_then_apply(pipe, scales):
+        entered.set()
+        assert gate.wait(60), "the test never opened the gate"
+        original(pipe, scales)
+
+    engine.apply_loras = wait_then_apply
+    try:
+        yield gate, entered
+    finally:
+        gate.set()
+        engine.apply_loras = original
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
