@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import threading
 import time
 
 import numpy as np
@@ -43,7 +44,13 @@ def ray_base():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         config = ServeConfig(model=MODEL, port=port, max_batch=4, batch_window_ms=200, device="cpu")
-        serve.run(build(config, 2, cpus_per_replica=1.0), name="fastflow-test", route_prefix="/")
+        deployed = []  # serve.run waits for the replicas (their models loaded): bounded from here
+        deploy = threading.Thread(
+            target=lambda: deployed.append(serve.run(build(config, 2), name="ff-test")), daemon=True
+        )
+        deploy.start()
+        deploy.join(120)
+        assert deployed, "the two replicas were not deployed in 120 s (or the deployment failed: see the log above)"
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while httpx.get(base + "/health", timeout=10).status_code != 200:
