@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import httpx  # noqa: F401  (skips without the serve extra)
+from .conftest import serving
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "serve.py"
 
@@ -60,3 +60,17 @@ def test_tiny_run_reports_every_field_and_loses_nothing(bench, tmp_path, capsys)
     for run in report["runs"][:2]:  # max_batch 1: one image per call
         assert run["batch_hist"] == {"1": run["images"]}, run
     assert report["runs"][0]["speedup"] == 1.0
+
+
+def test_url_mode_benches_a_running_server(bench, pipe):
+    """--url: 1 client then N against a server already running (its own max_batch); counts match its /metrics."""
+    with serving(pipe, max_batch=4) as (base, _):
+        report = bench.main(["--url", base, "--clients", "2", "--seconds", "1", "--steps", "2"])
+    assert [(r["name"], r["clients"], r["max_batch"]) for r in report["runs"]] == [
+        ("serial", 1, None),
+        ("concurrent", 2, None),
+    ]
+    assert report["model"] == base and report["lost"] == 0
+    for run in report["runs"]:
+        assert run["answered"] == run["sent"] == run["images_served_metric"] > 0, run
+        assert sum(run["batch_hist"].values()) == run["pipeline_calls"] > 0 and run["replicas"] == 1, run
