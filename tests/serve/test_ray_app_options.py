@@ -97,3 +97,13 @@ def test_cli_replicas_needs_ray(monkeypatch, capsys):
     monkeypatch.setattr("fastflow.serve.run", lambda *a, **k: pytest.fail("the server started"))
     assert main(["serve", MODEL, "--replicas", "2"]) == 2
     assert "add --ray" in capsys.readouterr().err
+
+
+def test_without_ray_the_error_says_what_to_install(monkeypatch):
+    from fastflow.serve import ray_app
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(InputError, match=r"pip install 'fastflow\[ray\]'"):
+        ray_app.build(ServeConfig(model=MODEL), 2)
+    with pytest.raises(InputError, match=r"pip install 'fastflow\[ray\]'"):
+        ray_app.run(ServeConfig(model=MODEL), 2)
