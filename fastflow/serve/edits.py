@@ -105,18 +105,18 @@ async def parse_edit(request, model: ModelInfo, limits: Limits, resolve_lora):
     strength = body.pop("strength", None)
     image, digest = read_image(files["image"], "image", "RGB")
     mask = None
+    if model.fill and "mask" not in files:
+        raise bad(f"{model.name} (FLUX.1 Fill) needs a mask (white: repaint)", "missing_field")
     if "mask" in files:
-        if not model.inpaint:
+        if not (model.inpaint or model.fill):
             raise bad(f"{model.name} does not inpaint (no mask)", "inpainting_unsupported")
         mask, mask_digest = read_image(files["mask"], "mask", "L")
         digest += mask_digest
-    if strength is not None:
-        if model.kontext or not model.img2img:
+    if strength is not None:  # else the pipeline's default (image-to-image 0.6, Fill 1.0), reported back
+        if model.kontext or not (model.img2img or model.fill):
             raise bad(f"{model.name} edits by the prompt (Kontext): strength does not apply", "invalid_value")
         if not 0 < strength <= 1:
             raise bad(f"strength must be in (0, 1], got {strength}")
-    elif not model.kontext:
-        strength = 0.6
     body.setdefault("size", default_size(image, model))
     work = parse_generation(body, model, limits, resolve_lora)
     if mask is not None and mask.size != image.size:

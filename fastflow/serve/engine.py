@@ -24,7 +24,8 @@ from ..errors import CheckpointError, FastflowError, GenerationInterrupted, Inpu
 from .protocol import ApiError, Work
 
 log = logging.getLogger("fastflow.serve")
-USED = ("dtype", "true_cfg_scale", "cache")  # what the pipeline reports of a call, added to a request's settings
+# what the pipeline reports of a call, added to the settings of its requests
+USED = ("dtype", "true_cfg_scale", "cache", "strength")
 
 
 class Job:

@@ -39,6 +39,7 @@ def model_info(pipe) -> ModelInfo:
         raise InputError(f"fastflow serve serves FLUX.1, SD3 and SDXL image pipelines, not {type(pipe).__name__}")
     params = inspect.signature(pipe.__call__).parameters
     kontext = bool(getattr(config, "kontext", False))
+    conditioning = getattr(config, "conditioning", None)  # FLUX.1 Fill / Canny / Depth
     if family == "flux":
         guidance = bool(config.guidance_embed)
         negative = float(pipe.defaults.get("true_cfg") or 1.0) > 1.0
@@ -56,8 +57,9 @@ def model_info(pipe) -> ModelInfo:
         guidance=guidance,
         negative=negative,
         kontext=kontext,
-        inpaint="mask_image" in params and not kontext and getattr(config, "conditioning", None) is None,
-        img2img="strength" in params and not kontext and getattr(config, "conditioning", None) is None,
+        inpaint="mask_image" in params and not kontext and conditioning is None,
+        img2img="strength" in params and not kontext and conditioning is None,
+        fill=conditioning == "fill",
     )
 
 
@@ -74,4 +76,6 @@ def prepare(pipe, config, loras) -> ModelInfo:
         log.info("fastflow serve: warming the compiled model (one generation at the default size)")
         h, w = info.default_size
         pipe("warm-up", height=h, width=w, seed=0, progress=False)
+        if config.max_batch > 1:  # the batch size changes: dynamo's one recompile happens now, not on a request
+            pipe(["warm-up"] * 2, height=h, width=w, seed=[0, 1], progress=False)
     return info

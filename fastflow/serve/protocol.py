@@ -50,6 +50,7 @@ class ModelInfo:
     kontext: bool
     inpaint: bool  # takes mask_image
     img2img: bool  # takes image + strength
+    fill: bool = False  # FLUX.1 Fill: edits need image and mask
 
     def describe(self) -> dict:
         h, w = self.default_size
@@ -61,7 +62,7 @@ class ModelInfo:
     @property
     def edits(self) -> list[str]:
         kinds = (["kontext"] if self.kontext else []) + (["image-to-image"] if self.img2img else [])
-        return kinds + (["inpainting"] if self.inpaint else [])
+        return kinds + (["inpainting"] if self.inpaint or self.fill else [])
 
 
 @dataclass

@@ -55,6 +55,7 @@ def test_inpainting_equals_in_process(server, pipe, inputs):
     files = {"image": ("in.png", png(image), "image/png"), "mask": ("mask.png", png(mask), "image/png")}
     r = httpx.post(base + EDITS, data={"prompt": "a 1", "seed": "5"}, files=files, timeout=60)
     assert r.status_code == 200, r.text
+    assert r.json()["settings"]["strength"] == 0.6  # the pipeline's default, reported
     expected = pipe("a 1", image=image, mask_image=mask, strength=0.6, seed=5, height=16, width=16, progress=False)
     assert np.array_equal(png_pixels(r.json()["data"][0]["b64_json"]), np.asarray(expected.images[0]))
 
@@ -120,6 +121,9 @@ def test_edits_the_model_cannot_do(server, inputs):
         state.info = dataclasses.replace(info, inpaint=False, img2img=False)
         r = httpx.post(base + EDITS, data={"prompt": "a 1"}, files={"image": image}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "edits_unsupported"
+        state.info = dataclasses.replace(info, inpaint=False, img2img=False, fill=True)  # FLUX.1 Fill: a mask
+        r = httpx.post(base + EDITS, data={"prompt": "a 1"}, files={"image": image}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "missing_field"
         state.info = dataclasses.replace(info, inpaint=False, img2img=False, kontext=True)
         r = httpx.post(base + EDITS, data={"prompt": "a 1", "strength": "0.5"}, files={"image": image}, timeout=60)
         assert r.status_code == 400 and "strength" in r.json()["error"]["message"]

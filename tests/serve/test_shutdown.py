@@ -57,11 +57,13 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path):
         thread.start()
         assert started.wait(60), "no progress event"
         proc.send_signal(signal.SIGTERM)
+        at_signal = events.count("progress")
         assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()
         thread.join(30)
         assert not thread.is_alive()
         assert events[-2] == "completed", events[-3:]
         assert events[-1]["data"][0]["seed"] == 11 and events.count("progress") == 150
+        assert at_signal < 150, "the request had finished before SIGTERM: nothing was in flight"
         try:  # nothing listens any more
             httpx.get(base + "/health", timeout=5)
             raise AssertionError("the server still answers after SIGTERM")
