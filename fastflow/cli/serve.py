@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (pip install 'fastflow[ray]')")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas, one per GPU (default 1)")
+    p.add_argument("--ray-address", default=None, help="with --ray: a running cluster (default $RAY_ADDRESS or local)")
     p.set_defaults(func=run)
 
 
@@ -78,5 +81,12 @@ def run(args) -> int:
         dtype=args.dtype,
         log_level=args.log_level,
     )
+    if args.ray:
+        from ..serve.ray_app import run as serve_on_ray
+
+        serve_on_ray(config, args.replicas or 1, address=args.ray_address)
+        return 0
+    if args.replicas is not None or args.ray_address is not None:
+        raise InputError("--replicas and --ray-address scale out on Ray Serve: add --ray")
     serve(config)
     return 0
