@@ -27,6 +27,7 @@ from ..errors import InputError, LoraError, plain_number
 from ..quant import replace_module
 from . import control as control_lora
 from .formats import is_other_component, linear_layers, parse
+from .formats_sdxl import refuse_text_encoder_keys
 from .layers import LoraLinear, Piece
 
 
@@ -50,9 +51,19 @@ class LoraManager:
         self._originals: dict[str, dict[str, torch.Tensor]] = {}  # layer -> its weights before fusing (CPU)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False, on_control=None) -> Adapter:
+    def load(
+        self,
+        path,
+        scale: float = 1.0,
+        name: str | None = None,
+        fuse: bool = False,
+        on_control=None,
+        text_encoder: str = "warn",
+    ) -> Adapter:
         """Load one LoRA file. ``on_control(parts)``: called for a control LoRA (adapters/control.py)
-        before anything changes, to refuse it with a typed error."""
+        before anything changes, to refuse it with a typed error. ``text_encoder``: what the file's
+        text-encoder keys do ("warn": listed in a warning, not applied; "refuse": a LoraError
+        naming them, nothing loaded)."""
         if not isinstance(path, (str, os.PathLike)):
             raise InputError(f"load_lora takes the path of a .safetensors LoRA file, got {type(path).__name__}")
         path = Path(path).expanduser()
@@ -68,6 +79,8 @@ class LoraManager:
             if on_control is not None:
                 on_control(control)
         targets, unmatched = parse(state, self.model, path, self._widths(control))
+        if text_encoder == "refuse":
+            refuse_text_encoder_keys(unmatched, path)
         if unmatched:
             other = [k for k in unmatched if is_other_component(k)]
             warnings.warn(
