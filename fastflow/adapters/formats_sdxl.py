@@ -86,3 +86,36 @@ def refuse_text_encoder_keys(keys, path) -> None:
             "pass unet_only=True to load_lora to apply its UNet part alone (prompts are then encoded without "
             "the LoRA, so images differ from the trainer's), or use a LoRA trained on the UNet only",
         )  # fmt: skip
+
+
+def metadata_alphas(state: dict[str, torch.Tensor], metadata: dict[str, str], path) -> dict[str, torch.Tensor]:
+    """The ``.alpha`` tensors that diffusers' ``lora_adapter_metadata`` header entry stands for:
+    recent diffusers write PEFT's config there (``{"unet.r": 4, "unet.lora_alpha": 8, ...}``) instead
+    of alpha keys; each prefix's ``lora_alpha`` is the alpha of that prefix's modules without one.
+    Per-module patterns (``alpha_pattern`` / ``rank_pattern``) are refused, never approximated."""
+    import json
+
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise LoraError(path, "its lora_adapter_metadata header entry is not JSON", "re-download the file") from None
+    if not isinstance(config, dict):
+        raise LoraError(path, "its lora_adapter_metadata header entry is not a JSON object", "re-download the file")
+    out = {}
+    for key, value in config.items():
+        prefix, _, field = str(key).rpartition(".")
+        if field in ("alpha_pattern", "rank_pattern") and value:
+            raise LoraError(path, f"its metadata gives per-module {field} ({key}), which fastflow does not read",
+                            "save the LoRA with one rank and alpha, or with kohya .alpha keys")  # fmt: skip
+        if field != "lora_alpha" or not prefix:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoraError(path, f"metadata {key} = {value!r} is not a number", "re-download the file")
+        for k in state:
+            module = k.removesuffix(".lora_A.weight")
+            if k.startswith(prefix + ".") and module != k and f"{module}.alpha" not in state:
+                out[f"{module}.alpha"] = torch.tensor(float(value))
+    return out

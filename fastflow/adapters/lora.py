@@ -27,7 +27,7 @@ from ..errors import InputError, LoraError, plain_number
 from ..quant import replace_module
 from . import control as control_lora
 from .formats import is_other_component, linear_layers, parse
-from .formats_sdxl import refuse_text_encoder_keys
+from .formats_sdxl import metadata_alphas, refuse_text_encoder_keys
 from .layers import LoraLinear, Piece
 
 
@@ -71,7 +71,8 @@ class LoraManager:
         if name in self.adapters:
             raise InputError(f"a LoRA named {name!r} is already loaded: pass name=, or unload_lora({name!r}) first")
         scale = _check_scale(scale)
-        state = read_lora_file(path)
+        state, metadata = read_lora_file(path, with_metadata=True)
+        state.update(metadata_alphas(state, metadata, path))
         control = control_lora.split(state, self.model, path)  # takes a control LoRA's norms out of state
         if control is not None:
             control.hint = control_lora.hint(path)
@@ -274,12 +275,14 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
-def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a LoRA safetensors file, through the validated reader (never pickle)."""
+def read_lora_file(path: Path, with_metadata: bool = False):
+    """Every tensor of a LoRA safetensors file, through the validated reader (never pickle); with
+    ``with_metadata``, (tensors, the header's metadata)."""
     from ..loading.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(path) as f:
-        return {k: f.tensor(k).clone() for k in f.entries}
+        state = {k: f.tensor(k).clone() for k in f.entries}
+        return (state, dict(f.metadata)) if with_metadata else state
 
 
 __all__ = ["LoraLinear", "LoraManager", "linear_layers"]

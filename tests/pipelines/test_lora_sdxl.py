@@ -6,12 +6,14 @@ torch.compile (fullgraph) without recompiling, FP8 layers, exact unfuse. The pip
 refused files: test_lora_sdxl_pipeline.py."""
 
 import copy
+import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import fastflow
+from fastflow import errors
 from fastflow.adapters import LoraManager
 from fastflow.adapters.formats import linear_layers
 from fastflow.loading.keymaps import unet_from_diffusers
@@ -85,6 +87,14 @@ def _official_names(cfg, model) -> dict[str, str]:
 def _file(tmp_path, name, state, form, alpha=ALPHA, official=None):
     """Save a PEFT state dict as ``form``: diffusers (``unet.`` prefix, no alpha: diffusers' own
     files carry alpha = rank), kohya on official names, kohya on diffusers names (both with alpha)."""
+    if form == "diffusers-metadata":  # diffusers' own writer: PEFT's config (lora_alpha) in the header
+        from diffusers import StableDiffusionXLPipeline
+
+        config = {"r": RANK, "lora_alpha": alpha, "target_modules": TARGETS}
+        StableDiffusionXLPipeline.save_lora_weights(
+            tmp_path / name, unet_lora_layers=state, unet_lora_adapter_metadata=config
+        )
+        return tmp_path / name / "pytorch_lora_weights.safetensors"
     out = {}
     for key, v in state.items():
         module, _, role = key.rpartition(".lora_")
@@ -101,10 +111,10 @@ def _file(tmp_path, name, state, form, alpha=ALPHA, official=None):
     return path
 
 
-@pytest.mark.parametrize("form", ["diffusers", "kohya", "kohya-diffusers"])
+@pytest.mark.parametrize("form", ["diffusers", "diffusers-metadata", "kohya", "kohya-diffusers"])
 def test_unet_formats_equal_peft_fused_and_unfused(base, tmp_path, form):
     ref, _, cfg = base
-    alpha = float(RANK) if form == "diffusers" else ALPHA  # diffusers' files: alpha = rank (scale 1)
+    alpha = float(RANK) if form == "diffusers" else ALPHA  # diffusers' files without metadata: scale 1
     theirs_model, state = _peft(ref, alpha=alpha)
     i = _inputs(cfg)
     expected, plain_theirs = _run_theirs(theirs_model, i), _run_theirs(ref, i)
@@ -212,3 +222,15 @@ def test_fp8_layers_unfused_and_fused_then_restored_exactly(base, tmp_path):
     manager.unload()
     assert torch.equal(layer.weight, codes) and torch.equal(layer.weight_scale, scales)
     assert torch.equal(_run_ours(model, i), plain)
+
+
+def test_metadata_with_per_module_patterns_is_refused(base, tmp_path):
+    _, state = _peft(base[0], seed=6)
+    path = tmp_path / "p.safetensors"
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"to_q": 16}}
+    save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, str(path),
+              metadata={"lora_adapter_metadata": json.dumps(meta)})  # fmt: skip
+    manager = LoraManager(_ours(base))
+    with pytest.raises(errors.LoraError, match="per-module alpha_pattern"):
+        manager.load(path)
+    assert manager.adapters == {}
