@@ -233,4 +233,8 @@ def test_metadata_with_per_module_patterns_is_refused(base, tmp_path):
     manager = LoraManager(_ours(base))
     with pytest.raises(errors.LoraError, match="per-module alpha_pattern"):
         manager.load(path)
+    save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, str(path),
+              metadata={"lora_adapter_metadata": "{not json"})  # fmt: skip
+    with pytest.raises(errors.LoraError, match="not JSON"):
+        manager.load(path)
     assert manager.adapters == {}
