@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import FamilyMismatchError, LoraError
 from ..loading.keymaps import flux_from_diffusers, sd3_from_diffusers, unet_from_diffusers
+from .formats_sdxl import SDXL_HINTS, TEXT_ENCODER_PREFIXES, legacy_module, refuse_unsupported_kinds
 from .layers import LoraLinear, Piece
 
 DOWN, UP, ALPHA, BIAS = "down", "up", "alpha", "bias"
@@ -58,11 +59,14 @@ MAX_ALPHA_OVER_RANK = 1e4
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "unet.")
 _XLABS = re.compile(r"(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)")
 # keys that name another component (text encoders): reported as not applied
-_OTHER_COMPONENTS = ("lora_te", "text_encoder", "te1_", "te2_", "lora_te1_", "lora_te2_", "lora_te3_")
+_OTHER_COMPONENTS = TEXT_ENCODER_PREFIXES
 _FAMILY_HINTS = {
     "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
     "sd3": ("joint_blocks", "context_block", "x_block"),
+    "sdxl": SDXL_HINTS,
 }
+# kohya's prefix for diffusers module names: FLUX's trainers write lora_transformer_, SDXL's lora_unet_
+_KOHYA_DIFFUSERS = {"sdxl": "lora_unet_"}
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -178,7 +182,9 @@ def parse(
     layers = linear_layers(model)
     kohya = {"lora_unet_" + n.replace(".", "_"): n for n in layers}
     dmap = _diffusers_map(model, layers)
-    kohya_diffusers = {"lora_transformer_" + d.replace(".", "_"): d for d in dmap}
+    prefix = _KOHYA_DIFFUSERS.get(model.config.family, "lora_transformer_")
+    kohya_diffusers = {prefix + d.replace(".", "_"): d for d in dmap}
+    refuse_unsupported_kinds(state, path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unmatched = []
     for key, tensor in state.items():
@@ -217,7 +223,7 @@ def parse(
         if not abs(scale) <= MAX_ALPHA_OVER_RANK:
             raise LoraError(path, f"{module}.alpha: alpha / rank = {scale:g} is beyond +-{MAX_ALPHA_OVER_RANK:g}",
                             "the file is corrupt: re-download it")  # fmt: skip
-        name = _strip(module)
+        name = legacy_module(_strip(module))
         # (our layer, our first row, source first row, source rows expected or None: the layer's)
         if name in layers or module in kohya:
             places = [(name if name in layers else kohya[module], 0, 0, None)]
@@ -269,6 +275,10 @@ def parse(
                 Piece(piece_down, up[src : src + rows], scale, row, module, piece_bias)
             )
     if not targets:
+        if unmatched and all(is_other_component(k) for k in unmatched):
+            raise LoraError(path, f"this LoRA holds text-encoder keys only (first: {sorted(unmatched)[0]}); fastflow "
+                            f"applies LoRA to {model.config.name}'s transformer / UNet",
+                            "use a LoRA with keys for the transformer / UNet")  # fmt: skip
         raise LoraError(path, f"no key of this LoRA names a layer of {model.config.name} "
                         f"(first: {next(iter(state))})", "check that the LoRA is for this model")  # fmt: skip
     return targets, sorted(unmatched)

@@ -27,6 +27,7 @@ from ..errors import InputError, LoraError, plain_number
 from ..quant import replace_module
 from . import control as control_lora
 from .formats import is_other_component, linear_layers, parse
+from .formats_sdxl import metadata_alphas, refuse_text_encoder_keys
 from .layers import LoraLinear, Piece
 
 
@@ -50,9 +51,19 @@ class LoraManager:
         self._originals: dict[str, dict[str, torch.Tensor]] = {}  # layer -> its weights before fusing (CPU)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False, on_control=None) -> Adapter:
+    def load(
+        self,
+        path,
+        scale: float = 1.0,
+        name: str | None = None,
+        fuse: bool = False,
+        on_control=None,
+        text_encoder: str = "warn",
+    ) -> Adapter:
         """Load one LoRA file. ``on_control(parts)``: called for a control LoRA (adapters/control.py)
-        before anything changes, to refuse it with a typed error."""
+        before anything changes, to refuse it with a typed error. ``text_encoder``: what the file's
+        text-encoder keys do ("warn": listed in a warning, not applied; "refuse": a LoraError
+        naming them, nothing loaded)."""
         if not isinstance(path, (str, os.PathLike)):
             raise InputError(f"load_lora takes the path of a .safetensors LoRA file, got {type(path).__name__}")
         path = Path(path).expanduser()
@@ -60,7 +71,8 @@ class LoraManager:
         if name in self.adapters:
             raise InputError(f"a LoRA named {name!r} is already loaded: pass name=, or unload_lora({name!r}) first")
         scale = _check_scale(scale)
-        state = read_lora_file(path)
+        state, metadata = read_lora_file(path, with_metadata=True)
+        state.update(metadata_alphas(state, metadata, path))
         control = control_lora.split(state, self.model, path)  # takes a control LoRA's norms out of state
         if control is not None:
             control.hint = control_lora.hint(path)
@@ -68,6 +80,8 @@ class LoraManager:
             if on_control is not None:
                 on_control(control)
         targets, unmatched = parse(state, self.model, path, self._widths(control))
+        if text_encoder == "refuse":
+            refuse_text_encoder_keys(unmatched, path)
         if unmatched:
             other = [k for k in unmatched if is_other_component(k)]
             warnings.warn(
@@ -261,12 +275,14 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
-def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a LoRA safetensors file, through the validated reader (never pickle)."""
+def read_lora_file(path: Path, with_metadata: bool = False):
+    """Every tensor of a LoRA safetensors file, through the validated reader (never pickle); with
+    ``with_metadata``, (tensors, the header's metadata)."""
     from ..loading.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(path) as f:
-        return {k: f.tensor(k).clone() for k in f.entries}
+        state = {k: f.tensor(k).clone() for k in f.entries}
+        return (state, dict(f.metadata)) if with_metadata else state
 
 
 __all__ = ["LoraLinear", "LoraManager", "linear_layers"]

@@ -48,6 +48,10 @@ class LoraMixin:
         (img_in widened, norm scales replaced, as diffusers' load_lora_weights): the pipeline then
         takes ``control_image=`` with that model's defaults; Depth where the file name or metadata
         says so, else Canny (``variant="depth"`` / ``"canny"`` to say). ``unload_lora`` restores dev."""
+        return self._load_lora(path, scale, name, fuse, variant)
+
+    def _load_lora(self, path, scale, name, fuse, variant=None, text_encoder: str = "warn") -> str:
+        """load_lora's work; ``text_encoder``: what the file's text-encoder keys do (LoraManager.load)."""
         from ..adapters import LoraManager
 
         kind = _control_variant(variant)
@@ -56,8 +60,9 @@ class LoraMixin:
         with warnings.catch_warnings(record=True) as caught:  # held back: an error below replaces them
             warnings.simplefilter("always")
             adapter = self._lora.load(
-                path, scale, name, fuse, on_control=lambda parts: self._check_control(parts, path)
-            )
+                path, scale, name, fuse, on_control=lambda parts: self._check_control(parts, path),
+                text_encoder=text_encoder,
+            )  # fmt: skip
         keys = controlnet_keys(adapter.unmatched)
         if keys:  # never dropped silently: the LoRA comes off again (weights restored exactly)
             self._lora.unload(adapter.name)

@@ -53,8 +53,17 @@ class SDXLPipeline(BasePipeline):
         super().__init__(transformer, vae, text_encoder, default_size)
         self.timestep_spacing = self.config.spacing
 
-    def load_lora(self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> str:
-        raise InputError("LoRA is not supported for SDXL yet (FLUX and SD3 only)")
+    def load_lora(
+        self, path, scale: float = 1.0, name: str | None = None, fuse: bool = False, unet_only: bool = False
+    ) -> str:
+        """Load an SDXL LoRA file onto the UNet (diffusers / PEFT, kohya in the official or the
+        diffusers layout; docs/lora.md) and return its name; ``scale``, ``fuse``, several adapters,
+        ``set_lora_scales``, ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora`` as for FLUX. A file
+        with text-encoder keys is refused unless ``unet_only=True`` (its UNet part alone applied,
+        the text-encoder keys listed in a warning); LoCon, LoHa, LoKr and DoRA files are refused."""
+        if not isinstance(unet_only, bool):
+            raise InputError(f"load_lora unet_only= must be True or False, got {unet_only!r}")
+        return self._load_lora(path, scale, name, fuse, text_encoder="warn" if unet_only else "refuse")
 
     @property
     def unet(self):
