@@ -48,6 +48,29 @@ class FluxAdapter:
         shift, scale, _ = model.single_blocks[0].modulation(state.vec)
         return ops.layernorm_modulate(state.joined(), shift, scale)
 
+    # -- region-adaptive sampling (caching/ras.py): image tokens in and out of the block loop
+    def pixels(self, model) -> int:
+        return 4  # a packed token is 2x2 latent pixels, feature index c * 4 + pixel
+
+    def text_count(self, args, kwargs) -> int:
+        return (args[1] if len(args) > 1 else kwargs["txt"]).shape[1]
+
+    def layout(self, state, index, n: int) -> dict:
+        """Where the kept tokens sit in each whole stream (txt / x's text: all)."""
+        t, extra = state.txt.shape[1], state.img.shape[1] - state.n_img  # extra: Kontext context tokens
+        rest = torch.arange(n, n + extra, device=index.device)
+        t_all = torch.arange(t, device=index.device)
+        return {"img": torch.cat((index, rest)), "txt": None, "x": torch.cat((t_all, t + index, t + rest))}
+
+    def select_controls(self, block_kwargs: dict, index, n: int) -> dict:
+        return _select_controls(block_kwargs, ("controls", "single_controls"), index, n)
+
+    def to_tokens(self, model, out):
+        return out
+
+    def from_tokens(self, model, tokens, state):
+        return tokens
+
 
 class MMDiTAdapter:
     def split(self, args, kwargs):
@@ -72,6 +95,37 @@ class MMDiTAdapter:
         mod = block.adaLN_modulation(state.c).chunk(block.n_mod, dim=-1)
         return ops.layernorm_modulate(state.x, mod[0], mod[1])
 
+    def pixels(self, model) -> int:
+        return model.config.patch_size**2  # feature index (p * P + q) * C + c: pixel-major
+
+    def text_count(self, args, kwargs) -> int:
+        return (args[2] if len(args) > 2 else kwargs["context"]).shape[1]
+
+    def layout(self, state, index, n: int) -> dict:
+        return {"x": index, "context": None}
+
+    def select_controls(self, block_kwargs: dict, index, n: int) -> dict:
+        return _select_controls(block_kwargs, ("controls",), index, n)
+
+    def to_tokens(self, model, out):
+        """[B, C, h, w] -> [B, h_p * w_p, p * p * C] (the inverse of unpatchify, exact)."""
+        p = model.config.patch_size
+        b, c, h, w = out.shape
+        x = out.reshape(b, c, h // p, p, w // p, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+    def from_tokens(self, model, tokens, state):
+        return model.unpatchify(tokens, state.h_p, state.w_p)
+
+
+def _select_controls(block_kwargs: dict, keys, index, n: int) -> dict:
+    """ControlNet residuals [B, N, C] at the kept image tokens (others, e.g. cut by a split net, as given)."""
+    out = dict(block_kwargs)
+    for key in keys:
+        if out.get(key) is not None:
+            out[key] = [r.index_select(1, index) if r.shape[1] == n else r for r in out[key]]
+    return out
+
 
 def adapter_for(model):
     """The stream adapter of a FLUX or MMDiT model; None for a model caching cannot drive."""
@@ -91,7 +145,7 @@ class CacheStats:
     images of a forward or for none), so the counts hold for each image of the call."""
 
     transformer_calls: int = 0  # forwards the sampler requested
-    blocks_computed: int = 0
+    blocks_computed: float = 0  # RAS counts a block on k of N image tokens as a fraction (caching/ras.py)
     blocks_total: int = 0  # what the forwards would have run without a cache
 
     @property
@@ -101,7 +155,9 @@ class CacheStats:
     def as_dict(self) -> dict:
         return {
             "transformer_calls": self.transformer_calls,
-            "blocks_computed": self.blocks_computed,
+            "blocks_computed": round(self.blocks_computed, 4)
+            if isinstance(self.blocks_computed, float)
+            else self.blocks_computed,
             "blocks_total": self.blocks_total,
             "work_saved": round(self.work_saved, 4),
         }
@@ -110,8 +166,8 @@ class CacheStats:
 class BlockRun:
     """One transformer forward under a policy: compute ranges of blocks or reuse residuals."""
 
-    def __init__(self, adapter, model, state, block_kwargs: dict, stats: CacheStats):
-        self.adapter, self.model, self.state = adapter, model, state
+    def __init__(self, adapter, model, state, block_kwargs: dict, stats: CacheStats, weight: float = 1.0):
+        self.adapter, self.model, self.state, self.weight = adapter, model, state, weight
         self.block_kwargs, self.stats = block_kwargs, stats
         self.num_blocks = model.num_blocks
         skip = set(block_kwargs.get("skip_layers") or ())
@@ -122,7 +178,8 @@ class BlockRun:
         """Run blocks ``start`` .. ``end - 1``; returns their residual."""
         before = self.adapter.streams(self.state)
         self.model.blocks(self.state, start, end, **self.block_kwargs)
-        self.stats.blocks_computed += sum(self._runs[start:end])
+        done = sum(self._runs[start:end])
+        self.stats.blocks_computed += done if self.weight == 1.0 else done * self.weight
         after = self.adapter.streams(self.state)
         before = self.adapter.convert(before, after.keys())
         return {k: after[k] - before[k] for k in after}
@@ -151,6 +208,8 @@ class CacheRunner:
     def __call__(self, step, args, kwargs) -> torch.Tensor:
         self.stats.transformer_calls += 1
         args, kwargs, block_kwargs = self.adapter.split(args, kwargs)
+        if getattr(self.policy, "selects_tokens", False):  # RAS (caching/ras.py) drives embed and final itself
+            return self.policy.run(self, step, args, kwargs, block_kwargs)
         state = self.model.embed(*args, **kwargs)
         run = BlockRun(self.adapter, self.model, state, block_kwargs, self.stats)
         self.policy.forward(run, step, self.memory.setdefault(step.branch, {}))

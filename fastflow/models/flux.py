@@ -290,8 +290,11 @@ class Flux(nn.Module):
         guidance: torch.Tensor | None = None,
         img_cond: torch.Tensor | None = None,
         img_cond_ids: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> FluxState:
-        """Inputs as :meth:`forward` -> the state before the first block (embedded streams, vec, RoPE)."""
+        """Inputs as :meth:`forward` -> the state before the first block (embedded streams, vec, RoPE).
+        ``tokens``: only these target image tokens [k] go on (region-adaptive sampling,
+        fastflow/caching/ras.py); the RoPE tables follow their position ids."""
         dtype = self.dtype
         if txt.ndim != 3 or img.ndim != 3 or txt.shape[0] != img.shape[0]:
             raise InputError(f"img must be [B, N, C] and txt [B, T, C]; got {list(img.shape)} and {list(txt.shape)}")
@@ -310,6 +313,9 @@ class Flux(nn.Module):
                 f"position ids do not match the tokens: img_ids {list(img_ids.shape)} for {img.shape[1]} image "
                 f"tokens, txt_ids {list(txt_ids.shape)} for {n_txt} text tokens"
             )
+        if tokens is not None:  # Kontext context tokens (after the targets) always stay
+            keep = torch.cat((tokens, torch.arange(n_img, img.shape[1], device=tokens.device)))
+            img, img_ids, n_img = img[:, keep], img_ids[keep], tokens.shape[0]
         pe = self.pe_embedder(torch.cat((txt_ids.to(img_ids.dtype), img_ids), dim=0))
         vec = self.conditioning(timesteps, y, guidance)
         return FluxState(self.img_in(img.to(dtype)), self.txt_in(txt.to(dtype)), vec, pe, n_txt, n_img)

@@ -176,6 +176,7 @@ class MMDiTState:
     c: torch.Tensor
     h_p: int
     w_p: int
+    tokens: torch.Tensor | None = None  # the image tokens x holds when not all (region-adaptive sampling)
 
 
 def build_trunk(module: nn.Module, c: MMDiTConfig, pre_only: bool | None = None) -> None:
@@ -235,8 +236,12 @@ class MMDiT(nn.Module):
     def num_blocks(self) -> int:
         return len(self.joint_blocks)
 
-    def embed(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> MMDiTState:
-        """Inputs as :meth:`forward` -> the state before the first joint block."""
+    def embed(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor, tokens=None
+    ) -> MMDiTState:
+        """Inputs as :meth:`forward` -> the state before the first joint block. ``tokens``: only these
+        image tokens [k] go on (region-adaptive sampling, fastflow/caching/ras.py), each with its
+        position embedding already added; :meth:`final` then returns their per-token outputs."""
         if x.ndim != 4 or context.ndim != 3 or y.ndim != 2:
             raise InputError(
                 f"x must be [B, C, h, w], context [B, L, C], y [B, C]; got {list(x.shape)}, "
@@ -248,7 +253,10 @@ class MMDiT(nn.Module):
         h_p, w_p = h // p, w // p
         dtype = self.dtype
         x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h_p, w_p).to(dtype)
-        return MMDiTState(x, self.context_embedder(context.to(dtype)), self.conditioning(timesteps, y), h_p, w_p)
+        if tokens is not None:
+            x = x[:, tokens]
+        c = self.conditioning(timesteps, y)
+        return MMDiTState(x, self.context_embedder(context.to(dtype)), c, h_p, w_p, tokens)
 
     def conditioning(self, timesteps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """c [B, C], the adaLN input of every block, from timesteps [B] (sigma * 1000, fp32) and
@@ -271,8 +279,10 @@ class MMDiT(nn.Module):
         return state
 
     def final(self, state: MMDiTState) -> torch.Tensor:
-        """Velocity [B, 16, h, w] from the state after the last block."""
-        return self.unpatchify(self.final_layer(state.x, state.c), state.h_p, state.w_p)
+        """Velocity [B, 16, h, w] from the state after the last block (with ``state.tokens``: the
+        kept tokens' outputs [B, k, p * p * 16], not unpatchified)."""
+        out = self.final_layer(state.x, state.c)
+        return out if state.tokens is not None else self.unpatchify(out, state.h_p, state.w_p)
 
     def forward(
         self,

@@ -238,7 +238,7 @@ class MMDiTSharding:
         shard = state.shard
         out = self.model.final_layer(state.x, state.c)  # per token: [rows, this rank's tokens, p*p*C]
         out = gather_rows(gather_tokens(out, self.ranks, shard.img_lengths), self.ranks, shard.b)
-        return self.model.unpatchify(out, state.h_p, state.w_p)
+        return out if state.tokens is not None else self.model.unpatchify(out, state.h_p, state.w_p)
 
     def attention(self, q, k, v):
         return sp_attention(q, k, v, self.sp)

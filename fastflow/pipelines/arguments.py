@@ -52,6 +52,7 @@ COMMON = {
         arg("progress", "bool | None"),
         arg("cache"),
         arg("cache_threshold", "float | None"),
+        arg("ras_ratio", "float | None"),  # region-adaptive sampling (fastflow/caching/ras.py)
         arg("return_dict", "bool", True),
         arg("callback_on_step_end"),
         arg("callback_on_step_end_tensor_inputs", default=("latents",)),
@@ -68,7 +69,7 @@ PROMPTS = ("prompt", "negative_prompt")
 STANDARD = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "seed",
             "generator", "sampler", "output_type", "callback", "prompt_embeds", "pooled_prompt_embeds")  # fmt: skip
 NEGATIVE_EMBEDS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
-CACHE = ("cache", "cache_threshold")
+CACHE = ("cache", "cache_threshold", "ras_ratio")
 STEP_END = ("return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 INPAINT = ("mask_image", "padding_mask_crop")  # with image= and strength= (pipelines/masks.py)
 CONTROLNET = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")

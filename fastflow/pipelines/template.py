@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..caching import CacheRunner, CacheStats, adapter_for, resolve_policy
+from ..caching import CacheRunner, CacheStats, adapter_for, check_family, resolve_cache
 from ..errors import InputError, NumericalError
 from ..models.modulation import precomputed_modulation
 from ..samplers import Step
@@ -85,6 +85,7 @@ class TemplateMixin:
         progress,
         cache=None,
         cache_threshold=None,
+        ras_ratio=None,
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
@@ -98,8 +99,8 @@ class TemplateMixin:
             # a split generation's collectives must not interleave with another call's: one at a time
             exclusive = self._parallel.lock if self._parallel is not None else contextlib.nullcontext()
             with torch.inference_mode(), exclusive:
-                out = self._generate(output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
-                                     callback_on_step_end_tensor_inputs, request)  # fmt: skip
+                out = self._generate(output_type, callback, progress, (cache, cache_threshold, ras_ratio),
+                                     callback_on_step_end, callback_on_step_end_tensor_inputs, request)  # fmt: skip
         finally:
             if self._offload is not None:
                 self._offload.release()
@@ -133,16 +134,17 @@ class TemplateMixin:
         if unknown:
             raise InputError(f"callback_on_step_end_tensor_inputs: only 'latents' is handed over, not {unknown}")
 
-    def _generate(self, output_type, callback, progress, cache, cache_threshold, callback_on_step_end,
-                  tensor_inputs, request):  # fmt: skip
+    def _generate(self, output_type, callback, progress, caching, callback_on_step_end, tensor_inputs, request):
         timer = Timer()
         output_type = self.check_output_type(output_type)
         self.check_request(request, callback_on_step_end, tensor_inputs)
         if progress is not None and not isinstance(progress, bool):
             raise InputError(f"progress must be True, False or None, got {type(progress).__name__}")
+        cache, cache_threshold, ras_ratio = caching
         if cache is None:
             cache = self.defaults.get("cache")  # fastflow.accelerate(pipe, cache=...)
-        policy = resolve_policy(cache, cache_threshold, self.config)
+        policy = resolve_cache(cache, cache_threshold, ras_ratio, self.config)
+        check_family(policy, self.transformer, self.config)
         if policy is not None and adapter_for(self.transformer) is None:
             raise InputError(f"{type(self.transformer).__name__} has no block loop fastflow.caching can drive")
         parallel = self._parallel  # split over the ranks of a torch.distributed run (fastflow.parallel)

@@ -33,7 +33,7 @@ STEP_END = [
     ("callback_on_step_end", None, E),
     ("callback_on_step_end_tensor_inputs", ("latents",), E),
 ]
-CACHE = [("cache", None, E), ("cache_threshold", None, "float | None")]
+CACHE = [("cache", None, E), ("cache_threshold", None, "float | None"), ("ras_ratio", None, "float | None")]
 LATENTS, PROGRESS, SIGMAS = ("latents", None, TENSOR), ("progress", None, "bool | None"), ("sigmas", None, E)
 IMAGE, STRENGTH = ("image", None, E), ("strength", None, "float | None")
 INPAINT = [("mask_image", None, E), ("padding_mask_crop", None, "int | None")]  # issue 35
