@@ -5,6 +5,7 @@ Policies decide per forward which block ranges to compute; the runner drives the
 ``embed`` / ``blocks`` / ``final`` and counts the work (``out.stats``).
 """
 
+from .deepcache import DeepCache, DeepCacheRunner
 from .policies import (
     POLICIES,
     TEACACHE_COEFFICIENTS,
@@ -25,6 +26,8 @@ __all__ = [
     "CacheRunner",
     "CacheStats",
     "DBCache",
+    "DeepCache",
+    "DeepCacheRunner",
     "FBCache",
     "Schedule",
     "TaylorSeer",

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..caching import CacheRunner, CacheStats, adapter_for, resolve_policy
+from ..caching import CacheStats
+from ..caching.deepcache import family_policies, resolve_cache
 from ..errors import InputError, NumericalError
 from ..models.modulation import precomputed_modulation
 from ..samplers import Step
@@ -142,9 +143,8 @@ class TemplateMixin:
             raise InputError(f"progress must be True, False or None, got {type(progress).__name__}")
         if cache is None:
             cache = self.defaults.get("cache")  # fastflow.accelerate(pipe, cache=...)
-        policy = resolve_policy(cache, cache_threshold, self.config)
-        if policy is not None and adapter_for(self.transformer) is None:
-            raise InputError(f"{type(self.transformer).__name__} has no block loop fastflow.caching can drive")
+        numbers = request.pop("cache_interval", None), request.pop("cache_branch", None)  # DeepCache's (UNets)
+        policy, runner_class = resolve_cache(cache, cache_threshold, *numbers, self.config, self.transformer)
         parallel = self._parallel  # split over the ranks of a torch.distributed run (fastflow.parallel)
         if parallel is not None:
             request = parallel.request(request)
@@ -154,7 +154,7 @@ class TemplateMixin:
             plan.settings["parallel"] = parallel.describe()
         plan.settings["cache"] = None if policy is None else policy.describe()
         stats = CacheStats()
-        runner = None if policy is None else CacheRunner(policy, self.transformer, stats)
+        runner = None if policy is None else runner_class(policy, self.transformer, stats)
         show = self.progress_bar if progress is None else progress
         loop = DenoiseLoop(
             self,
@@ -222,6 +222,11 @@ class TemplateMixin:
         if plan.conditioning is None:
             return contextlib.nullcontext()
         return precomputed_modulation(self.transformer, plan.conditioning, plan.conditioning_group)
+
+    @property
+    def cache_policies(self) -> tuple[str, ...]:
+        """The ``cache=`` policies this pipeline's model runs."""
+        return family_policies(self.transformer)
 
     def predict(self, step: Step, *args, **kwargs) -> torch.Tensor:
         """The transformer's output for one evaluation of the denoising loop; ``step`` (with its
