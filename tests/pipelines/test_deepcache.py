@@ -334,3 +334,14 @@ def test_the_cfg_row_split_takes_the_same_decisions(folder, sdxl):
     for images, stats in results:
         assert stats == alone.stats
         assert _rel(images, alone.images) < 1e-4
+
+
+def test_accelerate_and_the_cli_take_deepcache(folder):
+    from fastflow.cli.common import parse_cache
+
+    assert parse_cache("deepcache:3:1") == ("deepcache:3:1", None) and parse_cache("deepcache") == ("deepcache", None)
+    pipe = fastflow.accelerate(_load(folder), compile=False, cache="deepcache:2:1")
+    out = pipe(**dict(KW, num_inference_steps=2))
+    assert out.settings["cache"] == "deepcache:N2B1" and out.stats["blocks_computed"] == 13 + 4
+    with pytest.raises(InputError, match="its cache policies: deepcache"):
+        fastflow.accelerate(_load(folder), compile=False, cache="fbcache")
