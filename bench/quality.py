@@ -16,6 +16,9 @@ Every pipeline option can be varied, so later work reports its quality cost here
     python bench/quality.py --quant fp8                   # FP8 with the default skip list
     python bench/quality.py --quant fp8 --fp8-study       # which layers to keep, activation scaling
     python bench/quality.py --quant none int8             # int8 W8A8 (default Int8Config) beside unquantized
+    python bench/quality.py --model fastflow-tiny-digits fastflow-tiny-digits-unet   # the UNet model beside
+
+``--cfg`` is the FLUX model's true-CFG scale and the UNet model's (SDXL) guidance_scale.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def main(argv=None) -> int:
     from fastflow.loading import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument(
+        "--model", nargs="+", default=[str(DEFAULT_MODEL)], help="one row set per model (a name or path)"
+    )
     parser.add_argument("--steps", type=int, nargs="*", default=[None], help="one row per value (default: the model's)")
     parser.add_argument("--sampler", default=None, choices=["euler", "heun", "dpmpp_2m"])
     parser.add_argument("--cfg", type=float, default=None, help="true CFG scale (default: the model's)")
@@ -85,13 +90,17 @@ def main(argv=None) -> int:
         f"classifier held-out accuracy {stick.classifier_accuracy:.3f}; FD floor (real half vs half) "
         f"{stick.fd_floor:.3f}"
     )
-    print(f"{'quant':>44} {'steps':>5} {'sampler':>9} {'cfg':>5} {'FD-digits':>10} {'accuracy':>9} {'seconds':>8}")
-    for label, quant, calibrate in _quant_settings(args):
-        pipe = fastflow.load(args.model, device="cpu", dtype=dtype, quant=quant)
-        pipe.set_progress_bar_config(disable=True)
-        if calibrate:
-            _calibrate(pipe, args.per_digit)
-        rows += _rows(pipe, stick, args, extra, label)
+    print(
+        f"{'model':>26} {'quant':>44} {'steps':>5} {'sampler':>9} {'cfg':>5} {'FD-digits':>10} {'accuracy':>9} "
+        f"{'seconds':>8}"
+    )
+    for model in args.model:
+        for label, quant, calibrate in _quant_settings(args):
+            pipe = fastflow.load(model, device="cpu", dtype=dtype, quant=quant)
+            pipe.set_progress_bar_config(disable=True)
+            if calibrate:
+                _calibrate(pipe, args.per_digit)
+            rows += _rows(pipe, stick, args, extra, label, model)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # _ops_common, also when imported by tests
     from _ops_common import git_sha, write_json
 
@@ -125,29 +134,32 @@ def _calibrate(pipe, per_digit: int) -> None:
     calibrate_(pipe.transformer, lambda: generate(pipe, max(1, per_digit // 10), seed_offset=10_000))
 
 
-def _rows(pipe, stick, args, extra, label) -> list[dict]:
+def _rows(pipe, stick, args, extra, label, model) -> list[dict]:
     rows = []
+    flux = "true_cfg" in pipe.defaults  # FLUX's true CFG; the UNet (SDXL) model's guidance_scale
+    scale = "true_cfg_scale" if flux else "guidance_scale"
     for steps in args.steps:
         t0 = time.perf_counter()
-        kwargs = {"num_inference_steps": steps, "sampler": args.sampler, "true_cfg_scale": args.cfg, **extra}
+        kwargs = {"num_inference_steps": steps, "sampler": args.sampler, scale: args.cfg, **extra}
         generated, labels = generate(pipe, args.per_digit, **kwargs)
         row = {
             "quant": label,
             "steps": steps or pipe.defaults["steps"],
             "sampler": args.sampler or pipe.defaults["sampler"],
-            "cfg": args.cfg if args.cfg is not None else pipe.defaults.get("true_cfg", 1.0),
+            "cfg": args.cfg if args.cfg is not None else pipe.defaults["true_cfg" if flux else "guidance"],
             "extra": extra,
             **stick.score(generated, labels),
             "seconds": time.perf_counter() - t0,
             "images": len(labels),
             "classifier_accuracy": stick.classifier_accuracy,
             "fd_floor": stick.fd_floor,
-            "model": args.model,
+            "model": model,
+            "model_name": pipe.config.name,
         }
         rows.append(row)
         print(
-            f"{label:>44} {row['steps']:>5} {row['sampler']:>9} {row['cfg']:>5} {row['fd_digits']:>10.3f} "
-            f"{row['prompt_accuracy']:>9.3f} {row['seconds']:>8.1f}",
+            f"{pipe.config.name:>26} {label:>44} {row['steps']:>5} {row['sampler']:>9} {row['cfg']:>5} "
+            f"{row['fd_digits']:>10.3f} {row['prompt_accuracy']:>9.3f} {row['seconds']:>8.1f}",
             flush=True,
         )
     return rows

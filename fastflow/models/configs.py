@@ -453,6 +453,25 @@ register(
         sampling=SamplingDefaults(steps=16, guidance=None, true_cfg=1.5, size=(16, 16), view_upscale=16),
     )
 )
+# The embedded UNet model (tools/train_tiny.py --family unet, fastflow/assets/fastflow-tiny-digits-unet):
+# SDXL's architecture on the same 16x16 digits and VAE (8x8 latents, 4x4 at the attention level),
+# eps prediction on the scaled-linear schedule; CLIP widths 32 + 32, pooled 32, time ids of 8.
+register(
+    UNetConfig(
+        name="fastflow-tiny-digits-unet",
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        transformer_depth=(0, 1),
+        transformer_depth_middle=1,
+        context_dim=64,
+        head_dim=32,
+        adm_in_channels=80,
+        time_id_dim=8,
+        norm_groups=8,
+        sampling=SamplingDefaults(steps=16, guidance=2.0, size=(16, 16), view_upscale=16),  # bench/quality.py
+    )
+)
 register(
     VAEConfig(
         name="fastflow-tiny-digits-vae",
