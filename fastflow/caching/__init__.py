@@ -6,6 +6,7 @@ Policies decide per forward which block ranges to compute; the runner drives the
 ``embed`` / ``blocks`` / ``final`` and counts the work (``out.stats``).
 """
 
+from .deepcache import DeepCache, DeepCacheRunner
 from .policies import (
     POLICIES,
     TEACACHE_COEFFICIENTS,
@@ -27,6 +28,8 @@ __all__ = [
     "CacheRunner",
     "CacheStats",
     "DBCache",
+    "DeepCache",
+    "DeepCacheRunner",
     "FBCache",
     "RAS",
     "Schedule",

@@ -24,7 +24,7 @@ def parse_cache(text: str):
     """``--cache NAME[:THRESHOLD]`` or a schedule .json -> (cache, threshold)."""
     from ..caching import POLICIES
 
-    if text.endswith(".json"):
+    if text.endswith(".json") or text.split(":")[0] == "deepcache":  # deepcache[:INTERVAL[:BRANCH]]: UNets
         return text, None
     name, _, threshold = text.partition(":")
     if name not in POLICIES:

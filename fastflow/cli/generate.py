@@ -134,7 +134,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--cache",
         default=None,
-        help="feature caching: fbcache|teacache|taylorseer|dbcache[:THRESHOLD] or a schedule .json (tune-cache)",
+        help="feature caching: fbcache|teacache|taylorseer|dbcache[:THRESHOLD] or a schedule .json (tune-cache); "
+        "UNets (SDXL, SVD): deepcache[:INTERVAL[:BRANCH]]",
     )
     p.add_argument(
         "--quant",

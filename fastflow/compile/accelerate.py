@@ -27,7 +27,7 @@ def accelerate(
       which would break the compiled graph).
     * ``quant="fp8"`` (or an :class:`fastflow.quant.Fp8Config`): the linear layers of the
       transformer and of the ControlNets become FP8 (``fastflow.quant.quantize_``), before compiling.
-    * ``cache``: a fastflow feature-caching policy ("fbcache", "teacache:0.3", ... as for
+    * ``cache``: a fastflow feature-caching policy ("fbcache", "deepcache:3:0", ... as for
       ``pipe(cache=...)``) used by default by every call; fastflow pipelines only.
     """
     transformer = getattr(pipe, "transformer", None)
@@ -43,9 +43,9 @@ def accelerate(
                 "cache= needs a fastflow pipeline (fastflow.load(...)); diffusers' transformers have no block "
                 "loop fastflow.caching drives"
             )
-        from ..caching import resolve_policy
+        from ..caching.deepcache import resolve_for_model
 
-        resolve_policy(cache, None, pipe.config)  # a bad policy fails here, not at the first call
+        resolve_for_model(cache, None, None, None, pipe.config, pipe.transformer)  # a bad policy fails here
         pipe.defaults["cache"] = cache
     if quant is not None and quant != "none":
         from ..quant import Fp8Config, quantize_

@@ -213,6 +213,11 @@ class UNet(nn.Module):
         return self.out[2].weight.dtype
 
     @property
+    def num_blocks(self) -> int:
+        """Entries of input_blocks, middle_block and output_blocks (what ``out.stats`` counts)."""
+        return len(self.input_blocks) + 1 + len(self.output_blocks)
+
+    @property
     def downscale(self) -> int:
         """Latent sides must be multiples of this (one halving per level below the first)."""
         return 2 ** (len(self.config.channel_mult) - 1)
@@ -255,21 +260,42 @@ class UNet(nn.Module):
         time_ids: torch.Tensor,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        deep_cache=None,
     ) -> torch.Tensor:
         """``down_residuals`` / ``mid_residual``: a ControlNet's, added to each skip (one per input
-        block) and to the middle block's output, as diffusers' UNet2DConditionModel does."""
+        block) and to the middle block's output, as diffusers' UNet2DConditionModel does.
+        ``deep_cache``: DeepCache's plan (fastflow.caching.deepcache.DeepFeature: ``branch``,
+        ``feature``): with a feature, only the shallow path runs from it; without, the whole UNet
+        runs and the feature entering the decoder at the branch is stored on it."""
         if not torch.compiler.is_compiling():
             self.check_inputs(x, timesteps, context, pooled, time_ids)
         dtype = self.dtype
         emb_silu = F.silu(self.embedding(timesteps, pooled, time_ids))
         context = context.to(dtype)
         h, skips = x.to(dtype), []
-        for i, block in enumerate(self.input_blocks):
+        shallow, first, keep = deep_range(self, deep_cache)
+        for i, block in enumerate(self.input_blocks[: len(self.input_blocks) - first]):
             h = block(h, emb_silu, context)
             skips.append(h if down_residuals is None else h + down_residuals[i])
-        h = self.middle_block(h, emb_silu, context)
-        if mid_residual is not None:
-            h = h + mid_residual
-        for block in self.output_blocks:
+        if shallow:
+            h = deep_cache.feature
+        else:
+            h = self.middle_block(h, emb_silu, context)
+            if mid_residual is not None:
+                h = h + mid_residual
+        for j, block in enumerate(self.output_blocks[first:], first):
+            if j == keep:
+                deep_cache.feature = h
             h = block(torch.cat((h, skips.pop()), dim=1), emb_silu, context)
         return self.out[2](_norm_silu(self.out[0], h))
+
+
+def deep_range(model, deep_cache) -> tuple[bool, int, int]:
+    """(shallow, first output block to run, output block whose input to keep; -1: none) under
+    DeepCache's plan: a shallow pass skips the middle block, the deep input blocks and the output
+    blocks before the branch's partner ``len(output_blocks) - 1 - branch``; a full pass keeps the
+    partner's input (the feature that meets skip ``branch``)."""
+    if deep_cache is None:
+        return False, 0, -1
+    partner = len(model.output_blocks) - 1 - deep_cache.branch
+    return (True, partner, -1) if deep_cache.feature is not None else (False, 0, partner)

@@ -31,7 +31,7 @@ from .. import ops
 from ..errors import InputError
 from .configs_svd import SVDUNetConfig
 from .layers import timestep_embedding
-from .unet import CrossAttention, Downsample, FeedForward, ResBlock, SpatialTransformer
+from .unet import CrossAttention, Downsample, FeedForward, ResBlock, SpatialTransformer, deep_range
 from .vae import Upsample
 
 EPS_ATTENTION_LEVELS = 1e-6  # diffusers' CrossAttn*BlockSpatioTemporal and every up block
@@ -251,6 +251,11 @@ class VideoUNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
+    @property
+    def num_blocks(self) -> int:
+        """Entries of input_blocks, middle_block and output_blocks (what ``out.stats`` counts)."""
+        return len(self.input_blocks) + 1 + len(self.output_blocks)
+
     def embedding(self, timesteps: torch.Tensor, added_time_ids: torch.Tensor) -> torch.Tensor:
         """[B, E]: time_embed(sinusoid(t)) + label_emb(sinusoids of the time ids), the sinusoids in
         fp32 from the values as given, then the model's dtype (as diffusers)."""
@@ -282,9 +287,10 @@ class VideoUNet(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         added_time_ids: torch.Tensor,
+        deep_cache=None,
     ) -> torch.Tensor:
         """``timestep``: a number, a 0-d / [1] tensor or one per sample [B] (diffusers' EDM
-        timesteps 0.25 * ln(sigma))."""
+        timesteps 0.25 * ln(sigma)). ``deep_cache``: DeepCache's plan, as for the SDXL UNet."""
         timesteps = torch.as_tensor(timestep, device=sample.device)
         if not torch.compiler.is_compiling():
             self.check_inputs(sample, timesteps, encoder_hidden_states, added_time_ids)
@@ -296,11 +302,14 @@ class VideoUNet(nn.Module):
         context = time_context.repeat_interleave(frames, dim=0)
         h, skips = sample.flatten(0, 1).to(dtype), []
         args = (emb_silu, context, time_context, frames)
-        for block in self.input_blocks:
+        shallow, first, keep = deep_range(self, deep_cache)
+        for block in self.input_blocks[: len(self.input_blocks) - first]:
             h = block(h, *args)
             skips.append(h)
-        h = self.middle_block(h, *args)
-        for block in self.output_blocks:
+        h = deep_cache.feature if shallow else self.middle_block(h, *args)
+        for j, block in enumerate(self.output_blocks[first:], first):
+            if j == keep:
+                deep_cache.feature = h
             h = torch.cat((h, skips.pop()), dim=1)
             h = block(h, *args, upsample_size=skips[-1].shape[-2:] if skips else None)
         h = self.out[2](_norm_silu(self.out[0], h))

@@ -53,6 +53,8 @@ COMMON = {
         arg("cache"),
         arg("cache_threshold", "float | None"),
         arg("ras_ratio", "float | None"),  # region-adaptive sampling (fastflow/caching/ras.py)
+        arg("cache_interval", "int | None"),  # DeepCache (UNet families only: DEEPCACHE)
+        arg("cache_branch", "int | None"),
         arg("return_dict", "bool", True),
         arg("callback_on_step_end"),
         arg("callback_on_step_end_tensor_inputs", default=("latents",)),
@@ -70,6 +72,7 @@ STANDARD = ("height", "width", "num_inference_steps", "guidance_scale", "num_ima
             "generator", "sampler", "output_type", "callback", "prompt_embeds", "pooled_prompt_embeds")  # fmt: skip
 NEGATIVE_EMBEDS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 CACHE = ("cache", "cache_threshold", "ras_ratio")
+DEEPCACHE = ("cache_interval", "cache_branch")  # with cache="deepcache": the UNet families (SDXL, SVD)
 STEP_END = ("return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 INPAINT = ("mask_image", "padding_mask_crop")  # with image= and strength= (pipelines/masks.py)
 CONTROLNET = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -122,6 +125,11 @@ def call_arguments(*arguments: str | inspect.Parameter) -> Callable[[Callable], 
             for key, value in kwargs.items():
                 if key == "self" or key in given:
                     raise ArgumentError(f"{name}() got multiple values for argument {key!r}")
+                if key not in defaults and key in DEEPCACHE:
+                    policies = ", ".join(getattr(self, "cache_policies", ())) or "none"
+                    raise ArgumentError(f"{name}() got an unexpected keyword argument {key!r}: it is DeepCache's "
+                                        f"(cache='deepcache', SDXL and SVD); this family's cache policies: "
+                                        f"{policies}")  # fmt: skip
                 if key not in defaults:
                     close = difflib.get_close_matches(str(key), list(defaults), n=1)
                     hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(defaults)}"

@@ -11,7 +11,18 @@ from ..errors import InputError, check_scale
 from ..samplers import cfg as cfg_combine
 from ..samplers.discrete import discrete_schedule, dpm_schedule, euler_ancestral, init_noise_sigma, model_input_scale
 from . import control_image, masks
-from .arguments import CACHE, CONTROLNET, INPAINT, NEGATIVE_EMBEDS, PROMPTS, STANDARD, STEP_END, arg, call_arguments
+from .arguments import (
+    CACHE,
+    CONTROLNET,
+    DEEPCACHE,
+    INPAINT,
+    NEGATIVE_EMBEDS,
+    PROMPTS,
+    STANDARD,
+    STEP_END,
+    arg,
+    call_arguments,
+)
 from .base import BasePipeline
 from .control import check_control, controlnets_of
 from .noise import check_seeds
@@ -78,7 +89,7 @@ class SDXLPipeline(BasePipeline):
         return self.vae.downscale * self.transformer.downscale
 
     @call_arguments(*PROMPTS, *STANDARD, *NEGATIVE_EMBEDS, "latents", *MICRO_CONDITIONING, "progress", *STEP_END,
-                    "image", "strength", "sigmas", *CACHE, *INPAINT, *CONTROLNET)  # fmt: skip
+                    "image", "strength", "sigmas", *CACHE, *DEEPCACHE, *INPAINT, *CONTROLNET)  # fmt: skip
     def __call__(self, **request) -> PipelineOutput:
         """Generate images; CFG runs when guidance_scale > 1 (uncond and cond in one batch).
         ``sampler``: "euler", "euler_ancestral" (fresh noise each step, from each image's own

@@ -31,7 +31,7 @@ import torch
 from ..errors import InputError
 from ..models.configs import SamplingDefaults
 from ..samplers.edm import edm_derivative, edm_init_noise_sigma, edm_schedule, guidance_enabled, guidance_ramp
-from .arguments import STEP_END, arg, call_arguments
+from .arguments import DEEPCACHE, STEP_END, arg, call_arguments
 from .base import BasePipeline
 from .noise import check_generators, check_seeds
 from .outputs import PipelineOutput
@@ -62,6 +62,8 @@ SVD_ARGUMENTS = (
     "output_type",
     "callback",
     "progress",
+    "cache",  # "deepcache" (with cache_interval / cache_branch) or a fastflow.caching.DeepCache
+    *DEEPCACHE,
     *STEP_END,
 )
 

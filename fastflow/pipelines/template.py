@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..caching import CacheRunner, CacheStats, adapter_for, check_family, resolve_cache
+from ..caching import CacheStats
+from ..caching.deepcache import family_policies, resolve_for_model
 from ..errors import InputError, NumericalError
 from ..models.modulation import precomputed_modulation
 from ..samplers import Step
@@ -143,10 +144,10 @@ class TemplateMixin:
         cache, cache_threshold, ras_ratio = caching
         if cache is None:
             cache = self.defaults.get("cache")  # fastflow.accelerate(pipe, cache=...)
-        policy = resolve_cache(cache, cache_threshold, ras_ratio, self.config)
-        check_family(policy, self.transformer, self.config)
-        if policy is not None and adapter_for(self.transformer) is None:
-            raise InputError(f"{type(self.transformer).__name__} has no block loop fastflow.caching can drive")
+        numbers = request.pop("cache_interval", None), request.pop("cache_branch", None)  # DeepCache's (UNets)
+        policy, runner_class = resolve_for_model(
+            cache, cache_threshold, *numbers, self.config, self.transformer, ras_ratio
+        )
         parallel = self._parallel  # split over the ranks of a torch.distributed run (fastflow.parallel)
         if parallel is not None:
             request = parallel.request(request)
@@ -156,7 +157,7 @@ class TemplateMixin:
             plan.settings["parallel"] = parallel.describe()
         plan.settings["cache"] = None if policy is None else policy.describe()
         stats = CacheStats()
-        runner = None if policy is None else CacheRunner(policy, self.transformer, stats)
+        runner = None if policy is None else runner_class(policy, self.transformer, stats)
         show = self.progress_bar if progress is None else progress
         loop = DenoiseLoop(
             self,
@@ -224,6 +225,11 @@ class TemplateMixin:
         if plan.conditioning is None:
             return contextlib.nullcontext()
         return precomputed_modulation(self.transformer, plan.conditioning, plan.conditioning_group)
+
+    @property
+    def cache_policies(self) -> tuple[str, ...]:
+        """The ``cache=`` policies this pipeline's model runs."""
+        return family_policies(self.transformer)
 
     def predict(self, step: Step, *args, **kwargs) -> torch.Tensor:
         """The transformer's output for one evaluation of the denoising loop; ``step`` (with its

@@ -168,7 +168,7 @@ def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])  # (SDXL pipelines refuse LoRAs for now)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_on_the_base_model_with_a_controlnet(folders, tmp_path, family):
     kw = _kw(family)
     pipe = _load(folders, family)

@@ -34,6 +34,7 @@ STEP_END = [
     ("callback_on_step_end_tensor_inputs", ("latents",), E),
 ]
 CACHE = [("cache", None, E), ("cache_threshold", None, "float | None"), ("ras_ratio", None, "float | None")]
+DEEPCACHE = [("cache_interval", None, "int | None"), ("cache_branch", None, "int | None")]  # issue 37: UNets
 LATENTS, PROGRESS, SIGMAS = ("latents", None, TENSOR), ("progress", None, "bool | None"), ("sigmas", None, E)
 IMAGE, STRENGTH = ("image", None, E), ("strength", None, "float | None")
 INPAINT = [("mask_image", None, E), ("padding_mask_crop", None, "int | None")]  # issue 35
@@ -97,6 +98,7 @@ EXPECTED = {
         STRENGTH,
         SIGMAS,
         *CACHE,
+        *DEEPCACHE,
         *INPAINT,
         *CONTROLNET,
     ],
