@@ -118,7 +118,50 @@ def build_text_models(clip_tok, t5_tok):
     return clip, t5
 
 
-class Trainer:
+class JointTrainer:
+    """What both trainers share (this tool's FLUX one and train_tiny_unet's): AdamW over the model and
+    both text encoders (``modules()``), an EMA copy of them, one clipped optimizer step."""
+
+    def setup_optimizer(self, lr: float) -> None:
+        params = [p for m in self.modules() for p in m.parameters()]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+        self.ema = copy.deepcopy(self.modules())
+        for m in self.ema:
+            m.requires_grad_(False)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def optimize(self, loss: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in self.modules() for p in m.parameters()], 1.0)
+        self.opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for live, ema in zip(self.modules(), self.ema, strict=True):
+            for p, q in zip(live.parameters(), ema.parameters(), strict=True):
+                q.lerp_(p, 1 - decay)
+
+
+def run_training(trainer, steps: int, lr: float, log_every: int, label: str):
+    """Warm-up then cosine learning rate, an EMA ramp; returns the EMA modules."""
+    warmup = max(1, min(500, steps // 10))
+    running, t0 = None, time.perf_counter()
+    for step in range(steps):
+        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / max(steps, 1))) * 0.9 + 0.1)
+        loss = trainer.step(lr * scale)
+        trainer.update_ema(min(0.999, (1 + step) / (10 + step)))
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"{label} step {step:6d}  loss {running:.4f}  {time.perf_counter() - t0:7.1f} s", flush=True)
+    return trainer.ema
+
+
+class Trainer(JointTrainer):
     """Flow-matching training of the transformer jointly with both text encoders."""
 
     def __init__(self, latents, labels, clip, t5, clip_tok, t5_tok, batch: int, lr: float):
@@ -137,18 +180,13 @@ class Trainer:
         self.per_digit, self.empty = len(TEMPLATES), len(flat) - 1
         h = self.latents.shape[-1] // 2
         self.img_ids = make_img_ids(h, h)
-        params = [*self.model.parameters(), *clip.parameters(), *t5.parameters()]
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-        self.ema = copy.deepcopy(self.modules())
-        for m in self.ema:
-            m.requires_grad_(False)
+        self.setup_optimizer(lr)
 
     def modules(self):
         return [self.model, self.clip, self.t5]
 
     def step(self, lr: float) -> float:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.set_lr(lr)
         idx = torch.randint(0, len(self.latents), (self.batch,))
         x0 = pack_latents(self.latents[idx])  # [B, 16, 16]
         prompt = self.labels[idx] * self.per_digit + torch.randint(0, self.per_digit, (self.batch,))
@@ -159,33 +197,13 @@ class Trainer:
         noise = torch.randn_like(x0)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         v = self.model(xt, txt, y, t, self.img_ids)
-        loss = F.mse_loss(v, noise - x0)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in self.modules() for p in m.parameters()], 1.0)
-        self.opt.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def update_ema(self, decay: float) -> None:
-        for live, ema in zip(self.modules(), self.ema, strict=True):
-            for p, q in zip(live.parameters(), ema.parameters(), strict=True):
-                q.lerp_(p, 1 - decay)
+        return self.optimize(F.mse_loss(v, noise - x0))
 
 
 def train_flow(latents, labels, clip_tok, t5_tok, steps: int, batch: int, lr: float, log_every: int):
     clip, t5 = build_text_models(clip_tok, t5_tok)
     trainer = Trainer(latents, labels, clip, t5, clip_tok, t5_tok, batch, lr)
-    warmup = max(1, min(500, steps // 10))
-    running, t0 = None, time.perf_counter()
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / max(steps, 1))) * 0.9 + 0.1)
-        loss = trainer.step(lr * scale)
-        trainer.update_ema(min(0.999, (1 + step) / (10 + step)))
-        running = loss if running is None else 0.98 * running + 0.02 * loss
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"flow step {step:6d}  loss {running:.4f}  {time.perf_counter() - t0:7.1f} s", flush=True)
-    return trainer.ema
+    return run_training(trainer, steps, lr, log_every, "flow")
 
 
 def weights_hash(modules) -> str:

@@ -12,16 +12,14 @@ time for classifier-free guidance. Sampled by SDXLPipeline (Euler, the config's 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from train_tiny import P_EMPTY, TEMPLATES, TEXT_TOKENS, prompts_for
+from train_tiny import P_EMPTY, TEMPLATES, TEXT_TOKENS, JointTrainer, prompts_for, run_training
 
 from fastflow.models import AutoEncoder, from_name
 from fastflow.models.unet import UNet
@@ -56,7 +54,7 @@ def build_text_models(clip_tok, g_tok):
     return CLIPTextModel(config(len(clip_tok))), CLIPTextModelWithProjection(config(len(g_tok)))
 
 
-class UNetTrainer:
+class UNetTrainer(JointTrainer):
     """eps-prediction training of the UNet jointly with both text encoders."""
 
     def __init__(self, latents, labels, clip_l, clip_g, clip_tok, g_tok, batch: int, lr: float):
@@ -72,11 +70,7 @@ class UNetTrainer:
         self.time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
         self.sqrt_abar = scaled_linear_alphas_cumprod().sqrt()
         self.sqrt_one_minus = (1 - scaled_linear_alphas_cumprod()).sqrt()
-        params = [p for m in self.modules() for p in m.parameters()]
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-        self.ema = copy.deepcopy(self.modules())
-        for m in self.ema:
-            m.requires_grad_(False)
+        self.setup_optimizer(lr)
 
     def modules(self):
         return [self.model, self.clip_l, self.clip_g]
@@ -88,8 +82,7 @@ class UNetTrainer:
         return torch.cat((lo.hidden_states[-2], go.hidden_states[-2]), dim=-1), go.text_embeds
 
     def step(self, lr: float) -> float:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.set_lr(lr)
         b = self.batch
         idx = torch.randint(0, len(self.latents), (b,))
         x0 = self.latents[idx]
@@ -100,33 +93,13 @@ class UNetTrainer:
         noise = torch.randn_like(x0)
         xt = self.sqrt_abar[t][:, None, None, None] * x0 + self.sqrt_one_minus[t][:, None, None, None] * noise
         eps = self.model(xt, t.float(), context, pooled, self.time_ids.expand(b, 6))
-        loss = F.mse_loss(eps, noise)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in self.modules() for p in m.parameters()], 1.0)
-        self.opt.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def update_ema(self, decay: float) -> None:
-        for live, ema in zip(self.modules(), self.ema, strict=True):
-            for p, q in zip(live.parameters(), ema.parameters(), strict=True):
-                q.lerp_(p, 1 - decay)
+        return self.optimize(F.mse_loss(eps, noise))
 
 
 def train_unet(latents, labels, clip_tok, g_tok, steps: int, batch: int, lr: float, log_every: int):
     clip_l, clip_g = build_text_models(clip_tok, g_tok)
     trainer = UNetTrainer(latents, labels, clip_l, clip_g, clip_tok, g_tok, batch, lr)
-    warmup = max(1, min(500, steps // 10))
-    running, t0 = None, time.perf_counter()
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + np.cos(np.pi * step / max(steps, 1))) * 0.9 + 0.1)
-        loss = trainer.step(lr * scale)
-        trainer.update_ema(min(0.999, (1 + step) / (10 + step)))
-        running = loss if running is None else 0.98 * running + 0.02 * loss
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"unet step {step:6d}  loss {running:.4f}  {time.perf_counter() - t0:7.1f} s", flush=True)
-    return trainer.ema
+    return run_training(trainer, steps, lr, log_every, "unet")
 
 
 def diffusers_unet_config(cfg) -> dict:
