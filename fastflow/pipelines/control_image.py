@@ -47,6 +47,16 @@ def flux_start(pipe, control, r, n: int, height: int, width: int, sigmas: torch.
     return x, sigmas, seeds, inpaint
 
 
+def check_sdxl_image(r, sampler: str, default_strength: float) -> None:
+    """SDXL image-to-image's own checks (with or without ControlNets): the image read, ``strength``
+    (diffusers' default for the pipeline: 0.3 alone, 0.8 with ControlNets) in (0, 1], Euler samplers."""
+    r.image = load_image(r.image)
+    r.strength = default_strength if r.strength is None else r.strength
+    masks.start_steps(r.strength, 1)  # its range
+    if sampler == "dpmpp_2m":
+        raise InputError("SDXL image-to-image runs the euler or euler_ancestral sampler, not dpmpp_2m")
+
+
 def check_sdxl(control, r, sampler: str) -> None:
     """SDXL image-to-image and inpainting with ControlNets (StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline), before any work: diffusers preprocesses the control
@@ -61,11 +71,7 @@ def check_sdxl(control, r, sampler: str) -> None:
             raise InputError("strength needs an input image (image=)")
         return
     if r.mask_image is None:
-        r.image = load_image(r.image)
-        r.strength = 0.8 if r.strength is None else r.strength
-        masks.start_steps(r.strength, 1)  # its range
-        if sampler == "dpmpp_2m":
-            raise InputError("SDXL image-to-image runs the euler or euler_ancestral sampler, not dpmpp_2m")
+        check_sdxl_image(r, sampler, default_strength=0.8)
     crop = r.mask_image is not None and r.padding_mask_crop is not None
     for image in control.images:
         if isinstance(image, torch.Tensor):
@@ -90,7 +96,7 @@ def crop_sdxl(control, r, height: int, width: int) -> None:
 
 
 def sdxl_image_start(pipe, r, n: int, height: int, width: int, sigmas, timesteps):
-    """SDXL image-to-image with ControlNets: (start state, sigmas, timesteps still to run). The first
+    """SDXL image-to-image (alone or with ControlNets): (start state, sigmas, timesteps still to run). The first
     step is diffusers' ``steps - min(int(steps * strength), steps)``; the image's posterior sample
     and then the noise come from ``r.generator`` (a generator, or one per image); the start is the
     image latent noised to that step's sigma (EulerDiscreteScheduler.add_noise, also at strength 1).

@@ -100,6 +100,8 @@ class SDXLPipeline(BasePipeline):
         4-channel UNet (the known region blended every step) or an inpainting UNet (9 channels).
         ``control_image`` & co.: ControlNets (pipelines/control.py, as diffusers'
         StableDiffusionXLControlNetPipeline; the output size defaults to the control image's), with
+        ``image`` alone: image-to-image as StableDiffusionXLImg2ImgPipeline (strength default 0.3;
+        euler / euler_ancestral); with ControlNets,
         ``image`` (and ``mask_image``) as StableDiffusionXLControlNetImg2ImgPipeline (strength default
         0.8) / StableDiffusionXLControlNetInpaintPipeline (pipelines/control_image.py)."""
         return masks.generate(self, request)
@@ -130,8 +132,9 @@ class SDXLPipeline(BasePipeline):
     def prepare(self, timer, r) -> Plan:
         cfg = self.config
         z = self.vae.config.z_channels
-        if r.mask_image is None and (r.image is not None or r.strength is not None) and not controlnets_of(self):
-            raise InputError("image-to-image is not implemented for SDXL yet: generate from text (or inpaint)")
+        plain_img2img = r.mask_image is None and r.image is not None and not controlnets_of(self)
+        if r.image is None and r.strength is not None:
+            raise InputError("strength needs an input image (image=)")
         if r.mask_image is None and cfg.in_channels != z:
             raise InputError(
                 f"this UNet takes {cfg.in_channels} channels (an inpainting UNet): pass image= and mask_image="
@@ -153,6 +156,8 @@ class SDXLPipeline(BasePipeline):
             r.strength = 0.9999 if r.strength is None else r.strength  # diffusers' SDXL inpaint default
             if sampler == "dpmpp_2m":
                 raise InputError("SDXL inpainting runs the euler or euler_ancestral sampler, not dpmpp_2m")
+        if plain_img2img:  # StableDiffusionXLImg2ImgPipeline: strength 0.3 by default (diffusers')
+            control_image.check_sdxl_image(r, sampler, default_strength=0.3)
         control = check_control(self, r, "sdxl")
         control_image.check_sdxl(control, r, sampler)  # ControlNets with img2img / inpainting (control_image.py)
         default_size = self.image_size(r) if r.image is not None else control.size or self.default_size
@@ -182,7 +187,7 @@ class SDXLPipeline(BasePipeline):
         if r.image is None:
             noise, _ = self.initial_noise(n, shape, None, gens, r.latents)  # checks a generator list's length
             noise = noise * start
-        elif r.mask_image is None:  # image-to-image with ControlNets
+        elif r.mask_image is None:  # image-to-image (with or without ControlNets)
             r.generator, r.seed = gens, seeds
             noise, sigmas, timesteps = control_image.sdxl_image_start(self, r, n, height, width, sigmas, timesteps)
         else:

@@ -2,7 +2,8 @@
 generation fields, plus ``strength``) -> a :class:`~.protocol.Work` with the decoded images.
 
 What an edit is depends on the model: a Kontext model edits ``image`` by the prompt (no mask, no
-strength); FLUX.1 dev / schnell, SD3 and SDXL run image-to-image (``strength``, default 0.6) and,
+strength); FLUX.1 dev / schnell, SD3 and SDXL run image-to-image (``strength``: the pipeline's default,
+0.6 for FLUX / SD3, 0.3 for SDXL as diffusers) and,
 with ``mask`` (white: repaint), inpainting. Anything else is refused with a 400."""
 
 from __future__ import annotations

@@ -185,8 +185,10 @@ def test_sdxl_inpainting_unet_needs_a_mask(inpainting_unet_folder, pipeline_fold
     with pytest.raises(errors.InputError, match="inpainting UNet"):
         pipe("a seven", num_inference_steps=2)
     base = fastflow.load(pipeline_folders["sdxl-tiny"], dtype=torch.float32, device="cpu")
-    with pytest.raises(errors.InputError, match="not implemented for SDXL"):
-        base("a seven", image=_image(), num_inference_steps=2)  # image-to-image without a mask
+    with pytest.raises(errors.InputError, match="strength needs an input image"):
+        base("a seven", strength=0.5, num_inference_steps=2)
+    with pytest.raises(errors.InputError, match="image-to-image runs the euler"):
+        base("a seven", image=_image(), sampler="dpmpp_2m", num_inference_steps=2)  # image-to-image without a mask
     with pytest.raises(errors.InputError, match="dpmpp_2m"):
         base("a seven", image=_image(), mask_image=_mask(), sampler="dpmpp_2m", num_inference_steps=2)
     with pytest.raises(errors.InputError, match="runs no step"):
