@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "tuning": {"errors", "samplers", "caching", "evaluation", "pipelines"},
     "api": {"errors", "ops", "models", "loading", "pipelines", "parallel", "compile"},
     "<root>": {"errors", "ops", "models", "loading", "compile", "api"},
-    "serve": {"errors", "ops", "loading", "pipelines", "caching", "compile", "api", "<root>"},
+    "serve": {"errors", "ops", "loading", "pipelines", "caching", "parallel", "compile", "api", "<root>"},
     "__main__": {"cli"},
 }
 ALLOWED["cli"] = set(ALLOWED) - {"cli", "__main__"}  # the user's door may use every room

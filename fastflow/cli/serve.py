@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--parallel", default=None, metavar="SPEC",
+                   help="under torchrun: one server per context-parallel group, e.g. ulysses=2,ring=2 or cfg=2 "
+                   "(rank 0 serves HTTP; docs/serve.md)")  # fmt: skip
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (pip install 'fastflow[ray]')")
     p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas, one per GPU (default 1)")
     p.add_argument("--ray-address", default=None, help="with --ray: a running cluster (default $RAY_ADDRESS or local)")
@@ -52,6 +55,7 @@ def run(args) -> int:
 
     from ..serve import ServeConfig
     from ..serve import run as serve
+    from ..serve.ranks import follow, parallel_sizes
 
     try:
         import fastapi  # noqa: F401
@@ -80,7 +84,13 @@ def run(args) -> int:
         device=args.device,
         dtype=args.dtype,
         log_level=args.log_level,
+        parallel=args.parallel,
     )
+    sizes = parallel_sizes(args.parallel)  # before anything loads
+    if sizes is not None and args.ray:
+        raise InputError("--parallel runs one server per torchrun group; --ray scales out replicas: pick one")
+    if sizes is not None and int(os.environ.get("RANK", "0")) != 0:
+        return follow(config, sizes)  # the other ranks of the group: rank 0 serves
     if args.ray:
         from ..serve.ray_app import run as serve_on_ray
 

@@ -25,6 +25,7 @@ from .loras import LoraRegistry
 from .metrics import Metrics
 from .model import check_cache_name, load_pipeline, prepare
 from .protocol import ApiError, Limits, parse_generation
+from .ranks import parallel_sizes, split
 
 log = logging.getLogger("fastflow.serve")
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -47,6 +48,8 @@ class Server:
 
         def load():
             p = pipe if pipe is not None else load_pipeline(config)
+            if config.parallel is not None:  # rank 0 of a torchrun group (serve/ranks.py)
+                self.engine.mirror = split(p, parallel_sizes(config.parallel))
             self.info = prepare(p, config, self.loras)
             return p
 

@@ -54,6 +54,7 @@ class ServeConfig:
     dtype: str | None = None
     variant: str | None = None
     log_level: str = "info"
+    parallel: str | None = None  # under torchrun: the split, e.g. "ulysses=2" (serve/ranks.py)
 
     def __post_init__(self):
         self.check()

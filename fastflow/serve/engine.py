@@ -22,6 +22,7 @@ import time
 
 from ..errors import CheckpointError, FastflowError, GenerationInterrupted, InputError
 from .protocol import ApiError, Work
+from .ranks import call_message, make_call
 
 log = logging.getLogger("fastflow.serve")
 # what the pipeline reports of a call, added to the settings of its requests
@@ -79,6 +80,7 @@ class Engine:
         self.load, self.max_batch, self.max_queue = load, max_batch, max_queue
         self.window = batch_window_ms / 1000.0
         self.metrics, self.apply_loras = metrics, apply_loras
+        self.mirror = None  # under torchrun: the channel every call goes to first (serve/ranks.py)
         self.pipe = None
         self.ready = threading.Event()
         self.failed: str | None = None
@@ -141,6 +143,8 @@ class Engine:
         while True:
             batch = self._next_batch()
             if batch is None:
+                if self.mirror is not None:  # the other ranks of the group stop too
+                    self.mirror.send({"op": "stop"})
                 return
             try:
                 if batch:
@@ -235,12 +239,13 @@ class Engine:
         def on_step(i, steps, x):
             for job in batch:
                 job.progress(i + 1, steps)
-            if all(job.cancelled for job in batch):
-                pipe.interrupt()  # nobody waits for these images
+            if self.mirror is None and all(job.cancelled for job in batch):
+                pipe.interrupt()  # nobody waits for these images (a group's ranks cannot stop together)
 
-        if self.apply_loras is not None:
-            self.apply_loras(pipe, dict(work.loras))
-        kwargs = {"negative_prompt": work.negative_prompt} if work.negative_prompt is not None else {}
+        kwargs = {"height": work.height, "width": work.width, "num_inference_steps": work.steps, "seed": seeds,
+                  "sampler": work.sampler, "cache": work.cache}  # fmt: skip
+        if work.negative_prompt is not None:
+            kwargs["negative_prompt"] = work.negative_prompt
         if work.guidance is not None:
             kwargs["guidance_scale"] = work.guidance
         if work.image is not None:
@@ -249,8 +254,14 @@ class Engine:
                 kwargs["mask_image"] = work.mask
             if work.strength is not None:
                 kwargs["strength"] = work.strength
-        out = pipe(prompts, height=work.height, width=work.width, num_inference_steps=work.steps, seed=seeds,
-                   sampler=work.sampler, cache=work.cache, callback=on_step, progress=False, **kwargs)  # fmt: skip
+        if self.mirror is not None:  # every rank of the group makes the same call (serve/ranks.py)
+            message = call_message(dict(work.loras), prompts, kwargs)
+            self.mirror.send(message)
+            out = make_call(pipe, self.apply_loras, message, on_step)
+        else:
+            if self.apply_loras is not None:
+                self.apply_loras(pipe, dict(work.loras))
+            out = pipe(prompts, callback=on_step, progress=False, **kwargs)
         used = {key: out.settings.get(key) for key in USED if key in out.settings}
         images = iter(zip(out.images, out.seeds, strict=True))
         return [([(png_bytes(im), seed) for im, seed in (next(images) for _ in job.work.seeds)], used) for job in batch]
