@@ -90,7 +90,9 @@ def test_a_torchrun_group_serves_the_in_process_images_and_stops_cleanly(tmp_pat
             rank.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, log_path.read_text()  # torchrun: every rank exited 0
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # torchrun starts each rank in a session of its own: kill them too
+            for rank in psutil.Process(proc.pid).children(recursive=True):
+                rank.kill()
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         log.close()
