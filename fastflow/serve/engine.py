@@ -254,14 +254,10 @@ class Engine:
                 kwargs["mask_image"] = work.mask
             if work.strength is not None:
                 kwargs["strength"] = work.strength
+        loras = dict(work.loras)
         if self.mirror is not None:  # every rank of the group makes the same call (serve/ranks.py)
-            message = call_message(dict(work.loras), prompts, kwargs)
-            self.mirror.send(message)
-            out = make_call(pipe, self.apply_loras, message, on_step)
-        else:
-            if self.apply_loras is not None:
-                self.apply_loras(pipe, dict(work.loras))
-            out = pipe(prompts, callback=on_step, progress=False, **kwargs)
+            self.mirror.send(call_message(loras, prompts, kwargs))
+        out = make_call(pipe, self.apply_loras, loras, prompts, kwargs, on_step)
         used = {key: out.settings.get(key) for key in USED if key in out.settings}
         images = iter(zip(out.images, out.seeds, strict=True))
         return [([(png_bytes(im), seed) for im, seed in (next(images) for _ in job.work.seeds)], used) for job in batch]

@@ -75,12 +75,17 @@ def call_message(loras: dict, prompts: list, kwargs: dict) -> dict:
     return {"op": "call", "loras": loras, "prompts": prompts, "kwargs": kw}
 
 
-def make_call(pipe, apply_loras, message: dict, callback=None):
-    """The call of ``message`` on this rank's pipeline (rank 0 and the followers alike)."""
+def read_call(message: dict) -> tuple[dict, list, dict]:
+    """``call_message``'s inverse: (LoRA scales, prompts, keyword arguments with images decoded)."""
     kwargs = {k: (_image(v) if k in _IMAGES else v) for k, v in message["kwargs"].items()}
+    return message["loras"], message["prompts"], kwargs
+
+
+def make_call(pipe, apply_loras, loras: dict, prompts: list, kwargs: dict, callback=None):
+    """One pipeline call with its LoRA scales (rank 0's engine, the followers and single servers alike)."""
     if apply_loras is not None:
-        apply_loras(pipe, message["loras"])
-    return pipe(message["prompts"], callback=callback, progress=False, **kwargs)
+        apply_loras(pipe, loras)
+    return pipe(prompts, callback=callback, progress=False, **kwargs)
 
 
 def parallel_sizes(text: str | None):
@@ -131,6 +136,6 @@ def follow(config, sizes) -> int:
             channel.dist.destroy_process_group()
             return 0
         try:
-            make_call(pipe, loras.apply, message)
+            make_call(pipe, loras.apply, *read_call(message))
         except FastflowError as e:  # rank 0 meets the same refusal and answers it
             log.info("fastflow serve: a call was refused (%s)", e)
